@@ -1,0 +1,331 @@
+#include "permutohedral.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <limits>
+
+#include "../lattice_math.h"
+#include "simd.h"
+#include "stage_timer.h"
+
+namespace deeplab_fast {
+namespace dense_crf {
+namespace cpu {
+
+namespace {
+
+constexpr int64_t kPixelGrain = 2048;
+constexpr int64_t kPointGrain = 1024;
+// How many entries ahead the splat gather prefetches (the index array has that much padding at its end).
+constexpr int64_t kPrefetchDistance = 8;
+
+// Open-addressing hash set of d-dimensional integer keys; ids are given in insertion order, so the
+// lattice point numbering (and everything after it) does not depend on the thread count.
+class KeyTable {
+ public:
+  KeyTable(int d, int64_t expected) : d_(d) {
+    int64_t cap = 64;
+    while (cap < 2 * expected) cap <<= 1;
+    table_.assign(cap, -1);
+    keys_.reserve(static_cast<size_t>(expected) * d);
+  }
+
+  int64_t size() const { return size_; }
+  const int32_t* key(int64_t id) const { return keys_.data() + id * d_; }
+
+  int32_t insert(const int32_t* k) {
+    if (2 * (size_ + 1) > static_cast<int64_t>(table_.size())) grow();
+    const int64_t mask = static_cast<int64_t>(table_.size()) - 1;
+    for (int64_t h = hash(k) & mask;; h = (h + 1) & mask) {
+      const int32_t e = table_[h];
+      if (e < 0) {
+        keys_.insert(keys_.end(), k, k + d_);
+        table_[h] = static_cast<int32_t>(size_);
+        return static_cast<int32_t>(size_++);
+      }
+      if (std::memcmp(key(e), k, sizeof(int32_t) * d_) == 0) return e;
+    }
+  }
+
+  int32_t find(const int32_t* k) const {
+    const int64_t mask = static_cast<int64_t>(table_.size()) - 1;
+    for (int64_t h = hash(k) & mask;; h = (h + 1) & mask) {
+      const int32_t e = table_[h];
+      if (e < 0) return -1;
+      if (std::memcmp(key(e), k, sizeof(int32_t) * d_) == 0) return e;
+    }
+  }
+
+ private:
+  uint64_t hash(const int32_t* k) const {
+    uint64_t h = 0;
+    for (int i = 0; i < d_; ++i) h = (h + static_cast<uint32_t>(k[i])) * 0x9E3779B97F4A7C15ull;
+    return h ^ (h >> 29);
+  }
+
+  void grow() {
+    std::vector<int32_t> bigger(table_.size() * 2, -1);
+    const int64_t mask = static_cast<int64_t>(bigger.size()) - 1;
+    for (int64_t id = 0; id < size_; ++id) {
+      int64_t h = hash(key(id)) & mask;
+      while (bigger[h] >= 0) h = (h + 1) & mask;
+      bigger[h] = static_cast<int32_t>(id);
+    }
+    table_.swap(bigger);
+  }
+
+  int d_;
+  int64_t size_ = 0;
+  std::vector<int32_t> table_;
+  std::vector<int32_t> keys_;
+};
+
+// Embeds pixels [begin, end): keys [N*(d+1), d] and weights [N*(d+1)]. Returns false on oversize features.
+template <int D>
+bool embed_range(const float* features, int d, int64_t n, const float* scale, int32_t* keys, float* weights,
+                 int64_t begin, int64_t end) {
+  float f[lattice::kMaxDim];
+  const int64_t dp1 = d + 1;
+  bool ok = true;
+  for (int64_t i = begin; i < end; ++i) {
+    for (int j = 0; j < d; ++j) f[j] = features[j * n + i];
+    ok &= lattice::embed_point<D>(f, d, scale, keys + i * dp1 * d, weights + i * dp1);
+  }
+  return ok;
+}
+
+bool embed_pixels(const float* features, int d, int64_t n, const float* scale, int32_t* keys, float* weights,
+                  int64_t begin, int64_t end) {
+  switch (d) {  // the feature dimensions of DenseCRF2D (Gaussian: 2, bilateral: 5) and RGB-only (3)
+    case 2: return embed_range<2>(features, d, n, scale, keys, weights, begin, end);
+    case 3: return embed_range<3>(features, d, n, scale, keys, weights, begin, end);
+    case 5: return embed_range<5>(features, d, n, scale, keys, weights, begin, end);
+    default: return embed_range<0>(features, d, n, scale, keys, weights, begin, end);
+  }
+}
+
+// Splat as a gather over lattice points [begin, end): each point sums w * (scale[i] * values[i]) over its
+// (pixel i, weight w) entries. The scaled value is rounded before the weight multiplies it, as in
+// pydensecrf, where the normalisation is applied to the whole input first. C > 0: the stride is exactly 8 C
+// and the sums stay in registers; C == 0: any stride.
+template <int C>
+DLF_INLINE void splat_points(const int64_t* row_begin, const int32_t* pixel, const float* weight,
+                             const float* values, const float* scale, int64_t stride, float* out, int64_t begin,
+                             int64_t end) {
+  for (int64_t p = begin; p < end; ++p) {
+    if (C > 0) {
+      vec8 acc[C > 0 ? C : 1];
+      for (int c = 0; c < C; ++c) acc[c] = splat8(0.0f);
+      for (int64_t s = row_begin[p]; s < row_begin[p + 1]; ++s) {
+        const int64_t i = pixel[s];
+        const float* __restrict v = values + i * (8 * C);
+        const float w = weight[s];
+        __builtin_prefetch(values + static_cast<int64_t>(pixel[s + kPrefetchDistance]) * (8 * C));
+        if (scale == nullptr) {
+          for (int c = 0; c < C; ++c) acc[c] += w * load8(v + 8 * c);
+        } else {
+          const float sc = scale[i];
+          for (int c = 0; c < C; ++c) acc[c] += w * (load8(v + 8 * c) * sc);
+        }
+      }
+      for (int c = 0; c < C; ++c) store8(out + p * (8 * C) + 8 * c, acc[c]);
+      continue;
+    }
+    float* __restrict acc = out + p * stride;
+    zero(acc, stride);
+    for (int64_t s = row_begin[p]; s < row_begin[p + 1]; ++s) {
+      const int64_t i = pixel[s];
+      const float* __restrict v = values + i * stride;
+      const float w = weight[s];
+      if (scale == nullptr) {
+        axpy(acc, w, v, stride);
+      } else {
+        const float sc = scale[i];
+        for (int64_t k = 0; k < stride; ++k) acc[k] += w * (v[k] * sc);
+      }
+    }
+  }
+}
+
+DLF_CPU_KERNEL void splat_range(const int64_t* row_begin, const int32_t* pixel, const float* weight,
+                                const float* values, const float* scale, int64_t stride, float* out, int64_t begin,
+                                int64_t end) {
+#define DLF_SPLAT(C) splat_points<C>(row_begin, pixel, weight, values, scale, stride, out, begin, end)
+  switch (stride % 8 == 0 ? stride / 8 : 0) {
+    case 1: DLF_SPLAT(1); break;
+    case 2: DLF_SPLAT(2); break;
+    case 3: DLF_SPLAT(3); break;
+    case 4: DLF_SPLAT(4); break;
+    case 5: DLF_SPLAT(5); break;
+    case 6: DLF_SPLAT(6); break;
+    case 7: DLF_SPLAT(7); break;
+    case 8: DLF_SPLAT(8); break;
+    default: DLF_SPLAT(0); break;
+  }
+#undef DLF_SPLAT
+}
+
+// One blur pass along one axis over lattice points [begin, end): out = self + (n1 + n2) / 2.
+DLF_CPU_KERNEL void blur_range(const int32_t* neighbour, const float* src, int64_t stride, float* dst,
+                               int64_t begin, int64_t end) {
+  for (int64_t p = begin; p < end; ++p) {
+    const float* __restrict self = src + p * stride;
+    const float* __restrict n1 = src + static_cast<int64_t>(neighbour[2 * p]) * stride;
+    const float* __restrict n2 = src + static_cast<int64_t>(neighbour[2 * p + 1]) * stride;
+    float* __restrict out = dst + p * stride;
+    if (stride % 8 == 0) {
+      for (int64_t k = 0; k < stride; k += 8)
+        store8(out + k, load8(self + k) + 0.5f * (load8(n1 + k) + load8(n2 + k)));
+    } else {
+      for (int64_t k = 0; k < stride; ++k) out[k] = self[k] + 0.5f * (n1[k] + n2[k]);
+    }
+  }
+}
+
+}  // namespace
+
+PermutohedralLattice::PermutohedralLattice(const float* features, int d, int64_t num_pixels)
+    : d_(d), n_(num_pixels), alpha_(lattice::slice_alpha(d)) {
+  TORCH_CHECK(d >= 1 && d <= lattice::kMaxDim, "dense_crf: feature dimension must be in [1, ",
+              lattice::kMaxDim, "], got ", d);
+  const int64_t dp1 = d + 1;
+  TORCH_CHECK(num_pixels * dp1 < std::numeric_limits<int32_t>::max(),
+              "dense_crf: too many pixels for one lattice: N * (d + 1) = ", num_pixels * dp1,
+              " must stay below 2^31");
+
+  float scale[lattice::kMaxDim];
+  for (int i = 0; i < d; ++i) scale[i] = lattice::elevation_scale(i, d);
+
+  // 1-2. Embed the pixels in parallel, a cache-sized block at a time, then number the lattice points in
+  //      order of first appearance (sequential, so deterministic). Neighbouring pixels mostly lie in the
+  //      same simplex, so a vertex equal to the previous pixel's reuses its id without a hash lookup.
+  KeyTable table(d, n_);
+  vertex_.resize(static_cast<size_t>(n_ * dp1));
+  weight_.resize(static_cast<size_t>(n_ * dp1));
+  {
+    StageTimer timer("lattice: embed + hash");
+    constexpr int64_t kBlock = 8192;
+    std::vector<int32_t> keys(static_cast<size_t>((kBlock + 1) * dp1 * d));  // row 0: the previous pixel
+    for (int64_t b0 = 0; b0 < n_; b0 += kBlock) {
+      const int64_t b1 = std::min(n_, b0 + kBlock);
+      int32_t* block = keys.data() + dp1 * d;
+      std::atomic<bool> ok{true};
+      at::parallel_for(b0, b1, kPixelGrain, [&](int64_t begin, int64_t end) {
+        if (!embed_pixels(features, d, n_, scale, block - b0 * dp1 * d, weight_.data(), begin, end)) ok.store(false);
+      });
+      TORCH_CHECK(ok.load(), "dense_crf: features too large for the lattice (a scaled coordinate exceeds "
+                  "2^22); check the kernel standard deviations (sxy, srgb) and the feature values");
+      for (int64_t i = b0; i < b1; ++i) {
+        const int32_t* key = keys.data() + (i - b0 + 1) * dp1 * d;
+        const int32_t* prev = key - dp1 * d;
+        for (int64_t r = 0; r < dp1; ++r) {
+          const int64_t e = i * dp1 + r;
+          vertex_[e] = (i > 0 && std::equal(key + r * d, key + (r + 1) * d, prev + r * d))
+                           ? vertex_[e - dp1]
+                           : table.insert(key + r * d);
+        }
+      }
+      std::copy(keys.data() + (b1 - b0) * dp1 * d, keys.data() + (b1 - b0 + 1) * dp1 * d, keys.data());
+    }
+    m_ = table.size();
+  }
+
+  // 3. Splat index: for each point, its (pixel, weight) entries in increasing pixel order, so that the
+  //    gather adds them in exactly the order a sequential scatter would. Built in parallel over pixel chunks
+  //    with per-chunk counts; the result does not depend on the number of chunks.
+  {
+    StageTimer timer("lattice: splat index");
+    const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_ / 4096));
+    const int64_t per_chunk = (n_ + chunks - 1) / chunks;
+    std::vector<int32_t> cursor(static_cast<size_t>(chunks * m_), 0);  // [chunk, point]
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        int32_t* count = cursor.data() + c * m_;
+        const int64_t e1 = std::min(n_, (c + 1) * per_chunk) * dp1;
+        for (int64_t e = c * per_chunk * dp1; e < e1; ++e) ++count[vertex_[e]];
+      }
+    });
+    splat_begin_.resize(static_cast<size_t>(m_ + 1));
+    int64_t offset = 0;
+    for (int64_t p = 0; p < m_; ++p) {  // turn counts into each chunk's first slot in row p
+      splat_begin_[p] = offset;
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int32_t count = cursor[c * m_ + p];
+        cursor[c * m_ + p] = static_cast<int32_t>(offset);
+        offset += count;
+      }
+    }
+    splat_begin_[m_] = offset;
+    splat_pixel_.assign(static_cast<size_t>(n_ * dp1 + kPrefetchDistance), 0);
+    splat_weight_.resize(static_cast<size_t>(n_ * dp1));
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        int32_t* slot = cursor.data() + c * m_;
+        const int64_t i1 = std::min(n_, (c + 1) * per_chunk);
+        for (int64_t i = c * per_chunk; i < i1; ++i) {
+          for (int64_t r = 0; r < dp1; ++r) {
+            const int64_t e = i * dp1 + r;
+            const int32_t s = slot[vertex_[e]]++;
+            splat_pixel_[s] = static_cast<int32_t>(i);
+            splat_weight_[s] = weight_[e];
+          }
+        }
+      }
+    });
+  }
+
+  // 4. Blur neighbours along each of the d+1 lattice axes (read-only lookups, parallel).
+  {
+    StageTimer timer("lattice: blur neighbours");
+    blur_neighbour_.resize(static_cast<size_t>(dp1 * m_ * 2));
+    at::parallel_for(0, m_, kPointGrain, [&](int64_t begin, int64_t end) {
+      int32_t n1[lattice::kMaxDim];
+      int32_t n2[lattice::kMaxDim];
+      for (int64_t p = begin; p < end; ++p) {
+        for (int j = 0; j <= d; ++j) {
+          lattice::blur_neighbour_keys(table.key(p), d, j, n1, n2);
+          const int32_t a = table.find(n1);
+          const int32_t b = table.find(n2);
+          int32_t* out = blur_neighbour_.data() + (j * m_ + p) * 2;
+          out[0] = a < 0 ? static_cast<int32_t>(m_) : a;
+          out[1] = b < 0 ? static_cast<int32_t>(m_) : b;
+        }
+      }
+    });
+  }
+  if (profiling_enabled())
+    std::fprintf(stderr, "[deeplab_fast] lattice d=%d N=%lld M=%lld\n", d, static_cast<long long>(n_),
+                 static_cast<long long>(m_));
+}
+
+const float* PermutohedralLattice::splat_blur(const float* values, const float* scale, int64_t stride, float* a,
+                                              float* b) const {
+  {
+    StageTimer timer("splat");
+    at::parallel_for(0, m_, kPointGrain, [&](int64_t begin, int64_t end) {
+      splat_range(splat_begin_.data(), splat_pixel_.data(), splat_weight_.data(), values, scale, stride, a, begin,
+                  end);
+    });
+    std::fill(a + m_ * stride, a + (m_ + 1) * stride, 0.0f);
+    std::fill(b + m_ * stride, b + (m_ + 1) * stride, 0.0f);
+  }
+  // Blur with [1/2, 1, 1/2] along each axis in turn.
+  StageTimer timer("blur");
+  float* src = a;
+  float* dst = b;
+  for (int j = 0; j <= d_; ++j) {
+    const int32_t* nb = blur_neighbour_.data() + j * m_ * 2;
+    at::parallel_for(0, m_, kPointGrain,
+                     [&](int64_t begin, int64_t end) { blur_range(nb, src, stride, dst, begin, end); });
+    std::swap(src, dst);
+  }
+  return src;
+}
+
+}  // namespace cpu
+}  // namespace dense_crf
+}  // namespace deeplab_fast

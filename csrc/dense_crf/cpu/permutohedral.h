@@ -1,0 +1,70 @@
+// The permutohedral lattice on the CPU: built once per image and feature set, then used for every
+// mean-field iteration as splat (a gather, deterministic) -> blur along d+1 axes -> slice.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "simd.h"
+
+namespace deeplab_fast {
+namespace dense_crf {
+namespace cpu {
+
+class PermutohedralLattice {
+ public:
+  // features: [d, N] row-major float32. Throws (TORCH_CHECK) on oversize coordinates.
+  PermutohedralLattice(const float* features, int d, int64_t num_pixels);
+
+  int dim() const { return d_; }
+  float alpha() const { return alpha_; }
+  // The d+1 lattice points and barycentric weights of pixel i's enclosing simplex.
+  const int32_t* vertices(int64_t i) const { return vertex_.data() + i * (d_ + 1); }
+  const float* weights(int64_t i) const { return weight_.data() + i * (d_ + 1); }
+  int64_t num_pixels() const { return n_; }
+  int64_t num_points() const { return m_; }
+
+  // Splats values [N, stride], each pixel's row first multiplied by scale[i] (when scale is not null), onto
+  // the lattice and blurs them. `a` and `b` are scratch buffers of (num_points() + 1) * stride floats; the
+  // returned pointer (one of them) holds the blurred lattice values, with row num_points() all zero (the
+  // "outside the lattice" neighbour).
+  const float* splat_blur(const float* values, const float* scale, int64_t stride, float* a, float* b) const;
+
+  // Slices pixel i from blurred lattice values: out[0..stride) = sum_r alpha w_r lattice[vertex_r].
+  // kSequentialOrder evaluates each term as (w * v) * alpha, as pydensecrf does for at most two values per
+  // pixel; otherwise as (w * alpha) * v, as its SSE path does.
+  template <bool kSequentialOrder>
+  inline void slice_pixel(const float* __restrict lattice_values, int64_t stride, int64_t i,
+                          float* __restrict out) const {
+    const int dp1 = d_ + 1;
+    const int32_t* vert = vertex_.data() + i * dp1;
+    const float* w = weight_.data() + i * dp1;
+    zero(out, stride);
+    for (int r = 0; r < dp1; ++r) {
+      const float* __restrict v = lattice_values + static_cast<int64_t>(vert[r]) * stride;
+      if (kSequentialOrder) {
+        const float wr = w[r], alpha = alpha_;
+        for (int64_t k = 0; k < stride; ++k) out[k] += wr * v[k] * alpha;
+      } else {
+        axpy(out, w[r] * alpha_, v, stride);
+      }
+    }
+  }
+
+ private:
+  int d_;
+  int64_t n_;
+  int64_t m_ = 0;
+  float alpha_;
+  std::vector<int32_t> vertex_;          // [N, d+1] lattice point of each simplex vertex
+  std::vector<float> weight_;            // [N, d+1] barycentric weights
+  std::vector<int64_t> splat_begin_;     // [M+1] CSR rows: the (pixel, weight) entries landing on a point
+  std::vector<int32_t> splat_pixel_;     // [N*(d+1)] in increasing pixel order within a row
+  std::vector<float> splat_weight_;      // [N*(d+1)]
+  std::vector<int32_t> blur_neighbour_;  // [d+1, M, 2]; M stands for "no such point"
+};
+
+}  // namespace cpu
+}  // namespace dense_crf
+}  // namespace deeplab_fast

@@ -1,0 +1,21 @@
+"""Functional custom ops. Each is a ``torch.ops.deeplab_fast`` op with a fake (meta) kernel, so it works
+under ``torch.compile(fullgraph=True)``."""
+from .dense_crf import (
+    NO_NORMALIZATION,
+    NORMALIZE_AFTER,
+    NORMALIZE_BEFORE,
+    NORMALIZE_SYMMETRIC,
+    dense_crf,
+    dense_crf_features,
+    dense_crf_pairwise_energy,
+)
+
+__all__ = [
+    "dense_crf",
+    "dense_crf_features",
+    "dense_crf_pairwise_energy",
+    "NO_NORMALIZATION",
+    "NORMALIZE_BEFORE",
+    "NORMALIZE_AFTER",
+    "NORMALIZE_SYMMETRIC",
+]

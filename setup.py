@@ -1,0 +1,52 @@
+"""Builds deeplab_fast._C, the custom-op library, with torch.utils.cpp_extension.
+
+Environment:
+  FORCE_CUDA=1   build the CUDA kernels even when torch or this machine has no CUDA (needs nvcc).
+  DEBUG=1        build with -O0 -g and assertions.
+CUDA sources (csrc/**/cuda/*.cu) are compiled only when torch is a CUDA build and nvcc is found, or with
+FORCE_CUDA=1; otherwise the build is CPU-only and says so.
+"""
+import glob
+import os
+
+import torch
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _sources(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern), recursive=True))
+
+
+def _extension():
+    debug = os.environ.get("DEBUG", "0") == "1"
+    force_cuda = os.environ.get("FORCE_CUDA", "0") == "1"
+    cpu_sources = [s for s in _sources("csrc/**/*.cpp") if os.sep + "cuda" + os.sep not in s]
+    cuda_sources = _sources("csrc/**/cuda/*.cu") + _sources("csrc/**/cuda/*.cpp")
+    with_cuda = force_cuda or (torch.version.cuda is not None and CUDA_HOME is not None)
+
+    cxx = ["-std=c++17", "-fopenmp", "-ffp-contract=off", "-fdiagnostics-color=always"]
+    cxx += ["-O0", "-g"] if debug else ["-O3", "-DNDEBUG"]
+    nvcc = ["-std=c++17", "--fmad=false", "-gencode=arch=compute_80,code=sm_80",
+            "-gencode=arch=compute_90,code=sm_90"] + (["-O0", "-g", "-G"] if debug else ["-O3"])
+    kwargs = dict(
+        name="deeplab_fast._C",
+        sources=cpu_sources + (cuda_sources if with_cuda else []),
+        include_dirs=[os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")],
+        extra_compile_args={"cxx": cxx + (["-DWITH_CUDA"] if with_cuda else []), "nvcc": nvcc},
+        extra_link_args=["-fopenmp"],
+    )
+    kind = "CUDA + CPU" if with_cuda else "CPU-only"
+    why = ("FORCE_CUDA=1" if force_cuda else "torch has CUDA and nvcc was found") if with_cuda else (
+        "torch has no CUDA" if torch.version.cuda is None else "nvcc (CUDA_HOME) not found")
+    print(f"deeplab_fast: building {kind} extension ({why}); {'debug' if debug else 'release'} build; "
+          f"{len(kwargs['sources'])} sources: {', '.join(kwargs['sources'])}")
+    return (CUDAExtension if with_cuda else CppExtension)(**kwargs)
+
+
+setup(
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)},
+)
