@@ -19,7 +19,6 @@
 #include <vector>
 
 #include "dense_crf.h"
-#include "cpu/stage_timer.h"
 
 namespace deeplab_fast {
 namespace dense_crf {
@@ -40,15 +39,6 @@ at::Tensor new_output(const at::Tensor& like, at::IntArrayRef sizes) {
   at::Tensor out = at::empty(sizes, like.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous));
   if (poison_outputs()) out.fill_(std::numeric_limits<float>::quiet_NaN());
   return out;
-}
-
-void check_unary_values(const at::Tensor& unary, const char* name) {
-  // Energies may be +inf (a label that is impossible) but never NaN or -inf, and every pixel needs a
-  // possible label.
-  TORCH_CHECK(!at::isnan(unary).any().item<bool>(), "dense_crf: ", name, " contains NaN");
-  TORCH_CHECK(!at::isneginf(unary).any().item<bool>(), "dense_crf: ", name, " contains -inf");
-  TORCH_CHECK(!at::isposinf(unary).all(1).any().item<bool>(), "dense_crf: ", name,
-              " is +inf for every label of some pixel; at least one label must have finite energy");
 }
 
 void check_float_tensor(const at::Tensor& t, const char* name) {
@@ -169,10 +159,6 @@ at::Tensor dense_crf_features_cpu(const at::Tensor& unary_in, at::TensorList fea
   check_unary_shape(unary_in, 3, "[B, L, N]");
   check_iterations(iterations);
   const int64_t B = unary_in.size(0), L = unary_in.size(1), N = unary_in.size(2);
-  {
-    cpu::StageTimer timer("check unary");
-    check_unary_values(unary_in, "unary");
-  }
   at::Tensor unary = unary_in.contiguous();
   TermInputs in = check_terms(unary, B, L, N, features, compat, normalization);
   at::Tensor q_init;

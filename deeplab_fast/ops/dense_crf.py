@@ -8,6 +8,7 @@ bit for bit.
 """
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Sequence, Union
 
@@ -59,7 +60,7 @@ def _require_int(x, name: str) -> int:
 def _require_positive(x, name: str) -> float:
     if isinstance(x, bool) or not isinstance(x, numbers.Real):
         raise ValueError(f"{name} must be a positive number, got {type(x).__name__}")
-    if not (float(x) > 0.0 and np.isfinite(float(x))):
+    if not (float(x) > 0.0 and math.isfinite(float(x))):
         raise ValueError(f"{name} must be a finite number > 0, got {x}")
     return float(x)
 

@@ -13,6 +13,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <memory>
@@ -30,6 +31,7 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kPixelGrain = 1024;
+constexpr int64_t kTransposeBlock = 64;
 
 int64_t label_stride(int64_t L) { return L <= 2 ? L : (L + 7) / 8 * 8; }
 
@@ -71,22 +73,16 @@ DLF_INLINE void accumulate_compat(const PairwiseTerm& spec, int64_t L, int64_t S
   }
 }
 
-// Q = softmax(msg) over the first L lanes (max-shifted, as pydensecrf's expAndNormalize); padding lanes 0.
+// Q = softmax(msg) over the first L lanes, as pydensecrf's expAndNormalize evaluates it (Eigen: subtract the
+// max, exp with pexp on whole packets of 4 and std::exp on the rest, redux sum, divide); padding lanes 0.
 DLF_INLINE void softmax(const float* __restrict msg, int64_t L, int64_t S, float* __restrict q) {
   float mx = msg[0];
   for (int64_t k = 1; k < L; ++k) mx = msg[k] > mx ? msg[k] : mx;
-  if (S % 8 == 0) {
-    for (int64_t k = 0; k < S; k += 8) store8(q + k, exp8_nonpositive(load8(msg + k) - mx));
-  } else {
-    for (int64_t k = 0; k < S; ++k) q[k] = std::exp(msg[k] - mx);
-  }
-  float sum = 0.0f;
-  for (int64_t k = 0; k < L; ++k) sum += q[k];
-  if (S % 8 == 0) {
-    for (int64_t k = 0; k < S; k += 8) store8(q + k, load8(q + k) / sum);
-  } else {
-    for (int64_t k = 0; k < S; ++k) q[k] = q[k] / sum;
-  }
+  const int64_t packets = (L / 4) * 4;
+  for (int64_t k = 0; k < packets; ++k) q[k] = exp_eigen(msg[k] - mx);
+  for (int64_t k = packets; k < L; ++k) q[k] = std::exp(msg[k] - mx);
+  const float sum = eigen_sum(q, L);
+  for (int64_t k = 0; k < L; ++k) q[k] = q[k] / sum;
   for (int64_t k = L; k < S; ++k) q[k] = 0.0f;
 }
 
@@ -179,18 +175,20 @@ DLF_INLINE void pixel_range_vec(const PixelPass& a, float* scratch, int64_t begi
         for (int c = 0; c < C; ++c) msg[c] = msg[c] - load8(term.compat_padded.data() + 8 * c) * s[c];
       }
     }
+    // Softmax as pydensecrf's expAndNormalize evaluates it (see softmax()); padding lanes are -inf.
     vec8 mx = msg[0];
     for (int c = 1; c < C; ++c) mx = mx > msg[c] ? mx : msg[c];
     float m = mx[0];
     for (int k = 1; k < 8; ++k) m = mx[k] > m ? mx[k] : m;
-    vec8 total = splat8(0.0f);
+    float* __restrict q = a.q + i * S;
     for (int c = 0; c < C; ++c) {
-      msg[c] = exp8_nonpositive(msg[c] - m) * valid[c];
-      total += msg[c];
+      const vec8 x = msg[c] - m;
+      store8(q + 8 * c, exp8_eigen(x) * valid[c]);
+      msg[c] = x;
     }
-    float sum = 0.0f;
-    for (int k = 0; k < 8; ++k) sum += total[k];
-    for (int c = 0; c < C; ++c) store8(a.q + i * S + 8 * c, msg[c] / sum);
+    for (int64_t k = (L / 4) * 4; k < L; ++k) q[k] = std::exp(msg[k / 8][k % 8]);
+    const float sum = eigen_sum(q, L);
+    for (int c = 0; c < C; ++c) store8(q + 8 * c, load8(q + 8 * c) / sum);
   }
 }
 
@@ -214,11 +212,11 @@ class MeanField {
  public:
   explicit MeanField(const Problem& p)
       : p_(p), L_(p.num_labels), N_(p.num_pixels), S_(label_stride(p.num_labels)), seq_(p.num_labels <= 2) {
-    terms_.reserve(p.terms.size());
-    for (const PairwiseTerm& spec : p.terms) terms_.push_back(prepare(spec));
     // Padding lanes of the unary are +inf (probability 0), so they drop out of the max and the sum.
     unary_.assign(static_cast<size_t>(N_ * S_), std::numeric_limits<float>::infinity());
-    if (p.unary != nullptr) to_pixel_major(p.unary, unary_.data());
+    if (p.unary != nullptr) load_unary(p.unary);
+    terms_.reserve(p.terms.size());
+    for (const PairwiseTerm& spec : p.terms) terms_.push_back(prepare(spec));
     q_.assign(static_cast<size_t>(N_ * S_), 0.0f);
   }
 
@@ -277,20 +275,51 @@ class MeanField {
     return t;
   }
 
+  // [L, N] -> [N, S], in pixel blocks so that both sides stay in cache.
   void to_pixel_major(const float* src, float* dst) const {
     StageTimer timer("transpose in");
     at::parallel_for(0, N_, kPixelGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t l = 0; l < L_; ++l)
-        for (int64_t i = begin; i < end; ++i) dst[i * S_ + l] = src[l * N_ + i];
+      for (int64_t i0 = begin; i0 < end; i0 += kTransposeBlock) {
+        const int64_t i1 = std::min(end, i0 + kTransposeBlock);
+        for (int64_t l = 0; l < L_; ++l)
+          for (int64_t i = i0; i < i1; ++i) dst[i * S_ + l] = src[l * N_ + i];
+      }
     });
   }
 
+  // [N, S] -> [L, N]
   void to_label_major(const float* src, float* dst) const {
     StageTimer timer("transpose out");
     at::parallel_for(0, N_, kPixelGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t l = 0; l < L_; ++l)
-        for (int64_t i = begin; i < end; ++i) dst[l * N_ + i] = src[i * S_ + l];
+      for (int64_t i0 = begin; i0 < end; i0 += kTransposeBlock) {
+        const int64_t i1 = std::min(end, i0 + kTransposeBlock);
+        for (int64_t l = 0; l < L_; ++l)
+          for (int64_t i = i0; i < i1; ++i) dst[l * N_ + i] = src[i * S_ + l];
+      }
     });
+  }
+
+  // Loads the unary into [N, S] and checks it: NaN and -inf are errors, +inf is an impossible label, and every
+  // pixel needs at least one possible label.
+  void load_unary(const float* unary) {
+    std::atomic<int> bad{0};  // 1: NaN, 2: -inf, 3: a pixel with no finite label
+    to_pixel_major(unary, unary_.data());
+    at::parallel_for(0, N_, kPixelGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        bool possible = false;
+        for (int64_t l = 0; l < L_; ++l) {
+          const float u = unary_[i * S_ + l];
+          if (std::isnan(u)) bad.store(1);
+          if (u == -std::numeric_limits<float>::infinity()) bad.store(2);
+          possible |= u < std::numeric_limits<float>::infinity();
+        }
+        if (!possible) bad.store(3);
+      }
+    });
+    TORCH_CHECK(bad.load() != 1, "dense_crf: unary contains NaN");
+    TORCH_CHECK(bad.load() != 2, "dense_crf: unary contains -inf");
+    TORCH_CHECK(bad.load() != 3, "dense_crf: unary is +inf for every label of some pixel; at least one label "
+                "must have finite energy");
   }
 
   void filter_all() {

@@ -47,7 +47,7 @@ class KeyTable {
         table_[h] = static_cast<int32_t>(size_);
         return static_cast<int32_t>(size_++);
       }
-      if (std::memcmp(key(e), k, sizeof(int32_t) * d_) == 0) return e;
+      if (same(key(e), k)) return e;
     }
   }
 
@@ -56,11 +56,17 @@ class KeyTable {
     for (int64_t h = hash(k) & mask;; h = (h + 1) & mask) {
       const int32_t e = table_[h];
       if (e < 0) return -1;
-      if (std::memcmp(key(e), k, sizeof(int32_t) * d_) == 0) return e;
+      if (same(key(e), k)) return e;
     }
   }
 
  private:
+  bool same(const int32_t* a, const int32_t* b) const {
+    for (int i = 0; i < d_; ++i)
+      if (a[i] != b[i]) return false;
+    return true;
+  }
+
   uint64_t hash(const int32_t* k) const {
     uint64_t h = 0;
     for (int i = 0; i < d_; ++i) h = (h + static_cast<uint32_t>(k[i])) * 0x9E3779B97F4A7C15ull;
@@ -84,28 +90,31 @@ class KeyTable {
   std::vector<int32_t> keys_;
 };
 
-// Embeds pixels [begin, end): keys [N*(d+1), d] and weights [N*(d+1)]. Returns false on oversize features.
+// Embeds pixels [begin, end): the d+1 vertex keys of pixel i go to keys[(i - key_base) * (d+1) * d ...] and its
+// weights to weights[i * (d+1) ...]. Returns false on oversize features.
 template <int D>
-bool embed_range(const float* features, int d, int64_t n, const float* scale, int32_t* keys, float* weights,
-                 int64_t begin, int64_t end) {
+bool embed_range(const float* features, int d, int64_t n, const float* scale, int32_t* keys, int64_t key_base,
+                 float* weights, int64_t begin, int64_t end) {
   float f[lattice::kMaxDim];
   const int64_t dp1 = d + 1;
   bool ok = true;
   for (int64_t i = begin; i < end; ++i) {
     for (int j = 0; j < d; ++j) f[j] = features[j * n + i];
-    ok &= lattice::embed_point<D>(f, d, scale, keys + i * dp1 * d, weights + i * dp1);
+    ok &= lattice::embed_point<D>(f, d, scale, keys + (i - key_base) * dp1 * d, weights + i * dp1);
   }
   return ok;
 }
 
-bool embed_pixels(const float* features, int d, int64_t n, const float* scale, int32_t* keys, float* weights,
-                  int64_t begin, int64_t end) {
+bool embed_pixels(const float* features, int d, int64_t n, const float* scale, int32_t* keys, int64_t key_base,
+                  float* weights, int64_t begin, int64_t end) {
+#define DLF_EMBED(D) embed_range<D>(features, d, n, scale, keys, key_base, weights, begin, end)
   switch (d) {  // the feature dimensions of DenseCRF2D (Gaussian: 2, bilateral: 5) and RGB-only (3)
-    case 2: return embed_range<2>(features, d, n, scale, keys, weights, begin, end);
-    case 3: return embed_range<3>(features, d, n, scale, keys, weights, begin, end);
-    case 5: return embed_range<5>(features, d, n, scale, keys, weights, begin, end);
-    default: return embed_range<0>(features, d, n, scale, keys, weights, begin, end);
+    case 2: return DLF_EMBED(2);
+    case 3: return DLF_EMBED(3);
+    case 5: return DLF_EMBED(5);
+    default: return DLF_EMBED(0);
   }
+#undef DLF_EMBED
 }
 
 // Splat as a gather over lattice points [begin, end): each point sums w * (scale[i] * values[i]) over its
@@ -215,7 +224,7 @@ PermutohedralLattice::PermutohedralLattice(const float* features, int d, int64_t
       int32_t* block = keys.data() + dp1 * d;
       std::atomic<bool> ok{true};
       at::parallel_for(b0, b1, kPixelGrain, [&](int64_t begin, int64_t end) {
-        if (!embed_pixels(features, d, n_, scale, block - b0 * dp1 * d, weight_.data(), begin, end)) ok.store(false);
+        if (!embed_pixels(features, d, n_, scale, block, b0, weight_.data(), begin, end)) ok.store(false);
       });
       TORCH_CHECK(ok.load(), "dense_crf: features too large for the lattice (a scaled coordinate exceeds "
                   "2^22); check the kernel standard deviations (sxy, srgb) and the feature values");
@@ -230,6 +239,16 @@ PermutohedralLattice::PermutohedralLattice(const float* features, int d, int64_t
         }
       }
       std::copy(keys.data() + (b1 - b0) * dp1 * d, keys.data() + (b1 - b0 + 1) * dp1 * d, keys.data());
+    }
+    // Reference compatibility: pydensecrf's SSE lattice builder embeds pixels four at a time, and when N is
+    // not a multiple of 4 the zero-feature padding lanes also insert their simplex's vertices. Those points
+    // receive no splat but do pass values along during the blur, so we add them too (they change results
+    // only for pixels whose features lie near the origin).
+    if (n_ % 4 != 0) {
+      const std::vector<float> origin(static_cast<size_t>(d), 0.0f);
+      std::vector<float> unused(static_cast<size_t>(dp1));
+      lattice::embed_point<0>(origin.data(), d, scale, keys.data(), unused.data());
+      for (int64_t r = 0; r < dp1; ++r) table.insert(keys.data() + r * d);
     }
     m_ = table.size();
   }

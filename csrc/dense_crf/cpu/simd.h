@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cmath>
 #include <cstring>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
@@ -31,25 +32,94 @@ DLF_INLINE vec8 load8(const float* p) { return *reinterpret_cast<const vec8_unal
 DLF_INLINE void store8(float* p, vec8 v) { *reinterpret_cast<vec8_unaligned*>(p) = v; }
 DLF_INLINE vec8 splat8(float x) { return vec8{x, x, x, x, x, x, x, x}; }
 
-// exp(x) for x <= 0 (softmax arguments), eight at a time: Cody-Waite range reduction x = n ln2 + r,
-// |r| <= ln2/2, a degree-6 polynomial for e^r (the classic Cephes expf coefficients, about 1 ulp) and 2^n
-// assembled in the exponent bits. Arguments below -87 give exp(-87) ~ 1.6e-38.
-DLF_INLINE vec8 exp8_nonpositive(vec8 x) {
-  const vec8 lo = splat8(-87.0f);
-  x = x < lo ? lo : x;
-  const vec8 magic = splat8(12582912.0f);
-  const vec8 n = (x * 1.44269504088896341f + magic) - magic;  // round(x / ln2), ties to even
-  vec8 r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  vec8 p = splat8(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const ivec8 bits = (__builtin_convertvector(n, ivec8) + 127) << 23;
-  return p * reinterpret_cast<const vec8&>(bits);
+// exp(x) exactly as Eigen 3.3's SSE pexp<Packet4f> computes it (without FMA), which is what pydensecrf's
+// expAndNormalize runs on every whole packet of 4 labels: Cephes' expf with n = floor(x log2(e) + 1/2),
+// Cody-Waite reduction, a degree-5 polynomial evaluated as y x^2 + x + 1, and 2^n from the exponent bits.
+// Matching it bit for bit keeps our marginals identical to pydensecrf's even where mean-field amplifies
+// rounding differences. (Scalar and vector forms perform the same IEEE operations in the same order.)
+struct EigenExpConstants {
+  static constexpr float kHi = 88.3762626647950f, kLo = -88.3762626647949f, kLog2e = 1.44269504088896341f;
+  static constexpr float kC1 = 0.693359375f, kC2 = -2.12194440e-4f;
+  static constexpr float kP0 = 1.9875691500E-4f, kP1 = 1.3981999507E-3f, kP2 = 8.3334519073E-3f;
+  static constexpr float kP3 = 4.1665795894E-2f, kP4 = 1.6666665459E-1f, kP5 = 5.0000001201E-1f;
+};
+
+DLF_INLINE vec8 exp8_eigen(vec8 x0) {
+  using K = EigenExpConstants;
+  const vec8 hi = splat8(K::kHi), lo = splat8(K::kLo), one = splat8(1.0f), zero = splat8(0.0f);
+  vec8 x = x0 < hi ? x0 : hi;
+  x = x > lo ? x : lo;
+  vec8 fx = x * K::kLog2e + 0.5f;
+  const vec8 truncated = __builtin_convertvector(__builtin_convertvector(fx, ivec8), vec8);
+  fx = truncated - (truncated > fx ? one : zero);  // floor
+  const vec8 t = fx * K::kC1;
+  vec8 z = fx * K::kC2;
+  x = x - t;
+  x = x - z;
+  z = x * x;
+  vec8 y = splat8(K::kP0);
+  y = y * x + K::kP1;
+  y = y * x + K::kP2;
+  y = y * x + K::kP3;
+  y = y * x + K::kP4;
+  y = y * x + K::kP5;
+  y = y * z + x;
+  y = y + 1.0f;
+  const ivec8 bits = (__builtin_convertvector(fx, ivec8) + 127) << 23;
+  const vec8 r = y * reinterpret_cast<const vec8&>(bits);
+  return r > x0 ? r : x0;
+}
+
+inline float exp_eigen(float x0) {
+  using K = EigenExpConstants;
+  float x = x0 < K::kHi ? x0 : K::kHi;
+  x = x > K::kLo ? x : K::kLo;
+  float fx = x * K::kLog2e + 0.5f;
+  const float truncated = static_cast<float>(static_cast<int32_t>(fx));
+  fx = truncated - (truncated > fx ? 1.0f : 0.0f);
+  const float t = fx * K::kC1;
+  float z = fx * K::kC2;
+  x = x - t;
+  x = x - z;
+  z = x * x;
+  float y = K::kP0;
+  y = y * x + K::kP1;
+  y = y * x + K::kP2;
+  y = y * x + K::kP3;
+  y = y * x + K::kP4;
+  y = y * x + K::kP5;
+  y = y * z + x;
+  y = y + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(fx) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  const float r = y * scale;
+  return r > x0 ? r : x0;
+}
+
+// The sum of e[0..L) in the order Eigen 3.3's vectorised redux uses for an aligned VectorXf with 4-float
+// packets: two packet accumulators, merged, then (a0 + a2) + (a1 + a3), then the scalar tail.
+inline float eigen_sum(const float* e, int64_t L) {
+  if (L < 4) {
+    float s = e[0];
+    for (int64_t k = 1; k < L; ++k) s = s + e[k];
+    return s;
+  }
+  const int64_t size2 = (L / 8) * 8, size1 = (L / 4) * 4;
+  float a[4] = {e[0], e[1], e[2], e[3]};
+  if (size1 > 4) {
+    float b[4] = {e[4], e[5], e[6], e[7]};
+    for (int64_t i = 8; i < size2; i += 8) {
+      for (int j = 0; j < 4; ++j) a[j] = a[j] + e[i + j];
+      for (int j = 0; j < 4; ++j) b[j] = b[j] + e[i + 4 + j];
+    }
+    for (int j = 0; j < 4; ++j) a[j] = a[j] + b[j];
+    if (size1 > size2)
+      for (int j = 0; j < 4; ++j) a[j] = a[j] + e[size2 + j];
+  }
+  float s = (a[0] + a[2]) + (a[1] + a[3]);
+  for (int64_t k = size1; k < L; ++k) s = s + e[k];
+  return s;
 }
 
 // Label-vector primitives over a stride S: whole vec8 steps when S is a multiple of 8 (every L > 2), scalar
