@@ -42,7 +42,7 @@ struct Term {
   std::vector<float> pre;     // per-pixel factor applied before filtering (empty: none)
   std::vector<float> post;    // per-pixel factor applied after filtering (empty: none)
   std::vector<float> compat_padded;  // diagonal compatibility padded to the label stride with zeros
-  std::vector<float> a, b;    // lattice scratch, (M + 1) * S
+  std::vector<float> lattice_values;  // [M, S]
   const float* blurred = nullptr;
 };
 
@@ -180,15 +180,11 @@ DLF_INLINE void pixel_range_vec(const PixelPass& a, float* scratch, int64_t begi
     for (int c = 1; c < C; ++c) mx = mx > msg[c] ? mx : msg[c];
     float m = mx[0];
     for (int k = 1; k < 8; ++k) m = mx[k] > m ? mx[k] : m;
-    float* __restrict q = a.q + i * S;
-    for (int c = 0; c < C; ++c) {
-      const vec8 x = msg[c] - m;
-      store8(q + 8 * c, exp8_eigen(x) * valid[c]);
-      msg[c] = x;
-    }
-    for (int64_t k = (L / 4) * 4; k < L; ++k) q[k] = std::exp(msg[k / 8][k % 8]);
-    const float sum = eigen_sum(q, L);
-    for (int c = 0; c < C; ++c) store8(q + 8 * c, load8(q + 8 * c) / sum);
+    vec8 e[C];
+    for (int c = 0; c < C; ++c) e[c] = exp8_eigen(msg[c] - m) * valid[c];
+    for (int64_t k = (L / 4) * 4; k < L; ++k) e[k / 8][k % 8] = std::exp(msg[k / 8][k % 8] - m);
+    const float sum = eigen_sum8<C>(e, L);
+    for (int c = 0; c < C; ++c) store8(a.q + i * S + 8 * c, e[c] / sum);
   }
 }
 
@@ -251,8 +247,8 @@ class MeanField {
     const int64_t M = t.lattice->num_points();
     if (spec.normalization != lattice::kNoNormalization) {
       // Filter an all-ones image; pydensecrf does this with one value per pixel (sequential order).
-      std::vector<float> ones(static_cast<size_t>(N_), 1.0f), a(M + 1), b(M + 1);
-      const float* blurred = t.lattice->splat_blur(ones.data(), nullptr, 1, a.data(), b.data());
+      std::vector<float> ones(static_cast<size_t>(N_), 1.0f), lattice_values(static_cast<size_t>(M));
+      const float* blurred = t.lattice->splat_blur(ones.data(), nullptr, 1, lattice_values.data());
       std::vector<float> norm(static_cast<size_t>(N_));
       at::parallel_for(0, N_, kPixelGrain, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
@@ -270,8 +266,7 @@ class MeanField {
       t.compat_padded.assign(static_cast<size_t>(S_), 0.0f);
       std::copy(spec.compat, spec.compat + L_, t.compat_padded.begin());
     }
-    t.a.resize(static_cast<size_t>((M + 1) * S_));
-    t.b.resize(static_cast<size_t>((M + 1) * S_));
+    t.lattice_values.resize(static_cast<size_t>(M * S_));
     return t;
   }
 
@@ -324,8 +319,8 @@ class MeanField {
 
   void filter_all() {
     for (Term& t : terms_) {
-      t.blurred = t.lattice->splat_blur(q_.data(), t.pre.empty() ? nullptr : t.pre.data(), S_, t.a.data(),
-                                        t.b.data());
+      t.blurred = t.lattice->splat_blur(q_.data(), t.pre.empty() ? nullptr : t.pre.data(), S_,
+                                        t.lattice_values.data());
     }
   }
 

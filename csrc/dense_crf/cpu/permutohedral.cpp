@@ -20,6 +20,7 @@ namespace {
 
 constexpr int64_t kPixelGrain = 2048;
 constexpr int64_t kPointGrain = 1024;
+constexpr int64_t kChainGrain = 64;
 // How many entries ahead the splat gather prefetches (the index array has that much padding at its end).
 constexpr int64_t kPrefetchDistance = 8;
 
@@ -178,19 +179,54 @@ DLF_CPU_KERNEL void splat_range(const int64_t* row_begin, const int32_t* pixel, 
 #undef DLF_SPLAT
 }
 
-// One blur pass along one axis over lattice points [begin, end): out = self + (n1 + n2) / 2.
-DLF_CPU_KERNEL void blur_range(const int32_t* neighbour, const float* src, int64_t stride, float* dst,
-                               int64_t begin, int64_t end) {
-  for (int64_t p = begin; p < end; ++p) {
-    const float* __restrict self = src + p * stride;
-    const float* __restrict n1 = src + static_cast<int64_t>(neighbour[2 * p]) * stride;
-    const float* __restrict n2 = src + static_cast<int64_t>(neighbour[2 * p + 1]) * stride;
-    float* __restrict out = dst + p * stride;
-    if (stride % 8 == 0) {
-      for (int64_t k = 0; k < stride; k += 8)
-        store8(out + k, load8(self + k) + 0.5f * (load8(n1 + k) + load8(n2 + k)));
-    } else {
-      for (int64_t k = 0; k < stride; ++k) out[k] = self[k] + 0.5f * (n1[k] + n2[k]);
+// Blurs chains [c0, c1) in place: v[p_t] = v[p_t] + (v[p_t+1] + v[p_t-1]) / 2 with the old values of the
+// neighbours (missing ends count as zero), keeping the previous point's old value in registers.
+template <int C>
+DLF_INLINE void blur_chain(const int32_t* points, int64_t length, float* v, int64_t stride, float* scratch) {
+  if (C > 0) {
+    vec8 prev[C > 0 ? C : 1];
+    for (int c = 0; c < C; ++c) prev[c] = splat8(0.0f);
+    for (int64_t t = 0; t < length; ++t) {
+      float* __restrict self = v + static_cast<int64_t>(points[t]) * (8 * C);
+      const float* __restrict succ = t + 1 < length ? v + static_cast<int64_t>(points[t + 1]) * (8 * C) : nullptr;
+      for (int c = 0; c < C; ++c) {
+        const vec8 old = load8(self + 8 * c);
+        const vec8 n1 = succ ? load8(succ + 8 * c) : splat8(0.0f);
+        store8(self + 8 * c, old + 0.5f * (n1 + prev[c]));
+        prev[c] = old;
+      }
+    }
+    return;
+  }
+  float* prev = scratch;
+  float* old = scratch + stride;
+  for (int64_t k = 0; k < stride; ++k) prev[k] = 0.0f;
+  for (int64_t t = 0; t < length; ++t) {
+    float* self = v + static_cast<int64_t>(points[t]) * stride;
+    const float* succ = t + 1 < length ? v + static_cast<int64_t>(points[t + 1]) * stride : nullptr;
+    for (int64_t k = 0; k < stride; ++k) {
+      old[k] = self[k];
+      self[k] = old[k] + 0.5f * ((succ ? succ[k] : 0.0f) + prev[k]);
+    }
+    std::swap(prev, old);
+  }
+}
+
+DLF_CPU_KERNEL void blur_chains(const int64_t* chain_begin, const int32_t* points, float* v, int64_t stride,
+                                float* scratch, int64_t c0, int64_t c1) {
+  for (int64_t c = c0; c < c1; ++c) {
+    const int32_t* chain = points + chain_begin[c];
+    const int64_t length = chain_begin[c + 1] - chain_begin[c];
+    switch (stride % 8 == 0 ? stride / 8 : 0) {
+      case 1: blur_chain<1>(chain, length, v, stride, scratch); break;
+      case 2: blur_chain<2>(chain, length, v, stride, scratch); break;
+      case 3: blur_chain<3>(chain, length, v, stride, scratch); break;
+      case 4: blur_chain<4>(chain, length, v, stride, scratch); break;
+      case 5: blur_chain<5>(chain, length, v, stride, scratch); break;
+      case 6: blur_chain<6>(chain, length, v, stride, scratch); break;
+      case 7: blur_chain<7>(chain, length, v, stride, scratch); break;
+      case 8: blur_chain<8>(chain, length, v, stride, scratch); break;
+      default: blur_chain<0>(chain, length, v, stride, scratch); break;
     }
   }
 }
@@ -297,52 +333,77 @@ PermutohedralLattice::PermutohedralLattice(const float* features, int d, int64_t
     });
   }
 
-  // 4. Blur neighbours along each of the d+1 lattice axes (read-only lookups, parallel).
+  // 4. Blur chains: along each of the d+1 lattice axes the points form chains (p, n1(p), n1(n1(p)), ...),
+  //    with n1 = key + (d+1) e_j - 1 and its inverse n2. The blur is done in place chain by chain; points
+  //    alone on their chain are left out (their blurred value is their own).
   {
-    StageTimer timer("lattice: blur neighbours");
-    blur_neighbour_.resize(static_cast<size_t>(dp1 * m_ * 2));
-    at::parallel_for(0, m_, kPointGrain, [&](int64_t begin, int64_t end) {
-      int32_t n1[lattice::kMaxDim];
-      int32_t n2[lattice::kMaxDim];
-      for (int64_t p = begin; p < end; ++p) {
-        for (int j = 0; j <= d; ++j) {
+    StageTimer timer("lattice: blur chains");
+    chain_begin_.assign(static_cast<size_t>(dp1), {});
+    chain_points_.assign(static_cast<size_t>(dp1), {});
+    std::vector<int32_t> next(static_cast<size_t>(m_));
+    std::vector<uint8_t> is_start(static_cast<size_t>(m_));
+    for (int j = 0; j <= d; ++j) {
+      at::parallel_for(0, m_, kPointGrain, [&](int64_t begin, int64_t end) {
+        int32_t n1[lattice::kMaxDim];
+        int32_t n2[lattice::kMaxDim];
+        for (int64_t p = begin; p < end; ++p) {
           lattice::blur_neighbour_keys(table.key(p), d, j, n1, n2);
-          const int32_t a = table.find(n1);
-          const int32_t b = table.find(n2);
-          int32_t* out = blur_neighbour_.data() + (j * m_ + p) * 2;
-          out[0] = a < 0 ? static_cast<int32_t>(m_) : a;
-          out[1] = b < 0 ? static_cast<int32_t>(m_) : b;
+          next[p] = table.find(n1);
+          is_start[p] = next[p] >= 0 && table.find(n2) < 0;
         }
-      }
-    });
+      });
+      std::vector<int32_t> starts;
+      for (int64_t p = 0; p < m_; ++p)
+        if (is_start[p]) starts.push_back(static_cast<int32_t>(p));
+      std::vector<int64_t>& begin_j = chain_begin_[j];
+      begin_j.assign(starts.size() + 1, 0);
+      at::parallel_for(0, static_cast<int64_t>(starts.size()), kPointGrain, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
+          int64_t length = 0;
+          for (int32_t p = starts[c]; p >= 0; p = next[p]) ++length;
+          begin_j[c + 1] = length;
+        }
+      });
+      for (size_t c = 0; c < starts.size(); ++c) begin_j[c + 1] += begin_j[c];
+      std::vector<int32_t>& points_j = chain_points_[j];
+      points_j.resize(static_cast<size_t>(begin_j.back()));
+      at::parallel_for(0, static_cast<int64_t>(starts.size()), kPointGrain, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
+          int64_t slot = begin_j[c];
+          for (int32_t p = starts[c]; p >= 0; p = next[p]) points_j[slot++] = p;
+        }
+      });
+    }
   }
-  if (profiling_enabled())
-    std::fprintf(stderr, "[deeplab_fast] lattice d=%d N=%lld M=%lld\n", d, static_cast<long long>(n_),
-                 static_cast<long long>(m_));
+  if (profiling_enabled()) {
+    std::fprintf(stderr, "[deeplab_fast] lattice d=%d N=%lld M=%lld; points in blur chains per axis:", d,
+                 static_cast<long long>(n_), static_cast<long long>(m_));
+    for (int j = 0; j <= d; ++j)
+      std::fprintf(stderr, " %lld/%lld", static_cast<long long>(chain_points_[j].size()),
+                   static_cast<long long>(chain_begin_[j].size() - 1));
+    std::fprintf(stderr, "\n");
+  }
 }
 
-const float* PermutohedralLattice::splat_blur(const float* values, const float* scale, int64_t stride, float* a,
-                                              float* b) const {
+float* PermutohedralLattice::splat_blur(const float* values, const float* scale, int64_t stride, float* out) const {
   {
     StageTimer timer("splat");
     at::parallel_for(0, m_, kPointGrain, [&](int64_t begin, int64_t end) {
-      splat_range(splat_begin_.data(), splat_pixel_.data(), splat_weight_.data(), values, scale, stride, a, begin,
+      splat_range(splat_begin_.data(), splat_pixel_.data(), splat_weight_.data(), values, scale, stride, out, begin,
                   end);
     });
-    std::fill(a + m_ * stride, a + (m_ + 1) * stride, 0.0f);
-    std::fill(b + m_ * stride, b + (m_ + 1) * stride, 0.0f);
   }
-  // Blur with [1/2, 1, 1/2] along each axis in turn.
+  // Blur with [1/2, 1, 1/2] along each axis in turn, in place, chain by chain.
   StageTimer timer("blur");
-  float* src = a;
-  float* dst = b;
   for (int j = 0; j <= d_; ++j) {
-    const int32_t* nb = blur_neighbour_.data() + j * m_ * 2;
-    at::parallel_for(0, m_, kPointGrain,
-                     [&](int64_t begin, int64_t end) { blur_range(nb, src, stride, dst, begin, end); });
-    std::swap(src, dst);
+    const std::vector<int64_t>& begin_j = chain_begin_[j];
+    const int64_t chains = static_cast<int64_t>(begin_j.size()) - 1;
+    at::parallel_for(0, chains, kChainGrain, [&](int64_t c0, int64_t c1) {
+      std::vector<float> scratch(static_cast<size_t>(2 * stride));
+      blur_chains(begin_j.data(), chain_points_[j].data(), out, stride, scratch.data(), c0, c1);
+    });
   }
-  return src;
+  return out;
 }
 
 }  // namespace cpu

@@ -26,10 +26,8 @@ class PermutohedralLattice {
   int64_t num_points() const { return m_; }
 
   // Splats values [N, stride], each pixel's row first multiplied by scale[i] (when scale is not null), onto
-  // the lattice and blurs them. `a` and `b` are scratch buffers of (num_points() + 1) * stride floats; the
-  // returned pointer (one of them) holds the blurred lattice values, with row num_points() all zero (the
-  // "outside the lattice" neighbour).
-  const float* splat_blur(const float* values, const float* scale, int64_t stride, float* a, float* b) const;
+  // the lattice and blurs them, into `out` (num_points() * stride floats), which it returns.
+  float* splat_blur(const float* values, const float* scale, int64_t stride, float* out) const;
 
   // Slices pixel i from blurred lattice values: out[0..stride) = sum_r alpha w_r lattice[vertex_r].
   // kSequentialOrder evaluates each term as (w * v) * alpha, as pydensecrf does for at most two values per
@@ -62,7 +60,10 @@ class PermutohedralLattice {
   std::vector<int64_t> splat_begin_;     // [M+1] CSR rows: the (pixel, weight) entries landing on a point
   std::vector<int32_t> splat_pixel_;     // [N*(d+1)] in increasing pixel order within a row
   std::vector<float> splat_weight_;      // [N*(d+1)]
-  std::vector<int32_t> blur_neighbour_;  // [d+1, M, 2]; M stands for "no such point"
+  // Blur chains per axis j: chain c is chain_points_[j][chain_begin_[j][c] .. chain_begin_[j][c+1]), ordered
+  // along +axis j; only chains of two or more points are kept.
+  std::vector<std::vector<int64_t>> chain_begin_;
+  std::vector<std::vector<int32_t>> chain_points_;
 };
 
 }  // namespace cpu

@@ -25,6 +25,7 @@ namespace cpu {
 typedef float vec8 __attribute__((vector_size(32)));
 typedef int32_t ivec8 __attribute__((vector_size(32)));
 typedef float vec8_unaligned __attribute__((vector_size(32), aligned(4)));
+typedef float vec4 __attribute__((vector_size(16)));
 
 #define DLF_INLINE inline __attribute__((always_inline))
 
@@ -119,6 +120,32 @@ inline float eigen_sum(const float* e, int64_t L) {
   }
   float s = (a[0] + a[2]) + (a[1] + a[3]);
   for (int64_t k = size1; k < L; ++k) s = s + e[k];
+  return s;
+}
+
+// eigen_sum over e[0..L) held in vec8 registers (e[c] = elements 8c..8c+7): Eigen's 4-float packet 2c is
+// the low half of e[c] and packet 2c+1 its high half, so its two packet accumulators are the halves of one
+// vec8 accumulator. Lanes at or beyond L are not read.
+template <int C>
+DLF_INLINE float eigen_sum8(const vec8* e, int64_t L) {
+  const int64_t size1 = (L / 4) * 4, full = L / 8;
+  float s;
+  if (L < 4) {
+    s = e[0][0];
+    for (int64_t k = 1; k < L; ++k) s = s + e[0][k];
+    return s;
+  }
+  vec4 a;
+  if (size1 > 4) {
+    vec8 acc = e[0];
+    for (int64_t c = 1; c < full; ++c) acc += e[c];
+    a = __builtin_shufflevector(acc, acc, 0, 1, 2, 3) + __builtin_shufflevector(acc, acc, 4, 5, 6, 7);
+    if (size1 > full * 8) a += __builtin_shufflevector(e[full], e[full], 0, 1, 2, 3);
+  } else {
+    a = __builtin_shufflevector(e[0], e[0], 0, 1, 2, 3);
+  }
+  s = (a[0] + a[2]) + (a[1] + a[3]);
+  for (int64_t k = size1; k < L; ++k) s = s + e[k / 8][k % 8];
   return s;
 }
 
