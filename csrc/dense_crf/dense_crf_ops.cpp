@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "dense_crf.h"
+#include "cpu/stage_timer.h"
 
 namespace deeplab_fast {
 namespace dense_crf {
@@ -177,6 +178,7 @@ at::Tensor dense_crf_features_cpu(const at::Tensor& unary_in, at::TensorList fea
   float* o = out.data_ptr<float>();
   for_each_image(B, [&](int64_t b) {
     Problem p = make_problem(u + b * L * N, q0 ? q0 + b * L * N : nullptr, L, N, in, b);
+    cpu::StageTimer timer("mean_field (whole)");
     cpu::mean_field(p, iterations, o + b * L * N);
   });
   return out;
@@ -261,7 +263,12 @@ at::Tensor dense_crf_cpu(const at::Tensor& unary, const at::Tensor& image, int64
                          const at::Tensor& bilateral_compat) {
   check_image_args(unary, image, gaussian_sxy, bilateral_sxy, bilateral_srgb);
   const int64_t B = unary.size(0), L = unary.size(1), H = unary.size(2), W = unary.size(3);
-  auto feats = image_features(image, gaussian_sxy, bilateral_sxy, bilateral_srgb);
+  cpu::StageTimer total_timer("dense_crf (C++ total)");
+  std::pair<at::Tensor, at::Tensor> feats;
+  {
+    cpu::StageTimer timer("image features");
+    feats = image_features(image, gaussian_sxy, bilateral_sxy, bilateral_srgb);
+  }
   const std::vector<at::Tensor> features{feats.first, feats.second};
   const std::vector<at::Tensor> compat{gaussian_compat, bilateral_compat};
   const std::vector<int64_t> normalization{lattice::kNormalizeSymmetric, lattice::kNormalizeSymmetric};

@@ -42,7 +42,7 @@ struct Term {
   std::vector<float> pre;     // per-pixel factor applied before filtering (empty: none)
   std::vector<float> post;    // per-pixel factor applied after filtering (empty: none)
   std::vector<float> compat_padded;  // diagonal compatibility padded to the label stride with zeros
-  std::vector<float> lattice_values;  // [M, S]
+  std::unique_ptr<float[]> lattice_values;  // [M, S]; every row is written by the splat before it is read
   const float* blurred = nullptr;
 };
 
@@ -208,17 +208,20 @@ class MeanField {
  public:
   explicit MeanField(const Problem& p)
       : p_(p), L_(p.num_labels), N_(p.num_pixels), S_(label_stride(p.num_labels)), seq_(p.num_labels <= 2) {
-    // Padding lanes of the unary are +inf (probability 0), so they drop out of the max and the sum.
-    unary_.assign(static_cast<size_t>(N_ * S_), std::numeric_limits<float>::infinity());
-    if (p.unary != nullptr) load_unary(p.unary);
+    // Buffers are left uninitialised: every element is written before it is read.
+    unary_.reset(new float[static_cast<size_t>(N_ * S_)]);
+    {
+      StageTimer timer("load unary");
+      if (p.unary != nullptr) load_unary(p.unary);
+    }
     terms_.reserve(p.terms.size());
     for (const PairwiseTerm& spec : p.terms) terms_.push_back(prepare(spec));
-    q_.assign(static_cast<size_t>(N_ * S_), 0.0f);
+    q_.reset(new float[static_cast<size_t>(N_ * S_)]);
   }
 
   void run(int64_t iterations, float* q_out) {
     if (p_.q_init != nullptr) {
-      to_pixel_major(p_.q_init, q_.data());
+      to_pixel_major(p_.q_init, q_.get(), 0.0f, false);
     } else {
       pixel_pass(/*with_pairwise=*/false, /*energy_out=*/nullptr);
     }
@@ -226,12 +229,12 @@ class MeanField {
       filter_all();
       pixel_pass(/*with_pairwise=*/true, /*energy_out=*/nullptr);
     }
-    to_label_major(q_.data(), q_out);
+    to_label_major(q_.get(), q_out);
   }
 
   void energy(float* out) {
     TORCH_CHECK(p_.q_init != nullptr, "dense_crf: the pairwise energy needs marginals q");
-    to_pixel_major(p_.q_init, q_.data());
+    to_pixel_major(p_.q_init, q_.get(), 0.0f, false);
     filter_all();
     std::vector<float> e(static_cast<size_t>(N_ * S_), 0.0f);
     pixel_pass(/*with_pairwise=*/true, e.data());
@@ -246,6 +249,7 @@ class MeanField {
     t.lattice = std::make_unique<PermutohedralLattice>(spec.features, spec.dim, N_);
     const int64_t M = t.lattice->num_points();
     if (spec.normalization != lattice::kNoNormalization) {
+      StageTimer norm_timer("normalisation");
       // Filter an all-ones image; pydensecrf does this with one value per pixel (sequential order).
       std::vector<float> ones(static_cast<size_t>(N_), 1.0f), lattice_values(static_cast<size_t>(M));
       const float* blurred = t.lattice->splat_blur(ones.data(), nullptr, 1, lattice_values.data());
@@ -266,20 +270,36 @@ class MeanField {
       t.compat_padded.assign(static_cast<size_t>(S_), 0.0f);
       std::copy(spec.compat, spec.compat + L_, t.compat_padded.begin());
     }
-    t.lattice_values.resize(static_cast<size_t>(M * S_));
+    t.lattice_values.reset(new float[static_cast<size_t>(M * S_)]);
     return t;
   }
 
-  // [L, N] -> [N, S], in pixel blocks so that both sides stay in cache.
-  void to_pixel_major(const float* src, float* dst) const {
+  // [L, N] -> [N, S] with the padding lanes set to `pad`, in pixel blocks so that both sides stay in cache.
+  // Returns 0, or (with check) 1 for a NaN, 2 for a -inf, 3 for a pixel without any finite value.
+  int to_pixel_major(const float* src, float* dst, float pad, bool check) const {
     StageTimer timer("transpose in");
+    constexpr float kInf = std::numeric_limits<float>::infinity();
+    std::atomic<int> bad{0};
     at::parallel_for(0, N_, kPixelGrain, [&](int64_t begin, int64_t end) {
       for (int64_t i0 = begin; i0 < end; i0 += kTransposeBlock) {
         const int64_t i1 = std::min(end, i0 + kTransposeBlock);
         for (int64_t l = 0; l < L_; ++l)
           for (int64_t i = i0; i < i1; ++i) dst[i * S_ + l] = src[l * N_ + i];
+        for (int64_t i = i0; i < i1; ++i) {
+          for (int64_t l = L_; l < S_; ++l) dst[i * S_ + l] = pad;
+          if (!check) continue;
+          bool possible = false;
+          for (int64_t l = 0; l < L_; ++l) {
+            const float u = dst[i * S_ + l];
+            if (std::isnan(u)) bad.store(1);
+            if (u == -kInf) bad.store(2);
+            possible |= u < kInf;
+          }
+          if (!possible) bad.store(3);
+        }
       }
     });
+    return bad.load();
   }
 
   // [N, S] -> [L, N]
@@ -295,38 +315,26 @@ class MeanField {
   }
 
   // Loads the unary into [N, S] and checks it: NaN and -inf are errors, +inf is an impossible label, and every
-  // pixel needs at least one possible label.
+  // pixel needs at least one possible label. Padding lanes are +inf (probability 0), so they drop out of the
+  // max and the sum.
   void load_unary(const float* unary) {
-    std::atomic<int> bad{0};  // 1: NaN, 2: -inf, 3: a pixel with no finite label
-    to_pixel_major(unary, unary_.data());
-    at::parallel_for(0, N_, kPixelGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        bool possible = false;
-        for (int64_t l = 0; l < L_; ++l) {
-          const float u = unary_[i * S_ + l];
-          if (std::isnan(u)) bad.store(1);
-          if (u == -std::numeric_limits<float>::infinity()) bad.store(2);
-          possible |= u < std::numeric_limits<float>::infinity();
-        }
-        if (!possible) bad.store(3);
-      }
-    });
-    TORCH_CHECK(bad.load() != 1, "dense_crf: unary contains NaN");
-    TORCH_CHECK(bad.load() != 2, "dense_crf: unary contains -inf");
-    TORCH_CHECK(bad.load() != 3, "dense_crf: unary is +inf for every label of some pixel; at least one label "
+    const int bad = to_pixel_major(unary, unary_.get(), std::numeric_limits<float>::infinity(), true);
+    TORCH_CHECK(bad != 1, "dense_crf: unary contains NaN");
+    TORCH_CHECK(bad != 2, "dense_crf: unary contains -inf");
+    TORCH_CHECK(bad != 3, "dense_crf: unary is +inf for every label of some pixel; at least one label "
                 "must have finite energy");
   }
 
   void filter_all() {
     for (Term& t : terms_) {
-      t.blurred = t.lattice->splat_blur(q_.data(), t.pre.empty() ? nullptr : t.pre.data(), S_,
-                                        t.lattice_values.data());
+      t.blurred = t.lattice->splat_blur(q_.get(), t.pre.empty() ? nullptr : t.pre.data(), S_,
+                                        t.lattice_values.get());
     }
   }
 
   void pixel_pass(bool with_pairwise, float* energy_out) {
     StageTimer timer(with_pairwise ? "slice+compat+softmax" : "softmax");
-    const PixelPass pass{terms_.data(), terms_.size(), unary_.data(), q_.data(), energy_out, L_, S_, seq_,
+    const PixelPass pass{terms_.data(), terms_.size(), unary_.get(), q_.get(), energy_out, L_, S_, seq_,
                          with_pairwise};
     at::parallel_for(0, N_, kPixelGrain, [&](int64_t begin, int64_t end) {
       std::vector<float> scratch(static_cast<size_t>(4 * S_));
@@ -338,8 +346,8 @@ class MeanField {
   const int64_t L_, N_, S_;
   const bool seq_;
   std::vector<Term> terms_;
-  std::vector<float> unary_;
-  std::vector<float> q_;
+  std::unique_ptr<float[]> unary_;  // [N, S]
+  std::unique_ptr<float[]> q_;      // [N, S]
 };
 
 }  // namespace

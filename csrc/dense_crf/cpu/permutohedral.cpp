@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstring>
 #include <limits>
 
@@ -21,8 +22,6 @@ namespace {
 constexpr int64_t kPixelGrain = 2048;
 constexpr int64_t kPointGrain = 1024;
 constexpr int64_t kChainGrain = 64;
-// How many entries ahead the splat gather prefetches (the index array has that much padding at its end).
-constexpr int64_t kPrefetchDistance = 8;
 
 // Open-addressing hash set of d-dimensional integer keys; ids are given in insertion order, so the
 // lattice point numbering (and everything after it) does not depend on the thread count.
@@ -118,53 +117,41 @@ bool embed_pixels(const float* features, int d, int64_t n, const float* scale, i
 #undef DLF_EMBED
 }
 
-// Splat as a gather over lattice points [begin, end): each point sums w * (scale[i] * values[i]) over its
-// (pixel i, weight w) entries. The scaled value is rounded before the weight multiplies it, as in
-// pydensecrf, where the normalisation is applied to the whole input first. C > 0: the stride is exactly 8 C
-// and the sums stay in registers; C == 0: any stride.
+// Splat of pixels [i0, i1) onto the lattice points [p0, p1) that this thread owns: each owned point adds
+// w * (scale[i] * values[i]) for its pixels i in increasing order, so its sum is the same, bit for bit, as a
+// sequential splat's (pydensecrf's), whatever the partition. The scaled value is rounded before the weight
+// multiplies it, as in pydensecrf, where the normalisation is applied to the whole input first. C > 0: the
+// stride is exactly 8 C; C == 0: any stride.
 template <int C>
-DLF_INLINE void splat_points(const int64_t* row_begin, const int32_t* pixel, const float* weight,
-                             const float* values, const float* scale, int64_t stride, float* out, int64_t begin,
-                             int64_t end) {
-  for (int64_t p = begin; p < end; ++p) {
-    if (C > 0) {
-      vec8 acc[C > 0 ? C : 1];
-      for (int c = 0; c < C; ++c) acc[c] = splat8(0.0f);
-      for (int64_t s = row_begin[p]; s < row_begin[p + 1]; ++s) {
-        const int64_t i = pixel[s];
-        const float* __restrict v = values + i * (8 * C);
-        const float w = weight[s];
-        __builtin_prefetch(values + static_cast<int64_t>(pixel[s + kPrefetchDistance]) * (8 * C));
-        if (scale == nullptr) {
-          for (int c = 0; c < C; ++c) acc[c] += w * load8(v + 8 * c);
-        } else {
-          const float sc = scale[i];
-          for (int c = 0; c < C; ++c) acc[c] += w * (load8(v + 8 * c) * sc);
-        }
-      }
-      for (int c = 0; c < C; ++c) store8(out + p * (8 * C) + 8 * c, acc[c]);
-      continue;
-    }
-    float* __restrict acc = out + p * stride;
-    zero(acc, stride);
-    for (int64_t s = row_begin[p]; s < row_begin[p + 1]; ++s) {
-      const int64_t i = pixel[s];
-      const float* __restrict v = values + i * stride;
-      const float w = weight[s];
-      if (scale == nullptr) {
+DLF_INLINE void splat_owned(const int32_t* vertex, const float* weight, int dp1, const float* values,
+                            const float* scale, int64_t stride, float* out, int64_t p0, int64_t p1, int64_t i0,
+                            int64_t i1) {
+  for (int64_t p = p0; p < p1; ++p) zero(out + p * stride, stride);
+  for (int64_t i = i0; i < i1; ++i) {
+    const float* __restrict v = values + i * stride;
+    const float sc = scale == nullptr ? 1.0f : scale[i];
+    vec8 x[C > 0 ? C : 1];  // the pixel's (scaled) values, rounded once as in pydensecrf
+    for (int c = 0; c < C; ++c) x[c] = scale == nullptr ? load8(v + 8 * c) : load8(v + 8 * c) * sc;
+    for (int r = 0; r < dp1; ++r) {
+      const int64_t p = vertex[i * dp1 + r];
+      if (p < p0 || p >= p1) continue;
+      const float w = weight[i * dp1 + r];
+      float* __restrict acc = out + p * stride;
+      if (C > 0) {
+        for (int c = 0; c < C; ++c) store8(acc + 8 * c, load8(acc + 8 * c) + w * x[c]);
+      } else if (scale == nullptr) {
         axpy(acc, w, v, stride);
       } else {
-        const float sc = scale[i];
         for (int64_t k = 0; k < stride; ++k) acc[k] += w * (v[k] * sc);
       }
     }
   }
 }
 
-DLF_CPU_KERNEL void splat_range(const int64_t* row_begin, const int32_t* pixel, const float* weight,
-                                const float* values, const float* scale, int64_t stride, float* out, int64_t begin,
-                                int64_t end) {
-#define DLF_SPLAT(C) splat_points<C>(row_begin, pixel, weight, values, scale, stride, out, begin, end)
+DLF_CPU_KERNEL void splat_range(const int32_t* vertex, const float* weight, int dp1, const float* values,
+                                const float* scale, int64_t stride, float* out, int64_t p0, int64_t p1, int64_t i0,
+                                int64_t i1) {
+#define DLF_SPLAT(C) splat_owned<C>(vertex, weight, dp1, values, scale, stride, out, p0, p1, i0, i1)
   switch (stride % 8 == 0 ? stride / 8 : 0) {
     case 1: DLF_SPLAT(1); break;
     case 2: DLF_SPLAT(2); break;
@@ -249,19 +236,25 @@ PermutohedralLattice::PermutohedralLattice(const float* features, int d, int64_t
   //      order of first appearance (sequential, so deterministic). Neighbouring pixels mostly lie in the
   //      same simplex, so a vertex equal to the previous pixel's reuses its id without a hash lookup.
   KeyTable table(d, n_);
+  first_pixel_.reserve(static_cast<size_t>(n_));
+  last_pixel_.reserve(static_cast<size_t>(n_));
+  entries_.reserve(static_cast<size_t>(n_));
   vertex_.resize(static_cast<size_t>(n_ * dp1));
   weight_.resize(static_cast<size_t>(n_ * dp1));
   {
     StageTimer timer("lattice: embed + hash");
     constexpr int64_t kBlock = 8192;
+    double embed_seconds = 0.0;
     std::vector<int32_t> keys(static_cast<size_t>((kBlock + 1) * dp1 * d));  // row 0: the previous pixel
     for (int64_t b0 = 0; b0 < n_; b0 += kBlock) {
       const int64_t b1 = std::min(n_, b0 + kBlock);
       int32_t* block = keys.data() + dp1 * d;
       std::atomic<bool> ok{true};
+      const auto t0 = std::chrono::steady_clock::now();
       at::parallel_for(b0, b1, kPixelGrain, [&](int64_t begin, int64_t end) {
         if (!embed_pixels(features, d, n_, scale, block, b0, weight_.data(), begin, end)) ok.store(false);
       });
+      embed_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       TORCH_CHECK(ok.load(), "dense_crf: features too large for the lattice (a scaled coordinate exceeds "
                   "2^22); check the kernel standard deviations (sxy, srgb) and the feature values");
       for (int64_t i = b0; i < b1; ++i) {
@@ -269,9 +262,20 @@ PermutohedralLattice::PermutohedralLattice(const float* features, int d, int64_t
         const int32_t* prev = key - dp1 * d;
         for (int64_t r = 0; r < dp1; ++r) {
           const int64_t e = i * dp1 + r;
-          vertex_[e] = (i > 0 && std::equal(key + r * d, key + (r + 1) * d, prev + r * d))
-                           ? vertex_[e - dp1]
-                           : table.insert(key + r * d);
+          int32_t v;
+          if (i > 0 && std::equal(key + r * d, key + (r + 1) * d, prev + r * d)) {
+            v = vertex_[e - dp1];
+          } else {
+            v = table.insert(key + r * d);
+            if (v == static_cast<int32_t>(first_pixel_.size())) {  // a new point
+              first_pixel_.push_back(static_cast<int32_t>(i));
+              last_pixel_.push_back(0);
+              entries_.push_back(0);
+            }
+          }
+          vertex_[e] = v;
+          last_pixel_[v] = static_cast<int32_t>(i);
+          ++entries_[v];
         }
       }
       std::copy(keys.data() + (b1 - b0) * dp1 * d, keys.data() + (b1 - b0 + 1) * dp1 * d, keys.data());
@@ -284,53 +288,16 @@ PermutohedralLattice::PermutohedralLattice(const float* features, int d, int64_t
       const std::vector<float> origin(static_cast<size_t>(d), 0.0f);
       std::vector<float> unused(static_cast<size_t>(dp1));
       lattice::embed_point<0>(origin.data(), d, scale, keys.data(), unused.data());
-      for (int64_t r = 0; r < dp1; ++r) table.insert(keys.data() + r * d);
-    }
-    m_ = table.size();
-  }
-
-  // 3. Splat index: for each point, its (pixel, weight) entries in increasing pixel order, so that the
-  //    gather adds them in exactly the order a sequential scatter would. Built in parallel over pixel chunks
-  //    with per-chunk counts; the result does not depend on the number of chunks.
-  {
-    StageTimer timer("lattice: splat index");
-    const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_ / 4096));
-    const int64_t per_chunk = (n_ + chunks - 1) / chunks;
-    std::vector<int32_t> cursor(static_cast<size_t>(chunks * m_), 0);  // [chunk, point]
-    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        int32_t* count = cursor.data() + c * m_;
-        const int64_t e1 = std::min(n_, (c + 1) * per_chunk) * dp1;
-        for (int64_t e = c * per_chunk * dp1; e < e1; ++e) ++count[vertex_[e]];
-      }
-    });
-    splat_begin_.resize(static_cast<size_t>(m_ + 1));
-    int64_t offset = 0;
-    for (int64_t p = 0; p < m_; ++p) {  // turn counts into each chunk's first slot in row p
-      splat_begin_[p] = offset;
-      for (int64_t c = 0; c < chunks; ++c) {
-        const int32_t count = cursor[c * m_ + p];
-        cursor[c * m_ + p] = static_cast<int32_t>(offset);
-        offset += count;
-      }
-    }
-    splat_begin_[m_] = offset;
-    splat_pixel_.assign(static_cast<size_t>(n_ * dp1 + kPrefetchDistance), 0);
-    splat_weight_.resize(static_cast<size_t>(n_ * dp1));
-    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        int32_t* slot = cursor.data() + c * m_;
-        const int64_t i1 = std::min(n_, (c + 1) * per_chunk);
-        for (int64_t i = c * per_chunk; i < i1; ++i) {
-          for (int64_t r = 0; r < dp1; ++r) {
-            const int64_t e = i * dp1 + r;
-            const int32_t s = slot[vertex_[e]]++;
-            splat_pixel_[s] = static_cast<int32_t>(i);
-            splat_weight_[s] = weight_[e];
-          }
+      for (int64_t r = 0; r < dp1; ++r) {
+        if (table.insert(keys.data() + r * d) == static_cast<int32_t>(first_pixel_.size())) {
+          first_pixel_.push_back(static_cast<int32_t>(n_));  // no pixel splats onto it
+          last_pixel_.push_back(-1);
+          entries_.push_back(0);
         }
       }
-    });
+    }
+    m_ = table.size();
+    if (profiling_enabled()) std::fprintf(stderr, "[deeplab_fast]   of which embed %27.3f ms\n", 1e3 * embed_seconds);
   }
 
   // 4. Blur chains: along each of the d+1 lattice axes the points form chains (p, n1(p), n1(n1(p)), ...),
@@ -341,20 +308,23 @@ PermutohedralLattice::PermutohedralLattice(const float* features, int d, int64_t
     chain_begin_.assign(static_cast<size_t>(dp1), {});
     chain_points_.assign(static_cast<size_t>(dp1), {});
     std::vector<int32_t> next(static_cast<size_t>(m_));
-    std::vector<uint8_t> is_start(static_cast<size_t>(m_));
+    std::vector<uint8_t> has_prev(static_cast<size_t>(m_));
     for (int j = 0; j <= d; ++j) {
+      // One lookup per point: its successor n1. A point with a successor and no predecessor starts a chain.
       at::parallel_for(0, m_, kPointGrain, [&](int64_t begin, int64_t end) {
         int32_t n1[lattice::kMaxDim];
         int32_t n2[lattice::kMaxDim];
         for (int64_t p = begin; p < end; ++p) {
           lattice::blur_neighbour_keys(table.key(p), d, j, n1, n2);
           next[p] = table.find(n1);
-          is_start[p] = next[p] >= 0 && table.find(n2) < 0;
         }
       });
+      std::fill(has_prev.begin(), has_prev.end(), 0);
+      for (int64_t p = 0; p < m_; ++p)
+        if (next[p] >= 0) has_prev[next[p]] = 1;
       std::vector<int32_t> starts;
       for (int64_t p = 0; p < m_; ++p)
-        if (is_start[p]) starts.push_back(static_cast<int32_t>(p));
+        if (next[p] >= 0 && !has_prev[p]) starts.push_back(static_cast<int32_t>(p));
       std::vector<int64_t>& begin_j = chain_begin_[j];
       begin_j.assign(starts.size() + 1, 0);
       at::parallel_for(0, static_cast<int64_t>(starts.size()), kPointGrain, [&](int64_t c0, int64_t c1) {
@@ -388,9 +358,31 @@ PermutohedralLattice::PermutohedralLattice(const float* features, int d, int64_t
 float* PermutohedralLattice::splat_blur(const float* values, const float* scale, int64_t stride, float* out) const {
   {
     StageTimer timer("splat");
-    at::parallel_for(0, m_, kPointGrain, [&](int64_t begin, int64_t end) {
-      splat_range(splat_begin_.data(), splat_pixel_.data(), splat_weight_.data(), values, scale, stride, out, begin,
-                  end);
+    // Split the points into ranges with about equal numbers of entries; each thread owns one range and
+    // scans only the pixels that touch it (points are numbered by first appearance, so a range of points
+    // is a band of pixels).
+    const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), m_ / 64));
+    std::vector<int64_t> bounds(static_cast<size_t>(parts + 1), m_);
+    bounds[0] = 0;
+    {
+      const int64_t total = n_ * (d_ + 1);
+      int64_t seen = 0, part = 1;
+      for (int64_t p = 0; p < m_ && part < parts; ++p) {
+        seen += entries_[p];
+        if (seen * parts >= part * total) bounds[part++] = p + 1;
+      }
+    }
+    at::parallel_for(0, parts, 1, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        const int64_t p0 = bounds[k], p1 = bounds[k + 1];
+        int64_t i0 = n_, i1 = 0;
+        for (int64_t p = p0; p < p1; ++p) {
+          i0 = std::min<int64_t>(i0, first_pixel_[p]);
+          i1 = std::max<int64_t>(i1, last_pixel_[p] + 1);
+        }
+        splat_range(vertex_.data(), weight_.data(), d_ + 1, values, scale, stride, out, p0, p1, i0,
+                    std::max(i0, i1));
+      }
     });
   }
   // Blur with [1/2, 1, 1/2] along each axis in turn, in place, chain by chain.

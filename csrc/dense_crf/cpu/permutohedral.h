@@ -57,9 +57,9 @@ class PermutohedralLattice {
   float alpha_;
   std::vector<int32_t> vertex_;          // [N, d+1] lattice point of each simplex vertex
   std::vector<float> weight_;            // [N, d+1] barycentric weights
-  std::vector<int64_t> splat_begin_;     // [M+1] CSR rows: the (pixel, weight) entries landing on a point
-  std::vector<int32_t> splat_pixel_;     // [N*(d+1)] in increasing pixel order within a row
-  std::vector<float> splat_weight_;      // [N*(d+1)]
+  std::vector<int32_t> first_pixel_;     // [M] the first pixel with the point as a vertex (N: none)
+  std::vector<int32_t> last_pixel_;      // [M] the last such pixel (-1: none)
+  std::vector<int32_t> entries_;         // [M] how many pixels have the point as a vertex
   // Blur chains per axis j: chain c is chain_points_[j][chain_begin_[j][c] .. chain_begin_[j][c+1]), ordered
   // along +axis j; only chains of two or more points are kept.
   std::vector<std::vector<int64_t>> chain_begin_;
