@@ -23,6 +23,7 @@ constexpr int64_t kPixelGrain = 2048;
 constexpr int64_t kPointGrain = 1024;
 constexpr int64_t kChainGrain = 64;
 
+
 // Open-addressing hash set of d-dimensional integer keys; ids are given in insertion order, so the
 // lattice point numbering (and everything after it) does not depend on the thread count.
 class KeyTable {
@@ -60,6 +61,16 @@ class KeyTable {
     }
   }
 
+  int32_t insert_from(const KeyTable& other, int64_t id) { return insert(other.key(id)); }
+
+  // The id of point `id`'s blur neighbour n1 along `axis` (key + (d+1) e_axis - 1), or -1.
+  int32_t successor(int64_t id, int axis) const {
+    int32_t n1[lattice::kMaxDim];
+    int32_t n2[lattice::kMaxDim];
+    lattice::blur_neighbour_keys(key(id), d_, axis, n1, n2);
+    return find(n1);
+  }
+
  private:
   bool same(const int32_t* a, const int32_t* b) const {
     for (int i = 0; i < d_; ++i)
@@ -89,6 +100,109 @@ class KeyTable {
   std::vector<int32_t> table_;
   std::vector<int32_t> keys_;
 };
+
+// The same set for keys whose coordinates all fit in `bits` bits (with room for the blur neighbours): each key
+// is packed into one 64-bit word (coordinate + 2^(bits-1) per field) stored inline in its slot, so a lookup
+// touches one cache line and compares one integer, and a blur neighbour is the packed key plus a constant.
+class PackedKeyTable {
+ public:
+  PackedKeyTable(int d, int64_t expected, int bits) : d_(d), bits_(bits), bias_(int64_t{1} << (bits - 1)) {
+    int64_t cap = 64;
+    while (cap < 2 * expected) cap <<= 1;
+    slots_.assign(cap, Slot{0, -1});
+    keys_.reserve(static_cast<size_t>(expected));
+    for (int j = 0; j <= d; ++j) {
+      uint64_t delta = 0;  // n1 = key - 1 in every coordinate, key + d in coordinate j (when j < d)
+      for (int k = 0; k < d; ++k) delta += static_cast<uint64_t>(static_cast<int64_t>(k == j ? d : -1)) << (bits * k);
+      successor_delta_[j] = delta;
+    }
+  }
+
+  int64_t size() const { return static_cast<int64_t>(keys_.size()); }
+  int32_t insert(const int32_t* k) { return insert_packed(pack(k)); }
+  int32_t insert_from(const PackedKeyTable& other, int64_t id) { return insert_packed(other.keys_[id]); }
+  int32_t successor(int64_t id, int axis) const { return find_packed(keys_[id] + successor_delta_[axis]); }
+
+ private:
+  struct Slot {
+    uint64_t key;
+    int32_t id;
+  };
+
+  uint64_t pack(const int32_t* k) const {
+    uint64_t u = 0;
+    for (int i = 0; i < d_; ++i) u |= static_cast<uint64_t>(k[i] + bias_) << (bits_ * i);
+    return u;
+  }
+
+  static uint64_t hash(uint64_t u) {
+    u *= 0x9E3779B97F4A7C15ull;
+    return u ^ (u >> 31);
+  }
+
+  int32_t insert_packed(uint64_t u) {
+    if (2 * (size() + 1) > static_cast<int64_t>(slots_.size())) grow();
+    const uint64_t mask = slots_.size() - 1;
+    for (uint64_t h = hash(u) & mask;; h = (h + 1) & mask) {
+      Slot& slot = slots_[h];
+      if (slot.id < 0) {
+        slot = Slot{u, static_cast<int32_t>(keys_.size())};
+        keys_.push_back(u);
+        return slot.id;
+      }
+      if (slot.key == u) return slot.id;
+    }
+  }
+
+  int32_t find_packed(uint64_t u) const {
+    const uint64_t mask = slots_.size() - 1;
+    for (uint64_t h = hash(u) & mask;; h = (h + 1) & mask) {
+      const Slot& slot = slots_[h];
+      if (slot.id < 0) return -1;
+      if (slot.key == u) return slot.id;
+    }
+  }
+
+  void grow() {
+    std::vector<Slot> bigger(slots_.size() * 2, Slot{0, -1});
+    const uint64_t mask = bigger.size() - 1;
+    for (size_t id = 0; id < keys_.size(); ++id) {
+      uint64_t h = hash(keys_[id]) & mask;
+      while (bigger[h].id >= 0) h = (h + 1) & mask;
+      bigger[h] = Slot{keys_[id], static_cast<int32_t>(id)};
+    }
+    slots_.swap(bigger);
+  }
+
+  int d_, bits_;
+  int64_t bias_;
+  uint64_t successor_delta_[lattice::kMaxDim + 1];
+  std::vector<Slot> slots_;
+  std::vector<uint64_t> keys_;
+};
+
+// Bits per coordinate for packed keys, or 0 when some key (or blur neighbour) of these features might not fit.
+// Bound: |elevated_j| <= sum_k |f_k s_k| + d max_k |f_k s_k|; rounding and the simplex offsets add at most
+// 3 (d + 1), and a neighbour another d + 1.
+int packed_key_bits(const float* features, int d, int64_t n, const float* scale) {
+  const int bits = std::min(32, 64 / d);
+  std::vector<double> chunk_max(static_cast<size_t>((n + kPixelGrain - 1) / kPixelGrain), 0.0);
+  at::parallel_for(0, n, kPixelGrain, [&](int64_t begin, int64_t end) {
+    double worst = 0.0;
+    for (int64_t i = begin; i < end; ++i) {
+      double sum = 0.0, largest = 0.0;
+      for (int k = 0; k < d; ++k) {
+        const double c = std::fabs(static_cast<double>(features[k * n + i]) * scale[k]);
+        sum += c;
+        largest = std::max(largest, c);
+      }
+      worst = std::max(worst, sum + d * largest);
+    }
+    chunk_max[begin / kPixelGrain] = std::max(chunk_max[begin / kPixelGrain], worst);
+  });
+  const double bound = *std::max_element(chunk_max.begin(), chunk_max.end()) + 4.0 * (d + 1) + 1.0;
+  return bound < std::ldexp(1.0, bits - 1) ? bits : 0;
+}
 
 // Embeds pixels [begin, end): the d+1 vertex keys of pixel i go to keys[(i - key_base) * (d+1) * d ...] and its
 // weights to weights[i * (d+1) ...]. Returns false on oversize features.
@@ -232,60 +346,123 @@ PermutohedralLattice::PermutohedralLattice(const float* features, int d, int64_t
   float scale[lattice::kMaxDim];
   for (int i = 0; i < d; ++i) scale[i] = lattice::elevation_scale(i, d);
 
-  // 1-2. Embed the pixels in parallel, a cache-sized block at a time, then number the lattice points in
-  //      order of first appearance (sequential, so deterministic). Neighbouring pixels mostly lie in the
-  //      same simplex, so a vertex equal to the previous pixel's reuses its id without a hash lookup.
-  KeyTable table(d, n_);
-  first_pixel_.reserve(static_cast<size_t>(n_));
-  last_pixel_.reserve(static_cast<size_t>(n_));
-  entries_.reserve(static_cast<size_t>(n_));
+  // The origin is embedded too (see build()), so the bound covers its simplex.
+  const int bits = packed_key_bits(features, d, n_, scale);
+  if (bits > 0) {
+    build([&](int64_t expected) { return PackedKeyTable(d, expected, bits); }, features, scale);
+  } else {
+    build([&](int64_t expected) { return KeyTable(d, expected); }, features, scale);
+  }
+  if (profiling_enabled()) {
+    std::fprintf(stderr, "[deeplab_fast] lattice d=%d N=%lld M=%lld; points in blur chains per axis:", d,
+                 static_cast<long long>(n_), static_cast<long long>(m_));
+    for (int j = 0; j <= d; ++j)
+      std::fprintf(stderr, " %lld/%lld", static_cast<long long>(chain_points_[j].size()),
+                   static_cast<long long>(chain_begin_[j].size() - 1));
+    std::fprintf(stderr, "\n");
+  }
+}
+
+template <typename MakeTable>
+void PermutohedralLattice::build(MakeTable make_table, const float* features, const float* scale) {
+  const int d = d_;
+  const int64_t dp1 = d + 1;
+  // 1-2. Embed the pixels and number the lattice points in order of first appearance. Each thread takes a
+  //      contiguous range of pixels, embeds it a cache-sized block at a time and numbers its points in a
+  //      table of its own; neighbouring pixels mostly lie in the same simplex, so a vertex equal to the
+  //      previous pixel's reuses its id without a lookup. The tables are then merged in range order: range
+  //      0's numbering is kept, and each later range adds only the points it sees first. The result is the
+  //      global first-appearance numbering, whatever the number of ranges.
   vertex_.resize(static_cast<size_t>(n_ * dp1));
   weight_.resize(static_cast<size_t>(n_ * dp1));
+  const int64_t ranges = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_ / 16384));
+  using Table = decltype(make_table(int64_t{0}));
+  struct Local {
+    Table table;
+    std::vector<int32_t> first, last, count;  // per local point: first and last pixel, number of entries
+    bool ok = true;
+  };
+  std::vector<Local> locals;
+  locals.reserve(static_cast<size_t>(ranges));
+  // Range 0's table becomes the global one, so it is sized for the whole image.
+  for (int64_t t = 0; t < ranges; ++t) locals.push_back(Local{make_table(t == 0 ? n_ : n_ / ranges), {}, {}, {}});
+  auto range_begin = [&](int64_t t) { return n_ * t / ranges; };
   {
     StageTimer timer("lattice: embed + hash");
-    constexpr int64_t kBlock = 8192;
-    double embed_seconds = 0.0;
-    std::vector<int32_t> keys(static_cast<size_t>((kBlock + 1) * dp1 * d));  // row 0: the previous pixel
-    for (int64_t b0 = 0; b0 < n_; b0 += kBlock) {
-      const int64_t b1 = std::min(n_, b0 + kBlock);
-      int32_t* block = keys.data() + dp1 * d;
-      std::atomic<bool> ok{true};
-      const auto t0 = std::chrono::steady_clock::now();
-      at::parallel_for(b0, b1, kPixelGrain, [&](int64_t begin, int64_t end) {
-        if (!embed_pixels(features, d, n_, scale, block, b0, weight_.data(), begin, end)) ok.store(false);
-      });
-      embed_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      TORCH_CHECK(ok.load(), "dense_crf: features too large for the lattice (a scaled coordinate exceeds "
-                  "2^22); check the kernel standard deviations (sxy, srgb) and the feature values");
-      for (int64_t i = b0; i < b1; ++i) {
-        const int32_t* key = keys.data() + (i - b0 + 1) * dp1 * d;
-        const int32_t* prev = key - dp1 * d;
-        for (int64_t r = 0; r < dp1; ++r) {
-          const int64_t e = i * dp1 + r;
-          int32_t v;
-          if (i > 0 && std::equal(key + r * d, key + (r + 1) * d, prev + r * d)) {
-            v = vertex_[e - dp1];
-          } else {
-            v = table.insert(key + r * d);
-            if (v == static_cast<int32_t>(first_pixel_.size())) {  // a new point
-              first_pixel_.push_back(static_cast<int32_t>(i));
-              last_pixel_.push_back(0);
-              entries_.push_back(0);
+    at::parallel_for(0, ranges, 1, [&](int64_t t0, int64_t t1) {
+      constexpr int64_t kBlock = 4096;
+      std::vector<int32_t> keys(static_cast<size_t>((kBlock + 1) * dp1 * d));  // row 0: the previous pixel
+      for (int64_t t = t0; t < t1; ++t) {
+        Local& local = locals[t];
+        const int64_t r0 = range_begin(t), r1 = range_begin(t + 1);
+        for (int64_t b0 = r0; b0 < r1; b0 += kBlock) {
+          const int64_t b1 = std::min(r1, b0 + kBlock);
+          local.ok &= embed_pixels(features, d, n_, scale, keys.data() + dp1 * d, b0, weight_.data(), b0, b1);
+          for (int64_t i = b0; i < b1; ++i) {
+            const int32_t* key = keys.data() + (i - b0 + 1) * dp1 * d;
+            const int32_t* prev = key - dp1 * d;
+            for (int64_t r = 0; r < dp1; ++r) {
+              const int64_t e = i * dp1 + r;
+              int32_t v;
+              if (i > r0 && std::equal(key + r * d, key + (r + 1) * d, prev + r * d)) {
+                v = vertex_[e - dp1];
+              } else {
+                v = local.table.insert(key + r * d);
+                if (v == static_cast<int32_t>(local.first.size())) {  // a new point
+                  local.first.push_back(static_cast<int32_t>(i));
+                  local.last.push_back(0);
+                  local.count.push_back(0);
+                }
+              }
+              vertex_[e] = v;
+              local.last[v] = static_cast<int32_t>(i);
+              ++local.count[v];
             }
           }
-          vertex_[e] = v;
-          last_pixel_[v] = static_cast<int32_t>(i);
-          ++entries_[v];
+          std::copy(keys.data() + (b1 - b0) * dp1 * d, keys.data() + (b1 - b0 + 1) * dp1 * d, keys.data());
         }
       }
-      std::copy(keys.data() + (b1 - b0) * dp1 * d, keys.data() + (b1 - b0 + 1) * dp1 * d, keys.data());
+    });
+    for (const Local& local : locals)
+      TORCH_CHECK(local.ok, "dense_crf: features too large for the lattice (a scaled coordinate exceeds "
+                  "2^22); check the kernel standard deviations (sxy, srgb) and the feature values");
+  }
+  Table table = std::move(locals[0].table);
+  {
+    StageTimer timer("lattice: merge");
+    first_pixel_ = std::move(locals[0].first);
+    last_pixel_ = std::move(locals[0].last);
+    entries_ = std::move(locals[0].count);
+    std::vector<std::vector<int32_t>> to_global(static_cast<size_t>(ranges));
+    for (int64_t t = 1; t < ranges; ++t) {
+      const Local& local = locals[t];
+      std::vector<int32_t>& map = to_global[t];
+      map.resize(local.first.size());
+      for (size_t v = 0; v < local.first.size(); ++v) {
+        const int32_t g = table.insert_from(local.table, static_cast<int64_t>(v));
+        if (g == static_cast<int32_t>(first_pixel_.size())) {
+          first_pixel_.push_back(local.first[v]);
+          last_pixel_.push_back(0);
+          entries_.push_back(0);
+        }
+        last_pixel_[g] = local.last[v];  // later ranges hold later pixels
+        entries_[g] += local.count[v];
+        map[v] = g;
+      }
     }
+    at::parallel_for(1, ranges, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t)
+        for (int64_t e = range_begin(t) * dp1; e < range_begin(t + 1) * dp1; ++e) vertex_[e] = to_global[t][vertex_[e]];
+    });
+    locals.clear();
+
     // Reference compatibility: pydensecrf's SSE lattice builder embeds pixels four at a time, and when N is
     // not a multiple of 4 the zero-feature padding lanes also insert their simplex's vertices. Those points
     // receive no splat but do pass values along during the blur, so we add them too (they change results
     // only for pixels whose features lie near the origin).
     if (n_ % 4 != 0) {
       const std::vector<float> origin(static_cast<size_t>(d), 0.0f);
+      std::vector<int32_t> keys(static_cast<size_t>(dp1 * d));
       std::vector<float> unused(static_cast<size_t>(dp1));
       lattice::embed_point<0>(origin.data(), d, scale, keys.data(), unused.data());
       for (int64_t r = 0; r < dp1; ++r) {
@@ -297,7 +474,6 @@ PermutohedralLattice::PermutohedralLattice(const float* features, int d, int64_t
       }
     }
     m_ = table.size();
-    if (profiling_enabled()) std::fprintf(stderr, "[deeplab_fast]   of which embed %27.3f ms\n", 1e3 * embed_seconds);
   }
 
   // 4. Blur chains: along each of the d+1 lattice axes the points form chains (p, n1(p), n1(n1(p)), ...),
@@ -312,19 +488,34 @@ PermutohedralLattice::PermutohedralLattice(const float* features, int d, int64_t
     for (int j = 0; j <= d; ++j) {
       // One lookup per point: its successor n1. A point with a successor and no predecessor starts a chain.
       at::parallel_for(0, m_, kPointGrain, [&](int64_t begin, int64_t end) {
-        int32_t n1[lattice::kMaxDim];
-        int32_t n2[lattice::kMaxDim];
-        for (int64_t p = begin; p < end; ++p) {
-          lattice::blur_neighbour_keys(table.key(p), d, j, n1, n2);
-          next[p] = table.find(n1);
+        for (int64_t p = begin; p < end; ++p) next[p] = table.successor(p, j);
+      });
+      // Mark the points that have a predecessor (concurrent stores of the same byte value, done atomically),
+      // then collect the chain starts in increasing order: counted per block, then written per block.
+      std::fill(has_prev.begin(), has_prev.end(), 0);
+      at::parallel_for(0, m_, kPointGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t p = begin; p < end; ++p)
+          if (next[p] >= 0) __atomic_store_n(&has_prev[next[p]], static_cast<uint8_t>(1), __ATOMIC_RELAXED);
+      });
+      const int64_t blocks = (m_ + kPointGrain - 1) / kPointGrain;
+      std::vector<int64_t> block_starts(static_cast<size_t>(blocks + 1), 0);
+      auto is_start = [&](int64_t p) { return next[p] >= 0 && !has_prev[p]; };
+      at::parallel_for(0, blocks, 1, [&](int64_t k0, int64_t k1) {
+        for (int64_t k = k0; k < k1; ++k) {
+          int64_t count = 0;
+          for (int64_t p = k * kPointGrain; p < std::min(m_, (k + 1) * kPointGrain); ++p) count += is_start(p);
+          block_starts[k + 1] = count;
         }
       });
-      std::fill(has_prev.begin(), has_prev.end(), 0);
-      for (int64_t p = 0; p < m_; ++p)
-        if (next[p] >= 0) has_prev[next[p]] = 1;
-      std::vector<int32_t> starts;
-      for (int64_t p = 0; p < m_; ++p)
-        if (next[p] >= 0 && !has_prev[p]) starts.push_back(static_cast<int32_t>(p));
+      for (int64_t k = 0; k < blocks; ++k) block_starts[k + 1] += block_starts[k];
+      std::vector<int32_t> starts(static_cast<size_t>(block_starts[blocks]));
+      at::parallel_for(0, blocks, 1, [&](int64_t k0, int64_t k1) {
+        for (int64_t k = k0; k < k1; ++k) {
+          int64_t slot = block_starts[k];
+          for (int64_t p = k * kPointGrain; p < std::min(m_, (k + 1) * kPointGrain); ++p)
+            if (is_start(p)) starts[slot++] = static_cast<int32_t>(p);
+        }
+      });
       std::vector<int64_t>& begin_j = chain_begin_[j];
       begin_j.assign(starts.size() + 1, 0);
       at::parallel_for(0, static_cast<int64_t>(starts.size()), kPointGrain, [&](int64_t c0, int64_t c1) {
@@ -344,14 +535,6 @@ PermutohedralLattice::PermutohedralLattice(const float* features, int d, int64_t
         }
       });
     }
-  }
-  if (profiling_enabled()) {
-    std::fprintf(stderr, "[deeplab_fast] lattice d=%d N=%lld M=%lld; points in blur chains per axis:", d,
-                 static_cast<long long>(n_), static_cast<long long>(m_));
-    for (int j = 0; j <= d; ++j)
-      std::fprintf(stderr, " %lld/%lld", static_cast<long long>(chain_points_[j].size()),
-                   static_cast<long long>(chain_begin_[j].size() - 1));
-    std::fprintf(stderr, "\n");
   }
 }
 

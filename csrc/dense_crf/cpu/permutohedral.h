@@ -51,6 +51,10 @@ class PermutohedralLattice {
   }
 
  private:
+  // Embeds the pixels, numbers the lattice points and links the blur chains, with key tables from make_table.
+  template <typename MakeTable>
+  void build(MakeTable make_table, const float* features, const float* scale);
+
   int d_;
   int64_t n_;
   int64_t m_ = 0;
