@@ -139,6 +139,31 @@ def test_parity_generic_features(dim):
     assert_parity(q.numpy(), q_ref)
 
 
+@pytest.mark.parametrize("dim,magnitude", [(5, 3000.0), (7, 400.0), (16, 3.0)])
+def test_generic_key_table(dim, magnitude):
+    """Features whose lattice keys do not fit packed 64-bit keys take the generic hash table; the result is
+    still pydensecrf's and still independent of the thread count (40k points: several build ranges)."""
+    rng = np.random.default_rng(dim)
+    N, L = 40000, 3
+    unary = (rng.standard_normal((L, N)) * 2).astype(np.float32)
+    feats = (rng.uniform(-1, 1, (dim, N)) * magnitude).astype(np.float32)
+    d = dcrf.DenseCRF(N, L)
+    d.setUnaryEnergy(unary)
+    d.addPairwiseEnergy(feats, compat=3.0)
+    q_ref = np.array(d.inference(3))
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(dense_crf_features(torch.from_numpy(unary)[None], [torch.from_numpy(feats)[None]], [3.0],
+                                              iterations=3)[0])
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+    assert_parity(results[0].numpy(), q_ref)
+
+
 def test_pairwise_energy_matches_kl_divergence():
     """(q * pairwise).sum() is the pairwise part of pydensecrf's klDivergence."""
     rng = np.random.default_rng(3)
@@ -175,9 +200,10 @@ def test_batch_equals_separate_calls(kernels):
         assert torch.equal(q[b:b + 1], dense_crf(unary[b:b + 1], image[b:b + 1], iterations=6, **KERNELS[kernels]))
 
 
-@pytest.mark.parametrize("B", [1, 4])
-def test_identical_for_any_thread_count(B):
-    unary, image = batch_inputs(B, H=96, W=128)
+@pytest.mark.parametrize("B,H,W", [(1, 192, 256), (4, 96, 128)])
+def test_identical_for_any_thread_count(B, H, W):
+    # 192x256 spans several pixel ranges of the parallel lattice build, so their merge is exercised.
+    unary, image = batch_inputs(B, H=H, W=W)
     before = torch.get_num_threads()
     try:
         results = []

@@ -8,6 +8,7 @@
 #include <chrono>
 #include <cstring>
 #include <limits>
+#include <mutex>
 
 #include "../lattice_math.h"
 #include "simd.h"
@@ -44,7 +45,8 @@ class KeyTable {
     for (int64_t h = hash(k) & mask;; h = (h + 1) & mask) {
       const int32_t e = table_[h];
       if (e < 0) {
-        keys_.insert(keys_.end(), k, k + d_);
+        if (static_cast<int64_t>(keys_.size()) < (size_ + 1) * d_) keys_.resize(static_cast<size_t>(size_ + 1) * d_);
+        std::copy(k, k + d_, keys_.begin() + size_ * d_);
         table_[h] = static_cast<int32_t>(size_);
         return static_cast<int32_t>(size_++);
       }
@@ -61,7 +63,26 @@ class KeyTable {
     }
   }
 
-  int32_t insert_from(const KeyTable& other, int64_t id) { return insert(other.key(id)); }
+  int32_t find_from(const KeyTable& other, int64_t id) const { return find(other.key(id)); }
+
+  // Makes room for `total` keys, so that insert_new needs no growth.
+  void reserve(int64_t total) {
+    while (2 * total > static_cast<int64_t>(table_.size())) grow();
+    keys_.resize(static_cast<size_t>(total) * d_);
+  }
+
+  // Inserts other's key `id` under the given new id; the key must be absent and distinct from every other
+  // key inserted concurrently. Thread-safe after reserve(): free slots are claimed atomically.
+  void insert_new(const KeyTable& other, int64_t id, int32_t new_id) {
+    const int32_t* k = other.key(id);
+    std::copy(k, k + d_, keys_.begin() + static_cast<int64_t>(new_id) * d_);
+    const int64_t mask = static_cast<int64_t>(table_.size()) - 1;
+    for (int64_t h = hash(k) & mask;; h = (h + 1) & mask) {
+      int32_t expected = -1;
+      if (__atomic_compare_exchange_n(&table_[h], &expected, new_id, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) break;
+    }
+    __atomic_fetch_add(&size_, 1, __ATOMIC_RELAXED);
+  }
 
   // The id of point `id`'s blur neighbour n1 along `axis` (key + (d+1) e_axis - 1), or -1.
   int32_t successor(int64_t id, int axis) const {
@@ -120,7 +141,29 @@ class PackedKeyTable {
 
   int64_t size() const { return static_cast<int64_t>(keys_.size()); }
   int32_t insert(const int32_t* k) { return insert_packed(pack(k)); }
-  int32_t insert_from(const PackedKeyTable& other, int64_t id) { return insert_packed(other.keys_[id]); }
+  int32_t find_from(const PackedKeyTable& other, int64_t id) const { return find_packed(other.keys_[id]); }
+
+  // Makes room for `total` keys, so that insert_new needs no growth.
+  void reserve(int64_t total) {
+    while (2 * total > static_cast<int64_t>(slots_.size())) grow();
+    keys_.resize(static_cast<size_t>(total));
+  }
+
+  // Inserts other's key `id` under the given new id; the key must be absent and distinct from every other
+  // key inserted concurrently. Thread-safe after reserve(): free slots are claimed atomically.
+  void insert_new(const PackedKeyTable& other, int64_t id, int32_t new_id) {
+    const uint64_t u = other.keys_[id];
+    keys_[new_id] = u;
+    const uint64_t mask = slots_.size() - 1;
+    for (uint64_t h = hash(u) & mask;; h = (h + 1) & mask) {
+      int32_t expected = -1;
+      if (__atomic_compare_exchange_n(&slots_[h].id, &expected, new_id, false, __ATOMIC_RELAXED,
+                                      __ATOMIC_RELAXED)) {
+        slots_[h].key = u;
+        return;
+      }
+    }
+  }
   int32_t successor(int64_t id, int axis) const { return find_packed(keys_[id] + successor_delta_[axis]); }
 
  private:
@@ -369,8 +412,7 @@ void PermutohedralLattice::build(MakeTable make_table, const float* features, co
   const int64_t dp1 = d + 1;
   // 1-2. Embed the pixels and number the lattice points in order of first appearance. Each thread takes a
   //      contiguous range of pixels, embeds it a cache-sized block at a time and numbers its points in a
-  //      table of its own; neighbouring pixels mostly lie in the same simplex, so a vertex equal to the
-  //      previous pixel's reuses its id without a lookup. The tables are then merged in range order: range
+  //      table of its own. The tables are then merged in range order: range
   //      0's numbering is kept, and each later range adds only the points it sees first. The result is the
   //      global first-appearance numbering, whatever the number of ranges.
   vertex_.resize(static_cast<size_t>(n_ * dp1));
@@ -391,35 +433,28 @@ void PermutohedralLattice::build(MakeTable make_table, const float* features, co
     StageTimer timer("lattice: embed + hash");
     at::parallel_for(0, ranges, 1, [&](int64_t t0, int64_t t1) {
       constexpr int64_t kBlock = 4096;
-      std::vector<int32_t> keys(static_cast<size_t>((kBlock + 1) * dp1 * d));  // row 0: the previous pixel
+      std::vector<int32_t> keys(static_cast<size_t>(kBlock * dp1 * d));
       for (int64_t t = t0; t < t1; ++t) {
         Local& local = locals[t];
         const int64_t r0 = range_begin(t), r1 = range_begin(t + 1);
         for (int64_t b0 = r0; b0 < r1; b0 += kBlock) {
           const int64_t b1 = std::min(r1, b0 + kBlock);
-          local.ok &= embed_pixels(features, d, n_, scale, keys.data() + dp1 * d, b0, weight_.data(), b0, b1);
+          local.ok &= embed_pixels(features, d, n_, scale, keys.data(), b0, weight_.data(), b0, b1);
           for (int64_t i = b0; i < b1; ++i) {
-            const int32_t* key = keys.data() + (i - b0 + 1) * dp1 * d;
-            const int32_t* prev = key - dp1 * d;
+            const int32_t* key = keys.data() + (i - b0) * dp1 * d;
             for (int64_t r = 0; r < dp1; ++r) {
               const int64_t e = i * dp1 + r;
-              int32_t v;
-              if (i > r0 && std::equal(key + r * d, key + (r + 1) * d, prev + r * d)) {
-                v = vertex_[e - dp1];
-              } else {
-                v = local.table.insert(key + r * d);
-                if (v == static_cast<int32_t>(local.first.size())) {  // a new point
-                  local.first.push_back(static_cast<int32_t>(i));
-                  local.last.push_back(0);
-                  local.count.push_back(0);
-                }
+              const int32_t v = local.table.insert(key + r * d);
+              if (v == static_cast<int32_t>(local.first.size())) {  // a new point
+                local.first.push_back(static_cast<int32_t>(i));
+                local.last.push_back(0);
+                local.count.push_back(0);
               }
               vertex_[e] = v;
               local.last[v] = static_cast<int32_t>(i);
               ++local.count[v];
             }
           }
-          std::copy(keys.data() + (b1 - b0) * dp1 * d, keys.data() + (b1 - b0 + 1) * dp1 * d, keys.data());
         }
       }
     });
@@ -435,20 +470,37 @@ void PermutohedralLattice::build(MakeTable make_table, const float* features, co
     entries_ = std::move(locals[0].count);
     std::vector<std::vector<int32_t>> to_global(static_cast<size_t>(ranges));
     for (int64_t t = 1; t < ranges; ++t) {
+      // Range t's points that are already numbered keep their id; the others get the next ids in range t's
+      // order of first appearance. Lookups, then inserts (of keys known to be new and distinct), run in
+      // parallel; the numbering is fixed before any insert.
       const Local& local = locals[t];
+      const int64_t count = static_cast<int64_t>(local.first.size());
       std::vector<int32_t>& map = to_global[t];
-      map.resize(local.first.size());
-      for (size_t v = 0; v < local.first.size(); ++v) {
-        const int32_t g = table.insert_from(local.table, static_cast<int64_t>(v));
-        if (g == static_cast<int32_t>(first_pixel_.size())) {
-          first_pixel_.push_back(local.first[v]);
-          last_pixel_.push_back(0);
-          entries_.push_back(0);
+      map.resize(static_cast<size_t>(count));
+      at::parallel_for(0, count, kPointGrain, [&](int64_t v0, int64_t v1) {
+        for (int64_t v = v0; v < v1; ++v) map[v] = table.find_from(local.table, v);
+      });
+      const int64_t before = table.size();
+      int64_t next_id = before;
+      for (int64_t v = 0; v < count; ++v)
+        if (map[v] < 0) map[v] = static_cast<int32_t>(-2 - next_id++);  // new: remember its id, negated
+      table.reserve(next_id);
+      first_pixel_.resize(static_cast<size_t>(next_id));
+      last_pixel_.resize(static_cast<size_t>(next_id));
+      entries_.resize(static_cast<size_t>(next_id), 0);
+      at::parallel_for(0, count, kPointGrain, [&](int64_t v0, int64_t v1) {
+        for (int64_t v = v0; v < v1; ++v) {
+          int32_t g = map[v];
+          if (g < -1) {
+            g = -2 - g;
+            table.insert_new(local.table, v, g);
+            first_pixel_[g] = local.first[v];
+            map[v] = g;
+          }
+          last_pixel_[g] = local.last[v];  // later ranges hold later pixels
+          entries_[g] += local.count[v];
         }
-        last_pixel_[g] = local.last[v];  // later ranges hold later pixels
-        entries_[g] += local.count[v];
-        map[v] = g;
-      }
+      });
     }
     at::parallel_for(1, ranges, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t)
@@ -538,33 +590,46 @@ void PermutohedralLattice::build(MakeTable make_table, const float* features, co
   }
 }
 
+// Splits the points into ranges with about equal numbers of entries, one per thread; each thread owns a range
+// and scans only the pixels that touch it (points are numbered by first appearance, so a range of points is a
+// band of pixels). Computed once per thread count.
+const std::vector<PermutohedralLattice::SplatPart>& PermutohedralLattice::splat_parts(int64_t threads) const {
+  const int64_t count = std::max<int64_t>(1, std::min<int64_t>(threads, m_ / 64));
+  std::lock_guard<std::mutex> lock(splat_parts_mutex_);
+  if (static_cast<int64_t>(splat_parts_.size()) == count) return splat_parts_;
+  std::vector<int64_t> bounds(static_cast<size_t>(count + 1), m_);
+  bounds[0] = 0;
+  const int64_t total = n_ * (d_ + 1);
+  int64_t seen = 0, part = 1;
+  for (int64_t p = 0; p < m_ && part < count; ++p) {
+    seen += entries_[p];
+    if (seen * count >= part * total) bounds[part++] = p + 1;
+  }
+  splat_parts_.assign(static_cast<size_t>(count), SplatPart{});
+  for (int64_t k = 0; k < count; ++k) {
+    SplatPart& sp = splat_parts_[k];
+    sp.p0 = bounds[k];
+    sp.p1 = bounds[k + 1];
+    sp.i0 = n_;
+    sp.i1 = 0;
+    for (int64_t p = sp.p0; p < sp.p1; ++p) {
+      sp.i0 = std::min<int64_t>(sp.i0, first_pixel_[p]);
+      sp.i1 = std::max<int64_t>(sp.i1, last_pixel_[p] + 1);
+    }
+    sp.i1 = std::max(sp.i0, sp.i1);
+  }
+  return splat_parts_;
+}
+
 float* PermutohedralLattice::splat_blur(const float* values, const float* scale, int64_t stride, float* out) const {
   {
     StageTimer timer("splat");
-    // Split the points into ranges with about equal numbers of entries; each thread owns one range and
-    // scans only the pixels that touch it (points are numbered by first appearance, so a range of points
-    // is a band of pixels).
-    const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), m_ / 64));
-    std::vector<int64_t> bounds(static_cast<size_t>(parts + 1), m_);
-    bounds[0] = 0;
-    {
-      const int64_t total = n_ * (d_ + 1);
-      int64_t seen = 0, part = 1;
-      for (int64_t p = 0; p < m_ && part < parts; ++p) {
-        seen += entries_[p];
-        if (seen * parts >= part * total) bounds[part++] = p + 1;
-      }
-    }
-    at::parallel_for(0, parts, 1, [&](int64_t k0, int64_t k1) {
+    const std::vector<SplatPart>& parts = splat_parts(at::get_num_threads());
+    at::parallel_for(0, static_cast<int64_t>(parts.size()), 1, [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k) {
-        const int64_t p0 = bounds[k], p1 = bounds[k + 1];
-        int64_t i0 = n_, i1 = 0;
-        for (int64_t p = p0; p < p1; ++p) {
-          i0 = std::min<int64_t>(i0, first_pixel_[p]);
-          i1 = std::max<int64_t>(i1, last_pixel_[p] + 1);
-        }
-        splat_range(vertex_.data(), weight_.data(), d_ + 1, values, scale, stride, out, p0, p1, i0,
-                    std::max(i0, i1));
+        const SplatPart& part = parts[k];
+        splat_range(vertex_.data(), weight_.data(), d_ + 1, values, scale, stride, out, part.p0, part.p1,
+                    part.i0, part.i1);
       }
     });
   }

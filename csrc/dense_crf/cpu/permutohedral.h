@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <mutex>
 #include <vector>
 
 #include "simd.h"
@@ -51,6 +52,12 @@ class PermutohedralLattice {
   }
 
  private:
+  struct SplatPart {
+    int64_t p0, p1;  // the points a thread splats
+    int64_t i0, i1;  // the pixels that touch them
+  };
+  const std::vector<SplatPart>& splat_parts(int64_t threads) const;
+
   // Embeds the pixels, numbers the lattice points and links the blur chains, with key tables from make_table.
   template <typename MakeTable>
   void build(MakeTable make_table, const float* features, const float* scale);
@@ -64,6 +71,8 @@ class PermutohedralLattice {
   std::vector<int32_t> first_pixel_;     // [M] the first pixel with the point as a vertex (N: none)
   std::vector<int32_t> last_pixel_;      // [M] the last such pixel (-1: none)
   std::vector<int32_t> entries_;         // [M] how many pixels have the point as a vertex
+  mutable std::vector<SplatPart> splat_parts_;  // cached by splat_parts()
+  mutable std::mutex splat_parts_mutex_;
   // Blur chains per axis j: chain c is chain_points_[j][chain_begin_[j][c] .. chain_begin_[j][c+1]), ordered
   // along +axis j; only chains of two or more points are kept.
   std::vector<std::vector<int64_t>> chain_begin_;
