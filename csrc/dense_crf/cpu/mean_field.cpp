@@ -42,7 +42,7 @@ struct Term {
   std::vector<float> pre;     // per-pixel factor applied before filtering (empty: none)
   std::vector<float> post;    // per-pixel factor applied after filtering (empty: none)
   std::vector<float> compat_padded;  // diagonal compatibility padded to the label stride with zeros
-  std::unique_ptr<float[]> lattice_values;  // [M, S]; every row is written by the splat before it is read
+  Buffer<float> lattice_values;  // [M, S]; every row is written by the splat before it is read
   const float* blurred = nullptr;
 };
 
@@ -209,19 +209,19 @@ class MeanField {
   explicit MeanField(const Problem& p)
       : p_(p), L_(p.num_labels), N_(p.num_pixels), S_(label_stride(p.num_labels)), seq_(p.num_labels <= 2) {
     // Buffers are left uninitialised: every element is written before it is read.
-    unary_.reset(new float[static_cast<size_t>(N_ * S_)]);
+    unary_.reset(static_cast<size_t>(N_ * S_));
     {
       StageTimer timer("load unary");
       if (p.unary != nullptr) load_unary(p.unary);
     }
     terms_.reserve(p.terms.size());
     for (const PairwiseTerm& spec : p.terms) terms_.push_back(prepare(spec));
-    q_.reset(new float[static_cast<size_t>(N_ * S_)]);
+    q_.reset(static_cast<size_t>(N_ * S_));
   }
 
   void run(int64_t iterations, float* q_out) {
     if (p_.q_init != nullptr) {
-      to_pixel_major(p_.q_init, q_.get(), 0.0f, false);
+      to_pixel_major(p_.q_init, q_.data(), 0.0f, false);
     } else {
       pixel_pass(/*with_pairwise=*/false, /*energy_out=*/nullptr);
     }
@@ -229,12 +229,12 @@ class MeanField {
       filter_all();
       pixel_pass(/*with_pairwise=*/true, /*energy_out=*/nullptr);
     }
-    to_label_major(q_.get(), q_out);
+    to_label_major(q_.data(), q_out);
   }
 
   void energy(float* out) {
     TORCH_CHECK(p_.q_init != nullptr, "dense_crf: the pairwise energy needs marginals q");
-    to_pixel_major(p_.q_init, q_.get(), 0.0f, false);
+    to_pixel_major(p_.q_init, q_.data(), 0.0f, false);
     filter_all();
     std::vector<float> e(static_cast<size_t>(N_ * S_), 0.0f);
     pixel_pass(/*with_pairwise=*/true, e.data());
@@ -270,7 +270,7 @@ class MeanField {
       t.compat_padded.assign(static_cast<size_t>(S_), 0.0f);
       std::copy(spec.compat, spec.compat + L_, t.compat_padded.begin());
     }
-    t.lattice_values.reset(new float[static_cast<size_t>(M * S_)]);
+    t.lattice_values.reset(static_cast<size_t>(M * S_));
     return t;
   }
 
@@ -318,7 +318,7 @@ class MeanField {
   // pixel needs at least one possible label. Padding lanes are +inf (probability 0), so they drop out of the
   // max and the sum.
   void load_unary(const float* unary) {
-    const int bad = to_pixel_major(unary, unary_.get(), std::numeric_limits<float>::infinity(), true);
+    const int bad = to_pixel_major(unary, unary_.data(), std::numeric_limits<float>::infinity(), true);
     TORCH_CHECK(bad != 1, "dense_crf: unary contains NaN");
     TORCH_CHECK(bad != 2, "dense_crf: unary contains -inf");
     TORCH_CHECK(bad != 3, "dense_crf: unary is +inf for every label of some pixel; at least one label "
@@ -327,14 +327,14 @@ class MeanField {
 
   void filter_all() {
     for (Term& t : terms_) {
-      t.blurred = t.lattice->splat_blur(q_.get(), t.pre.empty() ? nullptr : t.pre.data(), S_,
-                                        t.lattice_values.get());
+      t.blurred = t.lattice->splat_blur(q_.data(), t.pre.empty() ? nullptr : t.pre.data(), S_,
+                                        t.lattice_values.data());
     }
   }
 
   void pixel_pass(bool with_pairwise, float* energy_out) {
     StageTimer timer(with_pairwise ? "slice+compat+softmax" : "softmax");
-    const PixelPass pass{terms_.data(), terms_.size(), unary_.get(), q_.get(), energy_out, L_, S_, seq_,
+    const PixelPass pass{terms_.data(), terms_.size(), unary_.data(), q_.data(), energy_out, L_, S_, seq_,
                          with_pairwise};
     at::parallel_for(0, N_, kPixelGrain, [&](int64_t begin, int64_t end) {
       std::vector<float> scratch(static_cast<size_t>(4 * S_));
@@ -346,8 +346,8 @@ class MeanField {
   const int64_t L_, N_, S_;
   const bool seq_;
   std::vector<Term> terms_;
-  std::unique_ptr<float[]> unary_;  // [N, S]
-  std::unique_ptr<float[]> q_;      // [N, S]
+  Buffer<float> unary_;  // [N, S]
+  Buffer<float> q_;      // [N, S]
 };
 
 }  // namespace

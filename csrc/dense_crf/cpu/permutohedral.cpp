@@ -65,6 +65,17 @@ class KeyTable {
 
   int32_t find_from(const KeyTable& other, int64_t id) const { return find(other.key(id)); }
 
+  // Batched forms (the packed table overlaps their memory accesses; here they are plain loops).
+  void insert_block(const int32_t* keys, int64_t count, int32_t* ids) {
+    for (int64_t e = 0; e < count; ++e) ids[e] = insert(keys + e * d_);
+  }
+  void find_many(const KeyTable& other, int64_t v0, int64_t v1, int32_t* out) const {
+    for (int64_t v = v0; v < v1; ++v) out[v - v0] = find_from(other, v);
+  }
+  void successors(int64_t p0, int64_t p1, int axis, int32_t* out) const {
+    for (int64_t p = p0; p < p1; ++p) out[p - p0] = successor(p, axis);
+  }
+
   // Makes room for `total` keys, so that insert_new needs no growth.
   void reserve(int64_t total) {
     while (2 * total > static_cast<int64_t>(table_.size())) grow();
@@ -143,6 +154,29 @@ class PackedKeyTable {
   int32_t insert(const int32_t* k) { return insert_packed(pack(k)); }
   int32_t find_from(const PackedKeyTable& other, int64_t id) const { return find_packed(other.keys_[id]); }
 
+  // Batched forms: hash a batch of keys and prefetch their slots before probing, so that the cache misses
+  // of a batch overlap (lookups in a large table are bound by memory latency).
+  void insert_block(const int32_t* keys, int64_t count, int32_t* ids) {
+    uint64_t packed[kBatch];
+    for (int64_t b0 = 0; b0 < count; b0 += kBatch) {
+      const int64_t n = std::min<int64_t>(kBatch, count - b0);
+      if (2 * (size() + n) > static_cast<int64_t>(slots_.size())) grow();
+      const uint64_t mask = slots_.size() - 1;
+      for (int64_t k = 0; k < n; ++k) {
+        packed[k] = pack(keys + (b0 + k) * d_);
+        __builtin_prefetch(&slots_[hash(packed[k]) & mask]);
+      }
+      for (int64_t k = 0; k < n; ++k) ids[b0 + k] = insert_packed(packed[k]);
+    }
+  }
+  void find_many(const PackedKeyTable& other, int64_t v0, int64_t v1, int32_t* out) const {
+    lookup_batched(v1 - v0, [&](int64_t k) { return other.keys_[v0 + k]; }, out);
+  }
+  void successors(int64_t p0, int64_t p1, int axis, int32_t* out) const {
+    const uint64_t delta = successor_delta_[axis];
+    lookup_batched(p1 - p0, [&](int64_t k) { return keys_[p0 + k] + delta; }, out);
+  }
+
   // Makes room for `total` keys, so that insert_new needs no growth.
   void reserve(int64_t total) {
     while (2 * total > static_cast<int64_t>(slots_.size())) grow();
@@ -181,6 +215,22 @@ class PackedKeyTable {
   static uint64_t hash(uint64_t u) {
     u *= 0x9E3779B97F4A7C15ull;
     return u ^ (u >> 31);
+  }
+
+  static constexpr int64_t kBatch = 16;
+
+  template <typename KeyAt>
+  void lookup_batched(int64_t count, KeyAt key_at, int32_t* out) const {
+    const uint64_t mask = slots_.size() - 1;
+    uint64_t packed[kBatch];
+    for (int64_t b0 = 0; b0 < count; b0 += kBatch) {
+      const int64_t n = std::min<int64_t>(kBatch, count - b0);
+      for (int64_t k = 0; k < n; ++k) {
+        packed[k] = key_at(b0 + k);
+        __builtin_prefetch(&slots_[hash(packed[k]) & mask]);
+      }
+      for (int64_t k = 0; k < n; ++k) out[b0 + k] = find_packed(packed[k]);
+    }
   }
 
   int32_t insert_packed(uint64_t u) {
@@ -415,8 +465,8 @@ void PermutohedralLattice::build(MakeTable make_table, const float* features, co
   //      table of its own. The tables are then merged in range order: range
   //      0's numbering is kept, and each later range adds only the points it sees first. The result is the
   //      global first-appearance numbering, whatever the number of ranges.
-  vertex_.resize(static_cast<size_t>(n_ * dp1));
-  weight_.resize(static_cast<size_t>(n_ * dp1));
+  vertex_.reset(static_cast<size_t>(n_ * dp1));
+  weight_.reset(static_cast<size_t>(n_ * dp1));
   const int64_t ranges = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_ / 16384));
   using Table = decltype(make_table(int64_t{0}));
   struct Local {
@@ -440,17 +490,16 @@ void PermutohedralLattice::build(MakeTable make_table, const float* features, co
         for (int64_t b0 = r0; b0 < r1; b0 += kBlock) {
           const int64_t b1 = std::min(r1, b0 + kBlock);
           local.ok &= embed_pixels(features, d, n_, scale, keys.data(), b0, weight_.data(), b0, b1);
+          local.table.insert_block(keys.data(), (b1 - b0) * dp1, vertex_.data() + b0 * dp1);
           for (int64_t i = b0; i < b1; ++i) {
-            const int32_t* key = keys.data() + (i - b0) * dp1 * d;
             for (int64_t r = 0; r < dp1; ++r) {
               const int64_t e = i * dp1 + r;
-              const int32_t v = local.table.insert(key + r * d);
+              const int32_t v = vertex_[e];
               if (v == static_cast<int32_t>(local.first.size())) {  // a new point
                 local.first.push_back(static_cast<int32_t>(i));
                 local.last.push_back(0);
                 local.count.push_back(0);
               }
-              vertex_[e] = v;
               local.last[v] = static_cast<int32_t>(i);
               ++local.count[v];
             }
@@ -477,9 +526,8 @@ void PermutohedralLattice::build(MakeTable make_table, const float* features, co
       const int64_t count = static_cast<int64_t>(local.first.size());
       std::vector<int32_t>& map = to_global[t];
       map.resize(static_cast<size_t>(count));
-      at::parallel_for(0, count, kPointGrain, [&](int64_t v0, int64_t v1) {
-        for (int64_t v = v0; v < v1; ++v) map[v] = table.find_from(local.table, v);
-      });
+      at::parallel_for(0, count, kPointGrain,
+                       [&](int64_t v0, int64_t v1) { table.find_many(local.table, v0, v1, map.data() + v0); });
       const int64_t before = table.size();
       int64_t next_id = before;
       for (int64_t v = 0; v < count; ++v)
@@ -540,7 +588,7 @@ void PermutohedralLattice::build(MakeTable make_table, const float* features, co
     for (int j = 0; j <= d; ++j) {
       // One lookup per point: its successor n1. A point with a successor and no predecessor starts a chain.
       at::parallel_for(0, m_, kPointGrain, [&](int64_t begin, int64_t end) {
-        for (int64_t p = begin; p < end; ++p) next[p] = table.successor(p, j);
+        table.successors(begin, end, j, next.data() + begin);
       });
       // Mark the points that have a predecessor (concurrent stores of the same byte value, done atomically),
       // then collect the chain starts in increasing order: counted per block, then written per block.

@@ -7,6 +7,7 @@
 #include <mutex>
 #include <vector>
 
+#include "buffer.h"
 #include "simd.h"
 
 namespace deeplab_fast {
@@ -66,8 +67,8 @@ class PermutohedralLattice {
   int64_t n_;
   int64_t m_ = 0;
   float alpha_;
-  std::vector<int32_t> vertex_;          // [N, d+1] lattice point of each simplex vertex
-  std::vector<float> weight_;            // [N, d+1] barycentric weights
+  Buffer<int32_t> vertex_;               // [N, d+1] lattice point of each simplex vertex
+  Buffer<float> weight_;                 // [N, d+1] barycentric weights
   std::vector<int32_t> first_pixel_;     // [M] the first pixel with the point as a vertex (N: none)
   std::vector<int32_t> last_pixel_;      // [M] the last such pixel (-1: none)
   std::vector<int32_t> entries_;         // [M] how many pixels have the point as a vertex
