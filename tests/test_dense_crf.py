@@ -372,3 +372,15 @@ def test_torch_compile_fullgraph():
 
     compiled = torch.compile(refine, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(unary, image), refine(unary, image))
+
+
+def test_backward_is_refused_clearly():
+    unary, image = batch_inputs(1, H=12, W=10, L=3)
+    unary.requires_grad_(True)
+    q = dense_crf(unary, image, iterations=2)
+    assert q.requires_grad
+    with pytest.raises(NotImplementedError, match="no backward"):
+        q.sum().backward()
+    args = (unary, image, 2, 3.0, torch.tensor(3.0), 80.0, 13.0, torch.tensor(10.0))
+    torch.library.opcheck(torch.ops.deeplab_fast.dense_crf.default, args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))

@@ -218,3 +218,26 @@ def _dense_crf_features_fake(unary, features, compat, normalization, iterations,
 def _dense_crf_pairwise_energy_fake(q, features, compat, normalization):
     torch._check(q.dim() == 3, lambda: f"dense_crf: q must be 3-D [B, L, N], got {q.dim()}-D")
     return q.new_empty(q.shape, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Autograd: the dense CRF here is inference (post-processing) only. Gradients are refused with a clear error
+# rather than silently dropped.
+
+
+def _no_backward(ctx, *grads):
+    raise NotImplementedError(
+        f"{ctx.op_name} has no backward: deeplab_fast's dense CRF is inference (post-processing) only. "
+        "Detach its inputs, or run it under torch.no_grad()."
+    )
+
+
+def _register_no_backward(name: str):
+    def setup_context(ctx, inputs, output):
+        ctx.op_name = f"deeplab_fast::{name}"
+
+    torch.library.register_autograd(f"deeplab_fast::{name}", _no_backward, setup_context=setup_context)
+
+
+for _name in ("dense_crf", "dense_crf_features", "dense_crf_pairwise_energy"):
+    _register_no_backward(_name)

@@ -37,7 +37,7 @@ DLF_INLINE vec8 splat8(float x) { return vec8{x, x, x, x, x, x, x, x}; }
 // expAndNormalize runs on every whole packet of 4 labels: Cephes' expf with n = floor(x log2(e) + 1/2),
 // Cody-Waite reduction, a degree-5 polynomial evaluated as y x^2 + x + 1, and 2^n from the exponent bits.
 // Matching it bit for bit keeps our marginals identical to pydensecrf's even where mean-field amplifies
-// rounding differences. (Scalar and vector forms perform the same IEEE operations in the same order.)
+// rounding differences.
 struct EigenExpConstants {
   static constexpr float kHi = 88.3762626647950f, kLo = -88.3762626647949f, kLog2e = 1.44269504088896341f;
   static constexpr float kC1 = 0.693359375f, kC2 = -2.12194440e-4f;
@@ -71,32 +71,8 @@ DLF_INLINE vec8 exp8_eigen(vec8 x0) {
   return r > x0 ? r : x0;
 }
 
-inline float exp_eigen(float x0) {
-  using K = EigenExpConstants;
-  float x = x0 < K::kHi ? x0 : K::kHi;
-  x = x > K::kLo ? x : K::kLo;
-  float fx = x * K::kLog2e + 0.5f;
-  const float truncated = static_cast<float>(static_cast<int32_t>(fx));
-  fx = truncated - (truncated > fx ? 1.0f : 0.0f);
-  const float t = fx * K::kC1;
-  float z = fx * K::kC2;
-  x = x - t;
-  x = x - z;
-  z = x * x;
-  float y = K::kP0;
-  y = y * x + K::kP1;
-  y = y * x + K::kP2;
-  y = y * x + K::kP3;
-  y = y * x + K::kP4;
-  y = y * x + K::kP5;
-  y = y * z + x;
-  y = y + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(fx) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  const float r = y * scale;
-  return r > x0 ? r : x0;
-}
+// The same for one value (the arithmetic is element-wise, so lane 0 of the vector form is exact).
+inline float exp_eigen(float x) { return exp8_eigen(splat8(x))[0]; }
 
 // The sum of e[0..L) in the order Eigen 3.3's vectorised redux uses for an aligned VectorXf with 4-float
 // packets: two packet accumulators, merged, then (a0 + a2) + (a1 + a3), then the scalar tail.
