@@ -384,3 +384,14 @@ def test_backward_is_refused_clearly():
     args = (unary, image, 2, 3.0, torch.tensor(3.0), 80.0, 13.0, torch.tensor(10.0))
     torch.library.opcheck(torch.ops.deeplab_fast.dense_crf.default, args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_recycled_working_memory_does_not_change_results():
+    """Working buffers are recycled between calls (uninitialised); results must not depend on what a previous
+    call left in them, and empty_cache() releases them."""
+    unary, image = batch_inputs(2, H=64, W=80, L=21)
+    first = dense_crf(unary, image, iterations=4)
+    dense_crf(torch.rand_like(unary) * 50, torch.randint_like(image, 0, 256), iterations=4, **DEEPLAB_V2)
+    assert torch.equal(dense_crf(unary, image, iterations=4), first)
+    deeplab_fast.ops.empty_cache()
+    assert torch.equal(dense_crf(unary, image, iterations=4), first)

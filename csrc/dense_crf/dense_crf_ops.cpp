@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "dense_crf.h"
+#include "cpu/buffer.h"
 #include "cpu/stage_timer.h"
 
 namespace deeplab_fast {
@@ -285,6 +286,8 @@ TORCH_LIBRARY_FRAGMENT(deeplab_fast, m) {
       "dense_crf_features(Tensor unary, Tensor[] features, Tensor[] compat, int[] normalization, int iterations, "
       "Tensor? q_init) -> Tensor");
   m.def("dense_crf_pairwise_energy(Tensor q, Tensor[] features, Tensor[] compat, int[] normalization) -> Tensor");
+  // Frees the CPU working memory the dense CRF keeps for reuse between calls (see cpu/buffer.h).
+  m.def("empty_cache() -> ()", [] { cpu::empty_cache(); });
 }
 
 TORCH_LIBRARY_IMPL(deeplab_fast, CPU, m) {

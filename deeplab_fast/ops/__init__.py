@@ -8,12 +8,14 @@ from .dense_crf import (
     dense_crf,
     dense_crf_features,
     dense_crf_pairwise_energy,
+    empty_cache,
 )
 
 __all__ = [
     "dense_crf",
     "dense_crf_features",
     "dense_crf_pairwise_energy",
+    "empty_cache",
     "NO_NORMALIZATION",
     "NORMALIZE_BEFORE",
     "NORMALIZE_AFTER",

@@ -15,7 +15,7 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 
-__all__ = ["dense_crf", "dense_crf_features", "dense_crf_pairwise_energy"]
+__all__ = ["dense_crf", "dense_crf_features", "dense_crf_pairwise_energy", "empty_cache"]
 
 # Normalisation types, numbered as pydensecrf's NormalizationType.
 NO_NORMALIZATION = 0
@@ -192,6 +192,16 @@ def dense_crf_pairwise_energy(
         normalization = [NORMALIZE_SYMMETRIC] * len(features)
     features, compat, normalization = _check_terms(features, compat, normalization)
     return torch.ops.deeplab_fast.dense_crf_pairwise_energy(q, features, compat, normalization)
+
+
+def empty_cache() -> None:
+    """Frees the CPU working memory that the dense CRF keeps between calls.
+
+    Large per-call buffers (marginals, unaries, lattice values) are recycled, so that calls on images of the
+    same size skip faulting in fresh memory. At most ``DEEPLAB_FAST_CPU_CACHE_MB`` MiB (environment, default
+    1024; 0 disables the cache) stay cached; this releases them.
+    """
+    torch.ops.deeplab_fast.empty_cache()
 
 
 # ---------------------------------------------------------------------------------------------------------

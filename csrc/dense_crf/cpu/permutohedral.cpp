@@ -141,7 +141,7 @@ class PackedKeyTable {
   PackedKeyTable(int d, int64_t expected, int bits) : d_(d), bits_(bits), bias_(int64_t{1} << (bits - 1)) {
     int64_t cap = 64;
     while (cap < 2 * expected) cap <<= 1;
-    slots_.assign(cap, Slot{0, -1});
+    allocate(static_cast<size_t>(cap));
     keys_.reserve(static_cast<size_t>(expected));
     for (int j = 0; j <= d; ++j) {
       uint64_t delta = 0;  // n1 = key - 1 in every coordinate, key + d in coordinate j (when j < d)
@@ -256,21 +256,25 @@ class PackedKeyTable {
     }
   }
 
+  void allocate(size_t capacity) {
+    slots_.reset(capacity);
+    std::fill(slots_.data(), slots_.data() + capacity, Slot{0, -1});
+  }
+
   void grow() {
-    std::vector<Slot> bigger(slots_.size() * 2, Slot{0, -1});
-    const uint64_t mask = bigger.size() - 1;
+    allocate(slots_.size() * 2);
+    const uint64_t mask = slots_.size() - 1;
     for (size_t id = 0; id < keys_.size(); ++id) {
       uint64_t h = hash(keys_[id]) & mask;
-      while (bigger[h].id >= 0) h = (h + 1) & mask;
-      bigger[h] = Slot{keys_[id], static_cast<int32_t>(id)};
+      while (slots_[h].id >= 0) h = (h + 1) & mask;
+      slots_[h] = Slot{keys_[id], static_cast<int32_t>(id)};
     }
-    slots_.swap(bigger);
   }
 
   int d_, bits_;
   int64_t bias_;
   uint64_t successor_delta_[lattice::kMaxDim + 1];
-  std::vector<Slot> slots_;
+  Buffer<Slot> slots_;
   std::vector<uint64_t> keys_;
 };
 
@@ -476,8 +480,10 @@ void PermutohedralLattice::build(MakeTable make_table, const float* features, co
   };
   std::vector<Local> locals;
   locals.reserve(static_cast<size_t>(ranges));
-  // Range 0's table becomes the global one, so it is sized for the whole image.
-  for (int64_t t = 0; t < ranges; ++t) locals.push_back(Local{make_table(t == 0 ? n_ : n_ / ranges), {}, {}, {}});
+  // Range 0's table becomes the global one, so it is sized for the whole lattice (rarely more than 1.25 N
+  // points, e.g. a Gaussian kernel finer than the pixel grid).
+  for (int64_t t = 0; t < ranges; ++t)
+    locals.push_back(Local{make_table(t == 0 ? n_ + n_ / 4 : n_ / ranges), {}, {}, {}});
   auto range_begin = [&](int64_t t) { return n_ * t / ranges; };
   {
     StageTimer timer("lattice: embed + hash");
