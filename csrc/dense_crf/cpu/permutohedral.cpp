@@ -303,21 +303,88 @@ int packed_key_bits(const float* features, int d, int64_t n, const float* scale)
 
 // Embeds pixels [begin, end): the d+1 vertex keys of pixel i go to keys[(i - key_base) * (d+1) * d ...] and its
 // weights to weights[i * (d+1) ...]. Returns false on oversize features.
+// lattice::embed_point for eight consecutive pixels i..i+7 at once, D fixed: the same IEEE operations in the
+// same order, lane by lane, with selects where the scalar form branches or indexes by rank. (pydensecrf's own
+// builder does this four lanes wide with SSE.)
 template <int D>
-bool embed_range(const float* features, int d, int64_t n, const float* scale, int32_t* keys, int64_t key_base,
+DLF_INLINE bool embed8(const float* features, int64_t n, int64_t i, const float* scale, int32_t* keys,
+                       float* weights) {
+  constexpr int dp1 = D + 1;
+  const vec8 zero = splat8(0.0f), one = splat8(1.0f), fdp1 = splat8(static_cast<float>(dp1));
+  const float inv_dp1 = 1.0f / static_cast<float>(dp1);
+  vec8 elevated[dp1], rem0[dp1], rank[dp1], bary[D + 2];
+  vec8 sm = zero;
+  for (int j = D; j > 0; --j) {
+    const vec8 cf = load8(features + (j - 1) * n + i) * scale[j - 1];
+    elevated[j] = sm - static_cast<float>(j) * cf;
+    sm = sm + cf;
+  }
+  elevated[0] = sm;
+  vec8 sum = zero;
+  bool ok = true;
+  for (int k = 0; k <= D; ++k) {
+    const vec8 v = inv_dp1 * elevated[k];
+    const auto inside = (v < lattice::kMaxCoordinate) & (v > -lattice::kMaxCoordinate);
+    for (int lane = 0; lane < 8; ++lane) ok &= inside[lane] != 0;
+    const vec8 rv = (v + 12582912.0f) - 12582912.0f;  // lattice::round_half_even
+    rem0[k] = rv * fdp1;
+    sum = sum + rv;
+    rank[k] = zero;
+  }
+  for (int a = 0; a < D; ++a) {
+    const vec8 da = elevated[a] - rem0[a];
+    for (int b = a + 1; b <= D; ++b) {
+      const vec8 c = (da < elevated[b] - rem0[b]) ? one : zero;
+      rank[a] = rank[a] + c;
+      rank[b] = rank[b] + (one - c);
+    }
+  }
+  for (int k = 0; k <= D; ++k) {
+    rank[k] = rank[k] + sum;
+    const vec8 add = rank[k] < zero ? fdp1 : zero;
+    const vec8 sub = rank[k] >= fdp1 ? fdp1 : zero;
+    rank[k] = rank[k] + (add - sub);
+    rem0[k] = rem0[k] + (add - sub);
+  }
+  for (int slot = 0; slot < D + 2; ++slot) bary[slot] = zero;
+  for (int k = 0; k <= D; ++k) {
+    const vec8 v = (elevated[k] - rem0[k]) * inv_dp1;
+    const vec8 p = static_cast<float>(D) - rank[k];  // the slot that gains v; the next one loses it
+    for (int slot = 0; slot <= D; ++slot) bary[slot] = (p == static_cast<float>(slot)) ? bary[slot] + v : bary[slot];
+    for (int slot = 1; slot <= D + 1; ++slot)
+      bary[slot] = (p == static_cast<float>(slot - 1)) ? bary[slot] - v : bary[slot];
+  }
+  bary[0] = bary[0] + (1.0f + bary[D + 1]);
+  for (int r = 0; r <= D; ++r) {
+    for (int k = 0; k < D; ++k) {
+      const ivec8 base = __builtin_convertvector(rem0[k], ivec8);
+      const ivec8 key = base + ((rank[k] <= static_cast<float>(D - r)) ? ivec8{} + r : ivec8{} + (r - dp1));
+      for (int lane = 0; lane < 8; ++lane) keys[(lane * dp1 + r) * D + k] = key[lane];
+    }
+    for (int lane = 0; lane < 8; ++lane) weights[(i + lane) * dp1 + r] = bary[r][lane];
+  }
+  return ok;
+}
+
+template <int D>
+DLF_INLINE bool embed_range(const float* features, int d, int64_t n, const float* scale, int32_t* keys, int64_t key_base,
                  float* weights, int64_t begin, int64_t end) {
   float f[lattice::kMaxDim];
   const int64_t dp1 = d + 1;
   bool ok = true;
-  for (int64_t i = begin; i < end; ++i) {
+  int64_t i = begin;
+  if constexpr (D > 0) {
+    for (; i + 8 <= end; i += 8) ok &= embed8<D>(features, n, i, scale, keys + (i - key_base) * dp1 * d, weights);
+  }
+  for (; i < end; ++i) {
     for (int j = 0; j < d; ++j) f[j] = features[j * n + i];
     ok &= lattice::embed_point<D>(f, d, scale, keys + (i - key_base) * dp1 * d, weights + i * dp1);
   }
   return ok;
 }
 
-bool embed_pixels(const float* features, int d, int64_t n, const float* scale, int32_t* keys, int64_t key_base,
-                  float* weights, int64_t begin, int64_t end) {
+DLF_CPU_KERNEL bool embed_pixels(const float* features, int d, int64_t n, const float* scale, int32_t* keys,
+                                 int64_t key_base, float* weights, int64_t begin, int64_t end) {
 #define DLF_EMBED(D) embed_range<D>(features, d, n, scale, keys, key_base, weights, begin, end)
   switch (d) {  // the feature dimensions of DenseCRF2D (Gaussian: 2, bilateral: 5) and RGB-only (3)
     case 2: return DLF_EMBED(2);
