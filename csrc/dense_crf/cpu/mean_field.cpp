@@ -31,7 +31,6 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kPixelGrain = 1024;
-constexpr int64_t kTransposeBlock = 64;
 
 int64_t label_stride(int64_t L) { return L <= 2 ? L : (L + 7) / 8 * 8; }
 
@@ -204,6 +203,78 @@ DLF_CPU_KERNEL void pixel_range(const PixelPass& a, float* scratch, int64_t begi
   }
 }
 
+// What the unary check can find.
+constexpr int kNaN = 1, kNegInf = 2, kNoFiniteLabel = 4;
+
+// [L, N] -> [N, S] for pixels [begin, end), padding lanes set to `pad`; with check, returns the kNaN / kNegInf /
+// kNoFiniteLabel flags of those pixels' values. Eight pixels at a time by 8x8 register transposes when S is a
+// multiple of 8.
+DLF_CPU_KERNEL int transpose_in(const float* src, float* dst, int64_t L, int64_t N, int64_t S, float pad, bool check,
+                                int64_t begin, int64_t end) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  int bad = 0;
+  int64_t i = begin;
+  if (S % 8 == 0) {
+    for (; i + 8 <= end; i += 8) {
+      ivec8 nan{}, neg{};
+      vec8 lowest = splat8(kInf);  // per pixel, the smallest value over labels
+      for (int64_t l0 = 0; l0 < S; l0 += 8) {
+        vec8 rows[8];
+        for (int k = 0; k < 8; ++k) {
+          if (l0 + k >= L) {
+            rows[k] = splat8(pad);
+            continue;
+          }
+          rows[k] = load8(src + (l0 + k) * N + i);
+          nan |= rows[k] != rows[k];
+          neg |= rows[k] == -kInf;
+          lowest = rows[k] < lowest ? rows[k] : lowest;
+        }
+        transpose8x8(rows);
+        for (int k = 0; k < 8; ++k) store8(dst + (i + k) * S + l0, rows[k]);
+      }
+      if (check) {
+        for (int k = 0; k < 8; ++k) {
+          if (nan[k]) bad |= kNaN;
+          if (neg[k]) bad |= kNegInf;
+          if (!(lowest[k] < kInf) && lowest[k] == lowest[k]) bad |= kNoFiniteLabel;
+        }
+      }
+    }
+  }
+  for (; i < end; ++i) {
+    bool possible = false;
+    for (int64_t l = 0; l < L; ++l) {
+      const float u = src[l * N + i];
+      dst[i * S + l] = u;
+      if (std::isnan(u)) bad |= kNaN;
+      if (u == -kInf) bad |= kNegInf;
+      possible |= u < kInf;
+    }
+    for (int64_t l = L; l < S; ++l) dst[i * S + l] = pad;
+    if (!possible) bad |= kNoFiniteLabel;
+  }
+  return check ? bad : 0;
+}
+
+// [N, S] -> [L, N] for pixels [begin, end).
+DLF_CPU_KERNEL void transpose_out(const float* src, float* dst, int64_t L, int64_t N, int64_t S, int64_t begin,
+                                  int64_t end) {
+  int64_t i = begin;
+  if (S % 8 == 0) {
+    for (; i + 8 <= end; i += 8) {
+      for (int64_t l0 = 0; l0 < L; l0 += 8) {
+        vec8 rows[8];
+        for (int k = 0; k < 8; ++k) rows[k] = load8(src + (i + k) * S + l0);
+        transpose8x8(rows);
+        for (int k = 0; k < 8 && l0 + k < L; ++k) store8(dst + (l0 + k) * N + i, rows[k]);
+      }
+    }
+  }
+  for (; i < end; ++i)
+    for (int64_t l = 0; l < L; ++l) dst[l * N + i] = src[i * S + l];
+}
+
 class MeanField {
  public:
   explicit MeanField(const Problem& p)
@@ -274,30 +345,13 @@ class MeanField {
     return t;
   }
 
-  // [L, N] -> [N, S] with the padding lanes set to `pad`, in pixel blocks so that both sides stay in cache.
-  // Returns 0, or (with check) 1 for a NaN, 2 for a -inf, 3 for a pixel without any finite value.
+  // [L, N] -> [N, S] with the padding lanes set to `pad`. With check, returns kNaN | kNegInf | kNoFiniteLabel
+  // flags for what it saw in the values.
   int to_pixel_major(const float* src, float* dst, float pad, bool check) const {
     StageTimer timer("transpose in");
-    constexpr float kInf = std::numeric_limits<float>::infinity();
     std::atomic<int> bad{0};
     at::parallel_for(0, N_, kPixelGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t i0 = begin; i0 < end; i0 += kTransposeBlock) {
-        const int64_t i1 = std::min(end, i0 + kTransposeBlock);
-        for (int64_t l = 0; l < L_; ++l)
-          for (int64_t i = i0; i < i1; ++i) dst[i * S_ + l] = src[l * N_ + i];
-        for (int64_t i = i0; i < i1; ++i) {
-          for (int64_t l = L_; l < S_; ++l) dst[i * S_ + l] = pad;
-          if (!check) continue;
-          bool possible = false;
-          for (int64_t l = 0; l < L_; ++l) {
-            const float u = dst[i * S_ + l];
-            if (std::isnan(u)) bad.store(1);
-            if (u == -kInf) bad.store(2);
-            possible |= u < kInf;
-          }
-          if (!possible) bad.store(3);
-        }
-      }
+      bad.fetch_or(transpose_in(src, dst, L_, N_, S_, pad, check, begin, end));
     });
     return bad.load();
   }
@@ -305,13 +359,8 @@ class MeanField {
   // [N, S] -> [L, N]
   void to_label_major(const float* src, float* dst) const {
     StageTimer timer("transpose out");
-    at::parallel_for(0, N_, kPixelGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t i0 = begin; i0 < end; i0 += kTransposeBlock) {
-        const int64_t i1 = std::min(end, i0 + kTransposeBlock);
-        for (int64_t l = 0; l < L_; ++l)
-          for (int64_t i = i0; i < i1; ++i) dst[l * N_ + i] = src[i * S_ + l];
-      }
-    });
+    at::parallel_for(0, N_, kPixelGrain,
+                     [&](int64_t begin, int64_t end) { transpose_out(src, dst, L_, N_, S_, begin, end); });
   }
 
   // Loads the unary into [N, S] and checks it: NaN and -inf are errors, +inf is an impossible label, and every
@@ -319,10 +368,10 @@ class MeanField {
   // max and the sum.
   void load_unary(const float* unary) {
     const int bad = to_pixel_major(unary, unary_.data(), std::numeric_limits<float>::infinity(), true);
-    TORCH_CHECK(bad != 1, "dense_crf: unary contains NaN");
-    TORCH_CHECK(bad != 2, "dense_crf: unary contains -inf");
-    TORCH_CHECK(bad != 3, "dense_crf: unary is +inf for every label of some pixel; at least one label "
-                "must have finite energy");
+    TORCH_CHECK(!(bad & kNaN), "dense_crf: unary contains NaN");
+    TORCH_CHECK(!(bad & kNegInf), "dense_crf: unary contains -inf");
+    TORCH_CHECK(!(bad & kNoFiniteLabel), "dense_crf: unary is +inf for every label of some pixel; at least one "
+                "label must have finite energy");
   }
 
   void filter_all() {
