@@ -4,11 +4,13 @@
 // NIPS 2011, algorithm 1: Q <- softmax(-unary - sum_k compat_k(K_k Q)), with each K_k Q evaluated on a
 // permutohedral lattice. Arithmetic follows pydensecrf's DenseCRF::inference step for step.
 //
-// Data layout: per image, marginals and messages are [N, S] with the labels contiguous per pixel and the
-// label stride S rounded up to a multiple of 8 (padding lanes stay zero), so every inner loop over labels
-// is a whole number of vectors. Work is split with at::parallel_for over lattice points (splat, blur) and
-// pixels (slice + compat + unary + softmax, fused in one pass); every output element is computed by one
-// thread in a fixed order, so results are bitwise identical for any thread count.
+// Data layout: per image, marginals and unaries are [N, S] with the labels contiguous per pixel and the
+// label stride S rounded up to a multiple of 8 (padding lanes: 0 in Q, +inf in the unary), so every inner
+// loop over labels is a whole number of vectors. Work is split with at::parallel_for over lattice points
+// (splat, blur) and pixels (slice + compat + unary + softmax, fused in one pass); every output element is
+// computed by one thread in a fixed order, so results are bitwise identical for any thread count.
+//
+// Per-stage timings go to stderr with DEEPLAB_FAST_PROFILE=1.
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 

@@ -1,5 +1,6 @@
 // The permutohedral lattice on the CPU: built once per image and feature set, then used for every
-// mean-field iteration as splat (a gather, deterministic) -> blur along d+1 axes -> slice.
+// mean-field iteration as splat (each thread owns a range of points and adds their pixels in pixel order, so
+// the sums are deterministic) -> blur along d+1 axes (in place, chain by chain) -> slice.
 #pragma once
 
 #include <algorithm>
