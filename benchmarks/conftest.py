@@ -31,33 +31,41 @@ def device_description() -> str:
 
 
 def record(benchmark, group: str, impl: str, threads: int | None = None, **info):
-    """Stores a finished benchmark's median under RESULTS[group][impl]."""
+    """Stores a finished benchmark's median and minimum under RESULTS[group][impl]."""
     stats = getattr(benchmark, "stats", None)
-    median = stats.stats.median if stats is not None and not getattr(benchmark, "disabled", False) else None
+    timed = stats is not None and not getattr(benchmark, "disabled", False)
     benchmark.extra_info.update(device=device_description(), threads=threads, **info)
-    RESULTS.setdefault(group, {})[impl] = dict(median_s=median, threads=threads, **info)
+    RESULTS.setdefault(group, {})[impl] = dict(median_s=stats.stats.median if timed else None,
+                                               min_s=stats.stats.min if timed else None, threads=threads, **info)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Prints ours vs the peer per group (median and best of the rounds, and both ratios) and writes the JSON."""
     if not RESULTS:
         return
-    measured = any(v["median_s"] for g in RESULTS.values() for v in g.values())
     tr = terminalreporter
     tr.section("deeplab_fast benchmarks: ours vs peers (same process, same input)")
     tr.write_line(f"device: {device_description()}")
+    tr.write_line(f"  {'case':38s} {'implementation':24s} {'median':>10s} {'best':>10s} {'fps':>7s} "
+                  f"{'x median':>9s} {'x best':>7s}")
     rows = []
     for group, impls in RESULTS.items():
-        peer = next((v["median_s"] for k, v in impls.items() if not k.startswith("deeplab_fast")), None)
+        peer = next((v for k, v in impls.items() if not k.startswith("deeplab_fast")), None)
         for impl, v in impls.items():
-            t = v["median_s"]
-            ratio = (peer / t) if (peer and t) else None
-            rows.append(dict(group=group, impl=impl, threads=v["threads"], median_ms=t and 1e3 * t,
-                             fps=t and 1.0 / t, speedup_vs_peer=ratio))
-            tr.write_line(f"  {group:38s} {impl:28s} "
-                          + (f"{1e3 * t:9.1f} ms  {1 / t:7.2f} fps  x{ratio:5.2f}" if t else "(not timed)")
-                          if t is None or ratio is not None else
-                          f"  {group:38s} {impl:28s} {1e3 * t:9.1f} ms  {1 / t:7.2f} fps")
-    if measured:
+            med, best = v["median_s"], v["min_s"]
+            ratio = peer["median_s"] / med if (peer and peer["median_s"] and med) else None
+            ratio_best = peer["min_s"] / best if (peer and peer["min_s"] and best) else None
+            rows.append(dict(group=group, impl=impl, threads=v["threads"], median_ms=med and 1e3 * med,
+                             best_ms=best and 1e3 * best, fps=med and 1.0 / med, speedup_vs_peer=ratio,
+                             speedup_vs_peer_best=ratio_best))
+            if med is None:
+                tr.write_line(f"  {group:38s} {impl:24s} (not timed: --benchmark-disable)")
+            else:
+                ratios = (f"{ratio:8.2f}x {ratio_best:6.2f}x" if ratio is not None and ratio_best is not None
+                          else "  (no peer timed)")
+                tr.write_line(f"  {group:38s} {impl:24s} {1e3 * med:8.1f}ms {1e3 * best:8.1f}ms {1 / med:7.2f} "
+                              f"{ratios}")
+    if any(r["median_ms"] for r in rows):
         out = Path(__file__).parent / "results"
         out.mkdir(exist_ok=True)
         name = os.environ.get("DEEPLAB_FAST_BENCH_NAME", f"cpu-{platform.node() or 'host'}")

@@ -37,8 +37,21 @@ bool poison_outputs() {
   return poison;
 }
 
+// A contiguous float32 output. On the CPU its storage comes from the dense CRF's block pool and goes back to
+// it when the tensor is freed, so repeated calls do not fault in fresh pages for their outputs either.
 at::Tensor new_output(const at::Tensor& like, at::IntArrayRef sizes) {
-  at::Tensor out = at::empty(sizes, like.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous));
+  const at::TensorOptions options = like.options().dtype(at::kFloat);
+  at::Tensor out;
+  if (like.device().is_cpu()) {
+    int64_t numel = 1;
+    for (const int64_t s : sizes) numel *= s;
+    size_t capacity = 0;
+    void* data = cpu::BlockPool::instance().acquire(static_cast<size_t>(numel) * sizeof(float), &capacity);
+    out = at::from_blob(data, sizes, [capacity](void* p) { cpu::BlockPool::instance().release(p, capacity); },
+                        options);
+  } else {
+    out = at::empty(sizes, options.memory_format(at::MemoryFormat::Contiguous));
+  }
   if (poison_outputs()) out.fill_(std::numeric_limits<float>::quiet_NaN());
   return out;
 }
