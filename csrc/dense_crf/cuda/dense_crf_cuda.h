@@ -1,0 +1,71 @@
+// The dense CRF on the GPU, as the torch glue (dense_crf_cuda_ops.cpp) sees it: raw device pointers, sizes, a
+// stream and an allocator. No torch headers here or in the kernels (*.cu).
+//
+// Layouts are those of the ops: unary / Q [B, L, N] (label-major per image), features [B, D, N], all contiguous
+// float32 on one device. Every image has its own lattice, but the whole batch runs in one set of launches.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "../lattice_math.h"
+
+namespace deeplab_fast {
+namespace dense_crf {
+namespace cuda {
+
+// Most labels the CUDA kernels take: each pixel's labels live in the registers of up to 32 threads.
+constexpr int64_t kMaxLabels = 2048;
+
+// Device memory for the working buffers. The glue hands out blocks from torch's caching allocator that stay
+// valid until the allocator is destroyed, after the last kernel of the call has been queued on `stream`.
+class Allocator {
+ public:
+  virtual ~Allocator() = default;
+  virtual void* allocate(size_t bytes) = 0;
+};
+
+// Bad input found on the device (NaN in the unary, ...) or a CUDA error; the glue rethrows it as a
+// RuntimeError with the same text.
+class Error : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+struct Term {
+  const float* features = nullptr;  // [B, dim, N], device
+  int dim = 0;
+  lattice::CompatKind compat_kind = lattice::kPotts;
+  float potts_weight = 0.0f;        // kPotts: the weight w
+  const float* compat = nullptr;    // device: kDiagonal: L floats; kMatrix: L x L (symmetrised); kPotts: unused
+  int64_t normalization = lattice::kNormalizeSymmetric;
+};
+
+struct Problem {
+  int64_t batch = 0;        // B
+  int64_t num_labels = 0;   // L, at most kMaxLabels
+  int64_t num_pixels = 0;   // N per image
+  const float* unary = nullptr;   // [B, L, N]: energies; nullptr for pairwise_energy
+  const float* q_init = nullptr;  // [B, L, N] starting marginals, or nullptr: softmax(-unary)
+  std::vector<Term> terms;
+  cudaStream_t stream = nullptr;
+  Allocator* allocator = nullptr;
+};
+
+// Mean-field inference for `iterations` steps; writes Q [B, L, N] to q_out (device). Throws Error.
+// Two host synchronisations per call: after the embedding (input checks, key ranges) and after the lattice
+// points are numbered (their count sizes the buffers). The iterations then run without one, captured in a CUDA
+// graph unless DEEPLAB_FAST_CUDA_GRAPH=0 or the stream is already capturing.
+void mean_field(const Problem& problem, int64_t iterations, float* q_out);
+
+// The summed pairwise messages sum_k compat_k(K_k q) for q = problem.q_init, written to out [B, L, N].
+void pairwise_energy(const Problem& problem, float* out);
+
+}  // namespace cuda
+}  // namespace dense_crf
+}  // namespace deeplab_fast

@@ -1,0 +1,625 @@
+// Mean-field inference for the fully connected CRF on the GPU.
+//
+// Krähenbühl & Koltun, NIPS 2011, algorithm 1: Q <- softmax(-unary - sum_k compat_k(K_k Q)), each K_k Q on a
+// permutohedral lattice (permutohedral.cuh). The batch runs in one set of launches: every image has its own
+// lattice points, numbered after the previous image's.
+//
+// Layout: unary and Q are [B * N, S] on the device, labels contiguous per pixel, the label stride S rounded up to
+// a multiple of 4 (padding lanes: +inf in the unary, 0 in Q) so that every row is read as float4s. One
+// iteration is, per term, splat (2 kernels) and d+1 blur kernels, then one fused kernel for slice + compat +
+// unary + softmax, where a group of up to 32 threads holds one pixel's labels in registers. The iterations are
+// captured in a CUDA graph (reused across calls of the same configuration by updating it in place).
+//
+// DEEPLAB_FAST_PROFILE=1 prints a per-stage split (CUDA events; graphs off) to stderr.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <limits>
+#include <map>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "../lattice_math.h"
+#include "dense_crf_cuda.h"
+#include "permutohedral.cuh"
+
+namespace deeplab_fast {
+namespace dense_crf {
+namespace cuda {
+
+namespace {
+
+constexpr int kPixelBlock = 128;
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+bool env_flag(const char* name, bool fallback) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || v[0] == '\0') return fallback;
+  return v[0] == '1';
+}
+
+int64_t label_stride(int64_t L) { return (L + 3) / 4 * 4; }
+
+// One term as the fused pixel kernel reads it (an array of these lives on the device).
+struct TermArgs {
+  const int32_t* vertex_point;  // [P, d+1]
+  const float* weight;          // [P, d+1]
+  const float* blurred;         // [M, S]
+  const float* post;            // [P] or nullptr
+  const float* compat;          // kDiagonal: [S] zero-padded; kMatrix: [L, L]
+  float potts;                  // kPotts: w
+  float alpha;
+  int dp1;
+  int kind;
+};
+
+enum Mode : int {
+  kSoftmax = 0,     // Q = softmax(-unary), checking the unary
+  kUpdate = 1,      // Q = softmax(-unary - sum_k compat_k(filtered_k))
+  kEnergy = 2,      // out = sum_k compat_k(filtered_k)
+  kCheckOnly = 3,   // check the unary, write nothing
+};
+
+struct PixelArgs {
+  const float* unary;  // [P, S]
+  float* out;          // [P, S]
+  const TermArgs* terms;
+  int num_terms;
+  int64_t pixels;
+  int L, S, C4, T;  // labels, stride, float4 chunks per pixel, threads per pixel (a power of 2, <= 32)
+  int mode;
+  int* flags;
+};
+
+__device__ __forceinline__ float4 ld4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+__device__ __forceinline__ void st4(float* p, float4 v) { *reinterpret_cast<float4*>(p) = v; }
+__device__ __forceinline__ float max4(float4 v) { return fmaxf(fmaxf(v.x, v.y), fmaxf(v.z, v.w)); }
+
+// The fused per-pixel step. Thread `lane` of pixel g's group of T threads holds the label chunks
+// lane, lane + T, ... (NC of them; 4 labels each). Every thread of a warp runs every shuffle and __syncwarp:
+// threads past the last pixel or chunk just carry -inf / 0.
+template <int NC, bool kMatrix>
+__global__ void __launch_bounds__(kPixelBlock) pixel_kernel(PixelArgs a) {
+  extern __shared__ float smem[];  // kMatrix: one [S] row per pixel group of the block
+  const int T = a.T;
+  const int lane = threadIdx.x & (T - 1);
+  const int64_t g = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / T;
+  const bool active = g < a.pixels;
+  const int64_t row = (active ? g : 0) * a.S;
+
+  float4 msg[NC];
+#pragma unroll
+  for (int n = 0; n < NC; ++n) {
+    const int c = lane + n * T;
+    if (a.mode == kEnergy) {
+      msg[n] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    } else if (active && c < a.C4) {
+      const float4 u = ld4(a.unary + row + 4 * c);
+      msg[n] = make_float4(-u.x, -u.y, -u.z, -u.w);
+    } else {
+      msg[n] = make_float4(-kInf, -kInf, -kInf, -kInf);
+    }
+  }
+
+  if (a.mode == kUpdate || a.mode == kEnergy) {
+    const float sign = a.mode == kEnergy ? 1.0f : -1.0f;  // energy adds compat(filtered), the update subtracts it
+    for (int t = 0; t < a.num_terms; ++t) {
+      const TermArgs& term = a.terms[t];
+      float4 s[NC];
+#pragma unroll
+      for (int n = 0; n < NC; ++n) s[n] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      if (active) {
+        for (int r = 0; r < term.dp1; ++r) {
+          const int64_t e = g * term.dp1 + r;
+          const float w = term.weight[e] * term.alpha;
+          const float* v = term.blurred + static_cast<int64_t>(term.vertex_point[e]) * a.S;
+#pragma unroll
+          for (int n = 0; n < NC; ++n) {
+            const int c = lane + n * T;
+            if (c < a.C4) {
+              const float4 x = ld4(v + 4 * c);
+              s[n] = make_float4(s[n].x + w * x.x, s[n].y + w * x.y, s[n].z + w * x.z, s[n].w + w * x.w);
+            }
+          }
+        }
+        if (term.post != nullptr) {
+          const float f = term.post[g];
+#pragma unroll
+          for (int n = 0; n < NC; ++n) s[n] = make_float4(f * s[n].x, f * s[n].y, f * s[n].z, f * s[n].w);
+        }
+      }
+      // mixed = compat(s): -w s (Potts), diag(c) s, or W s; then msg += sign * mixed.
+      if (kMatrix && term.kind == lattice::kMatrix) {
+        float* sh = smem + static_cast<int64_t>(threadIdx.x / T) * a.S;
+        __syncwarp();
+#pragma unroll
+        for (int n = 0; n < NC; ++n) {
+          const int c = lane + n * T;
+          if (c < a.C4) st4(sh + 4 * c, s[n]);
+        }
+        __syncwarp();
+#pragma unroll
+        for (int n = 0; n < NC; ++n) {
+          const int c = lane + n * T;
+          if (!(active && c < a.C4)) continue;
+          float mixed[4];
+          for (int q = 0; q < 4; ++q) {
+            const int l = 4 * c + q;
+            float acc = 0.0f;
+            if (l < a.L) {
+              const float* wrow = term.compat + static_cast<int64_t>(l) * a.L;  // symmetric: row l == column l
+              for (int m = 0; m < a.L; ++m) acc += wrow[m] * sh[m];
+            }
+            mixed[q] = acc;
+          }
+          msg[n] = make_float4(msg[n].x + sign * mixed[0], msg[n].y + sign * mixed[1], msg[n].z + sign * mixed[2],
+                               msg[n].w + sign * mixed[3]);
+        }
+      } else if (term.kind == lattice::kDiagonal) {
+#pragma unroll
+        for (int n = 0; n < NC; ++n) {
+          const int c = lane + n * T;
+          if (!(active && c < a.C4)) continue;
+          const float4 w = ld4(term.compat + 4 * c);
+          msg[n] = make_float4(msg[n].x + sign * (w.x * s[n].x), msg[n].y + sign * (w.y * s[n].y),
+                               msg[n].z + sign * (w.z * s[n].z), msg[n].w + sign * (w.w * s[n].w));
+        }
+      } else {
+        const float nw = -term.potts;
+#pragma unroll
+        for (int n = 0; n < NC; ++n) {
+          msg[n] = make_float4(msg[n].x + sign * (nw * s[n].x), msg[n].y + sign * (nw * s[n].y),
+                               msg[n].z + sign * (nw * s[n].z), msg[n].w + sign * (nw * s[n].w));
+        }
+      }
+    }
+  }
+
+  if (a.mode == kEnergy) {
+    if (!active) return;
+#pragma unroll
+    for (int n = 0; n < NC; ++n) {
+      const int c = lane + n * T;
+      if (c < a.C4) st4(a.out + row + 4 * c, msg[n]);
+    }
+    return;
+  }
+
+  // Softmax over the group (the shuffles stay inside aligned groups of T lanes).
+  float m = -kInf;
+#pragma unroll
+  for (int n = 0; n < NC; ++n) m = fmaxf(m, max4(msg[n]));
+  for (int off = T / 2; off > 0; off /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+
+  if (a.mode == kSoftmax || a.mode == kCheckOnly) {
+    int bad = 0;
+#pragma unroll
+    for (int n = 0; n < NC; ++n) {
+      const int c = lane + n * T;
+      if (!(active && c < a.C4)) continue;
+      const float4 v = msg[n];
+      if (isnan(v.x) || isnan(v.y) || isnan(v.z) || isnan(v.w)) bad |= kFlagNaN;
+      if (v.x == kInf || v.y == kInf || v.z == kInf || v.w == kInf) bad |= kFlagNegInf;  // msg = -unary
+    }
+    if (active && lane == 0 && !(m > -kInf)) bad |= kFlagNoFiniteLabel;
+    if (bad != 0) atomicOr(a.flags, bad);
+    if (a.mode == kCheckOnly) return;
+  }
+
+  float sum = 0.0f;
+#pragma unroll
+  for (int n = 0; n < NC; ++n) {
+    msg[n] = make_float4(expf(msg[n].x - m), expf(msg[n].y - m), expf(msg[n].z - m), expf(msg[n].w - m));
+    sum += (msg[n].x + msg[n].y) + (msg[n].z + msg[n].w);
+  }
+  for (int off = T / 2; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+  if (!active) return;
+#pragma unroll
+  for (int n = 0; n < NC; ++n) {
+    const int c = lane + n * T;
+    if (c < a.C4)
+      st4(a.out + row + 4 * c, make_float4(msg[n].x / sum, msg[n].y / sum, msg[n].z / sum, msg[n].w / sum));
+  }
+}
+
+// Normalisation factors: norm[g] = normalisation_factor(alpha * sum_r w_r V[vertex_r]) for V the filtered ones.
+__global__ void normalisation_kernel(const int32_t* __restrict__ vertex_point, const float* __restrict__ weight,
+                                     const float* __restrict__ filtered, int dp1, float alpha, int64_t pixels,
+                                     int64_t type, float* __restrict__ norm) {
+  const int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (g >= pixels) return;
+  float k1 = 0.0f;
+  for (int r = 0; r < dp1; ++r) k1 += weight[g * dp1 + r] * filtered[vertex_point[g * dp1 + r]] * alpha;
+  norm[g] = lattice::normalisation_factor(k1, type);
+}
+
+// [B, L, N] -> [B * N, S], padding lanes set to pad. 32x32 tiles through shared memory, both sides coalesced.
+__global__ void to_pixel_major_kernel(const float* __restrict__ src, float* __restrict__ dst, int64_t L, int64_t N,
+                                      int64_t S, float pad) {
+  __shared__ float tile[32][33];
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * 32, l0 = static_cast<int64_t>(blockIdx.y) * 32;
+  const int64_t b = blockIdx.z;
+  for (int y = threadIdx.y; y < 32; y += blockDim.y) {
+    const int64_t l = l0 + y, i = i0 + threadIdx.x;
+    tile[y][threadIdx.x] = (l < L && i < N) ? src[(b * L + l) * N + i] : pad;
+  }
+  __syncthreads();
+  for (int y = threadIdx.y; y < 32; y += blockDim.y) {
+    const int64_t i = i0 + y, l = l0 + threadIdx.x;
+    if (i < N && l < S) dst[(b * N + i) * S + l] = tile[threadIdx.x][y];
+  }
+}
+
+// [B * N, S] -> [B, L, N].
+__global__ void to_label_major_kernel(const float* __restrict__ src, float* __restrict__ dst, int64_t L, int64_t N,
+                                      int64_t S) {
+  __shared__ float tile[32][33];
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * 32, l0 = static_cast<int64_t>(blockIdx.y) * 32;
+  const int64_t b = blockIdx.z;
+  for (int y = threadIdx.y; y < 32; y += blockDim.y) {
+    const int64_t i = i0 + y, l = l0 + threadIdx.x;
+    tile[y][threadIdx.x] = (i < N && l < L) ? src[(b * N + i) * S + l] : 0.0f;
+  }
+  __syncthreads();
+  for (int y = threadIdx.y; y < 32; y += blockDim.y) {
+    const int64_t l = l0 + y, i = i0 + threadIdx.x;
+    if (l < L && i < N) dst[(b * L + l) * N + i] = tile[threadIdx.x][y];
+  }
+}
+
+dim3 transpose_grid(int64_t N, int64_t S, int64_t B) {
+  return dim3(static_cast<unsigned>((N + 31) / 32), static_cast<unsigned>((S + 31) / 32), static_cast<unsigned>(B));
+}
+
+// Per-stage timing with CUDA events (DEEPLAB_FAST_PROFILE=1).
+class Profiler {
+ public:
+  Profiler(bool enabled, cudaStream_t stream) : enabled_(enabled), stream_(stream) {}
+  ~Profiler() {
+    for (auto& s : spans_) {
+      cudaEventDestroy(s.begin);
+      cudaEventDestroy(s.end);
+    }
+  }
+  template <typename Fn>
+  void run(const char* stage, Fn fn) {
+    if (!enabled_) {
+      fn();
+      return;
+    }
+    Span s{stage, nullptr, nullptr};
+    check_cuda(cudaEventCreate(&s.begin), "cudaEventCreate");
+    check_cuda(cudaEventCreate(&s.end), "cudaEventCreate");
+    check_cuda(cudaEventRecord(s.begin, stream_), "cudaEventRecord");
+    fn();
+    check_cuda(cudaEventRecord(s.end, stream_), "cudaEventRecord");
+    spans_.push_back(s);
+  }
+  void report(const char* what) {
+    if (!enabled_) return;
+    check_cuda(cudaStreamSynchronize(stream_), "profile sync");
+    std::map<std::string, std::pair<float, int>> total;
+    std::vector<std::string> order;
+    for (const Span& s : spans_) {
+      float ms = 0.0f;
+      check_cuda(cudaEventElapsedTime(&ms, s.begin, s.end), "cudaEventElapsedTime");
+      if (total.find(s.stage) == total.end()) order.push_back(s.stage);
+      total[s.stage].first += ms;
+      total[s.stage].second += 1;
+    }
+    for (const std::string& k : order)
+      std::fprintf(stderr, "[deeplab_fast] cuda %-34s %9.3f ms (%d calls) [%s]\n", k.c_str(), total[k].first,
+                   total[k].second, what);
+  }
+
+ private:
+  struct Span {
+    std::string stage;
+    cudaEvent_t begin, end;
+  };
+  bool enabled_;
+  cudaStream_t stream_;
+  std::vector<Span> spans_;
+};
+
+// A CUDA graph of the iteration loop, kept per thread and device, and updated in place when a later call has the
+// same topology (the usual case: same sizes, terms and iteration count), so only the first call instantiates.
+struct GraphCache {
+  cudaGraphExec_t exec = nullptr;
+  cudaStream_t capture_stream = nullptr;  // a private stream to capture on (the legacy default stream cannot be)
+};
+
+GraphCache& graph_cache(int device) {
+  thread_local std::unordered_map<int, GraphCache> caches;
+  return caches[device];
+}
+
+void run_as_graph(cudaStream_t stream, const std::function<void(cudaStream_t)>& body) {
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  GraphCache& cache = graph_cache(device);
+  if (cache.capture_stream == nullptr)
+    check_cuda(cudaStreamCreateWithFlags(&cache.capture_stream, cudaStreamNonBlocking), "cudaStreamCreate");
+  cudaGraph_t graph = nullptr;
+  check_cuda(cudaStreamBeginCapture(cache.capture_stream, cudaStreamCaptureModeThreadLocal), "begin capture");
+  try {
+    body(cache.capture_stream);
+  } catch (...) {
+    cudaStreamEndCapture(cache.capture_stream, &graph);
+    if (graph != nullptr) cudaGraphDestroy(graph);
+    cudaGetLastError();
+    throw;
+  }
+  check_cuda(cudaStreamEndCapture(cache.capture_stream, &graph), "end capture");
+  if (cache.exec != nullptr) {
+    cudaGraphExecUpdateResultInfo info;
+    if (cudaGraphExecUpdate(cache.exec, graph, &info) != cudaSuccess) {
+      cudaGetLastError();  // not sticky: clear it
+      // A different topology: retire the old graph once its launches are done.
+      check_cuda(cudaDeviceSynchronize(), "graph retire");
+      cudaGraphExecDestroy(cache.exec);
+      cache.exec = nullptr;
+    }
+  }
+  if (cache.exec == nullptr) {
+    const cudaError_t e = cudaGraphInstantiate(&cache.exec, graph, 0);
+    if (e != cudaSuccess) {
+      cudaGraphDestroy(graph);
+      cache.exec = nullptr;
+      check_cuda(e, "cudaGraphInstantiate");
+    }
+  }
+  cudaGraphDestroy(graph);
+  check_cuda(cudaGraphLaunch(cache.exec, stream), "cudaGraphLaunch");
+}
+
+template <int NC>
+void launch_pixel_nc(const PixelArgs& a, bool matrix, cudaStream_t stream) {
+  const int64_t threads = a.pixels * a.T;
+  const unsigned blocks = static_cast<unsigned>((threads + kPixelBlock - 1) / kPixelBlock);
+  if (matrix) {
+    const size_t smem = static_cast<size_t>(kPixelBlock / a.T) * a.S * sizeof(float);
+    pixel_kernel<NC, true><<<blocks, kPixelBlock, smem, stream>>>(a);
+  } else {
+    pixel_kernel<NC, false><<<blocks, kPixelBlock, 0, stream>>>(a);
+  }
+  check_launch("pixel_kernel");
+}
+
+class MeanField {
+ public:
+  explicit MeanField(const Problem& p)
+      : p_(p),
+        B_(p.batch),
+        L_(p.num_labels),
+        N_(p.num_pixels),
+        P_(p.batch * p.num_pixels),
+        S_(label_stride(p.num_labels)),
+        ws_{p.allocator},
+        profile_(env_flag("DEEPLAB_FAST_PROFILE", false), p.stream) {
+    if (L_ > kMaxLabels) {
+      throw Error("dense_crf: the CUDA kernels take at most " + std::to_string(kMaxLabels) + " labels, got L = " +
+                  std::to_string(L_));
+    }
+    const int64_t C4 = S_ / 4;
+    T_ = 1;
+    while (T_ < C4 && T_ < 32) T_ *= 2;
+    NC_ = static_cast<int>((C4 + T_ - 1) / T_);
+  }
+
+  // Loads the inputs, checks them and builds every term's lattice and normalisation.
+  void setup() {
+    cudaStream_t s = p_.stream;
+    const size_t nterms = p_.terms.size();
+    status_ = ws_.get<int32_t>(1 + 2 * lattice::kMaxDim * static_cast<int64_t>(nterms));
+    check_cuda(cudaMemsetAsync(status_, 0, sizeof(int32_t), s), "clear flags");
+    q_ = ws_.get<float>(P_ * S_);
+    profile_.run("load + softmax(-unary) + checks", [&] {
+      if (p_.unary != nullptr) {
+        unary_ = ws_.get<float>(P_ * S_);
+        to_pixel_major_kernel<<<transpose_grid(N_, S_, B_), dim3(32, 8), 0, s>>>(p_.unary, unary_, L_, N_, S_, kInf);
+        check_launch("to_pixel_major_kernel");
+      }
+      if (p_.q_init != nullptr) {
+        to_pixel_major_kernel<<<transpose_grid(N_, S_, B_), dim3(32, 8), 0, s>>>(p_.q_init, q_, L_, N_, S_, 0.0f);
+        check_launch("to_pixel_major_kernel");
+      }
+      if (p_.unary != nullptr) pixel_pass(p_.q_init != nullptr ? kCheckOnly : kSoftmax, q_, s);
+    });
+    profile_.run("lattice: embed (ranges)", [&] {
+      for (size_t k = 0; k < nterms; ++k)
+        embed_ranges(p_.terms[k].features, p_.terms[k].dim, B_, N_, status_ + 1 + 2 * lattice::kMaxDim * k,
+                     status_, s);
+    });
+    // First host sync: bad input is reported before any further work, and the key ranges size the lattice keys.
+    std::vector<int32_t> status(1 + 2 * lattice::kMaxDim * nterms);
+    check_cuda(cudaMemcpyAsync(status.data(), status_, status.size() * sizeof(int32_t), cudaMemcpyDeviceToHost, s),
+               "copy status");
+    check_cuda(cudaStreamSynchronize(s), "input checks");
+    const int flags = status[0];
+    if (flags & kFlagNaN) throw Error("dense_crf: unary contains NaN");
+    if (flags & kFlagNegInf) throw Error("dense_crf: unary contains -inf");
+    if (flags & kFlagNoFiniteLabel)
+      throw Error("dense_crf: unary is +inf for every label of some pixel; at least one label must have finite energy");
+    if (flags & kFlagOversize)
+      throw Error("dense_crf: features too large for the lattice (a scaled coordinate exceeds 2^22); check the "
+                  "kernel standard deviations (sxy, srgb) and the feature values");
+
+    std::vector<TermArgs> args(nterms);
+    terms_.resize(nterms);
+    for (size_t k = 0; k < nterms; ++k) {
+      const Term& spec = p_.terms[k];
+      TermState& t = terms_[k];
+      profile_.run("lattice: build (sort, number, link)", [&] {
+        t.lat = build_lattice(spec.features, spec.dim, B_, N_, status.data() + 1 + 2 * lattice::kMaxDim * k, s, ws_);
+      });
+      const int64_t M = t.lat.points, C = t.lat.chunks;
+      if (spec.normalization != lattice::kNoNormalization) {
+        profile_.run("normalisation", [&] {
+          float* a = ws_.get<float>(M);
+          float* b = ws_.get<float>(M);
+          float* partial = ws_.get<float>(C);
+          splat(t.lat, nullptr, nullptr, 1, partial, a, s);
+          const float* filtered = blur(t.lat, a, b, 1, s);
+          float* norm = ws_.get<float>(P_);
+          normalisation_kernel<<<blocks_for(P_), kBlock, 0, s>>>(t.lat.vertex_point, t.lat.weight, filtered,
+                                                                  t.lat.d + 1, t.lat.alpha, P_, spec.normalization,
+                                                                  norm);
+          check_launch("normalisation_kernel");
+          if (spec.normalization == lattice::kNormalizeSymmetric || spec.normalization == lattice::kNormalizeBefore)
+            t.pre = norm;
+          if (spec.normalization == lattice::kNormalizeSymmetric || spec.normalization == lattice::kNormalizeAfter)
+            t.post = norm;
+        });
+      }
+      t.a = ws_.get<float>(M * S_);
+      t.b = ws_.get<float>(M * S_);
+      t.partial = ws_.get<float>(C * S_);
+      t.blurred = (t.lat.d + 1) % 2 == 0 ? t.a : t.b;  // where blur() leaves the result after d+1 passes
+      const float* compat = spec.compat;
+      if (spec.compat_kind == lattice::kDiagonal) {
+        float* padded = ws_.get<float>(S_);
+        check_cuda(cudaMemsetAsync(padded, 0, S_ * sizeof(float), s), "compat padding");
+        check_cuda(cudaMemcpyAsync(padded, spec.compat, L_ * sizeof(float), cudaMemcpyDeviceToDevice, s), "compat");
+        compat = padded;
+      }
+      matrix_ |= spec.compat_kind == lattice::kMatrix;
+      args[k] = TermArgs{t.lat.vertex_point, t.lat.weight, t.blurred, t.post, compat, spec.potts_weight,
+                         t.lat.alpha, t.lat.d + 1, static_cast<int>(spec.compat_kind)};
+    }
+    term_args_ = ws_.get<TermArgs>(static_cast<int64_t>(nterms));
+    if (nterms > 0)
+      check_cuda(cudaMemcpyAsync(term_args_, args.data(), nterms * sizeof(TermArgs), cudaMemcpyHostToDevice, s),
+                 "copy term arguments");
+  }
+
+  void run(int64_t iterations, float* q_out) {
+    setup();
+    cudaStream_t s = p_.stream;
+    auto body = [&](cudaStream_t st) {
+      for (int64_t it = 0; it < iterations; ++it) {
+        filter_all(st);
+        profile_.run("slice + compat + softmax", [&] { pixel_pass(kUpdate, q_, st); });
+      }
+    };
+    if (iterations > 0 && !p_.terms.empty()) {
+      cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+      check_cuda(cudaStreamIsCapturing(s, &capturing), "cudaStreamIsCapturing");
+      const bool graph = env_flag("DEEPLAB_FAST_CUDA_GRAPH", true) && !env_flag("DEEPLAB_FAST_PROFILE", false) &&
+                         capturing == cudaStreamCaptureStatusNone;
+      if (graph) {
+        run_as_graph(s, body);
+      } else {
+        body(s);
+      }
+    } else if (iterations > 0) {
+      for (int64_t it = 0; it < iterations; ++it) pixel_pass(kUpdate, q_, s);  // no pairwise terms
+    }
+    profile_.run("store Q", [&] { to_label_major(q_, q_out); });
+    profile_.report("mean_field");
+  }
+
+  void energy(float* out) {
+    setup();
+    cudaStream_t s = p_.stream;
+    filter_all(s);
+    float* e = ws_.get<float>(P_ * S_);
+    pixel_pass(kEnergy, e, s);
+    to_label_major(e, out);
+    profile_.report("pairwise_energy");
+  }
+
+ private:
+  struct TermState {
+    Lattice lat;
+    const float* pre = nullptr;
+    const float* post = nullptr;
+    float* a = nullptr;
+    float* b = nullptr;
+    float* partial = nullptr;
+    const float* blurred = nullptr;
+  };
+
+  void filter_all(cudaStream_t s) {
+    for (TermState& t : terms_) {
+      profile_.run("splat", [&] { splat(t.lat, q_, t.pre, S_, t.partial, t.a, s); });
+      profile_.run("blur", [&] {
+        const float* out = blur(t.lat, t.a, t.b, S_, s);
+        if (out != t.blurred) throw Error("dense_crf (CUDA): internal error: blur output buffer");
+      });
+    }
+  }
+
+  void pixel_pass(int mode, float* out, cudaStream_t s) {
+    PixelArgs a;
+    a.unary = unary_;
+    a.out = out;
+    a.terms = term_args_;
+    a.num_terms = static_cast<int>(terms_.size());
+    a.pixels = P_;
+    a.L = static_cast<int>(L_);
+    a.S = static_cast<int>(S_);
+    a.C4 = static_cast<int>(S_ / 4);
+    a.T = T_;
+    a.mode = mode;
+    a.flags = status_;
+    const bool matrix = matrix_ && (mode == kUpdate || mode == kEnergy);
+    if (NC_ <= 1) {
+      launch_pixel_nc<1>(a, matrix, s);
+    } else if (NC_ <= 2) {
+      launch_pixel_nc<2>(a, matrix, s);
+    } else if (NC_ <= 4) {
+      launch_pixel_nc<4>(a, matrix, s);
+    } else if (NC_ <= 8) {
+      launch_pixel_nc<8>(a, matrix, s);
+    } else {
+      launch_pixel_nc<16>(a, matrix, s);
+    }
+  }
+
+  void to_label_major(const float* src, float* dst) {
+    to_label_major_kernel<<<transpose_grid(N_, L_, B_), dim3(32, 8), 0, p_.stream>>>(src, dst, L_, N_, S_);
+    check_launch("to_label_major_kernel");
+  }
+
+  const Problem& p_;
+  const int64_t B_, L_, N_, P_, S_;
+  int T_ = 1, NC_ = 1;
+  Workspace ws_;
+  Profiler profile_;
+  int32_t* status_ = nullptr;  // [0]: flags; then 2 * kMaxDim key bounds per term
+  float* unary_ = nullptr;     // [P, S]
+  float* q_ = nullptr;         // [P, S]
+  std::vector<TermState> terms_;
+  TermArgs* term_args_ = nullptr;
+  bool matrix_ = false;
+};
+
+void check_problem(const Problem& p) {
+  if (p.allocator == nullptr) throw Error("dense_crf (CUDA): no allocator");
+  if (p.batch < 1 || p.num_labels < 1 || p.num_pixels < 1) throw Error("dense_crf (CUDA): empty problem");
+  if (p.batch > 65535) throw Error("dense_crf: the CUDA kernels take at most 65535 images per call");
+}
+
+}  // namespace
+
+void mean_field(const Problem& problem, int64_t iterations, float* q_out) {
+  check_problem(problem);
+  MeanField(problem).run(iterations, q_out);
+}
+
+void pairwise_energy(const Problem& problem, float* out) {
+  check_problem(problem);
+  if (problem.q_init == nullptr) throw Error("dense_crf: the pairwise energy needs marginals q");
+  MeanField(problem).energy(out);
+}
+
+}  // namespace cuda
+}  // namespace dense_crf
+}  // namespace deeplab_fast
