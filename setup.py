@@ -29,8 +29,10 @@ def _extension():
 
     cxx = ["-std=c++17", "-fopenmp", "-ffp-contract=off", "-fdiagnostics-color=always"]
     cxx += ["-O0", "-g"] if debug else ["-O3", "-DNDEBUG"]
+    # SASS for A100 (sm_80) and H100/H200 (sm_90), plus compute_90 PTX that newer GPUs JIT-compile.
     nvcc = ["-std=c++17", "--fmad=false", "-gencode=arch=compute_80,code=sm_80",
-            "-gencode=arch=compute_90,code=sm_90"] + (["-O0", "-g", "-G"] if debug else ["-O3"])
+            "-gencode=arch=compute_90,code=sm_90", "-gencode=arch=compute_90,code=compute_90"] + (
+        ["-O0", "-g", "-G"] if debug else ["-O3"])
     kwargs = dict(
         name="deeplab_fast._C",
         sources=cpu_sources + (cuda_sources if with_cuda else []),

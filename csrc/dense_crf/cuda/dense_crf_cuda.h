@@ -28,6 +28,9 @@ class Allocator {
  public:
   virtual ~Allocator() = default;
   virtual void* allocate(size_t bytes) = 0;
+  // Gives back every block handed out so far. Kernels queued later on the stream may reuse them; the caller
+  // must not touch them again.
+  virtual void release() = 0;
 };
 
 // Bad input found on the device (NaN in the unary, ...) or a CUDA error; the glue rethrows it as a
@@ -54,13 +57,15 @@ struct Problem {
   const float* q_init = nullptr;  // [B, L, N] starting marginals, or nullptr: softmax(-unary)
   std::vector<Term> terms;
   cudaStream_t stream = nullptr;
-  Allocator* allocator = nullptr;
+  Allocator* allocator = nullptr;  // buffers that live for the whole call
+  Allocator* scratch = nullptr;    // the lattice build's temporaries, released after each term's build
 };
 
 // Mean-field inference for `iterations` steps; writes Q [B, L, N] to q_out (device). Throws Error.
-// Two host synchronisations per call: after the embedding (input checks, key ranges) and after the lattice
-// points are numbered (their count sizes the buffers). The iterations then run without one, captured in a CUDA
-// graph unless DEEPLAB_FAST_CUDA_GRAPH=0 or the stream is already capturing.
+// The host synchronises with the stream 1 + (number of terms) times: after the embedding (input checks, key
+// ranges), then once per term when its lattice points are numbered (their count sizes the buffers). So the call
+// cannot be captured into a CUDA graph: on a capturing stream it throws. The iterations then run without a
+// sync, as a CUDA graph of their own unless DEEPLAB_FAST_CUDA_GRAPH=0.
 void mean_field(const Problem& problem, int64_t iterations, float* q_out);
 
 // The summed pairwise messages sum_k compat_k(K_k q) for q = problem.q_init, written to out [B, L, N].

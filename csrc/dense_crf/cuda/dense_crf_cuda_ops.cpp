@@ -26,25 +26,27 @@ class TorchAllocator final : public cuda::Allocator {
     blocks_.push_back(at::empty({static_cast<int64_t>(bytes)}, options_));
     return blocks_.back().data_ptr();
   }
+  void release() override { blocks_.clear(); }
 
  private:
   at::TensorOptions options_;
   std::vector<at::Tensor> blocks_;
 };
 
-// The kernels' problem description. `keep` holds the device copies of the compatibilities.
+// The kernels' problem description, on the current stream (the caller holds a device guard). `keep` holds the
+// device copies of the compatibilities.
 cuda::Problem make_problem(const at::Tensor& unary, const at::Tensor& q_init, int64_t B, int64_t L, int64_t N,
-                           const TermInputs& in, std::vector<at::Tensor>& keep, cuda::Allocator* allocator) {
+                           const TermInputs& in, std::vector<at::Tensor>& keep, cuda::Allocator* allocator,
+                           cuda::Allocator* scratch) {
   cuda::Problem p;
   p.batch = B;
   p.num_labels = L;
   p.num_pixels = N;
   p.unary = unary.defined() ? unary.data_ptr<float>() : nullptr;
   p.q_init = q_init.defined() ? q_init.data_ptr<float>() : nullptr;
-  p.stream = c10::cuda::getCurrentCUDAStream(in.features.empty() ? unary.device().index()
-                                                                 : in.features[0].device().index())
-                 .stream();
+  p.stream = c10::cuda::getCurrentCUDAStream().stream();
   p.allocator = allocator;
+  p.scratch = scratch;
   for (size_t k = 0; k < in.features.size(); ++k) {
     cuda::Term t;
     t.features = in.features[k].data_ptr<float>();
@@ -89,9 +91,9 @@ at::Tensor dense_crf_features_cuda(const at::Tensor& unary_in, at::TensorList fe
   const TermInputs in = check_terms(unary, B, L, N, features, compat, normalization);
   const at::Tensor q_init = check_q_init(q_init_in, unary);
   at::Tensor out = new_output(unary, {B, L, N});
-  TorchAllocator allocator(unary);
+  TorchAllocator allocator(unary), scratch(unary);
   std::vector<at::Tensor> keep;
-  const cuda::Problem p = make_problem(unary, q_init, B, L, N, in, keep, &allocator);
+  const cuda::Problem p = make_problem(unary, q_init, B, L, N, in, keep, &allocator, &scratch);
   run([&] { cuda::mean_field(p, iterations, out.data_ptr<float>()); });
   return out;
 }
@@ -108,9 +110,9 @@ at::Tensor dense_crf_pairwise_energy_cuda(const at::Tensor& q_in, at::TensorList
   const at::Tensor q = q_in.contiguous();
   const TermInputs in = check_terms(q, B, L, N, features, compat, normalization);
   at::Tensor out = new_output(q, {B, L, N});
-  TorchAllocator allocator(q);
+  TorchAllocator allocator(q), scratch(q);
   std::vector<at::Tensor> keep;
-  const cuda::Problem p = make_problem(at::Tensor(), q, B, L, N, in, keep, &allocator);
+  const cuda::Problem p = make_problem(at::Tensor(), q, B, L, N, in, keep, &allocator, &scratch);
   run([&] { cuda::pairwise_energy(p, out.data_ptr<float>()); });
   return out;
 }

@@ -8,7 +8,8 @@
 // a multiple of 4 (padding lanes: +inf in the unary, 0 in Q) so that every row is read as float4s. One
 // iteration is, per term, splat (2 kernels) and d+1 blur kernels, then one fused kernel for slice + compat +
 // unary + softmax, where a group of up to 32 threads holds one pixel's labels in registers. The iterations are
-// captured in a CUDA graph (reused across calls of the same configuration by updating it in place).
+// captured in a CUDA graph (reused across calls of the same configuration by updating it in place). The host
+// syncs 1 + (number of terms) times per call, all before the iterations.
 //
 // DEEPLAB_FAST_PROFILE=1 prints a per-stage split (CUDA events; graphs off) to stderr.
 #include <cuda_runtime.h>
@@ -402,6 +403,7 @@ class MeanField {
         P_(p.batch * p.num_pixels),
         S_(label_stride(p.num_labels)),
         ws_{p.allocator},
+        scratch_{p.scratch != nullptr ? p.scratch : p.allocator},
         profile_(env_flag("DEEPLAB_FAST_PROFILE", false), p.stream) {
     if (L_ > kMaxLabels) {
       throw Error("dense_crf: the CUDA kernels take at most " + std::to_string(kMaxLabels) + " labels, got L = " +
@@ -457,8 +459,10 @@ class MeanField {
       const Term& spec = p_.terms[k];
       TermState& t = terms_[k];
       profile_.run("lattice: build (sort, number, link)", [&] {
-        t.lat = build_lattice(spec.features, spec.dim, B_, N_, status.data() + 1 + 2 * lattice::kMaxDim * k, s, ws_);
+        t.lat = build_lattice(spec.features, spec.dim, B_, N_, status.data() + 1 + 2 * lattice::kMaxDim * k, s, ws_,
+                              scratch_);
       });
+      if (p_.scratch != nullptr) p_.scratch->release();  // the build's temporaries: reused by later kernels
       const int64_t M = t.lat.points, C = t.lat.chunks;
       if (spec.normalization != lattice::kNoNormalization) {
         profile_.run("normalisation", [&] {
@@ -509,10 +513,7 @@ class MeanField {
       }
     };
     if (iterations > 0 && !p_.terms.empty()) {
-      cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
-      check_cuda(cudaStreamIsCapturing(s, &capturing), "cudaStreamIsCapturing");
-      const bool graph = env_flag("DEEPLAB_FAST_CUDA_GRAPH", true) && !env_flag("DEEPLAB_FAST_PROFILE", false) &&
-                         capturing == cudaStreamCaptureStatusNone;
+      const bool graph = env_flag("DEEPLAB_FAST_CUDA_GRAPH", true) && !env_flag("DEEPLAB_FAST_PROFILE", false);
       if (graph) {
         run_as_graph(s, body);
       } else {
@@ -592,6 +593,7 @@ class MeanField {
   const int64_t B_, L_, N_, P_, S_;
   int T_ = 1, NC_ = 1;
   Workspace ws_;
+  Workspace scratch_;
   Profiler profile_;
   int32_t* status_ = nullptr;  // [0]: flags; then 2 * kMaxDim key bounds per term
   float* unary_ = nullptr;     // [P, S]
@@ -603,6 +605,12 @@ class MeanField {
 
 void check_problem(const Problem& p) {
   if (p.allocator == nullptr) throw Error("dense_crf (CUDA): no allocator");
+  cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+  check_cuda(cudaStreamIsCapturing(p.stream, &capturing), "cudaStreamIsCapturing");
+  if (capturing != cudaStreamCaptureStatusNone) {
+    throw Error("dense_crf: the CUDA op synchronises with the host (input checks, lattice sizes) and cannot be "
+                "captured into a CUDA graph; call it outside the capture (its iterations already run as a graph)");
+  }
   if (p.batch < 1 || p.num_labels < 1 || p.num_pixels < 1) throw Error("dense_crf (CUDA): empty problem");
   if (p.batch > 65535) throw Error("dense_crf: the CUDA kernels take at most 65535 images per call");
 }

@@ -454,7 +454,7 @@ void embed_ranges(const float* features, int d, int64_t batch, int64_t N, int32_
 }
 
 Lattice build_lattice(const float* features, int d, int64_t batch, int64_t N, const int32_t* ranges,
-                      cudaStream_t stream, Workspace& ws) {
+                      cudaStream_t stream, Workspace& ws, Workspace& scratch) {
   const int dp1 = d + 1;
   const int64_t pixels = batch * N, total = pixels + phantoms(batch, N);
   const int64_t E = total * dp1;
@@ -467,23 +467,23 @@ Lattice build_lattice(const float* features, int d, int64_t batch, int64_t N, co
 
   // 1. Weights and packed keys of every entry.
   float* weight = ws.get<float>(E);
-  uint64_t* words = ws.get<uint64_t>(W * E);
+  uint64_t* words = scratch.get<uint64_t>(W * E);
   launch_by_dim<EmbedPack>(d, blocks_for(total), stream, features, d, pixels, N, total, make_scales(d), layout,
                            weight, words, E);
   check_launch("embed_pack_kernel");
 
   // 2. Stable LSD radix sort of the entries by key, least significant word first.
   const int n = static_cast<int>(E);
-  int32_t* perm = ws.get<int32_t>(E);
-  int32_t* perm_tmp = ws.get<int32_t>(E);
-  uint64_t* key_in = ws.get<uint64_t>(E);
-  uint64_t* key_out = ws.get<uint64_t>(E);
+  int32_t* perm = scratch.get<int32_t>(E);
+  int32_t* perm_tmp = scratch.get<int32_t>(E);
+  uint64_t* key_in = scratch.get<uint64_t>(E);
+  uint64_t* key_out = scratch.get<uint64_t>(E);
   iota_kernel<<<blocks_for(E), kBlock, 0, stream>>>(perm, E);
   check_launch("iota_kernel");
   size_t sort_bytes = 0;
   check_cuda(cub::DeviceRadixSort::SortPairs(nullptr, sort_bytes, key_in, key_out, perm, perm_tmp, n, 0, 64, stream),
              "cub::DeviceRadixSort::SortPairs (size)");
-  void* sort_tmp = ws.get<char>(static_cast<int64_t>(sort_bytes));
+  void* sort_tmp = scratch.get<char>(static_cast<int64_t>(sort_bytes));
   for (int w = W - 1; w >= 0; --w) {
     if (layout.word_bits[w] == 0) continue;  // every key has the same word: nothing to order
     gather_word_kernel<<<blocks_for(E), kBlock, 0, stream>>>(words + w * E, perm, key_in, E);
@@ -495,19 +495,19 @@ Lattice build_lattice(const float* features, int d, int64_t batch, int64_t N, co
   }
 
   // 3. Number the points (runs of equal keys) and the splat chunks, in sorted order.
-  int32_t* head = ws.get<int32_t>(E);
-  int32_t* seg = ws.get<int32_t>(E);
-  int32_t* point1 = ws.get<int32_t>(E);
-  int32_t* run_start = ws.get<int32_t>(E);
-  int32_t* chunk_head = ws.get<int32_t>(E);
-  int32_t* chunk1 = ws.get<int32_t>(E);
+  int32_t* head = scratch.get<int32_t>(E);
+  int32_t* seg = scratch.get<int32_t>(E);
+  int32_t* point1 = scratch.get<int32_t>(E);
+  int32_t* run_start = scratch.get<int32_t>(E);
+  int32_t* chunk_head = scratch.get<int32_t>(E);
+  int32_t* chunk1 = scratch.get<int32_t>(E);
   heads_kernel<<<blocks_for(E), kBlock, 0, stream>>>(words, W, perm, E, head, seg);
   check_launch("heads_kernel");
   size_t scan_bytes = 0, max_bytes = 0;
   check_cuda(cub::DeviceScan::InclusiveSum(nullptr, scan_bytes, head, point1, n, stream), "cub scan (size)");
   check_cuda(cub::DeviceScan::InclusiveScan(nullptr, max_bytes, seg, run_start, MaxOp(), n, stream),
              "cub max scan (size)");
-  void* scan_tmp = ws.get<char>(static_cast<int64_t>(std::max(scan_bytes, max_bytes)));
+  void* scan_tmp = scratch.get<char>(static_cast<int64_t>(std::max(scan_bytes, max_bytes)));
   check_cuda(cub::DeviceScan::InclusiveSum(scan_tmp, scan_bytes, head, point1, n, stream), "cub scan (points)");
   check_cuda(cub::DeviceScan::InclusiveScan(scan_tmp, max_bytes, seg, run_start, MaxOp(), n, stream),
              "cub max scan (runs)");
@@ -552,7 +552,7 @@ Lattice build_lattice(const float* features, int d, int64_t batch, int64_t N, co
   fa.point_chunk = ws.get<int32_t>(M);
   fa.chunk_begin = ws.get<int32_t>(C + 1);
   fa.chunk_point = ws.get<int32_t>(C);
-  fa.ukeys = ws.get<uint64_t>(W * M);
+  fa.ukeys = scratch.get<uint64_t>(W * M);
   fill_kernel<<<blocks_for(E), kBlock, 0, stream>>>(fa);
   check_launch("fill_kernel");
   set_tails_kernel<<<1, 1, 0, stream>>>(fa.point_begin, M, fa.chunk_begin, C, E);

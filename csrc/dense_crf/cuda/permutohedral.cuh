@@ -81,9 +81,11 @@ void embed_ranges(const float* features, int d, int64_t batch, int64_t num_pixel
                   cudaStream_t stream);
 
 // The second half: packs, sorts and numbers the lattice points (one host sync, for M and C), then links the
-// blur neighbours. `ranges` is the host copy of embed_ranges' result.
+// blur neighbours. `ranges` is the host copy of embed_ranges' result. The lattice's arrays come from `ws`; the
+// temporaries (keys, sort and scan buffers: about 64 + 8 W bytes per entry) from `scratch`, which the caller
+// may release once this returns.
 Lattice build_lattice(const float* features, int d, int64_t batch, int64_t num_pixels, const int32_t* ranges,
-                      cudaStream_t stream, Workspace& ws);
+                      cudaStream_t stream, Workspace& ws, Workspace& scratch);
 
 // Splat: lattice[p, :] = sum over p's entries (pixel i, weight w) of w * (scale[i] * values[i, :]), into `out`
 // ([M, stride]); `partial` ([C, stride]) holds the chunk sums of points with more than one chunk. values == nullptr
