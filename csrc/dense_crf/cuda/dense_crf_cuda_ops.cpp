@@ -3,6 +3,7 @@
 // (mean_field.cu, permutohedral.cu) see raw pointers, the current stream and an allocator backed by torch's
 // CUDA caching allocator. Compiled only in CUDA builds (setup.py, CMake WITH_CUDA).
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -79,17 +80,36 @@ void run(Fn fn) {
   }
 }
 
+// The compatibilities may live on any device, and a CUDA one sends the call here even when the data is on the
+// CPU: such calls go back through the dispatcher with CPU compatibilities.
+std::vector<at::Tensor> on_cpu(at::TensorList tensors) {
+  std::vector<at::Tensor> out;
+  for (const at::Tensor& t : tensors) out.push_back(t.cpu());
+  return out;
+}
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
 at::Tensor dense_crf_features_cuda(const at::Tensor& unary_in, at::TensorList features, at::TensorList compat,
                                    at::IntArrayRef normalization, int64_t iterations,
                                    const c10::optional<at::Tensor>& q_init_in) {
   check_unary_shape(unary_in, 3, "[B, L, N]");
   check_iterations(iterations);
-  c10::cuda::CUDAGuard device_guard(unary_in.device());
   const int64_t B = unary_in.size(0), L = unary_in.size(1), N = unary_in.size(2);
+  // Device checks first: they name the tensor that is on the wrong device.
+  const TermInputs in = check_terms(unary_in, B, L, N, features, compat, normalization);
+  const at::Tensor q_init = check_q_init(q_init_in, unary_in);
+  if (!unary_in.is_cuda()) {
+    return op<at::Tensor(const at::Tensor&, at::TensorList, at::TensorList, at::IntArrayRef, int64_t,
+                         const c10::optional<at::Tensor>&)>("deeplab_fast::dense_crf_features")
+        .call(unary_in, features, on_cpu(compat), normalization, iterations, q_init_in);
+  }
+  c10::cuda::CUDAGuard device_guard(unary_in.device());
   check_labels(L);
   const at::Tensor unary = unary_in.contiguous();
-  const TermInputs in = check_terms(unary, B, L, N, features, compat, normalization);
-  const at::Tensor q_init = check_q_init(q_init_in, unary);
   at::Tensor out = new_output(unary, {B, L, N});
   TorchAllocator allocator(unary), scratch(unary);
   std::vector<at::Tensor> keep;
@@ -104,11 +124,16 @@ at::Tensor dense_crf_pairwise_energy_cuda(const at::Tensor& q_in, at::TensorList
   TORCH_CHECK(q_in.dim() == 3 && q_in.numel() > 0, "dense_crf: q must be a non-empty [B, L, N] tensor, got shape ",
               q_in.sizes());
   TORCH_CHECK(at::isfinite(q_in).all().item<bool>(), "dense_crf: q contains NaN or inf");
-  c10::cuda::CUDAGuard device_guard(q_in.device());
   const int64_t B = q_in.size(0), L = q_in.size(1), N = q_in.size(2);
+  const TermInputs in = check_terms(q_in, B, L, N, features, compat, normalization);
+  if (!q_in.is_cuda()) {
+    return op<at::Tensor(const at::Tensor&, at::TensorList, at::TensorList, at::IntArrayRef)>(
+               "deeplab_fast::dense_crf_pairwise_energy")
+        .call(q_in, features, on_cpu(compat), normalization);
+  }
+  c10::cuda::CUDAGuard device_guard(q_in.device());
   check_labels(L);
   const at::Tensor q = q_in.contiguous();
-  const TermInputs in = check_terms(q, B, L, N, features, compat, normalization);
   at::Tensor out = new_output(q, {B, L, N});
   TorchAllocator allocator(q), scratch(q);
   std::vector<at::Tensor> keep;
@@ -140,6 +165,12 @@ at::Tensor dense_crf_cuda(const at::Tensor& unary, const at::Tensor& image, int6
                           const at::Tensor& gaussian_compat, double bilateral_sxy, double bilateral_srgb,
                           const at::Tensor& bilateral_compat) {
   check_image_args(unary, image, gaussian_sxy, bilateral_sxy, bilateral_srgb);
+  if (!unary.is_cuda()) {
+    return op<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, double, const at::Tensor&, double, double,
+                         const at::Tensor&)>("deeplab_fast::dense_crf")
+        .call(unary, image, iterations, gaussian_sxy, gaussian_compat.cpu(), bilateral_sxy, bilateral_srgb,
+              bilateral_compat.cpu());
+  }
   c10::cuda::CUDAGuard device_guard(unary.device());
   const int64_t B = unary.size(0), L = unary.size(1), H = unary.size(2), W = unary.size(3);
   const std::pair<at::Tensor, at::Tensor> feats =
