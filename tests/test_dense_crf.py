@@ -395,3 +395,11 @@ def test_recycled_working_memory_does_not_change_results():
     assert torch.equal(dense_crf(unary, image, iterations=4), first)
     deeplab_fast.ops.empty_cache()
     assert torch.equal(dense_crf(unary, image, iterations=4), first)
+
+
+def test_ops_are_tagged_cudagraph_unsafe():
+    """The CUDA kernels synchronise with the host, so torch.compile's CUDA graphs must split around the ops."""
+    if not hasattr(torch.Tag, "cudagraph_unsafe"):
+        pytest.skip("this torch has no cudagraph_unsafe tag")
+    for name in ("dense_crf", "dense_crf_features", "dense_crf_pairwise_energy"):
+        assert torch.Tag.cudagraph_unsafe in getattr(torch.ops.deeplab_fast, name).default.tags, name

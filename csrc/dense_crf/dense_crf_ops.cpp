@@ -155,14 +155,30 @@ at::Tensor dense_crf_cpu(const at::Tensor& unary, const at::Tensor& image, int64
   return q.view({B, L, H, W});
 }
 
+// The CUDA kernels synchronise with the host (input checks, lattice sizes), so the ops cannot be captured in a
+// CUDA graph: tag them so that torch.compile(mode="reduce-overhead") splits its graphs around them. The tag is
+// recent; with a torch that lacks it the ops are registered without it.
+template <typename Tag>
+auto cudagraph_unsafe(int) -> decltype(std::vector<Tag>{Tag::cudagraph_unsafe}) {
+  return {Tag::cudagraph_unsafe};
+}
+template <typename Tag>
+std::vector<Tag> cudagraph_unsafe(...) {
+  return {};
+}
+
 TORCH_LIBRARY_FRAGMENT(deeplab_fast, m) {
+  const std::vector<at::Tag> tags = cudagraph_unsafe<at::Tag>(0);
   m.def(
       "dense_crf(Tensor unary, Tensor image, int iterations, float gaussian_sxy, Tensor gaussian_compat, "
-      "float bilateral_sxy, float bilateral_srgb, Tensor bilateral_compat) -> Tensor");
+      "float bilateral_sxy, float bilateral_srgb, Tensor bilateral_compat) -> Tensor",
+      tags);
   m.def(
       "dense_crf_features(Tensor unary, Tensor[] features, Tensor[] compat, int[] normalization, int iterations, "
-      "Tensor? q_init) -> Tensor");
-  m.def("dense_crf_pairwise_energy(Tensor q, Tensor[] features, Tensor[] compat, int[] normalization) -> Tensor");
+      "Tensor? q_init) -> Tensor",
+      tags);
+  m.def("dense_crf_pairwise_energy(Tensor q, Tensor[] features, Tensor[] compat, int[] normalization) -> Tensor",
+        tags);
   // Frees the CPU working memory the dense CRF keeps for reuse between calls (see cpu/buffer.h).
   m.def("empty_cache() -> ()", [] { cpu::empty_cache(); });
 }
