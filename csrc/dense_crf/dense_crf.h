@@ -33,6 +33,26 @@ struct Problem {
   std::vector<PairwiseTerm> terms;
 };
 
+// Bad input the kernels find while they work (CPU and CUDA), as bit flags OR-ed together.
+enum InputFlag : int {
+  kUnaryNaN = 1,
+  kUnaryNegInf = 2,
+  kUnaryNoFiniteLabel = 4,  // every label of some pixel is +inf
+  kFeaturesOversize = 8,    // a scaled feature coordinate is too large for integer lattice keys
+};
+
+// The error message for the first flag set in `flags`, in the order above; nullptr when none is set.
+inline const char* input_error(int flags) {
+  if (flags & kUnaryNaN) return "dense_crf: unary contains NaN";
+  if (flags & kUnaryNegInf) return "dense_crf: unary contains -inf";
+  if (flags & kUnaryNoFiniteLabel)
+    return "dense_crf: unary is +inf for every label of some pixel; at least one label must have finite energy";
+  if (flags & kFeaturesOversize)
+    return "dense_crf: features too large for the lattice (a scaled coordinate exceeds 2^22); check the kernel "
+           "standard deviations (sxy, srgb) and the feature values";
+  return nullptr;
+}
+
 namespace cpu {
 
 // Mean-field inference (Krähenbühl & Koltun 2011, algorithm 1) for `iterations` steps; writes Q [L, N].

@@ -113,6 +113,13 @@ void check_unary_shape(const at::Tensor& unary, int64_t dims, const char* layout
     TORCH_CHECK(unary.size(d) >= 1, "dense_crf: unary must have at least one pixel, got shape ", unary.sizes());
 }
 
+void check_marginals(const at::Tensor& q) {
+  check_float_tensor(q, "q");
+  TORCH_CHECK(q.dim() == 3 && q.numel() > 0, "dense_crf: q must be a non-empty [B, L, N] tensor, got shape ",
+              q.sizes());
+  TORCH_CHECK(at::isfinite(q).all().item<bool>(), "dense_crf: q contains NaN or inf");
+}
+
 at::Tensor check_q_init(const c10::optional<at::Tensor>& q_init_in, const at::Tensor& unary) {
   if (!q_init_in.has_value()) return at::Tensor();
   const at::Tensor& q_init = *q_init_in;

@@ -40,6 +40,8 @@ TermInputs check_terms(const at::Tensor& ref, int64_t B, int64_t L, int64_t N, a
 
 // unary: float32, `dims`-D (3: [B, L, N], 4: [B, L, H, W]), non-empty.
 void check_unary_shape(const at::Tensor& unary, int64_t dims, const char* layout);
+// The marginals q of the pairwise energy: float32, non-empty [B, L, N], finite.
+void check_marginals(const at::Tensor& q);
 // q_init (optional): float32, the unary's device and shape, finite. Returns it contiguous (or undefined).
 at::Tensor check_q_init(const c10::optional<at::Tensor>& q_init, const at::Tensor& unary);
 // The image op's arguments: unary [B, L, H, W] float32, image [B, 3, H, W] uint8 on the same device, positive

@@ -83,10 +83,7 @@ at::Tensor dense_crf_features_cpu(const at::Tensor& unary_in, at::TensorList fea
 
 at::Tensor dense_crf_pairwise_energy_cpu(const at::Tensor& q_in, at::TensorList features, at::TensorList compat,
                                          at::IntArrayRef normalization) {
-  check_float_tensor(q_in, "q");
-  TORCH_CHECK(q_in.dim() == 3 && q_in.numel() > 0, "dense_crf: q must be a non-empty [B, L, N] tensor, got shape ",
-              q_in.sizes());
-  TORCH_CHECK(at::isfinite(q_in).all().item<bool>(), "dense_crf: q contains NaN or inf");
+  check_marginals(q_in);
   const int64_t B = q_in.size(0), L = q_in.size(1), N = q_in.size(2);
   at::Tensor q = q_in.contiguous();
   TermInputs in = check_terms(q, B, L, N, features, compat, normalization);

@@ -205,11 +205,8 @@ DLF_CPU_KERNEL void pixel_range(const PixelPass& a, float* scratch, int64_t begi
   }
 }
 
-// What the unary check can find.
-constexpr int kNaN = 1, kNegInf = 2, kNoFiniteLabel = 4;
-
-// [L, N] -> [N, S] for pixels [begin, end), padding lanes set to `pad`; with check, returns the kNaN / kNegInf /
-// kNoFiniteLabel flags of those pixels' values. Eight pixels at a time by 8x8 register transposes when S is a
+// [L, N] -> [N, S] for pixels [begin, end), padding lanes set to `pad`; with check, returns the kUnaryNaN / kUnaryNegInf /
+// kUnaryNoFiniteLabel flags of those pixels' values. Eight pixels at a time by 8x8 register transposes when S is a
 // multiple of 8.
 DLF_CPU_KERNEL int transpose_in(const float* src, float* dst, int64_t L, int64_t N, int64_t S, float pad, bool check,
                                 int64_t begin, int64_t end) {
@@ -237,9 +234,9 @@ DLF_CPU_KERNEL int transpose_in(const float* src, float* dst, int64_t L, int64_t
       }
       if (check) {
         for (int k = 0; k < 8; ++k) {
-          if (nan[k]) bad |= kNaN;
-          if (neg[k]) bad |= kNegInf;
-          if (!(lowest[k] < kInf) && lowest[k] == lowest[k]) bad |= kNoFiniteLabel;
+          if (nan[k]) bad |= kUnaryNaN;
+          if (neg[k]) bad |= kUnaryNegInf;
+          if (!(lowest[k] < kInf) && lowest[k] == lowest[k]) bad |= kUnaryNoFiniteLabel;
         }
       }
     }
@@ -249,12 +246,12 @@ DLF_CPU_KERNEL int transpose_in(const float* src, float* dst, int64_t L, int64_t
     for (int64_t l = 0; l < L; ++l) {
       const float u = src[l * N + i];
       dst[i * S + l] = u;
-      if (std::isnan(u)) bad |= kNaN;
-      if (u == -kInf) bad |= kNegInf;
+      if (std::isnan(u)) bad |= kUnaryNaN;
+      if (u == -kInf) bad |= kUnaryNegInf;
       possible |= u < kInf;
     }
     for (int64_t l = L; l < S; ++l) dst[i * S + l] = pad;
-    if (!possible) bad |= kNoFiniteLabel;
+    if (!possible) bad |= kUnaryNoFiniteLabel;
   }
   return check ? bad : 0;
 }
@@ -347,7 +344,7 @@ class MeanField {
     return t;
   }
 
-  // [L, N] -> [N, S] with the padding lanes set to `pad`. With check, returns kNaN | kNegInf | kNoFiniteLabel
+  // [L, N] -> [N, S] with the padding lanes set to `pad`. With check, returns kUnaryNaN | kUnaryNegInf | kUnaryNoFiniteLabel
   // flags for what it saw in the values.
   int to_pixel_major(const float* src, float* dst, float pad, bool check) const {
     StageTimer timer("transpose in");
@@ -370,10 +367,8 @@ class MeanField {
   // max and the sum.
   void load_unary(const float* unary) {
     const int bad = to_pixel_major(unary, unary_.data(), std::numeric_limits<float>::infinity(), true);
-    TORCH_CHECK(!(bad & kNaN), "dense_crf: unary contains NaN");
-    TORCH_CHECK(!(bad & kNegInf), "dense_crf: unary contains -inf");
-    TORCH_CHECK(!(bad & kNoFiniteLabel), "dense_crf: unary is +inf for every label of some pixel; at least one "
-                "label must have finite energy");
+    const char* error = input_error(bad);
+    TORCH_CHECK(error == nullptr, error);
   }
 
   void filter_all() {

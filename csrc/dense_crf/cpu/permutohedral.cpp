@@ -8,6 +8,7 @@
 #include <limits>
 #include <mutex>
 
+#include "../dense_crf.h"
 #include "../lattice_math.h"
 #include "simd.h"
 #include "stage_timer.h"
@@ -579,8 +580,7 @@ void PermutohedralLattice::build(MakeTable make_table, const float* features, co
       }
     });
     for (const Local& local : locals)
-      TORCH_CHECK(local.ok, "dense_crf: features too large for the lattice (a scaled coordinate exceeds "
-                  "2^22); check the kernel standard deviations (sxy, srgb) and the feature values");
+      TORCH_CHECK(local.ok, input_error(kFeaturesOversize));
   }
   Table table = std::move(locals[0].table);
   {

@@ -70,14 +70,27 @@ void check_labels(int64_t L) {
               " labels, got L = ", L);
 }
 
-// Runs a kernel entry point, turning its errors into RuntimeErrors with the same text.
+// Runs a kernel entry point fn(problem, out) on the inputs' device and current stream: unary [B, L, N] (undefined for
+// the pairwise energy) and q [B, L, N] (q_init, or the marginals; may be undefined). Returns the [B, L, N] output.
+// Kernel errors become RuntimeErrors with the same text.
 template <typename Fn>
-void run(Fn fn) {
+at::Tensor run_cuda(const at::Tensor& unary_in, const at::Tensor& q_in, const TermInputs& in, Fn fn) {
+  const at::Tensor& ref = unary_in.defined() ? unary_in : q_in;
+  c10::cuda::CUDAGuard device_guard(ref.device());
+  const int64_t B = ref.size(0), L = ref.size(1), N = ref.size(2);
+  check_labels(L);
+  const at::Tensor unary = unary_in.defined() ? unary_in.contiguous() : at::Tensor();
+  const at::Tensor q = q_in.defined() ? q_in.contiguous() : at::Tensor();
+  at::Tensor out = new_output(ref, {B, L, N});
+  TorchAllocator allocator(ref), scratch(ref);
+  std::vector<at::Tensor> keep;
+  const cuda::Problem p = make_problem(unary, q, B, L, N, in, keep, &allocator, &scratch);
   try {
-    fn();
+    fn(p, out.data_ptr<float>());
   } catch (const cuda::Error& e) {
     TORCH_CHECK(false, e.what());
   }
+  return out;
 }
 
 // The compatibilities may live on any device, and a CUDA one sends the call here even when the data is on the
@@ -107,23 +120,14 @@ at::Tensor dense_crf_features_cuda(const at::Tensor& unary_in, at::TensorList fe
                          const c10::optional<at::Tensor>&)>("deeplab_fast::dense_crf_features")
         .call(unary_in, features, on_cpu(compat), normalization, iterations, q_init_in);
   }
-  c10::cuda::CUDAGuard device_guard(unary_in.device());
-  check_labels(L);
-  const at::Tensor unary = unary_in.contiguous();
-  at::Tensor out = new_output(unary, {B, L, N});
-  TorchAllocator allocator(unary), scratch(unary);
-  std::vector<at::Tensor> keep;
-  const cuda::Problem p = make_problem(unary, q_init, B, L, N, in, keep, &allocator, &scratch);
-  run([&] { cuda::mean_field(p, iterations, out.data_ptr<float>()); });
-  return out;
+  return run_cuda(unary_in, q_init, in, [&](const cuda::Problem& p, float* out) {
+    cuda::mean_field(p, iterations, out);
+  });
 }
 
 at::Tensor dense_crf_pairwise_energy_cuda(const at::Tensor& q_in, at::TensorList features, at::TensorList compat,
                                           at::IntArrayRef normalization) {
-  check_float_tensor(q_in, "q");
-  TORCH_CHECK(q_in.dim() == 3 && q_in.numel() > 0, "dense_crf: q must be a non-empty [B, L, N] tensor, got shape ",
-              q_in.sizes());
-  TORCH_CHECK(at::isfinite(q_in).all().item<bool>(), "dense_crf: q contains NaN or inf");
+  check_marginals(q_in);
   const int64_t B = q_in.size(0), L = q_in.size(1), N = q_in.size(2);
   const TermInputs in = check_terms(q_in, B, L, N, features, compat, normalization);
   if (!q_in.is_cuda()) {
@@ -131,15 +135,7 @@ at::Tensor dense_crf_pairwise_energy_cuda(const at::Tensor& q_in, at::TensorList
                "deeplab_fast::dense_crf_pairwise_energy")
         .call(q_in, features, on_cpu(compat), normalization);
   }
-  c10::cuda::CUDAGuard device_guard(q_in.device());
-  check_labels(L);
-  const at::Tensor q = q_in.contiguous();
-  at::Tensor out = new_output(q, {B, L, N});
-  TorchAllocator allocator(q), scratch(q);
-  std::vector<at::Tensor> keep;
-  const cuda::Problem p = make_problem(at::Tensor(), q, B, L, N, in, keep, &allocator, &scratch);
-  run([&] { cuda::pairwise_energy(p, out.data_ptr<float>()); });
-  return out;
+  return run_cuda(at::Tensor(), q_in, in, [](const cuda::Problem& p, float* out) { cuda::pairwise_energy(p, out); });
 }
 
 // Gaussian (x/sxy, y/sxy) and bilateral (x/sxy, y/sxy, r/srgb, g/srgb, b/srgb) features, [B, D, N], on the

@@ -205,10 +205,10 @@ __global__ void __launch_bounds__(kPixelBlock) pixel_kernel(PixelArgs a) {
       const int c = lane + n * T;
       if (!(active && c < a.C4)) continue;
       const float4 v = msg[n];
-      if (isnan(v.x) || isnan(v.y) || isnan(v.z) || isnan(v.w)) bad |= kFlagNaN;
-      if (v.x == kInf || v.y == kInf || v.z == kInf || v.w == kInf) bad |= kFlagNegInf;  // msg = -unary
+      if (isnan(v.x) || isnan(v.y) || isnan(v.z) || isnan(v.w)) bad |= kUnaryNaN;
+      if (v.x == kInf || v.y == kInf || v.z == kInf || v.w == kInf) bad |= kUnaryNegInf;  // msg = -unary
     }
-    if (active && lane == 0 && !(m > -kInf)) bad |= kFlagNoFiniteLabel;
+    if (active && lane == 0 && !(m > -kInf)) bad |= kUnaryNoFiniteLabel;
     if (bad != 0) atomicOr(a.flags, bad);
     if (a.mode == kCheckOnly) return;
   }
@@ -444,14 +444,7 @@ class MeanField {
     check_cuda(cudaMemcpyAsync(status.data(), status_, status.size() * sizeof(int32_t), cudaMemcpyDeviceToHost, s),
                "copy status");
     check_cuda(cudaStreamSynchronize(s), "input checks");
-    const int flags = status[0];
-    if (flags & kFlagNaN) throw Error("dense_crf: unary contains NaN");
-    if (flags & kFlagNegInf) throw Error("dense_crf: unary contains -inf");
-    if (flags & kFlagNoFiniteLabel)
-      throw Error("dense_crf: unary is +inf for every label of some pixel; at least one label must have finite energy");
-    if (flags & kFlagOversize)
-      throw Error("dense_crf: features too large for the lattice (a scaled coordinate exceeds 2^22); check the "
-                  "kernel standard deviations (sxy, srgb) and the feature values");
+    if (const char* error = input_error(status[0])) throw Error(error);
 
     std::vector<TermArgs> args(nterms);
     terms_.resize(nterms);

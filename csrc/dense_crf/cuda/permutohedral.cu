@@ -158,7 +158,7 @@ __global__ void embed_ranges_kernel(const float* __restrict__ features, int d_rt
         }
       }
     } else {
-      atomicOr(flags, kFlagOversize);
+      atomicOr(flags, kFeaturesOversize);
     }
   }
   for (int i = 0; i < d; ++i) {

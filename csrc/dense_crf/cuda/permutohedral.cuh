@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "../dense_crf.h"  // InputFlag: bad input, OR-ed into a device word and read at the first host sync
 #include "dense_crf_cuda.h"
 
 namespace deeplab_fast {
@@ -28,14 +29,6 @@ namespace cuda {
 constexpr int kSplatChunk = 32;
 // Threads per block for the element-wise kernels.
 constexpr int kBlock = 256;
-
-// Flags the kernels raise on bad input (OR-ed into a device word, read at the first host sync).
-enum Flag : int {
-  kFlagNaN = 1,
-  kFlagNegInf = 2,
-  kFlagNoFiniteLabel = 4,
-  kFlagOversize = 8,
-};
 
 // Throws Error("dense_crf (CUDA): <what>: <CUDA error>") unless e is cudaSuccess.
 void check_cuda(cudaError_t e, const char* what);
