@@ -14,14 +14,6 @@ namespace dense_crf {
 using lattice::CompatKind;
 
 
-bool poison_outputs() {
-  static const bool poison = [] {
-    const char* v = std::getenv("DEEPLAB_FAST_POISON");
-    return v != nullptr && v[0] == '1';
-  }();
-  return poison;
-}
-
 // A contiguous float32 output. On the CPU its storage comes from the dense CRF's block pool and goes back to
 // it when the tensor is freed, so repeated calls do not fault in fresh pages for their outputs either.
 at::Tensor new_output(const at::Tensor& like, at::IntArrayRef sizes) {

@@ -8,13 +8,12 @@
 #include <utility>
 #include <vector>
 
+#include "common/env.h"
 #include "lattice_math.h"
 
 namespace deeplab_fast {
 namespace dense_crf {
 
-// DEEPLAB_FAST_POISON=1 (read once): outputs are NaN-filled before the kernels write them.
-bool poison_outputs();
 
 // A contiguous float32 output on `like`'s device, NaN-poisoned when poison_outputs(). CPU storage comes from
 // the dense CRF's block pool (cpu/buffer.h); CUDA storage from torch's caching allocator.
