@@ -1,5 +1,6 @@
 """Functional custom ops. Each is a ``torch.ops.deeplab_fast`` op with a fake (meta) kernel, so it works
 under ``torch.compile(fullgraph=True)``."""
+from .atrous_conv import atrous_conv2d, atrous_conv2d_plan, tap_skipping
 from .dense_crf import (
     NO_NORMALIZATION,
     NORMALIZE_AFTER,
@@ -12,6 +13,9 @@ from .dense_crf import (
 )
 
 __all__ = [
+    "atrous_conv2d",
+    "atrous_conv2d_plan",
+    "tap_skipping",
     "dense_crf",
     "dense_crf_features",
     "dense_crf_pairwise_energy",

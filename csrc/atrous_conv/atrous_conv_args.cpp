@@ -1,0 +1,130 @@
+// Argument checks shared by the CPU and CUDA registrations of deeplab_fast::atrous_conv2d.
+#include "atrous_conv_args.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <sstream>
+
+#include "common/env.h"
+
+namespace deeplab_fast {
+namespace atrous_conv {
+
+namespace {
+
+void check_pair(at::IntArrayRef v, const char* name, int64_t min, const char* expected) {
+  TORCH_CHECK(v.size() == 2, "atrous_conv2d: ", name, " must have 2 values (height, width), got ", v.size());
+  TORCH_CHECK(v[0] >= min && v[1] >= min, "atrous_conv2d: ", name, " must be ", expected, ", got ", v);
+}
+
+void check_vector(const c10::optional<at::Tensor>& t, const at::Tensor& input, int64_t K, const char* name) {
+  if (!t.has_value() || !t->defined()) return;
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == K, "atrous_conv2d: ", name,
+              " must be a 1-D tensor of one value per output channel ([", K, "]), got shape ", t->sizes());
+  TORCH_CHECK(t->scalar_type() == input.scalar_type(), "atrous_conv2d: ", name, " must have the input's dtype (",
+              input.scalar_type(), "), got ", t->scalar_type());
+  TORCH_CHECK(t->device() == input.device(), "atrous_conv2d: ", name, " is on ", t->device(),
+              " but the input is on ", input.device());
+}
+
+}  // namespace
+
+ConvArgs check_args(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                    const c10::optional<at::Tensor>& scale, at::IntArrayRef stride, at::IntArrayRef padding,
+                    at::IntArrayRef dilation, bool relu) {
+  TORCH_CHECK(input.defined() && weight.defined(), "atrous_conv2d: input and weight must be defined tensors");
+  TORCH_CHECK(input.dim() == 4, "atrous_conv2d: input must be 4-D [N, C, H, W], got ", input.dim(),
+              "-D with shape ", input.sizes());
+  TORCH_CHECK(weight.dim() == 4, "atrous_conv2d: weight must be 4-D [K, C, R, S], got ", weight.dim(),
+              "-D with shape ", weight.sizes());
+  const auto dtype = input.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "atrous_conv2d: input must be float32, float64, bfloat16 or float16, got ", dtype);
+  TORCH_CHECK(weight.scalar_type() == dtype, "atrous_conv2d: weight must have the input's dtype (", dtype,
+              "), got ", weight.scalar_type());
+  TORCH_CHECK(input.device().is_cpu() || input.device().is_cuda(),
+              "atrous_conv2d: input must be a CPU or CUDA tensor, got ", input.device());
+  TORCH_CHECK(weight.device() == input.device(), "atrous_conv2d: weight is on ", weight.device(),
+              " but the input is on ", input.device());
+  TORCH_CHECK(input.size(0) > 0, "atrous_conv2d: input has an empty batch (N = 0)");
+  TORCH_CHECK(input.size(1) > 0 && input.size(2) > 0 && input.size(3) > 0,
+              "atrous_conv2d: input must have C, H, W > 0, got shape ", input.sizes());
+  TORCH_CHECK(weight.size(0) > 0 && weight.size(2) > 0 && weight.size(3) > 0,
+              "atrous_conv2d: weight must have K, R, S > 0, got shape ", weight.sizes());
+  TORCH_CHECK(weight.size(1) == input.size(1), "atrous_conv2d: weight has ", weight.size(1),
+              " input channels (dim 1) but the input has ", input.size(1), " (only groups = 1 is supported)");
+  check_pair(stride, "stride", 1, ">= 1");
+  check_pair(padding, "padding", 0, ">= 0");
+  check_pair(dilation, "dilation", 1, ">= 1 (the atrous rate)");
+  const int64_t K = weight.size(0);
+  check_vector(bias, input, K, "bias");
+  check_vector(scale, input, K, "scale");
+
+  ConvArgs a;
+  a.N = input.size(0);
+  a.C = input.size(1);
+  a.H = input.size(2);
+  a.W = input.size(3);
+  a.K = K;
+  a.R = weight.size(2);
+  a.S = weight.size(3);
+  a.stride_h = stride[0];
+  a.stride_w = stride[1];
+  a.pad_h = padding[0];
+  a.pad_w = padding[1];
+  a.dilation_h = dilation[0];
+  a.dilation_w = dilation[1];
+  a.P = conv_output_size(a.H, a.R, a.stride_h, a.pad_h, a.dilation_h);
+  a.Q = conv_output_size(a.W, a.S, a.stride_w, a.pad_w, a.dilation_w);
+  TORCH_CHECK(a.P > 0 && a.Q > 0, "atrous_conv2d: the output would be empty: input ", a.H, "x", a.W,
+              " with a ", a.R, "x", a.S, " filter, padding ", padding, " and dilation ", dilation,
+              " (the dilated filter spans ", (a.R - 1) * a.dilation_h + 1, "x", (a.S - 1) * a.dilation_w + 1,
+              "); pad the input or lower the dilation");
+  a.relu = relu;
+  a.has_bias = bias.has_value() && bias->defined();
+  a.has_scale = scale.has_value() && scale->defined();
+  a.memory_format = input.suggest_memory_format() == at::MemoryFormat::ChannelsLast
+                        ? at::MemoryFormat::ChannelsLast
+                        : at::MemoryFormat::Contiguous;
+  return a;
+}
+
+at::Tensor new_output(const at::Tensor& input, const ConvArgs& a) {
+  at::Tensor out = at::empty({a.N, a.K, a.P, a.Q}, input.options().memory_format(a.memory_format));
+  if (poison_outputs()) out.fill_(std::numeric_limits<double>::quiet_NaN());
+  return out;
+}
+
+TapSkipping tap_skipping_mode() {
+  const char* v = std::getenv("DEEPLAB_FAST_TAP_SKIPPING");
+  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "auto") == 0) return TapSkipping::kAuto;
+  if (std::strcmp(v, "0") == 0 || std::strcmp(v, "off") == 0) return TapSkipping::kOff;
+  if (std::strcmp(v, "1") == 0 || std::strcmp(v, "on") == 0) return TapSkipping::kOn;
+  TORCH_CHECK(false, "DEEPLAB_FAST_TAP_SKIPPING must be 0/off, 1/on or auto, got '", v, "'");
+}
+
+std::vector<TapRegion> plan_regions(const ConvArgs& a, double* kept_fraction) {
+  std::vector<TapRegion> regions =
+      tap_regions(a.H, a.W, a.R, a.S, a.stride_h, a.stride_w, a.pad_h, a.pad_w, a.dilation_h, a.dilation_w);
+  int64_t with = 0, without = 0;
+  tap_work(regions, a.R, a.S, &with, &without);
+  *kept_fraction = without > 0 ? static_cast<double>(with) / static_cast<double>(without) : 1.0;
+  return regions;
+}
+
+std::string regions_json(const std::vector<TapRegion>& regions) {
+  std::ostringstream s;
+  s << "[";
+  for (size_t i = 0; i < regions.size(); ++i) {
+    const TapRegion& g = regions[i];
+    s << (i ? ", " : "") << "{\"rows\": [" << g.p_begin << ", " << g.p_end << "], \"cols\": [" << g.q_begin
+      << ", " << g.q_end << "], \"tap_rows\": [" << g.r_begin << ", " << g.r_end << "], \"tap_cols\": ["
+      << g.s_begin << ", " << g.s_end << "]}";
+  }
+  s << "]";
+  return s.str();
+}
+
+}  // namespace atrous_conv
+}  // namespace deeplab_fast

@@ -1,0 +1,213 @@
+"""Fused atrous (dilated) convolution + per-channel scale and bias (a folded BatchNorm) + ReLU.
+
+Source: atrous convolution as in Chen et al., "DeepLab: Semantic Image Segmentation with Deep Convolutional
+Nets, Atrous Convolution, and Fully Connected CRFs", TPAMI 2017, sec. 3.1; "Rethinking Atrous Convolution for
+Semantic Image Segmentation" (v3), arXiv:1706.05587, sec. 3. The op computes, with groups = 1,
+
+    y = relu?( conv2d(input, weight, stride, padding, dilation) * scale[k] + bias[k] )
+
+- **CPU:** ATen's convolution (oneDNN), then one fused pass for the epilogue.
+- **CUDA:** an implicit-GEMM convolution on tensor cores (CUTLASS) with the epilogue fused, run region by
+  region with only the filter taps that land inside the image ("tap skipping"), or ATen for the cases it does
+  not cover. ``atrous_conv2d_plan`` says which path a call takes and why.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import numbers
+import os
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+
+__all__ = ["atrous_conv2d", "atrous_conv2d_plan", "tap_skipping"]
+
+IntPair = Union[int, Sequence[int]]
+
+
+def _pair(v: IntPair, name: str) -> list[int]:
+    if isinstance(v, bool):
+        raise ValueError(f"atrous_conv2d: {name} must be an int or a pair of ints, got bool")
+    if isinstance(v, numbers.Integral):
+        return [int(v), int(v)]
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(
+            isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in v):
+        return [int(v[0]), int(v[1])]
+    raise ValueError(f"atrous_conv2d: {name} must be an int or a pair of ints (height, width), got {v!r}")
+
+
+def _check_tensor(x, name: str, optional: bool = False) -> Optional[torch.Tensor]:
+    if x is None and optional:
+        return None
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"atrous_conv2d: {name} must be a torch.Tensor{' or None' if optional else ''}, "
+                         f"got {type(x).__name__}")
+    return x
+
+
+def _check_finite(tensors) -> None:
+    for name, t in tensors:
+        if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"atrous_conv2d: {name} holds NaN or Inf")
+
+
+def atrous_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                  scale: Optional[torch.Tensor] = None, stride: IntPair = 1, padding: IntPair = 0,
+                  dilation: IntPair = 1, relu: bool = False, check_finite: bool = False) -> torch.Tensor:
+    """Atrous convolution with a fused per-channel scale, bias and ReLU.
+
+    Args:
+        input (Tensor[N, C, H, W]): float32, float64, bfloat16 or float16, on the CPU or CUDA. Any strides;
+            channels_last is the fast layout on CUDA.
+        weight (Tensor[K, C, R, S]): the filter, same dtype and device (groups = 1).
+        bias (Tensor[K], optional): added per output channel; same dtype. Default: none.
+        scale (Tensor[K], optional): multiplies each output channel before the bias; same dtype. With
+            ``scale = gamma / sqrt(var + eps)`` and ``bias = beta - mean * scale``, an eval-mode BatchNorm.
+            Default: none (1).
+        stride, padding, dilation (int or (int, int)): as ``F.conv2d``; dilation is the atrous rate.
+            Defaults 1, 0, 1.
+        relu (bool): apply ReLU last. Default False.
+        check_finite (bool): raise ``ValueError`` when any tensor argument holds NaN or Inf. Default False,
+            because it costs an extra read of every argument and, on CUDA, a host synchronisation; without it
+            NaN propagates as in ``F.conv2d``.
+
+    Returns:
+        Tensor[N, K, P, Q] of the input's dtype and device, channels_last when the input is.
+        ``P = (H + 2 pad_h - dilation_h (R - 1) - 1) // stride_h + 1``, Q likewise.
+
+    Raises:
+        ValueError: a non-tensor argument, a malformed stride / padding / dilation, or (``check_finite``) NaN
+            or Inf in an argument.
+        RuntimeError: wrong dims, dtype or device, channel mismatch (weight dim 1 vs input dim 1), bias or
+            scale not ``[K]``, an empty batch, an empty output, stride < 1, padding < 0, dilation < 1.
+
+    Gradients flow to input, weight, bias and scale (through ATen's convolution backward; the ReLU mask is
+    taken from the output).
+    """
+    input = _check_tensor(input, "input")
+    weight = _check_tensor(weight, "weight")
+    bias = _check_tensor(bias, "bias", optional=True)
+    scale = _check_tensor(scale, "scale", optional=True)
+    if not isinstance(relu, bool):
+        raise ValueError(f"atrous_conv2d: relu must be a bool, got {type(relu).__name__}")
+    if check_finite:
+        _check_finite([("input", input), ("weight", weight), ("bias", bias), ("scale", scale)])
+    return torch.ops.deeplab_fast.atrous_conv2d(input, weight, bias, scale, _pair(stride, "stride"),
+                                                _pair(padding, "padding"), _pair(dilation, "dilation"), relu)
+
+
+def atrous_conv2d_plan(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                       scale: Optional[torch.Tensor] = None, stride: IntPair = 1, padding: IntPair = 0,
+                       dilation: IntPair = 1, relu: bool = False) -> dict:
+    """The path ``atrous_conv2d`` takes for these arguments, without running it (a debug query).
+
+    Returns a dict with:
+        ``device`` ("cpu" or "cuda"), ``path`` ("aten", "aten-tap-skipping" or "cutlass"), ``reason`` (why,
+        e.g. the ATen fallback's cause), ``tap_skipping`` (bool), ``kept_fraction`` (multiply-accumulates
+        kept by tap skipping, 1.0 when there is nothing to skip), ``regions`` (each with ``rows``, ``cols``,
+        ``tap_rows``, ``tap_cols``: half-open ranges of output rows / columns and of in-bounds filter taps),
+        and on CUDA ``tile`` (the CUTLASS threadblock tile) and ``split_k``.
+    The arguments are checked as by ``atrous_conv2d``.
+    """
+    return json.loads(torch.ops.deeplab_fast.atrous_conv2d_plan(
+        input, weight, bias, scale, _pair(stride, "stride"), _pair(padding, "padding"),
+        _pair(dilation, "dilation"), relu))
+
+
+@contextlib.contextmanager
+def tap_skipping(mode: Union[bool, str]) -> Iterator[None]:
+    """Forces tap skipping on (True / "on"), off (False / "off") or to the device's rule ("auto") inside a block.
+
+    It sets the ``DEEPLAB_FAST_TAP_SKIPPING`` environment variable (read at every call; process-wide, so not
+    for concurrent threads that want different modes). The default rule: on CUDA, skip whenever a region
+    loses a tap; on the CPU, never (oneDNN already leaves out the taps that read only padding, and the
+    region-by-region calls measured slower).
+    """
+    value = {True: "1", False: "0", "on": "1", "off": "0", "auto": "auto"}.get(mode)
+    if value is None:
+        raise ValueError(f"tap_skipping: mode must be True, False, 'on', 'off' or 'auto', got {mode!r}")
+    old = os.environ.get("DEEPLAB_FAST_TAP_SKIPPING")
+    os.environ["DEEPLAB_FAST_TAP_SKIPPING"] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("DEEPLAB_FAST_TAP_SKIPPING", None)
+        else:
+            os.environ["DEEPLAB_FAST_TAP_SKIPPING"] = old
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fake (meta) kernel: the output's shape, dtype and memory format, so torch.compile traces through the op.
+
+
+def _out_size(size: int, taps: int, stride: int, pad: int, dilation: int) -> int:
+    return (size + 2 * pad - dilation * (taps - 1) - 1) // stride + 1
+
+
+@torch.library.register_fake("deeplab_fast::atrous_conv2d")
+def _atrous_conv2d_fake(input, weight, bias, scale, stride, padding, dilation, relu):
+    torch._check(input.dim() == 4, lambda: f"atrous_conv2d: input must be 4-D [N, C, H, W], got {input.dim()}-D")
+    torch._check(weight.dim() == 4, lambda: f"atrous_conv2d: weight must be 4-D [K, C, R, S], got {weight.dim()}-D")
+    torch._check(weight.dtype == input.dtype, lambda: "atrous_conv2d: weight must have the input's dtype")
+    torch._check(weight.shape[1] == input.shape[1],
+                 lambda: f"atrous_conv2d: weight has {weight.shape[1]} input channels but the input has "
+                         f"{input.shape[1]}")
+    n, _, h, w = input.shape
+    k, _, r, s = weight.shape
+    p = _out_size(h, r, stride[0], padding[0], dilation[0])
+    q = _out_size(w, s, stride[1], padding[1], dilation[1])
+    torch._check(p > 0 and q > 0, lambda: "atrous_conv2d: the output would be empty")
+    channels_last = input.dim() == 4 and torch._prims_common.suggest_memory_format(input) == torch.channels_last
+    return input.new_empty((n, k, p, q)).contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@torch.library.register_fake("deeplab_fast::atrous_conv2d_plan")
+def _atrous_conv2d_plan_fake(input, weight, bias, scale, stride, padding, dilation, relu):
+    raise RuntimeError("atrous_conv2d_plan is a debug query of concrete tensors; it cannot be traced")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Autograd. With z = conv(x, w) the op is y = relu?(z * scale + bias); g = dL/dy masked by y > 0 (ReLU).
+#   dL/dbias = sum_{n,p,q} g
+#   dL/dx    = conv_input_backward(g * scale, w)
+#   dL/dw    = conv_weight_backward(g, x) * scale[k]
+#   dL/dscale[k] = sum_{n,p,q} g * z = sum_{c,r,s} w[k] * conv_weight_backward(g, x)[k]   (z is linear in w)
+# so z itself is never stored or recomputed.
+
+
+def _setup_context(ctx, inputs, output):
+    input, weight, bias, scale, stride, padding, dilation, relu = inputs
+    ctx.conv_args = (list(stride), list(padding), list(dilation))
+    ctx.relu = relu
+    ctx.has_bias = bias is not None
+    ctx.has_scale = scale is not None
+    saved_output = output if relu else None
+    ctx.save_for_backward(input, weight, scale, saved_output)
+
+
+def _backward(ctx, grad):
+    input, weight, scale, output = ctx.saved_tensors
+    stride, padding, dilation = ctx.conv_args
+    need_input, need_weight, need_bias, need_scale = ctx.needs_input_grad[:4]
+    g = grad * (output > 0) if ctx.relu else grad
+    grad_input = grad_weight = grad_bias = grad_scale = None
+    if need_bias and ctx.has_bias:
+        grad_bias = g.sum(dim=(0, 2, 3))
+    if need_input:
+        g_in = g * scale.view(1, -1, 1, 1) if ctx.has_scale else g
+        grad_input = torch.ops.aten.convolution_backward(
+            g_in, input, weight, None, stride, padding, dilation, False, [0, 0], 1, [True, False, False])[0]
+    if need_weight or (need_scale and ctx.has_scale):
+        gw = torch.ops.aten.convolution_backward(
+            g, input, weight, None, stride, padding, dilation, False, [0, 0], 1, [False, True, False])[1]
+        if need_weight:
+            grad_weight = gw * scale.view(-1, 1, 1, 1) if ctx.has_scale else gw
+        if need_scale and ctx.has_scale:
+            grad_scale = (gw * weight).sum(dim=(1, 2, 3))
+    return grad_input, grad_weight, grad_bias, grad_scale, None, None, None, None
+
+
+torch.library.register_autograd("deeplab_fast::atrous_conv2d", _backward, setup_context=_setup_context)
