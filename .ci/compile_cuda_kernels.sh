@@ -51,6 +51,24 @@ if [[ -z "$nvcc" ]]; then
 fi
 echo "compiling ${#kernels[@]} CUDA kernel file(s) with $nvcc ($("$nvcc" --version | tail -n 1))"
 
+# 3b. CUTLASS headers (the atrous conv kernels): $CUTLASS_PATH/include, else the nvidia-cutlass wheel's copy.
+py=${PYTHON:-python}
+cutlass_include=""
+if [[ -n "${CUTLASS_PATH:-}" ]]; then
+  cutlass_include="$CUTLASS_PATH/include"
+else
+  cutlass_include=$("$py" -c 'import cutlass_library, os; print(os.path.join(os.path.dirname(cutlass_library.__file__), "source", "include"))' 2>/dev/null || true)
+fi
+if [[ -z "$cutlass_include" || ! -f "$cutlass_include/cutlass/cutlass.h" ]]; then
+  if grep -lq 'include "cutlass/' "${kernels[@]}" csrc/*/cuda/*.cuh 2>/dev/null; then
+    echo "error: the CUTLASS headers were not found (pip install nvidia-cutlass, or set CUTLASS_PATH)" >&2
+    exit 1
+  fi
+  cutlass_include=""
+else
+  echo "CUTLASS headers: $cutlass_include"
+fi
+
 # 4. Compile each one for sm_80 and sm_90, with setup.py's nvcc flags.
 out=$(mktemp -d "${TMPDIR:-/tmp}/deeplab_fast-cuda.XXXXXX")
 trap 'rm -rf "$out"' EXIT
@@ -59,7 +77,7 @@ for f in "${kernels[@]}"; do
   obj="$out/$(echo "$f" | tr '/' '_').o"
   start=$SECONDS
   if "$nvcc" -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90,code=sm_90 -std=c++17 -O3 --fmad=false \
-      -Icsrc -c "$f" -o "$obj"; then
+      --expt-relaxed-constexpr -Icsrc ${cutlass_include:+-I"$cutlass_include"} -c "$f" -o "$obj"; then
     echo "ok   $f ($((SECONDS - start)) s)"
   else
     echo "FAIL $f" >&2
@@ -79,7 +97,6 @@ mapfile -t glue < <(find csrc -type f -path '*/cuda/*.cpp' | sort)
 if [[ ${#glue[@]} -eq 0 ]]; then
   exit 0
 fi
-py=${PYTHON:-python}
 if ! torch_includes=$("$py" -c 'from torch.utils.cpp_extension import include_paths; print(" ".join("-I" + p for p in include_paths()))' 2>/dev/null); then
   echo "warning: torch is not importable with $py: skipping the syntax check of ${#glue[@]} CUDA glue file(s)" >&2
   exit 0

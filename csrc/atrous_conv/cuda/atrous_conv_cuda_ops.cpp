@@ -1,0 +1,227 @@
+// Torch glue of the CUDA atrous convolution: TORCH_LIBRARY_IMPL(deeplab_fast, CUDA) for atrous_conv2d and its
+// plan query. It checks the arguments (atrous_conv_args.h, as on the CPU), picks the path (CUTLASS or the ATen
+// fallback), folds a scale into the filter, and hands raw pointers to the torch-free launcher
+// (atrous_conv_cuda.h).
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <limits>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "../atrous_conv_args.h"
+#include "atrous_conv_cuda.h"
+
+namespace deeplab_fast {
+namespace atrous_conv {
+namespace cuda {
+
+namespace {
+
+// Tap skipping is used when it removes at least 5% of the multiply-accumulates: below that the regions' thin
+// border bands waste more of their tiles than the skipped taps save. Untuned (no GPU yet): to be measured.
+constexpr double kMaxKeptFraction = 0.95;
+
+constexpr int64_t kMaxInt32 = std::numeric_limits<int32_t>::max();
+
+struct Decision {
+  bool cutlass = false;
+  std::string reason;  // why the path (the fallback's cause, or the CUTLASS configuration)
+  DType dtype = DType::kBFloat16;
+  bool tap_skipping = false;
+  double kept_fraction = 1.0;
+  std::vector<TapRegion> regions;  // all regions, including those without taps
+  Tile tile = Tile::kLarge;
+};
+
+// Streaming multiprocessors of the current device (cached per device).
+int sm_count() {
+  static int cached[64] = {};
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  if (device < 64 && cached[device] > 0) return cached[device];
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  if (device < 64) cached[device] = sms;
+  return sms;
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Channels contiguous, n/h/w strides multiples of kAlignment and within int32.
+bool nhwc_strides_ok(const at::Tensor& t) {
+  if (t.stride(1) != 1) return false;
+  for (int d : {0, 2, 3}) {
+    if (t.stride(d) % kAlignment != 0 || t.stride(d) > kMaxInt32) return false;
+  }
+  return true;
+}
+
+Decision decide(const at::Tensor& input, const at::Tensor& weight, const ConvArgs& a) {
+  Decision d;
+  d.regions = plan_regions(a, &d.kept_fraction);
+  const auto fallback = [&](std::string why) {
+    d.cutlass = false;
+    d.reason = "ATen convolution (cuDNN) + epilogue: " + why;
+    return d;
+  };
+  switch (input.scalar_type()) {
+    case at::kBFloat16: d.dtype = DType::kBFloat16; break;
+    case at::kHalf: d.dtype = DType::kFloat16; break;
+    case at::kFloat:
+      if (!at::globalContext().allowTF32CuDNN()) {
+        return fallback("float32 with torch.backends.cudnn.allow_tf32 = False takes ATen's float32 path");
+      }
+      d.dtype = DType::kTFloat32;
+      break;
+    default: return fallback("float64 has no tensor-core path");
+  }
+  if (a.C % kAlignment != 0 || a.K % kAlignment != 0) {
+    return fallback("C = " + std::to_string(a.C) + " and K = " + std::to_string(a.K) + " must be multiples of " +
+                    std::to_string(kAlignment));
+  }
+  if (a.memory_format != at::MemoryFormat::ChannelsLast || !nhwc_strides_ok(input) || !aligned16(input.data_ptr())) {
+    return fallback("the input is not channels_last (channels contiguous, 16-byte aligned)");
+  }
+  const int64_t out_numel = a.N * a.K * a.P * a.Q;
+  if (input.storage().nbytes() > kMaxInt32 || out_numel * input.element_size() > kMaxInt32 ||
+      weight.numel() * weight.element_size() > kMaxInt32) {
+    return fallback("a tensor over 2 GiB (CUTLASS's 32-bit indexing)");
+  }
+  d.cutlass = true;
+  switch (tap_skipping_mode()) {
+    case TapSkipping::kOff: d.tap_skipping = false; break;
+    case TapSkipping::kOn: d.tap_skipping = d.kept_fraction < 1.0; break;
+    case TapSkipping::kAuto: d.tap_skipping = d.kept_fraction <= kMaxKeptFraction; break;
+  }
+  // Tile: the large one when it alone gives every SM a threadblock, else the small one (more CTAs).
+  ConvParams probe;
+  probe.N = int(a.N);
+  probe.K = int(a.K);
+  probe.P = int(a.P);
+  probe.Q = int(a.Q);
+  probe.tap_skipping = d.tap_skipping;
+  for (const TapRegion& g : d.regions) {
+    if (!g.empty_taps()) probe.regions.push_back(g);
+  }
+  const int sms = sm_count();
+  d.tile = tile_count(probe, Tile::kLarge) >= sms ? Tile::kLarge : Tile::kSmall;
+  d.reason = std::string("CUTLASS implicit GEMM, tile ") + tile_shape(d.dtype, d.tile) +
+             (d.tap_skipping ? ", one region per set of in-bounds taps" : ", all taps");
+  return d;
+}
+
+// The epilogue of the ATen paths: relu?(conv * scale + bias), written into `out`.
+void aten_epilogue(const at::Tensor& conv, const at::Tensor& out, const at::Tensor& scale, const at::Tensor& bias,
+                   bool relu) {
+  at::Tensor y = conv;
+  if (scale.defined()) y = y * scale.view({1, -1, 1, 1});
+  if (bias.defined()) y = y + bias.view({1, -1, 1, 1});
+  if (relu) y = at::relu(y);
+  out.copy_(y.expand_as(out));
+}
+
+at::Tensor atrous_conv2d_cuda(const at::Tensor& input, const at::Tensor& weight,
+                              const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& scale,
+                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                              bool relu) {
+  const ConvArgs a = check_args(input, weight, bias, scale, stride, padding, dilation, relu);
+  c10::cuda::CUDAGuard device_guard(input.device());
+  const at::Tensor b = a.has_bias ? *bias : at::Tensor();
+  const at::Tensor s = a.has_scale ? *scale : at::Tensor();
+  const Decision d = decide(input, weight, a);
+  at::Tensor out = new_output(input, a);
+
+  if (!d.cutlass) {
+    const at::Tensor conv = at::convolution(input, weight, c10::nullopt, stride, padding, dilation, false, {0, 0}, 1);
+    aten_epilogue(conv, out, s, b, relu);
+    return out;
+  }
+  // The filter as KRSC (a channels_last [K, C, R, S]), with the scale folded in: one pass when either applies.
+  at::Tensor filter = s.defined() ? weight * s.view({-1, 1, 1, 1}) : weight;
+  filter = filter.contiguous(at::MemoryFormat::ChannelsLast);
+  if (!aligned16(filter.data_ptr())) filter = filter.clone(at::MemoryFormat::ChannelsLast);
+  at::Tensor bias_vec = b.defined() ? b.contiguous() : at::Tensor();
+  if (bias_vec.defined() && !aligned16(bias_vec.data_ptr())) bias_vec = bias_vec.clone();
+
+  ConvParams p;
+  p.dtype = d.dtype;
+  p.tile = d.tile;
+  p.input = input.data_ptr();
+  p.in_stride_n = input.stride(0);
+  p.in_stride_h = input.stride(2);
+  p.in_stride_w = input.stride(3);
+  p.filter = filter.data_ptr();
+  p.bias = bias_vec.defined() ? bias_vec.data_ptr() : nullptr;
+  p.output = out.data_ptr();
+  p.out_stride_n = out.stride(0);
+  p.out_stride_h = out.stride(2);
+  p.out_stride_w = out.stride(3);
+  p.N = int(a.N);
+  p.H = int(a.H);
+  p.W = int(a.W);
+  p.C = int(a.C);
+  p.K = int(a.K);
+  p.R = int(a.R);
+  p.S = int(a.S);
+  p.P = int(a.P);
+  p.Q = int(a.Q);
+  p.stride_h = int(a.stride_h);
+  p.stride_w = int(a.stride_w);
+  p.pad_h = int(a.pad_h);
+  p.pad_w = int(a.pad_w);
+  p.dilation_h = int(a.dilation_h);
+  p.dilation_w = int(a.dilation_w);
+  p.relu = relu;
+  p.tap_skipping = d.tap_skipping;
+  p.stream = c10::cuda::getCurrentCUDAStream().stream();
+  if (d.tap_skipping) {
+    for (const TapRegion& g : d.regions) {
+      if (!g.empty_taps()) {
+        p.regions.push_back(g);
+        continue;
+      }
+      // Every tap reads padding: the epilogue of zero.
+      at::Tensor region = out.narrow(2, g.p_begin, g.rows()).narrow(3, g.q_begin, g.cols());
+      aten_epilogue(at::zeros({1, 1, 1, 1}, input.options()), region, at::Tensor(), b, relu);
+    }
+  }
+  const std::string error = run(p);
+  TORCH_CHECK(error.empty(), "atrous_conv2d (CUDA): ", error);
+  return out;
+}
+
+std::string atrous_conv2d_plan_cuda(const at::Tensor& input, const at::Tensor& weight,
+                                    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& scale,
+                                    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                    bool relu) {
+  const ConvArgs a = check_args(input, weight, bias, scale, stride, padding, dilation, relu);
+  c10::cuda::CUDAGuard device_guard(input.device());
+  const Decision d = decide(input, weight, a);
+  std::ostringstream js;
+  js << "{\"device\": \"cuda\", \"path\": \"" << (d.cutlass ? "cutlass" : "aten") << "\", \"reason\": \""
+     << d.reason << "\", \"tap_skipping\": " << (d.tap_skipping ? "true" : "false")
+     << ", \"kept_fraction\": " << d.kept_fraction << ", \"tile\": "
+     << (d.cutlass ? std::string("\"") + tile_shape(d.dtype, d.tile) + "\"" : std::string("null"))
+     << ", \"split_k\": 1, \"regions\": " << regions_json(d.regions) << "}";
+  return js.str();
+}
+
+}  // namespace
+
+}  // namespace cuda
+}  // namespace atrous_conv
+}  // namespace deeplab_fast
+
+TORCH_LIBRARY_IMPL(deeplab_fast, CUDA, m) {
+  m.impl("atrous_conv2d", &deeplab_fast::atrous_conv::cuda::atrous_conv2d_cuda);
+  m.impl("atrous_conv2d_plan", &deeplab_fast::atrous_conv::cuda::atrous_conv2d_plan_cuda);
+}
