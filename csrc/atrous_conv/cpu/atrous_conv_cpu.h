@@ -1,5 +1,5 @@
-// The CPU path of deeplab_fast::atrous_conv2d: ATen's convolution (oneDNN) per tap region, then one fused
-// pass of the epilogue y = relu?(conv * scale + bias).
+// The CPU path of deeplab_fast::atrous_conv2d: ATen's convolution (oneDNN; with the bias when there is no
+// scale), then the epilogue y = relu?(conv * scale + bias) in place, with ATen's vectorised kernels.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -12,8 +12,8 @@ namespace deeplab_fast {
 namespace atrous_conv {
 namespace cpu {
 
-// out = relu?(conv * scale + bias) elementwise, in one pass over any layouts; conv and out are [N, K, P, Q]
-// (conv may broadcast), scale / bias are [K] or undefined. Computes in float (double for float64 outputs).
+// out = relu?(conv * scale + bias) elementwise, over any layouts (out may be a view); conv and out are
+// [N, K, P, Q], scale / bias are [K] or undefined. 16-bit types are computed in float and rounded once.
 void apply_epilogue(const at::Tensor& conv, const at::Tensor& out, const at::Tensor& scale, const at::Tensor& bias,
                     bool relu);
 

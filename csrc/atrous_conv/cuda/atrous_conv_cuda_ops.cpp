@@ -8,11 +8,13 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include <cuda_runtime.h>
 
 #include <cstdint>
 #include <limits>
+#include <iomanip>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -42,25 +44,44 @@ struct Decision {
   Tile tile = Tile::kLarge;
 };
 
-// Streaming multiprocessors of the current device (cached per device).
-int sm_count() {
-  static int cached[64] = {};
+// The current device's SM count and compute capability (major), cached per device ordinal.
+struct DeviceInfo {
+  int sms = 0;
+  int major = 0;
+  int minor = 0;
+};
+
+DeviceInfo device_info() {
+  static DeviceInfo cached[64];
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
-  if (device < 64 && cached[device] > 0) return cached[device];
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  if (device < 64) cached[device] = sms;
-  return sms;
+  if (device < 64 && cached[device].sms > 0) return cached[device];
+  DeviceInfo info;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.sms, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.major, cudaDevAttrComputeCapabilityMajor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.minor, cudaDevAttrComputeCapabilityMinor, device));
+  if (device < 64) cached[device] = info;
+  return info;
+}
+
+// Whether float32 convolutions may use TF32 (torch.backends.cudnn.allow_tf32, or, on torch with the per-op
+// precision API, torch.backends.cudnn.conv.fp32_precision), as cuDNN's convolutions decide it.
+bool allow_tf32_conv() {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
+  return at::globalContext().allowTF32CuDNN(at::Float32Op::CONV);
+#else
+  return at::globalContext().allowTF32CuDNN();
+#endif
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-// Channels contiguous, n/h/w strides multiples of kAlignment and within int32.
+// Channels contiguous, n/h/w strides multiples of kAlignment and within int32 (a dimension of size 1 is never
+// stepped over, so its stride does not matter).
 bool nhwc_strides_ok(const at::Tensor& t) {
   if (t.stride(1) != 1) return false;
   for (int d : {0, 2, 3}) {
-    if (t.stride(d) % kAlignment != 0 || t.stride(d) > kMaxInt32) return false;
+    if (t.size(d) > 1 && (t.stride(d) % kAlignment != 0 || t.stride(d) > kMaxInt32)) return false;
   }
   return true;
 }
@@ -77,12 +98,17 @@ Decision decide(const at::Tensor& input, const at::Tensor& weight, const ConvArg
     case at::kBFloat16: d.dtype = DType::kBFloat16; break;
     case at::kHalf: d.dtype = DType::kFloat16; break;
     case at::kFloat:
-      if (!at::globalContext().allowTF32CuDNN()) {
+      if (!allow_tf32_conv()) {
         return fallback("float32 with torch.backends.cudnn.allow_tf32 = False takes ATen's float32 path");
       }
       d.dtype = DType::kTFloat32;
       break;
     default: return fallback("float64 has no tensor-core path");
+  }
+  const DeviceInfo device = device_info();
+  if (device.major < 8) {
+    return fallback("compute capability " + std::to_string(device.major) + "." + std::to_string(device.minor) +
+                    " < 8.0 (the kernels are built for sm_80 and sm_90)");
   }
   if (a.C % kAlignment != 0 || a.K % kAlignment != 0) {
     return fallback("C = " + std::to_string(a.C) + " and K = " + std::to_string(a.K) + " must be multiples of " +
@@ -95,6 +121,15 @@ Decision decide(const at::Tensor& input, const at::Tensor& weight, const ConvArg
   if (input.storage().nbytes() > kMaxInt32 || out_numel * input.element_size() > kMaxInt32 ||
       weight.numel() * weight.element_size() > kMaxInt32) {
     return fallback("a tensor over 2 GiB (CUTLASS's 32-bit indexing)");
+  }
+  // CUTLASS computes input coordinates p * stride - pad + r * dilation in int: keep them (<= H + 2 pad) in range.
+  if (a.pad_h > kMaxInt32 / 4 || a.pad_w > kMaxInt32 / 4 || a.H + 2 * a.pad_h > kMaxInt32 ||
+      a.W + 2 * a.pad_w > kMaxInt32 || a.stride_h > kMaxInt32 || a.stride_w > kMaxInt32 ||
+      a.dilation_h > kMaxInt32 || a.dilation_w > kMaxInt32) {
+    return fallback("stride / padding / dilation beyond CUTLASS's 32-bit index arithmetic");
+  }
+  if (a.K > int64_t(65535) * tile_n(Tile::kSmall)) {
+    return fallback("K = " + std::to_string(a.K) + " needs more than 65535 threadblock columns");
   }
   d.cutlass = true;
   switch (tap_skipping_mode()) {
@@ -112,19 +147,20 @@ Decision decide(const at::Tensor& input, const at::Tensor& weight, const ConvArg
   for (const TapRegion& g : d.regions) {
     if (!g.empty_taps()) probe.regions.push_back(g);
   }
-  const int sms = sm_count();
-  d.tile = tile_count(probe, Tile::kLarge) >= sms ? Tile::kLarge : Tile::kSmall;
+  d.tile = tile_count(probe, Tile::kLarge) >= device.sms ? Tile::kLarge : Tile::kSmall;
   d.reason = std::string("CUTLASS implicit GEMM, tile ") + tile_shape(d.dtype, d.tile) +
              (d.tap_skipping ? ", one region per set of in-bounds taps" : ", all taps");
   return d;
 }
 
-// The epilogue of the ATen paths: relu?(conv * scale + bias), written into `out`.
+// The epilogue of the ATen paths: relu?(conv * scale + bias) in float (double for float64), rounded once into
+// `out`, as the CPU path and the CUTLASS epilogue do.
 void aten_epilogue(const at::Tensor& conv, const at::Tensor& out, const at::Tensor& scale, const at::Tensor& bias,
                    bool relu) {
-  at::Tensor y = conv;
-  if (scale.defined()) y = y * scale.view({1, -1, 1, 1});
-  if (bias.defined()) y = y + bias.view({1, -1, 1, 1});
+  const at::ScalarType compute = out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor y = conv.to(compute);
+  if (scale.defined()) y = y * scale.to(compute).view({1, -1, 1, 1});
+  if (bias.defined()) y = y + bias.to(compute).view({1, -1, 1, 1});
   if (relu) y = at::relu(y);
   out.copy_(y.expand_as(out));
 }
@@ -184,14 +220,18 @@ at::Tensor atrous_conv2d_cuda(const at::Tensor& input, const at::Tensor& weight,
   p.tap_skipping = d.tap_skipping;
   p.stream = c10::cuda::getCurrentCUDAStream().stream();
   if (d.tap_skipping) {
+    at::Tensor fill;  // relu?(bias) (or 0) per channel: the output where every tap reads padding
     for (const TapRegion& g : d.regions) {
       if (!g.empty_taps()) {
         p.regions.push_back(g);
         continue;
       }
-      // Every tap reads padding: the epilogue of zero.
+      if (!fill.defined()) {
+        fill = at::empty({1, a.K, 1, 1}, out.options());
+        aten_epilogue(at::zeros({1, 1, 1, 1}, input.options()), fill, at::Tensor(), b, relu);
+      }
       at::Tensor region = out.narrow(2, g.p_begin, g.rows()).narrow(3, g.q_begin, g.cols());
-      aten_epilogue(at::zeros({1, 1, 1, 1}, input.options()), region, at::Tensor(), b, relu);
+      region.copy_(fill.expand_as(region));
     }
   }
   const std::string error = run(p);
@@ -209,7 +249,7 @@ std::string atrous_conv2d_plan_cuda(const at::Tensor& input, const at::Tensor& w
   std::ostringstream js;
   js << "{\"device\": \"cuda\", \"path\": \"" << (d.cutlass ? "cutlass" : "aten") << "\", \"reason\": \""
      << d.reason << "\", \"tap_skipping\": " << (d.tap_skipping ? "true" : "false")
-     << ", \"kept_fraction\": " << d.kept_fraction << ", \"tile\": "
+     << ", \"kept_fraction\": " << std::setprecision(17) << d.kept_fraction << ", \"tile\": "
      << (d.cutlass ? std::string("\"") + tile_shape(d.dtype, d.tile) + "\"" : std::string("null"))
      << ", \"split_k\": 1, \"regions\": " << regions_json(d.regions) << "}";
   return js.str();

@@ -6,7 +6,7 @@ namespace atrous_conv {
 namespace cuda {
 
 const char* tile_shape(DType dtype, Tile tile) {
-  if (dtype == DType::kTFloat32) return tile == Tile::kLarge ? "128x128x32" : "64x64x32";
+  if (dtype == DType::kTFloat32) return tile == Tile::kLarge ? "128x128x16" : "64x64x32";
   return tile == Tile::kLarge ? "128x128x32" : "64x64x64";
 }
 
