@@ -7,10 +7,12 @@
 #               reports the Python packages still missing (pydensecrf2, pytest-benchmark, scikit-image)
 #   build       pip install --no-build-isolation -v -e . ; the log must say "building CUDA + CPU extension",
 #               and the ops must have CUDA kernels
-#   cuda-tests  pytest tests/test_dense_crf_cuda.py (some test must pass: all-skipped is a failure)
+#   cuda-tests  pytest tests/test_dense_crf_cuda.py tests/test_atrous_conv_cuda.py (some test must pass:
+#               all-skipped is a failure)
 #   tests       the full pytest
 #   sanitize    compute-sanitizer memcheck (PYTORCH_NO_CUDA_MEMORY_CACHING=1) and racecheck on
-#               tests/cuda/sanitize_dense_crf.py; initcheck and synccheck too, reported but never failing
+#               tests/cuda/sanitize_dense_crf.py and tests/cuda/sanitize_atrous_conv.py; initcheck and synccheck
+#               too, reported but never failing
 #   bench       DEEPLAB_FAST_BENCH_NAME=gpu-<device> pytest benchmarks -k "cuda or gpu": the JSON goes to
 #               benchmarks/results/ and is copied beside the logs
 # A device call runs at most 10 minutes: split the steps over two calls if needed, e.g.
@@ -20,7 +22,8 @@
 # Environment:
 #   GPU_CHECKS_OUT  folder for the logs (default: $OUT where set, else gpu-checks/ in the repository). At most 7
 #                   files: env.log build.log tests.log sanitizer.log bench.log <bench name>.json summary.txt
-#   CARRY_DIR       carried files (default: .whl): *.whl are installed with pip --no-index into a private
+#   CARRY_DIR       carried files (default: .whl): *.whl (nvidia_cutlass-*.whl: the CUTLASS headers the build
+#                   needs; pytest_benchmark, ...) are installed with pip --no-index into a private
 #                   folder put on PYTHONPATH; a pydensecrf2-*.tar.gz source is built (needs a compiler and
 #                   Cython or its pre-generated .cpp); densecrf/ (im1.png, ...) becomes ../shared/data/densecrf,
 #                   the tests' photos
@@ -98,6 +101,7 @@ step_env() {
   pyok "import pytest_benchmark" || missing+=("pytest-benchmark: no benchmarks")
   pyok "import skimage.data" || missing+=("scikit-image: no benchmarks, the photo tests skip")
   pyok "import pydensecrf.densecrf" || missing+=("pydensecrf2: GPU checked against the CPU op only; no pydensecrf2 row")
+  pyok "import cutlass_library" || missing+=("nvidia-cutlass (carry its wheel): the CUDA build needs the CUTLASS headers")
   [[ -n "$(sanitizer_bin)" ]] || missing+=("compute-sanitizer")
   if [[ ${#missing[@]} -gt 0 ]]; then
     printf 'MISSING: %s\n' "${missing[@]}" | tee -a "$LOGS/env.log"
@@ -156,7 +160,7 @@ step_build() {
   elif ! grep -q "building CUDA + CPU extension" "$LOGS/build.log"; then
     end build FAIL "the build log does not say 'building CUDA + CPU extension'"
   elif ! "$PY" -c 'import torch, deeplab_fast, sys
-ops = ("dense_crf", "dense_crf_features", "dense_crf_pairwise_energy")
+ops = ("dense_crf", "dense_crf_features", "dense_crf_pairwise_energy", "atrous_conv2d", "atrous_conv2d_plan")
 missing = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key("deeplab_fast::" + op, "CUDA")]
 print("CUDA kernels:", "all ops" if not missing else "MISSING for " + ", ".join(missing))
 sys.exit(1 if missing else 0)' 2>&1 | tee -a "$LOGS/build.log"; then
@@ -184,8 +188,8 @@ run_pytest() {
 }
 
 step_cuda_tests() {
-  begin "cuda-tests: pytest tests/test_dense_crf_cuda.py"
-  run_pytest cuda-tests tests/test_dense_crf_cuda.py -q -rfEs --durations=10
+  begin "cuda-tests: pytest tests/test_dense_crf_cuda.py tests/test_atrous_conv_cuda.py"
+  run_pytest cuda-tests tests/test_dense_crf_cuda.py tests/test_atrous_conv_cuda.py -q -rfEs --durations=10
 }
 
 step_tests() {
@@ -195,8 +199,8 @@ step_tests() {
 
 # ---- compute-sanitizer ----
 step_sanitize() {
-  begin "sanitize: compute-sanitizer on tests/cuda/sanitize_dense_crf.py"
-  local bin failed=0 warned=0 tool fatal extra rc before spec
+  begin "sanitize: compute-sanitizer on tests/cuda/sanitize_*.py"
+  local bin failed=0 warned=0 tool fatal extra rc before spec script
   if ! bin="$(sanitizer_bin)"; then
     end sanitize FAIL "compute-sanitizer not found"
     return
@@ -206,22 +210,24 @@ step_sanitize() {
   for spec in "memcheck 1 PYTORCH_NO_CUDA_MEMORY_CACHING=1" "racecheck 1" "initcheck 0 DEEPLAB_FAST_POISON=0" \
     "synccheck 0"; do
     read -r tool fatal extra <<<"$spec"
-    echo "--- $tool ${extra:-}" | tee -a "$LOGS/sanitizer.log"
+    for script in tests/cuda/sanitize_dense_crf.py tests/cuda/sanitize_atrous_conv.py; do
+    echo "--- $tool ${extra:-} $script" | tee -a "$LOGS/sanitizer.log"
     before=$(wc -l <"$LOGS/sanitizer.log")
     rc=0
     # shellcheck disable=SC2086  # extra: zero or one VAR=value word
     env ${extra:-} timeout "${SANITIZER_TIMEOUT:-600}" "$bin" --tool "$tool" --error-exitcode 1 \
-      --target-processes all "$PY" tests/cuda/sanitize_dense_crf.py >>"$LOGS/sanitizer.log" 2>&1 || rc=$?
+      --target-processes all "$PY" "$script" >>"$LOGS/sanitizer.log" 2>&1 || rc=$?
     tail -n +"$((before + 1))" "$LOGS/sanitizer.log" | grep -E "ERROR SUMMARY|RACECHECK SUMMARY|^OK$|^FAIL|^error"
     if [[ $rc -eq 0 ]]; then
-      echo "$tool: clean"
+      echo "$tool $script: clean"
     elif [[ $fatal == 1 ]]; then
-      echo "$tool: FAILED (exit $rc)"
+      echo "$tool $script: FAILED (exit $rc)"
       failed=$((failed + 1))
     else
-      echo "$tool: reported problems (exit $rc; informational)"
+      echo "$tool $script: reported problems (exit $rc; informational)"
       warned=$((warned + 1))
     fi
+    done
   done
   if [[ $failed -gt 0 ]]; then
     end sanitize FAIL "$failed of memcheck/racecheck failed, see sanitizer.log"
