@@ -1,5 +1,6 @@
 """Drop-in DeepLab layers as ``nn.Module`` s, each checked against a reference implementation."""
+from .aspp import ASPP, ASPP_L, ASPP_S, ASPPv2
 from .atrous import AtrousConv2dReLU
 from .crf import PRESETS, CRFPreset, DenseCRF
 
-__all__ = ["AtrousConv2dReLU", "DenseCRF", "CRFPreset", "PRESETS"]
+__all__ = ["ASPP", "ASPPv2", "ASPP_L", "ASPP_S", "AtrousConv2dReLU", "DenseCRF", "CRFPreset", "PRESETS"]

@@ -1,0 +1,1 @@
+"""Triton kernels (optional: used when triton is installed). See deeplab_fast.ops.aspp."""
