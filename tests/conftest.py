@@ -5,11 +5,25 @@
   call (the extension reads it once).
 - ``densecrf_data``: the folder of real photos and pydensecrf reference outputs (../shared/data/densecrf
   beside the repository); tests that need it skip when it is missing.
+- Without a GPU, TRITON_INTERPRET=1: the Triton kernels (deeplab_fast/triton/) run in triton's interpreter on CPU
+  tensors. It must be set before deeplab_fast (and so the kernels) is imported.
+- torchvision (the reference for the ASPP and model tests) cannot load its C ops with the CPU torch wheel; its
+  Python model code needs none of them, and with that wheel an empty module in place of
+  ``torchvision._meta_registrations`` keeps ``import torchvision`` from registering them.
 """
 import os
+import sys
+import types
 from pathlib import Path
 
 os.environ.setdefault("DEEPLAB_FAST_POISON", "1")
+
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+if torch.version.cuda is None:  # the CPU wheel: torchvision's C ops cannot load
+    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
