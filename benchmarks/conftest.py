@@ -82,6 +82,87 @@ def record(benchmark, group: str, impl: str, threads: int | None = None, *, devi
                                                target_ms=target_ms, extra=info)
 
 
+# ---- GPU timing, shared by the benchmark files ----
+
+
+def cuda_timed(benchmark, fn, rounds: int, warmup_rounds: int):
+    """benchmark.pedantic over fn, each call between two CUDA events on the current stream and synchronised.
+    Returns (fn's last result, per-call event times in seconds without the warm-ups; empty when benchmarks are
+    disabled). The start event is recorded before the host launches anything, so the time includes the host's
+    launch work as well as the GPU's, as a caller waiting for the result sees it."""
+    times = []
+
+    def call():
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+        return out
+
+    out = benchmark.pedantic(call, rounds=rounds, warmup_rounds=warmup_rounds)
+    return out, ([] if benchmark.disabled else times[warmup_rounds:warmup_rounds + rounds])
+
+
+def event_times(fn, rounds: int, warmup_rounds: int = 1) -> list:
+    """Per-call CUDA event times in seconds, each call synchronised (outside pytest-benchmark)."""
+    for _ in range(warmup_rounds):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return times
+
+
+def queued_times(fn, rounds: int) -> list:
+    """Per-call CUDA event times in seconds of calls queued back to back, one synchronisation at the end: the
+    GPU's time per call when the host keeps ahead of it (as triton.testing.do_bench measures)."""
+    torch.cuda.synchronize()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(rounds)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return [start.elapsed_time(end) / 1e3 for start, end in events]
+
+
+def max_autotune_peer(module, x):
+    """(fn, compile seconds) for torch.compile(module, mode="max-autotune") on input x: fn runs one compiled call
+    (marking a CUDA-graph step). The first call (the compile) runs here, under no_grad; a compile error raises."""
+    torch._dynamo.reset()  # a fresh cache: every case recompiles the module for its shapes
+    compiled = torch.compile(module, mode="max-autotune")
+
+    def fn():
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled(x)
+
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        fn()
+    torch.cuda.synchronize()
+    return fn, time.perf_counter() - t0
+
+
+def one_gpu_case(cache: dict, case: str, build):
+    """cache[case], built by build() on first use. Only one case is kept: the rows of a case run one after
+    another, so a new case first drops the previous one's tensors and compiled graphs."""
+    if case not in cache:
+        if cache:
+            cache.clear()
+            torch._dynamo.reset()
+            torch.cuda.empty_cache()
+        cache[case] = build()
+    return cache[case]
+
+
 def _ratio(a, b):
     return a / b if (a and b) else None
 

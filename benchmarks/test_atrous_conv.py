@@ -57,7 +57,6 @@ import math
 import os
 import re
 import statistics
-import time
 
 import pytest
 import torch
@@ -68,7 +67,8 @@ import deeplab_fast  # noqa: F401
 from deeplab_fast.nn import AtrousConv2dReLU
 from deeplab_fast.ops import atrous_conv2d, atrous_conv2d_plan
 
-from conftest import RESULTS, gpu_description, gpu_name, record
+from conftest import (RESULTS, cuda_timed, event_times, gpu_description, gpu_name, max_autotune_peer,
+                      one_gpu_case, queued_times, record)
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
 
@@ -164,12 +164,10 @@ _gpu_cache: dict = {}
 def gpu_problem(case: str) -> dict:
     """The case's module, folded module, input and float64 reference output, on the GPU (one case kept at a
     time: the rows of a case run one after another)."""
-    if case in _gpu_cache:
-        return _gpu_cache[case]
-    if _gpu_cache:
-        _gpu_cache.clear()
-        torch._dynamo.reset()
-        torch.cuda.empty_cache()
+    return one_gpu_case(_gpu_cache, case, lambda: _build_gpu_problem(case))
+
+
+def _build_gpu_problem(case: str) -> dict:
     c = GPU_CASES[case]
     N, C, K, d, H, W = c["N"], c["C"], c["K"], c["dilation"], c["H"], c["W"]
     seed = sum(map(ord, case))
@@ -193,57 +191,8 @@ def gpu_problem(case: str) -> dict:
     x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         ref = copy.deepcopy(seq).to(torch.float64)(x.to(torch.float64))
-    _gpu_cache[case] = dict(c, case=case, seq=seq, fused=fused, weight=weight, bias=bias, x=x, ref=ref,
+    return dict(c, case=case, seq=seq, fused=fused, weight=weight, bias=bias, x=x, ref=ref,
                             P=ref.shape[2], Q=ref.shape[3])
-    return _gpu_cache[case]
-
-
-def cuda_timed(benchmark, fn, rounds: int, warmup_rounds: int = GPU_WARMUP_ROUNDS):
-    """benchmark.pedantic over fn, each call between two CUDA events on the current stream and synchronised.
-    Returns (fn's last result, per-call event times in seconds without the warm-ups; empty when benchmarks are
-    disabled). As test_crf_fps.py's: the start event is recorded before the host launches anything."""
-    times = []
-
-    def call():
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        out = fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-        return out
-
-    out = benchmark.pedantic(call, rounds=rounds, warmup_rounds=warmup_rounds)
-    return out, ([] if benchmark.disabled else times[warmup_rounds:warmup_rounds + rounds])
-
-
-def event_times(fn, rounds: int, warmup_rounds: int = 1) -> list:
-    """Per-call CUDA event times in seconds, each call synchronised (outside pytest-benchmark)."""
-    for _ in range(warmup_rounds):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return times
-
-
-def queued_times(fn, rounds: int) -> list:
-    """Per-call CUDA event times in seconds of calls queued back to back, one synchronisation at the end: the
-    GPU's time per call when the host keeps ahead of it."""
-    torch.cuda.synchronize()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(rounds)]
-    for start, end in events:
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return [start.elapsed_time(end) / 1e3 for start, end in events]
 
 
 def gpu_call(impl: str, p: dict):
@@ -257,21 +206,10 @@ def gpu_call(impl: str, p: dict):
     if impl == PEER_COMPILE:
         if no_compile():
             _skip_peer(p, impl, "DEEPLAB_FAST_BENCH_NO_COMPILE is set")
-        torch._dynamo.reset()  # a fresh cache: every case recompiles nn.Sequential.forward for its shapes
-        compiled = torch.compile(p["seq"], mode="max-autotune")
-
-        def fn():
-            torch.compiler.cudagraph_mark_step_begin()
-            return compiled(x)
-
-        t0 = time.perf_counter()
         try:
-            with torch.no_grad():
-                fn()
-            torch.cuda.synchronize()
+            fn, info["compile_s"] = max_autotune_peer(p["seq"], x)
         except Exception as e:  # noqa: BLE001 - any compile failure skips this row only
             _skip_peer(p, impl, f"torch.compile failed: {type(e).__name__}: {str(e)[:300]}")
-        info["compile_s"] = time.perf_counter() - t0
         return fn, info
     return (lambda: atrous_conv2d(x, w, b, None, 1, d, d, True)), info
 
@@ -358,7 +296,7 @@ def test_cuda_atrous_conv(benchmark, cudnn_benchmark, case, impl):
         if not benchmark.disabled:
             est = statistics.median(event_times(fn, rounds=3))
             rounds = int(min(200, max(20, GPU_ROW_SECONDS / max(est, 1e-6))))
-        _, times = cuda_timed(benchmark, fn, rounds=rounds)
+        _, times = cuda_timed(benchmark, fn, rounds=rounds, warmup_rounds=GPU_WARMUP_ROUNDS)
         if times:
             info["queued_median_ms"] = 1e3 * statistics.median(queued_times(fn, rounds))
     median = statistics.median(times) if times else None

@@ -33,7 +33,7 @@ import torch
 import deeplab_fast  # noqa: F401
 from deeplab_fast.ops import dense_crf
 
-from conftest import gpu_description, record
+from conftest import cuda_timed, event_times, gpu_description, record
 
 try:
     import pydensecrf.densecrf as dcrf
@@ -220,41 +220,6 @@ def check_marginals(q: torch.Tensor, case: str) -> dict:
     return dict(checked_against=against, max_abs_dq=diff, argmax_agreement=agree)
 
 
-def cuda_timed(benchmark, fn, rounds: int, warmup_rounds: int = GPU_WARMUP_ROUNDS):
-    """benchmark.pedantic over fn, each call between two CUDA events on the current stream and synchronised.
-    Returns (fn's last result, per-call event times in seconds without the warm-ups; empty when benchmarks are
-    disabled). The start event is recorded before the host launches anything, so the time includes the host's
-    launch work as well as the GPU's, as a caller waiting for the result sees it."""
-    times = []
-
-    def call():
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        out = fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-        return out
-
-    out = benchmark.pedantic(call, rounds=rounds, warmup_rounds=warmup_rounds)
-    return out, ([] if benchmark.disabled else times[warmup_rounds:warmup_rounds + rounds])
-
-
-def event_times(fn, rounds: int, warmup_rounds: int = 3) -> list:
-    """Per-call CUDA event times in seconds, outside pytest-benchmark (for the one-iteration reference)."""
-    for _ in range(warmup_rounds):
-        fn()
-    times = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return times
-
-
 # ---- the memory-bandwidth floor of one mean-field iteration ----
 
 
@@ -317,7 +282,7 @@ def copy_bandwidth(nbytes: int = 1 << 29) -> float:
     """Device-to-device copy bandwidth in bytes per second, counting bytes read and written (CUDA events)."""
     x = torch.empty(nbytes // 4, device="cuda")
     y = torch.empty_like(x)
-    return 2 * nbytes / statistics.median(event_times(lambda: y.copy_(x), rounds=10))
+    return 2 * nbytes / statistics.median(event_times(lambda: y.copy_(x), rounds=10, warmup_rounds=3))
 
 
 def default_kernel_features(img: np.ndarray, k: dict) -> list:
@@ -373,11 +338,11 @@ def _cuda_row(benchmark, case: str, impl: str) -> None:
         return dense_crf(unary, image, iterations=iterations, **p["k"])
 
     found = check_marginals(fn(), case)  # also the first warm-up call
-    q, times = cuda_timed(benchmark, fn, rounds=p["rounds"][0])
+    q, times = cuda_timed(benchmark, fn, rounds=p["rounds"][0], warmup_rounds=GPU_WARMUP_ROUNDS)
     found = check_marginals(q, case)  # and after the timed calls (graph replays)
     info = dict(found)
     if times and case == "500x375-default":
-        one = statistics.median(event_times(lambda: fn(1), rounds=50))
+        one = statistics.median(event_times(lambda: fn(1), rounds=50, warmup_rounds=3))
         terms = [(f.shape[0], lattice_points(f)) for f in default_kernel_features(p["imgs"][0], p["k"])]
         floor = iteration_floor(p["H"] * p["W"], p["labels"], terms, copy_bandwidth())
         floor.update(per_iteration_us=1e6 * (statistics.median(times) - one) / (ITERATIONS - 1),
