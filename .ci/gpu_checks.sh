@@ -7,8 +7,8 @@
 #               reports the Python packages still missing (pydensecrf2, pytest-benchmark, scikit-image)
 #   build       pip install --no-build-isolation -v -e . ; the log must say "building CUDA + CPU extension",
 #               and the ops must have CUDA kernels
-#   cuda-tests  pytest tests/test_dense_crf_cuda.py tests/test_atrous_conv_cuda.py (some test must pass:
-#               all-skipped is a failure)
+#   cuda-tests  pytest tests/test_dense_crf_cuda.py tests/test_atrous_conv_cuda.py tests/test_aspp_cuda.py
+#               (some test must pass: all-skipped is a failure)
 #   tests       the full pytest
 #   sanitize    compute-sanitizer memcheck (PYTORCH_NO_CUDA_MEMORY_CACHING=1) and racecheck on
 #               tests/cuda/sanitize_dense_crf.py and tests/cuda/sanitize_atrous_conv.py; initcheck and synccheck
@@ -102,6 +102,8 @@ step_env() {
   pyok "import skimage.data" || missing+=("scikit-image: no benchmarks, the photo tests skip")
   pyok "import pydensecrf.densecrf" || missing+=("pydensecrf2: GPU checked against the CPU op only; no pydensecrf2 row")
   pyok "import cutlass_library" || missing+=("nvidia-cutlass (carry its wheel): the CUDA build needs the CUTLASS headers")
+  pyok "import triton" || missing+=("triton: the ASPP kernels are skipped")
+  pyok "import torchvision" || missing+=("torchvision: no ASPP reference")
   [[ -n "$(sanitizer_bin)" ]] || missing+=("compute-sanitizer")
   if [[ ${#missing[@]} -gt 0 ]]; then
     printf 'MISSING: %s\n' "${missing[@]}" | tee -a "$LOGS/env.log"
@@ -188,8 +190,9 @@ run_pytest() {
 }
 
 step_cuda_tests() {
-  begin "cuda-tests: pytest tests/test_dense_crf_cuda.py tests/test_atrous_conv_cuda.py"
-  run_pytest cuda-tests tests/test_dense_crf_cuda.py tests/test_atrous_conv_cuda.py -q -rfEs --durations=10
+  begin "cuda-tests: pytest tests/test_*_cuda.py"
+  run_pytest cuda-tests tests/test_dense_crf_cuda.py tests/test_atrous_conv_cuda.py tests/test_aspp_cuda.py -q -rfEs \
+    --durations=10
 }
 
 step_tests() {
