@@ -1109,3 +1109,17 @@ def test_v2_bad_input(mutate, match):
     for fn in (m, m.fused_forward):
         with pytest.raises(ValueError, match=match):
             fn(x)
+
+
+@needs_interpreter
+def test_fused_forward_in_inference_mode():
+    """Inference tensors have no version counter: the fold cache must step aside, not fail."""
+    C, CB, rates = 8, 16, (1, 2, 3)
+    with torch.inference_mode():
+        m = randomize_(ASPP(C, rates, CB), 31).eval()
+        x = random_input(1, C, 5, 6, seed=32)
+        out = m.fused_forward(x)
+        out2 = m.fused_forward(x)
+    ref = aspp_eval_reference(m, x, rates)
+    assert_matches(out, ref, TOL[torch.float32], "fused in inference_mode")
+    assert torch.equal(out, out2)

@@ -70,7 +70,10 @@ def _bn_fold(bn: nn.modules.batchnorm._BatchNorm):
     return scale, shift
 
 
-def _version_key(*tensors) -> tuple:
+def _version_key(*tensors):
+    """The tensors' identities and version counters, or None when one has no counter (an inference tensor)."""
+    if any(t.is_inference() for t in tensors):
+        return None
     return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
 
 
@@ -204,8 +207,9 @@ class ASPP(nn.Module):
 
     def _use_fused(self, x: torch.Tensor) -> bool:
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-        return (x.is_cuda and x.dtype in _FUSED_DTYPES and not any(m.training for m in self.modules())
-                and not needs_grad and not self.separable and _aspp_ops.HAVE_TRITON and self._bn_have_stats())
+        return (x.is_cuda and x.dtype in _FUSED_DTYPES and not torch.is_autocast_enabled("cuda")
+                and not any(m.training for m in self.modules()) and not needs_grad and not self.separable
+                and _aspp_ops.HAVE_TRITON and self._bn_have_stats())
 
     def _bn_have_stats(self) -> bool:
         return all(m.track_running_stats and m.running_mean is not None
@@ -228,16 +232,19 @@ class ASPP(nn.Module):
         torch.compile)."""
         conv, bn = self.convs[i][0], self.convs[i][1]
         tracked = [t for t in (bn.weight, bn.bias, bn.num_batches_tracked) if t is not None]
-        key = _version_key(conv.weight, bn.running_mean, bn.running_var, *tracked) + (dtype,)
-        compiling = torch.compiler.is_compiling()
-        hit = None if compiling else self._fold_cache.get(i)
-        if hit is not None and hit[0] == key:
-            return hit[1]
+        key = None
+        if not torch.compiler.is_compiling():  # no version reads while tracing
+            key = _version_key(conv.weight, bn.running_mean, bn.running_var, *tracked)
+        if key is not None:
+            key += (dtype,)
+            hit = self._fold_cache.get(i)
+            if hit is not None and hit[0] == key:
+                return hit[1]
         scale, shift = _bn_fold(bn)
         weight = (conv.weight.float() * scale.view(-1, 1, 1, 1)).to(dtype)
         weight = weight.contiguous(memory_format=torch.channels_last)
         folded = (weight, shift.to(dtype))
-        if not compiling:
+        if key is not None:
             self._fold_cache[i] = (key, folded)
         return folded
 
@@ -252,6 +259,7 @@ class ASPP(nn.Module):
             raise ValueError("ASPP.fused_forward: needs the standard (non-separable) branches and BN running "
                              "statistics")
         dtype = x.dtype
+        x = x.contiguous(memory_format=torch.channels_last)  # the fast layout of the convs and the kernel
         # The four spatial branches, pre-activation (their ReLU is applied by the projection kernel on load).
         branches = []
         for i in range(4):
@@ -260,7 +268,7 @@ class ASPP(nn.Module):
             branches.append(atrous_conv2d(x, weight, shift, None, 1, 0 if i == 0 else rate, rate, relu=False))
         # Image pooling: a per-image vector through its columns of the projection weight (float32).
         pool_conv, pool_bn = self.convs[4][1], self.convs[4][2]
-        pooled = x.float().mean(dim=(2, 3))                                          # [N, C_in]
+        pooled = x.mean(dim=(2, 3), dtype=torch.float32)                             # [N, C_in]
         ps, pt = _bn_fold(pool_bn)
         pooled = torch.relu(pooled @ pool_conv.weight.float().flatten(1).t() * ps + pt)   # [N, C_b]
         proj_w = self.project[0].weight.flatten(1)                                    # [C_out, 5 C_b]
@@ -341,8 +349,8 @@ class ASPPv2(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.in_channels, "ASPPv2")
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-        if (x.is_cuda and x.dtype in _FUSED_DTYPES and not needs_grad and len(self.atrous_rates) == 4
-                and _aspp_ops.HAVE_TRITON):
+        if (x.is_cuda and x.dtype in _FUSED_DTYPES and not torch.is_autocast_enabled("cuda") and not needs_grad
+                and len(self.atrous_rates) == 4 and _aspp_ops.HAVE_TRITON):
             return self.fused_forward(x)
         return self.reference_forward(x)
 
@@ -358,6 +366,7 @@ class ASPPv2(nn.Module):
             raise RuntimeError("ASPPv2.fused_forward needs triton (pip install triton)")
         if len(self.atrous_rates) != 4:
             raise ValueError(f"ASPPv2.fused_forward: needs 4 branches, has {len(self.atrous_rates)}")
+        x = x.contiguous(memory_format=torch.channels_last)
         outs = [atrous_conv2d(x, conv.weight.to(x.dtype), None, None, 1, r, r, relu=False)
                 for conv, r in zip(self.branches(), self.atrous_rates)]
         bias = sum(conv.bias.float() for conv in self.branches())

@@ -11,6 +11,7 @@ not exist, and the ASPP modules take their plain-torch path. On CPU tensors the 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -66,10 +67,16 @@ def _check_vector(v: torch.Tensor, name: str, op: str, n: int, ref: torch.Tensor
 
 
 def _precision(dtype: torch.dtype) -> str:
-    """tl.dot's input precision: float32 follows torch.backends.cuda.matmul.allow_tf32, as torch's matmuls do."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    """tl.dot's input precision: float32 follows torch.backends.cudnn.allow_tf32, as the 1x1 convolution this
+    GEMM replaces (and deeplab_fast's atrous conv) does; 16-bit inputs ignore it."""
+    if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
         return "ieee"
     return "tf32"
+
+
+def _on_device(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensors' one."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 if HAVE_TRITON:
@@ -97,13 +104,14 @@ if HAVE_TRITON:
         def grid(meta):
             return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(cout, meta["BLOCK_N"]))
 
-        torch.library.wrap_triton(_kernels.aspp_project_kernel)[grid](
-            b0, b1, b2, b3, weight, pool_bias, scale.contiguous(), shift.contiguous(), out,
-            m, h * w, w, cout, cb,
-            b0.stride(0), b0.stride(1), b0.stride(2), b0.stride(3),
-            weight.stride(0), weight.stride(1),
-            out.stride(0), out.stride(1), out.stride(2), out.stride(3),
-            INPUT_PRECISION=_precision(b0.dtype))
+        with _on_device(b0):
+            torch.library.wrap_triton(_kernels.aspp_project_kernel)[grid](
+                b0, b1, b2, b3, weight, pool_bias, scale.contiguous(), shift.contiguous(), out,
+                m, h * w, w, cout, cb, int(m).bit_length(),
+                b0.stride(0), b0.stride(1), b0.stride(2), b0.stride(3),
+                weight.stride(0), weight.stride(1),
+                out.stride(0), out.stride(1), out.stride(2), out.stride(3),
+                INPUT_PRECISION=_precision(b0.dtype))
         return out
 
     @torch.library.triton_op("deeplab_fast::aspp_sum", mutates_args=())
@@ -120,10 +128,16 @@ if HAVE_TRITON:
         def grid(meta):
             return (triton.cdiv(total, meta["BLOCK"]),)
 
-        torch.library.wrap_triton(_kernels.aspp_sum_kernel)[grid](
-            b0, b1, b2, b3, bias.contiguous(), out, total, c, h * w, w,
-            b0.stride(0), b0.stride(1), b0.stride(2), b0.stride(3),
-            out.stride(0), out.stride(1), out.stride(2), out.stride(3), BLOCK=block)
+        with _on_device(b0):
+            if b0.stride() == out.stride():  # dense branches in the output's layout: flat indexing
+                torch.library.wrap_triton(_kernels.aspp_sum_flat_kernel)[grid](
+                    b0, b1, b2, b3, bias.contiguous(), out, total, c, out.stride(1), BLOCK=block,
+                    INDEX_64=total >= 2**31)
+            else:
+                torch.library.wrap_triton(_kernels.aspp_sum_kernel)[grid](
+                    b0, b1, b2, b3, bias.contiguous(), out, total, c, h * w, w,
+                    b0.stride(0), b0.stride(1), b0.stride(2), b0.stride(3),
+                    out.stride(0), out.stride(1), out.stride(2), out.stride(3), BLOCK=block)
         return out
 
     # Fake kernels: shapes, dtypes and strides only (FakeTensor, torch.compile), without running a kernel.
@@ -177,7 +191,8 @@ def aspp_project(branches, weight: torch.Tensor, pool_bias: torch.Tensor, scale:
     Returns:
         Tensor[N, C_out, H, W] of the branches' dtype (channels_last when they are):
         ``relu((sum_b relu(branch_b) @ W_b^T + pool_bias) * scale + shift)``, accumulated in float32
-        (float32 inputs use TF32 when ``torch.backends.cuda.matmul.allow_tf32`` is set).
+        (float32 inputs use TF32 when ``torch.backends.cudnn.allow_tf32`` is set, as for the 1x1 conv it
+        replaces).
 
     Raises ValueError on mismatched shapes, dtypes or devices; RuntimeError without triton.
     """

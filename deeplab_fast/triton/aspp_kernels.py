@@ -21,14 +21,15 @@ import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# Tile candidates for the projection GEMM (M = pixels, N = output channels, K = branch channels per step).
-# triton.autotune picks one per (M, COUT, CB, dtype) on the GPU; the interpreter takes the first.
+# Tile candidates for the projection GEMM (M = pixels, N = output channels, K = branch channels per step); none
+# spills registers on sm_90 (triton 3.6 and 3.9, offline compile checks). triton.autotune picks one per
+# (M bucket, COUT, CB, dtypes) on the GPU; the interpreter takes its single config.
 _PROJECT_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=2, num_stages=4),
 ]
 if _INTERPRET:
@@ -55,14 +56,16 @@ def _accumulate_branch(acc, b_ptr, row_off, row_mask, w_ptr, w_base, cols, col_m
         k_mask = k < CB
         a = tl.load(b_ptr + row_off[:, None] + k[None, :].to(tl.int64) * s_c,
                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        a = tl.maximum(a, tl.zeros_like(a))  # the branch's ReLU, on load
+        # The branch's ReLU, on load; NaN passes, as torch.relu. The cast back matters: triton 3.6's tl.maximum
+        # promotes bf16 to float32, which would turn the dot into a TF32 one.
+        a = tl.maximum(a, tl.zeros_like(a), propagate_nan=tl.PropagateNan.ALL).to(b_ptr.dtype.element_ty)
         b = tl.load(w_ptr + (w_base + k)[:, None].to(tl.int64) * w_s_in + cols[None, :].to(tl.int64) * w_s_out,
                     mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        acc = tl.dot(a, b.to(a.dtype), acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(a, b.to(b_ptr.dtype.element_ty), acc, input_precision=INPUT_PRECISION)
     return acc
 
 
-@triton.autotune(configs=_PROJECT_CONFIGS, key=["M", "COUT", "CB"])
+@triton.autotune(configs=_PROJECT_CONFIGS, key=["M_BUCKET", "COUT", "CB"])
 @triton.jit
 def aspp_project_kernel(
     b0_ptr, b1_ptr, b2_ptr, b3_ptr,     # the four spatial branches, [N, CB, H, W], pre-activation, shared strides
@@ -71,6 +74,7 @@ def aspp_project_kernel(
     scale_ptr, shift_ptr,               # [COUT] float32: the projection BN, folded
     out_ptr,                            # [N, COUT, H, W]
     M, HW, W, COUT, CB,
+    M_BUCKET,                           # M's bit length: the autotune key (a new image size re-tunes only per 2x)
     s_n, s_c, s_h, s_w,                 # branch strides (elements)
     w_s_out, w_s_in,                    # weight strides
     o_n, o_c, o_h, o_w,                 # output strides
@@ -100,7 +104,7 @@ def aspp_project_kernel(
     scale = tl.load(scale_ptr + cols, mask=col_mask, other=0.0)
     shift = tl.load(shift_ptr + cols, mask=col_mask, other=0.0)
     y = (acc + pool) * scale[None, :] + shift[None, :]
-    y = tl.maximum(y, tl.zeros_like(y))
+    y = tl.maximum(y, tl.zeros_like(y), propagate_nan=tl.PropagateNan.ALL)
     out_off, _ = _pixel_offsets(rows, HW, W, o_n, o_h, o_w)
     tl.store(out_ptr + out_off[:, None] + cols[None, :].to(tl.int64) * o_c, y.to(out_ptr.dtype.element_ty),
              mask=mask)
@@ -132,3 +136,27 @@ def aspp_sum_kernel(
     acc += tl.load(b2_ptr + off, mask=mask, other=0.0).to(tl.float32)
     acc += tl.load(b3_ptr + off, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + n * o_n + h * o_h + w * o_w + c * o_c, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def aspp_sum_flat_kernel(
+    b0_ptr, b1_ptr, b2_ptr, b3_ptr,     # four dense branches with the output's strides (NCHW or channels_last)
+    bias_ptr,                           # [C] float32
+    out_ptr,
+    TOTAL, C, s_c,                      # elements, channels, the channel stride
+    BLOCK: tl.constexpr, INDEX_64: tl.constexpr,
+):
+    """The dense fast path of aspp_sum: storage offset i is the same element in every tensor, and its channel
+    is (i // s_c) % C in either dense layout; 32-bit index maths unless the tensors need 64."""
+    if INDEX_64:
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    else:
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < TOTAL
+    c = (i // s_c) % C
+    acc = tl.load(bias_ptr + c, mask=mask, other=0.0)
+    acc += tl.load(b0_ptr + i, mask=mask, other=0.0).to(tl.float32)
+    acc += tl.load(b1_ptr + i, mask=mask, other=0.0).to(tl.float32)
+    acc += tl.load(b2_ptr + i, mask=mask, other=0.0).to(tl.float32)
+    acc += tl.load(b3_ptr + i, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + i, acc.to(out_ptr.dtype.element_ty), mask=mask)
