@@ -9,6 +9,7 @@ import torch  # noqa: F401  (loads libtorch before our extension)
 
 from . import _C  # noqa: F401  (registers torch.ops.deeplab_fast.*)
 from . import ops, nn
+from .optimize import optimize
 
 __version__ = "0.1.0"
-__all__ = ["ops", "nn", "__version__"]
+__all__ = ["ops", "nn", "optimize", "__version__"]
