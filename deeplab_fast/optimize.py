@@ -79,6 +79,9 @@ _BODY_BOTTLENECK = _BODY_BASIC + ("relu", "conv3", "bn3")
 _RESNET_BLOCKS = {
     (_TV_RESNET, "BasicBlock"): _BODY_BASIC,
     (_TV_RESNET, "Bottleneck"): _BODY_BOTTLENECK,
+    # deeplab_fast.models' own block: torchvision's names and forward (also in its Caffe style, where the
+    # stride sits in conv1: the body is laid out from the block's own convs either way).
+    ("deeplab_fast.models.backbones", "Bottleneck"): _BODY_BOTTLENECK,
 }
 _TV_UTILS = "torchvision.models._utils"
 # Layer types whose settings must agree between a torchvision ASPP and ours for the swap.

@@ -427,3 +427,47 @@ def test_aspp_not_swappable_gets_its_chains_fused():
     assert count(opt, AtrousConv2dReLU) == 5  # 1x1, 2 atrous, pooling, projection
     assert count(opt, nn.BatchNorm2d) == 0
     assert_matches(run(opt, x), ref, 1e-5, "ASPP with 2 rates")
+
+
+# ---- deeplab_fast's own models -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("deeplab_v1_largefov", {}),
+    ("deeplab_v1_msc_largefov", {}),
+    ("deeplab_v2_resnet101", {"msc": True}),
+    ("deeplab_v3_resnet50", {"aux_loss": True}),
+    ("deeplab_v3_resnet50", {"head": "paper", "output_stride": 16}),
+])
+def test_optimize_deeplab_fast_models(name, kwargs):
+    """optimize() on this library's models: the same eval outputs, with their conv chains and ResNet blocks
+    fused (BN statistics randomised so that folding matters)."""
+    from deeplab_fast import models
+    from deeplab_fast.models.backbones import Bottleneck
+
+    torch.manual_seed(0)
+    model = models.get_model(name, num_classes=5, **kwargs)
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    model.eval()
+    fast = optimize(model)
+    x = torch.randn(1, 3, 49, 57, generator=g)
+    with torch.no_grad():
+        ref, out = model(x), fast(x)
+    refs = ref if isinstance(ref, dict) else {"out": ref}
+    outs = out if isinstance(out, dict) else {"out": out}
+    assert refs.keys() == outs.keys()
+    for k in refs:
+        scale = refs[k].abs().max().item()
+        assert scale > 0
+        assert (outs[k] - refs[k]).abs().max().item() <= 1e-4 * scale, k
+    fused = sum(isinstance(m, AtrousConv2dReLU) for m in fast.modules())
+    assert fused > 0
+    if "resnet" in name:
+        assert not any(isinstance(m, Bottleneck) for m in fast.modules()), "ResNet blocks left unfused"
