@@ -5,6 +5,8 @@ Usage::
     deeplab-fast crf IMAGE ANNO OUT [options]     refine a coarse colour annotation of a photo
     deeplab-fast crf IMAGES/ ANNOS/ OUT/ [options] the same for every image of a folder
     deeplab-fast demo                              refine the bundled example photo
+    deeplab-fast segment IMAGE... --weights FILE   segment photos with a DeepLab model (see cli_models.py)
+    deeplab-fast bench                             images/s of the DeepLab models
     python -m deeplab_fast ...                     the same as ``deeplab-fast ...``
 
 ``crf`` reproduces pydensecrf's ``examples/inference.py`` (its generic ``DenseCRF`` branch) pixel for pixel:
@@ -579,7 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="deeplab_fast command-line tool: dense CRF refinement of segmentations.",
+        description="deeplab_fast command-line tool: DeepLab segmentation and dense CRF refinement.",
         epilog="Run 'deeplab-fast COMMAND --help' for a command's options. 'python -m deeplab_fast' is "
                "the same as 'deeplab-fast'.",
     )
@@ -627,6 +629,10 @@ def build_parser() -> argparse.ArgumentParser:
                                       f"{DEMO_OVERLAY} (photo | annotation | result) into the current "
                                       f"folder.")
     demo.set_defaults(run=_run_demo)
+
+    from .cli_models import add_parsers
+
+    add_parsers(sub)
     return parser
 
 
@@ -639,7 +645,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     if args.command is None:
         parser.print_help(sys.stderr)
-        print(f"\n{PROG}: error: a command is required (crf or demo)", file=sys.stderr)
+        print(f"\n{PROG}: error: a command is required (crf, demo, segment or bench)", file=sys.stderr)
         return 2
 
     import torch
