@@ -32,7 +32,8 @@ from deeplab_fast.nn import DenseCRF
 from conftest import cuda_timed, gpu_description, record
 
 SIZE, SMOKE_SIZE = 513, 65
-BATCHES = (1, 16)
+# DEEPLAB_FAST_BENCH_BATCHES="1" (comma-separated) limits the batch sizes, e.g. for a quick CPU run.
+BATCHES = tuple(int(b) for b in os.environ.get("DEEPLAB_FAST_BENCH_BATCHES", "1,16").split(","))
 NUM_CLASSES = 21
 OURS, PLAIN, TORCHVISION, CRF = "deeplab_fast (optimize)", "plain torch", "torchvision", "deeplab_fast + dense CRF"
 TV_COMPILED = "torchvision (max-autotune)"

@@ -102,7 +102,7 @@ def load_model(name: str, weights: str, num_classes: int | None = None):
         state = models.load_checkpoint(weights)
     except (FileNotFoundError, ValueError, OSError, RuntimeError) as exc:
         raise CLIError(f"--weights {weights!r}: {exc}") from None
-    if any(k.startswith("base.") or k.startswith("layer1.conv1.conv") for k in state):
+    if models.is_kazuto_deeplabv2(state):
         state = models.convert_kazuto_deeplabv2(state)
     classes = num_classes or _num_classes(state)
     if classes is None:
@@ -113,10 +113,10 @@ def load_model(name: str, weights: str, num_classes: int | None = None):
         kwargs["aux_loss"] = True
     model = models.get_model(name, **kwargs)
     try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
+        models.load_weights(model, state, strict=True)
+    except (ValueError, RuntimeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else ""
-        raise CLIError(f"--weights {weights!r} does not fit --model {name} ({first} ...)\n{WEIGHTS_HELP}") from None
+        raise CLIError(f"--weights {weights!r} does not fit --model {name}: {first}\n{WEIGHTS_HELP}") from None
     return model.eval()
 
 
