@@ -106,19 +106,11 @@ def cuda_timed(benchmark, fn, rounds: int, warmup_rounds: int):
 
 
 def event_times(fn, rounds: int, warmup_rounds: int = 1) -> list:
-    """Per-call CUDA event times in seconds, each call synchronised (outside pytest-benchmark)."""
-    for _ in range(warmup_rounds):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return times
+    """Per-call CUDA event times in seconds, each call synchronised (outside pytest-benchmark): the package's
+    own timer, as ``deeplab-fast bench`` uses it."""
+    from deeplab_fast.cli_models import time_per_call
+
+    return time_per_call(fn, torch.device("cuda"), rounds, warmup_rounds)
 
 
 def queued_times(fn, rounds: int) -> list:

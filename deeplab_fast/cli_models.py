@@ -291,6 +291,8 @@ def time_per_call(fn, device, repeat: int, warmup: int = 1) -> list[float]:
 
     for _ in range(warmup):
         fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     times = []
     for _ in range(repeat):
         if device.type == "cuda":

@@ -40,8 +40,8 @@ import deeplab_fast.nn.aspp as aspp_module
 import deeplab_fast.ops.aspp as aspp_ops
 from deeplab_fast.nn import ASPP, ASPP_L, ASPP_S, ASPPv2
 from deeplab_fast.ops.aspp import aspp_project, aspp_sum
+from helpers import F64, assert_matches, randomize_, seeded, signed_uniform  # noqa: E402
 
-F64 = torch.float64
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 PROJECT_OP = torch.ops.deeplab_fast.aspp_project
 SUM_OP = torch.ops.deeplab_fast.aspp_sum
@@ -62,21 +62,8 @@ OPCHECK_CPU = ("test_schema", "test_autograd_registration", "test_faketensor")
 # Helpers
 
 
-def seeded(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
-def assert_matches(out, ref, tol, what=""):
-    """Per element |out - ref| <= tol * (max|ref| + |ref|), out finite (not NaN-poisoned), ref not all zero."""
-    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} vs {tuple(ref.shape)}"
-    assert torch.isfinite(out).all(), f"{what}: output has unwritten (NaN-poisoned) or non-finite elements"
-    ref = ref.detach().double()
-    mag = ref.abs().max().item()
-    assert mag > 0, f"{what}: the reference is all zeros: the test would be vacuous"
-    err = (out.detach().double() - ref).abs()
-    bad = err > tol * (mag + ref.abs())
-    assert not bad.any(), (f"{what}: {int(bad.sum())} elements off; max |out - ref| = {err.max().item():.3g}, "
-                           f"max |ref| = {mag:.3g}, tol {tol:g}")
 
 
 def assert_relu_clips_and_keeps(t, what="output"):
@@ -85,31 +72,8 @@ def assert_relu_clips_and_keeps(t, what="output"):
     assert (t > 0).any(), f"{what}: ReLU kept nothing: the test does not exercise it"
 
 
-def signed_uniform(n, g, lo=0.5, hi=1.5, negative=0.2):
-    """n values with |v| in [lo, hi], about `negative` of them negative (as a BN gamma may be)."""
-    sign = 1 - 2 * (torch.rand(n, generator=g, dtype=F64) < negative).to(F64)
-    return (torch.rand(n, generator=g, dtype=F64) * (hi - lo) + lo) * sign
 
 
-def randomize_(module: nn.Module, seed: int) -> nn.Module:
-    """Random conv weights (N(0, 1/fan_in): O(1) outputs), conv biases, BN gammas (+-[0.5, 1.5]), betas, running
-    means, running variances ([0.4, 2]) and num_batches_tracked, in place, so that BN folding matters."""
-    g = seeded(seed)
-    with torch.no_grad():
-        for mod in module.modules():
-            if isinstance(mod, nn.Conv2d):
-                fan_in = mod.weight[0].numel()
-                mod.weight.copy_(torch.randn(mod.weight.shape, generator=g, dtype=F64) / math.sqrt(fan_in))
-                if mod.bias is not None:
-                    mod.bias.copy_(torch.randn(mod.bias.shape, generator=g, dtype=F64) * 0.3)
-            elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
-                n = mod.num_features
-                mod.weight.copy_(signed_uniform(n, g))
-                mod.bias.copy_(torch.randn(n, generator=g, dtype=F64) * 0.3)
-                mod.running_mean.copy_(torch.randn(n, generator=g, dtype=F64) * 0.3)
-                mod.running_var.copy_(torch.rand(n, generator=g, dtype=F64) * 1.6 + 0.4)
-                mod.num_batches_tracked.fill_(int(torch.randint(1, 1000, (1,), generator=g)))
-    return module
 
 
 def tv_aspp(in_channels, rates, out_channels, seed) -> nn.Module:

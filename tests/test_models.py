@@ -34,8 +34,9 @@ from deeplab_fast.models import (MODELS, VGG16_CONV_INDICES, DeepLabV1, DeepLabV
                                  from_torchvision, get_model, load_checkpoint, load_torchvision_deeplabv3,
                                  load_vgg16_features, load_weights, resnet50, resnet101, to_kazuto_deeplabv2,
                                  vgg16_features)
+from helpers import F64, assert_matches, seeded  # noqa: E402
+from helpers import randomize_ as _randomize_  # noqa: E402
 
-F64 = torch.float64
 TOL32 = 1e-5  # DEVELOPERS.md: float32 well under 1e-4 relative
 TOL64 = 1e-9
 SIZES = [(321, 321), (375, 500), (513, 513)]  # H x W; 375 x 500 is a PASCAL VOC image
@@ -51,55 +52,20 @@ def _no_grad():
 # Helpers
 
 
-def seeded(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def random_input(N, H, W, seed, C=3, dtype=torch.float32):
     return torch.randn(N, C, H, W, generator=seeded(seed), dtype=F64).to(dtype)
 
 
-def assert_matches(out, ref, tol, what=""):
-    """Per element |out - ref| <= tol * (max|ref| + |ref|), out finite, ref not all zero."""
-    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} vs {tuple(ref.shape)}"
-    assert torch.isfinite(out).all(), f"{what}: output has non-finite elements"
-    ref = ref.detach().double()
-    mag = ref.abs().max().item()
-    assert mag > 0, f"{what}: the reference is all zeros: the test would be vacuous"
-    err = (out.detach().double() - ref).abs()
-    bad = err > tol * (mag + ref.abs())
-    assert not bad.any(), (f"{what}: {int(bad.sum())} elements off; max |out - ref| = {err.max().item():.3g}, "
-                           f"max |ref| = {mag:.3g}, tol {tol:g}")
 
 
-def signed_uniform(n, g, lo=0.5, hi=1.5, negative=0.2):
-    sign = 1 - 2 * (torch.rand(n, generator=g, dtype=F64) < negative).to(F64)
-    return (torch.rand(n, generator=g, dtype=F64) * (hi - lo) + lo) * sign
+
 
 
 def randomize_(module: nn.Module, seed: int) -> nn.Module:
-    """Random conv / linear weights (He-scaled: O(1) activations through deep nets) and biases, BN gammas
-    (+-[0.5, 1.5]), betas, running means, running variances ([0.5, 2]) and num_batches_tracked, in place."""
-    g = seeded(seed)
-    with torch.no_grad():
-        _randomize(module, g)
-    return module
-
-
-def _randomize(module, g):
-    for mod in module.modules():
-        if isinstance(mod, (nn.Conv2d, nn.Linear)):
-            fan_in = mod.weight[0].numel()
-            mod.weight.copy_(torch.randn(mod.weight.shape, generator=g, dtype=F64) * math.sqrt(2.0 / fan_in))
-            if mod.bias is not None:
-                mod.bias.copy_(torch.randn(mod.bias.shape, generator=g, dtype=F64) * 0.2)
-        elif isinstance(mod, nn.BatchNorm2d):
-            n = mod.num_features
-            mod.weight.copy_(signed_uniform(n, g))
-            mod.bias.copy_(torch.randn(n, generator=g, dtype=F64) * 0.2)
-            mod.running_mean.copy_(torch.randn(n, generator=g, dtype=F64) * 0.2)
-            mod.running_var.copy_(torch.rand(n, generator=g, dtype=F64) * 1.5 + 0.5)
-            mod.num_batches_tracked.fill_(int(torch.randint(1, 1000, (1,), generator=g)))
+    """He-scaled weights (O(1) activations through deep nets) and randomised BN statistics (tests/helpers.py)."""
+    return _randomize_(module, seed, gain=2.0, spread=0.2, var_low=0.5)
 
 
 def block_dilations(layer: nn.Sequential):

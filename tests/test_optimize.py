@@ -11,7 +11,6 @@ tests/conftest.py sets DEEPLAB_FAST_POISON=1, so the finiteness checks catch op 
 """
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -26,57 +25,20 @@ import deeplab_fast
 from deeplab_fast import optimize
 from deeplab_fast.nn import ASPP, AtrousConv2dReLU
 from deeplab_fast.optimize import FusedResNetBlock
+from helpers import F64, assert_matches, randomize_, seeded  # noqa: E402
 
-F64 = torch.float64
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Helpers
 
 
-def seeded(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
-def assert_matches(out, ref, tol, what=""):
-    """Per element |out - ref| <= tol * (max|ref| + |ref|), out finite (not NaN-poisoned), ref not all zero."""
-    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} vs {tuple(ref.shape)}"
-    assert out.dtype == ref.dtype, f"{what}: dtype {out.dtype} vs {ref.dtype}"
-    assert torch.isfinite(out).all(), f"{what}: output has unwritten (NaN-poisoned) or non-finite elements"
-    ref = ref.detach().double()
-    mag = ref.abs().max().item()
-    assert mag > 0, f"{what}: the reference is all zeros: the test would be vacuous"
-    err = (out.detach().double() - ref).abs()
-    bad = err > tol * (mag + ref.abs())
-    assert not bad.any(), (f"{what}: {int(bad.sum())} elements off; max |out - ref| = {err.max().item():.3g}, "
-                           f"max |ref| = {mag:.3g}, tol {tol:g}")
 
 
-def signed_uniform(n, g, lo=0.5, hi=1.5, negative=0.2):
-    """n values with |v| in [lo, hi], about `negative` of them negative (as a BN gamma may be)."""
-    sign = 1 - 2 * (torch.rand(n, generator=g, dtype=F64) < negative).to(F64)
-    return (torch.rand(n, generator=g, dtype=F64) * (hi - lo) + lo) * sign
 
 
-def randomize_(module: nn.Module, seed: int) -> nn.Module:
-    """Random conv weights (N(0, 1/fan_in): O(1) outputs), conv biases, BN gammas (+-[0.5, 1.5]), betas, running
-    means and running variances ([0.4, 2]), in place, so that BN folding matters."""
-    g = seeded(seed)
-    with torch.no_grad():
-        for mod in module.modules():
-            if isinstance(mod, nn.Conv2d):
-                fan_in = mod.weight[0].numel()
-                mod.weight.copy_(torch.randn(mod.weight.shape, generator=g, dtype=F64) / math.sqrt(fan_in))
-                if mod.bias is not None:
-                    mod.bias.copy_(torch.randn(mod.bias.shape, generator=g, dtype=F64) * 0.3)
-            elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
-                n = mod.num_features
-                mod.weight.copy_(signed_uniform(n, g))
-                mod.bias.copy_(torch.randn(n, generator=g, dtype=F64) * 0.3)
-                mod.running_mean.copy_(torch.randn(n, generator=g, dtype=F64) * 0.3)
-                mod.running_var.copy_(torch.rand(n, generator=g, dtype=F64) * 1.6 + 0.4)
-                mod.num_batches_tracked.fill_(int(torch.randint(1, 1000, (1,), generator=g)))
-    return module
 
 
 def random_input(N, C, H, W, seed, dtype=torch.float32):

@@ -1,0 +1,56 @@
+"""Helpers shared by the test files: seeded generators, tolerance checks, randomised weights and BN statistics.
+
+Imported as ``from helpers import ...`` (pytest puts tests/ on sys.path, as for conftest.py).
+"""
+import math
+
+import torch
+from torch import nn
+
+F64 = torch.float64
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def assert_matches(out, ref, tol, what=""):
+    """Per element |out - ref| <= tol * (max|ref| + |ref|), out finite (not NaN-poisoned), ref not all zero."""
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} vs {tuple(ref.shape)}"
+    assert torch.isfinite(out).all(), f"{what}: output has unwritten (NaN-poisoned) or non-finite elements"
+    ref = ref.detach().double()
+    mag = ref.abs().max().item()
+    assert mag > 0, f"{what}: the reference is all zeros: the test would be vacuous"
+    err = (out.detach().double() - ref).abs()
+    bad = err > tol * (mag + ref.abs())
+    assert not bad.any(), (f"{what}: {int(bad.sum())} elements off; max |out - ref| = {err.max().item():.3g}, "
+                           f"max |ref| = {mag:.3g}, tol {tol:g}")
+
+
+def signed_uniform(n, g, lo=0.5, hi=1.5, negative=0.2):
+    """n values with |v| in [lo, hi], about `negative` of them negative (as a BN gamma may be)."""
+    sign = 1 - 2 * (torch.rand(n, generator=g, dtype=F64) < negative).to(F64)
+    return (torch.rand(n, generator=g, dtype=F64) * (hi - lo) + lo) * sign
+
+
+def randomize_(module: nn.Module, seed: int, *, gain: float = 1.0, spread: float = 0.3,
+               var_low: float = 0.4) -> nn.Module:
+    """In place: conv / linear weights N(0, gain / fan_in) (gain 2: He, O(1) activations through deep nets),
+    biases, BN betas and running means N(0, spread^2), BN gammas +-[0.5, 1.5], running variances in
+    [var_low, 2], num_batches_tracked random: so that BN folding matters."""
+    g = seeded(seed)
+    with torch.no_grad():
+        for mod in module.modules():
+            if isinstance(mod, (nn.Conv2d, nn.Linear)):
+                fan_in = mod.weight[0].numel()
+                mod.weight.copy_(torch.randn(mod.weight.shape, generator=g, dtype=F64) * math.sqrt(gain / fan_in))
+                if mod.bias is not None:
+                    mod.bias.copy_(torch.randn(mod.bias.shape, generator=g, dtype=F64) * spread)
+            elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                n = mod.num_features
+                mod.weight.copy_(signed_uniform(n, g))
+                mod.bias.copy_(torch.randn(n, generator=g, dtype=F64) * spread)
+                mod.running_mean.copy_(torch.randn(n, generator=g, dtype=F64) * spread)
+                mod.running_var.copy_(torch.rand(n, generator=g, dtype=F64) * (2 - var_low) + var_low)
+                mod.num_batches_tracked.fill_(int(torch.randint(1, 1000, (1,), generator=g)))
+    return module
