@@ -1,0 +1,14 @@
+"""Data for training and evaluating DeepLab: the PASCAL VOC 2012 segmentation set (and its SBD-augmented
+"train_aug" layout), the DeepLab training augmentation, and a small synthetic VOC-layout set for tests and
+smoke runs.
+
+- ``VOCSegmentation(root, split, augmented, transform)``: (uint8 Tensor[3, H, W], int64 Tensor[H, W]) pairs.
+- ``TrainTransform`` / ``EvalTransform`` (``deeplab_fast.data.transforms``): random scale, pad, crop, flip and
+  normalisation (torchvision's ImageNet or the Caffe BGR mean).
+- ``make_synthetic_voc(root, ...)``: writes coloured shapes on textured backgrounds in the VOC layout.
+"""
+from .synthetic import make_synthetic_voc
+from .transforms import EvalTransform, TrainTransform, normalize
+from .voc import VOCSegmentation, find_voc_root
+
+__all__ = ["VOCSegmentation", "find_voc_root", "TrainTransform", "EvalTransform", "normalize", "make_synthetic_voc"]
