@@ -633,6 +633,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_models import add_parsers
 
     add_parsers(sub)
+    from .cli_train import add_parsers as add_train_parsers
+
+    add_train_parsers(sub)
     return parser
 
 
@@ -645,7 +648,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     if args.command is None:
         parser.print_help(sys.stderr)
-        print(f"\n{PROG}: error: a command is required (crf, demo, segment or bench)", file=sys.stderr)
+        print(f"\n{PROG}: error: a command is required (crf, demo, segment, bench, train or eval)", file=sys.stderr)
         return 2
 
     import torch

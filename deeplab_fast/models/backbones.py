@@ -208,7 +208,7 @@ def resnet101(replace_stride_with_dilation: Sequence[bool] = (False, False, Fals
     return _resnet(101, replace_stride_with_dilation, multi_grid, **kwargs)
 
 
-def vgg16_features(deeplab: bool = False) -> nn.Sequential:
+def vgg16_features(deeplab: bool = False, width_divisor: int = 1) -> nn.Sequential:
     """VGG-16's convolutional part, index for index ``torchvision.models.vgg16().features``.
 
     Convs (3x3, pad 1, bias, in-place ReLU after each) at indices ``VGG16_CONV_INDICES``; pools at
@@ -221,7 +221,11 @@ def vgg16_features(deeplab: bool = False) -> nn.Sequential:
     H and W are of the form 8k + 1 (DeepLab's 321 and 513 crops: 513 -> 257 -> 129 -> 65), and floor mode keeps
     the 1/8 grid aligned with a stride-8 conv on the image at every size (see ``DeepLabV1``).
     The layers are stateless changes, so the state dict is torchvision's either way.
+
+    ``width_divisor`` (positive int, default 1) divides every conv's output channels (``max(1, c // d)``): a
+    narrow VGG for quick experiments and tests; its weights are not torchvision's. 1 is VGG-16 itself.
     """
+    d_width = _positive_int(width_divisor, "width_divisor", "vgg16_features")
     layers = []
     in_ch = 3
     pool = 0
@@ -234,8 +238,9 @@ def vgg16_features(deeplab: bool = False) -> nn.Sequential:
                 layers.append(nn.MaxPool2d(3, stride=2 if pool <= 3 else 1, padding=1))
         else:
             d = 2 if deeplab and pool == 4 else 1
-            layers += [nn.Conv2d(in_ch, v, 3, padding=d, dilation=d), nn.ReLU(inplace=True)]
-            in_ch = v
+            out_ch = max(1, v // d_width)
+            layers += [nn.Conv2d(in_ch, out_ch, 3, padding=d, dilation=d), nn.ReLU(inplace=True)]
+            in_ch = out_ch
     features = nn.Sequential(*layers)
     for m in features.modules():
         if isinstance(m, nn.Conv2d):  # torchvision's VGG initialisation

@@ -64,12 +64,13 @@ def _upsample(logits: torch.Tensor, size) -> torch.Tensor:
 # DeepLab v1
 
 
-def _msc_branch(in_channels: int, num_classes: int, stride: int) -> nn.Sequential:
+def _msc_branch(in_channels: int, num_classes: int, stride: int, width: int = 128,
+                dropout: float = 0.5) -> nn.Sequential:
     """One DeepLab-MSc branch: 3x3 conv 128 (stride s, pad 1), ReLU, dropout, 1x1 128, ReLU, dropout, 1x1 classes."""
     return nn.Sequential(
-        nn.Conv2d(in_channels, 128, 3, stride=stride, padding=1), nn.ReLU(inplace=True), nn.Dropout(0.5),
-        nn.Conv2d(128, 128, 1), nn.ReLU(inplace=True), nn.Dropout(0.5),
-        nn.Conv2d(128, num_classes, 1),
+        nn.Conv2d(in_channels, width, 3, stride=stride, padding=1), nn.ReLU(inplace=True), nn.Dropout(dropout),
+        nn.Conv2d(width, width, 1), nn.ReLU(inplace=True), nn.Dropout(dropout),
+        nn.Conv2d(width, num_classes, 1),
     )
 
 
@@ -99,33 +100,45 @@ class DeepLabV1(nn.Module):
 
     Input: RGB-ordered or not as the weights expect (the Caffe weights take BGR minus the mean, torchvision's
     VGG weights normalised RGB); the model only checks for 3 channels.
+
+    ``width_divisor`` (positive int, default 1) divides every channel count (VGG convs, fc6/fc7's 1024, the MSC
+    branches' 128; at least 1 each): a narrow model for quick CPU experiments and tests, which the released or
+    torchvision weights do not fit. ``dropout`` (default 0.5, the Caffe model's) is the drop6/drop7 (and MSC
+    branch) probability; 0 makes training deterministic given the data. The defaults give the model above, key
+    for key and shape for shape.
     """
 
     output_stride = 8
     # features indices of pool1..pool4 and their MSC branch strides; the image branch has stride 8.
     _TAPS = {4: ("pool1", 64, 4), 9: ("pool2", 128, 2), 16: ("pool3", 256, 1), 23: ("pool4", 512, 1)}
 
-    def __init__(self, num_classes: int = 21, msc: bool = False):
+    def __init__(self, num_classes: int = 21, msc: bool = False, width_divisor: int = 1, dropout: float = 0.5):
         super().__init__()
         self.num_classes = _positive_int(num_classes, "num_classes", "DeepLabV1")
+        d = self.width_divisor = _positive_int(width_divisor, "width_divisor", "DeepLabV1")
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"DeepLabV1: dropout must be a probability in [0, 1), got {dropout!r}")
         self.arch = "deeplab_v1_msc_largefov" if msc else "deeplab_v1_largefov"
-        self.features = vgg16_features(deeplab=True)
+        self.features = vgg16_features(deeplab=True, width_divisor=d)
+        conv5 = max(1, 512 // d)
+        fc = max(1, 1024 // d)
         self.head = nn.Sequential(OrderedDict([
             ("pool5a", nn.AvgPool2d(3, stride=1, padding=1)),
-            ("fc6", nn.Conv2d(512, 1024, 3, padding=12, dilation=12)),
+            ("fc6", nn.Conv2d(conv5, fc, 3, padding=12, dilation=12)),
             ("relu6", nn.ReLU(inplace=True)),
-            ("drop6", nn.Dropout(0.5)),
-            ("fc7", nn.Conv2d(1024, 1024, 1)),
+            ("drop6", nn.Dropout(float(dropout))),
+            ("fc7", nn.Conv2d(fc, fc, 1)),
             ("relu7", nn.ReLU(inplace=True)),
-            ("drop7", nn.Dropout(0.5)),
+            ("drop7", nn.Dropout(float(dropout))),
         ]))
-        self.fc8 = nn.Conv2d(1024, self.num_classes, 1)
+        self.fc8 = nn.Conv2d(fc, self.num_classes, 1)
         nn.init.normal_(self.fc8.weight, 0.0, 0.01)
         nn.init.constant_(self.fc8.bias, 0.0)
         if msc:
-            branches = {"data": _msc_branch(3, self.num_classes, 8)}
+            width = max(1, 128 // d)
+            branches = {"data": _msc_branch(3, self.num_classes, 8, width, float(dropout))}
             for name, ch, stride in self._TAPS.values():
-                branches[name] = _msc_branch(ch, self.num_classes, stride)
+                branches[name] = _msc_branch(max(1, ch // d), self.num_classes, stride, width, float(dropout))
             self.msc = nn.ModuleDict(branches)
         else:
             self.msc = None
@@ -156,14 +169,15 @@ class DeepLabV1(nn.Module):
         return _upsample(self.forward_logits(x), x.shape[-2:])
 
 
-def deeplab_v1_largefov(num_classes: int = 21) -> DeepLabV1:
-    """DeepLab v1 LargeFOV (VGG-16, fc6 at dilation 12, output stride 8). See ``DeepLabV1``."""
-    return DeepLabV1(num_classes, msc=False)
+def deeplab_v1_largefov(num_classes: int = 21, width_divisor: int = 1, dropout: float = 0.5) -> DeepLabV1:
+    """DeepLab v1 LargeFOV (VGG-16, fc6 at dilation 12, output stride 8). ``width_divisor`` > 1: a narrow variant
+    (every channel count divided) for quick experiments. See ``DeepLabV1``."""
+    return DeepLabV1(num_classes, msc=False, width_divisor=width_divisor, dropout=dropout)
 
 
-def deeplab_v1_msc_largefov(num_classes: int = 21) -> DeepLabV1:
+def deeplab_v1_msc_largefov(num_classes: int = 21, width_divisor: int = 1, dropout: float = 0.5) -> DeepLabV1:
     """DeepLab v1 MSc-LargeFOV: LargeFOV plus the five multi-scale branches. See ``DeepLabV1``."""
-    return DeepLabV1(num_classes, msc=True)
+    return DeepLabV1(num_classes, msc=True, width_divisor=width_divisor, dropout=dropout)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,0 +1,206 @@
+"""The training / evaluation engine (deeplab_fast.train.engine) and the ``train`` / ``eval`` commands, on the CPU,
+on a small synthetic VOC-layout set with a narrow DeepLab v1 (``width_divisor=8``)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from deeplab_fast.cli import main
+from deeplab_fast.data import make_synthetic_voc
+from deeplab_fast.models import get_model
+from deeplab_fast.train import evaluate, train
+
+NUM_CLASSES = 4
+MODEL = "deeplab_v1_largefov"
+TINY = {"width_divisor": 8, "dropout": 0.0}
+# The deterministic settings: list order, no random scaling / flipping, crops covering the whole (padded) image,
+# no dropout; the update then depends only on which images a step sees.
+STEPS = 500
+DETERMINISTIC = dict(shuffle=False, scale_range=(1.0, 1.0), flip=False, crop_size=128)
+
+
+def _log(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def _tiny_model():
+    torch.manual_seed(0)
+    return get_model(MODEL, num_classes=NUM_CLASSES, **TINY)
+
+
+def _load(checkpoint):
+    model = get_model(MODEL, num_classes=NUM_CLASSES, **TINY)
+    model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)["model"])
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def voc(tmp_path_factory):
+    return make_synthetic_voc(tmp_path_factory.mktemp("data") / "VOC2012", num_train=48, num_val=16,
+                              size=(96, 128), num_classes=NUM_CLASSES, seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained(voc, tmp_path_factory):
+    """A tiny v1 trained ~30 s (2 idle CPU cores) through the real train() path; (result, out_dir)."""
+    out = tmp_path_factory.mktemp("run")
+    result = train(MODEL, voc, out, num_classes=NUM_CLASSES, steps=STEPS, batch_size=8, lr=0.02, crop_size=97,
+                   mode="torchvision", model_kwargs=TINY, log_every=1, seed=0, progress=False)
+    return result, out
+
+
+def test_training_learns(voc, trained):
+    result, out = trained
+    assert result["step"] == STEPS and os.path.isfile(out / "last.pth")
+    log = _log(out / "log.jsonl")
+    assert [e["step"] for e in log] == list(range(1, STEPS + 1))
+    assert all(set(e) == {"step", "loss", "lr", "time"} for e in log)
+    losses = [e["loss"] for e in log]
+    assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10
+    assert log[0]["lr"] == pytest.approx(0.02) and log[-1]["lr"] < 1e-3  # poly schedule, base group
+
+    before = evaluate(_tiny_model(), voc, num_classes=NUM_CLASSES, mode="torchvision", progress=False)
+    after = evaluate(_load(out / "last.pth"), voc, num_classes=NUM_CLASSES, mode="torchvision", progress=False)
+    assert after["num_images"] == 16 and len(after["per_class_iou"]) == NUM_CLASSES
+    # Uniform guessing gives a mIoU of ~0.09 here, always predicting the background (87% of the pixels) ~0.22.
+    # Training must find shapes: ~0.43 after these steps (red circles and green rectangles; the small blue
+    # triangles, 2% of the pixels, come later).
+    assert after["miou"] > 0.33, after
+    assert after["miou"] > before["miou"] + 0.15, (before, after)
+    assert after["per_class_iou"][1] > 0.3, after
+    assert after["pixel_accuracy"] > 0.88
+    assert after["crf"] is None
+
+
+def test_eval_cli_crf_scales_flip(voc, trained, tmp_path, capsys):
+    _, out = trained
+    ckpt = str(out / "last.pth")
+    js = tmp_path / "m.json"
+    code = main(["eval", "--weights", ckpt, "--data", str(voc), "--crf", "pydensecrf", "--json", str(js),
+                 "--workers", "0", "--no-progress"])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    # The model, its width and --mode are read from the training checkpoint.
+    assert "deeplab_v1_largefov" in text and "mIoU" in text and "CRF (pydensecrf)" in text
+    assert "pixel accuracy" in text and "class 3" in text
+    record = json.loads(js.read_text())
+    assert record["mode"] == "torchvision" and record["crf"] is not None
+    for m in (record, record["crf"]):
+        assert 0.0 <= m["miou"] <= 1.0 and 0.0 <= m["pixel_accuracy"] <= 1.0 and len(m["per_class_iou"]) == 4
+    # The same numbers as evaluate() without the CRF.
+    direct = evaluate(_load(ckpt), voc, num_classes=NUM_CLASSES, mode="torchvision", progress=False)
+    assert record["miou"] == pytest.approx(direct["miou"])
+
+    code = main(["eval", "--model", MODEL, "--weights", ckpt, "--data", str(voc), "--scales", "0.5,1.0", "--flip",
+                 "--workers", "0", "--no-progress", "--json", str(js)])
+    assert code == 0
+    multi = json.loads(js.read_text())
+    assert multi["scales"] == [0.5, 1.0] and multi["flip"] is True and multi["crf"] is None
+    assert multi["miou"] > 0.3  # multi-scale + flip of a trained model still segments
+
+
+def test_resume_continues_exactly(voc, tmp_path):
+    common = dict(num_classes=NUM_CLASSES, steps=8, batch_size=4, lr=0.01, crop_size=65, mode="torchvision",
+                  model_kwargs={"width_divisor": 8}, log_every=1, seed=3, progress=False)  # dropout, shuffling,
+    straight = train(MODEL, voc, tmp_path / "a", **common)  # random scaling and flips all on
+    assert straight["step"] == 8
+
+    first = train(MODEL, voc, tmp_path / "b", stop_at=4, **common)  # "interrupted" after step 4
+    assert first["step"] == 4
+    assert torch.load(tmp_path / "b" / "last.pth", weights_only=True)["step"] == 4
+    second = train(MODEL, voc, tmp_path / "b", resume=tmp_path / "b" / "last.pth", **common)
+    assert second["step"] == 8
+    ckpt = torch.load(tmp_path / "b" / "last.pth", weights_only=True)
+    assert ckpt["step"] == 8 and ckpt["scheduler"]["last_epoch"] == 8
+    assert [e["step"] for e in _log(tmp_path / "b" / "log.jsonl")] == list(range(1, 9))
+    # Same data order, augmentation and dropout draws (RNG state in the checkpoint): the same weights.
+    a = torch.load(tmp_path / "a" / "last.pth", weights_only=True)["model"]
+    for k, v in a.items():
+        torch.testing.assert_close(ckpt["model"][k], v, rtol=1e-4, atol=1e-6, msg=k)
+    la, lb = _log(tmp_path / "a" / "log.jsonl"), _log(tmp_path / "b" / "log.jsonl")
+    assert [e["loss"] for e in lb] == pytest.approx([e["loss"] for e in la], rel=1e-4)
+
+    # A run trained to 4 steps and resumed to 8 (a longer schedule) continues the step count at 5.
+    short = dict(common, steps=4)
+    train(MODEL, voc, tmp_path / "c", **short)
+    train(MODEL, voc, tmp_path / "c", resume=tmp_path / "c" / "last.pth", **common)
+    steps = [e["step"] for e in _log(tmp_path / "c" / "log.jsonl")]
+    assert steps == [1, 2, 3, 4, 5, 6, 7, 8]
+    c = torch.load(tmp_path / "c" / "last.pth", weights_only=True)
+    assert c["step"] == 8 and c["args"]["steps"] == 8
+    lr5 = _log(tmp_path / "c" / "log.jsonl")[4]["lr"]
+    assert lr5 == pytest.approx(0.01 * (1 - 4 / 8) ** 0.9)  # the 8-step poly schedule's value at step 4
+
+
+def test_torchrun_two_processes_match_one(voc, tmp_path):
+    """2 gloo processes with batch 2 each == 1 process with batch 4 over the same images (DDP averages the
+    gradients; v1 has no BatchNorm and dropout is off). The per-process losses are means over each process's
+    valid pixels, so the match is close, not exact: compare the weight updates."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+           "-m", "deeplab_fast", "train", "--model", MODEL, "--data", str(voc), "--out", str(out),
+           "--num-classes", str(NUM_CLASSES), "--steps", "2", "--batch-size", "2", "--lr", "0.01",
+           "--crop-size", "128", "--mode", "torchvision", "--width-divisor", "8", "--model-kwargs", '{"dropout": 0}',
+           "--no-augment", "--no-shuffle", "--workers", "0", "--log-every", "1", "--device", "cpu", "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout
+    ddp = torch.load(out / "last.pth", weights_only=True)
+    assert ddp["step"] == 2 and ddp["args"]["world_size"] == 2 and ddp["args"]["batch_size"] == 2
+    assert [e["step"] for e in _log(out / "log.jsonl")] == [1, 2]  # one log, from rank 0
+
+    def run(name, batch_size):
+        result = train(MODEL, voc, tmp_path / name, num_classes=NUM_CLASSES, steps=2, batch_size=batch_size,
+                       lr=0.01, mode="torchvision", model_kwargs=TINY, log_every=1, workers=0, device="cpu",
+                       progress=False, **DETERMINISTIC)
+        return torch.load(result["checkpoint"], weights_only=True)
+
+    one = run("one", 4)  # images 0-3, then 4-7: what ranks 0 and 1 saw together (0, 2 | 1, 3; 4, 6 | 5, 7)
+    half = run("half", 2)  # 0-1, then 2-3: had both ranks seen the same images, the update would be of this kind
+    w0 = _tiny_model().state_dict()
+
+    def update_distance(a, b):  # |update_a - update_b| / |update_b| over all parameters
+        num = den = 0.0
+        for k, v0 in w0.items():
+            d_a, d_b = a["model"][k] - v0, b["model"][k] - v0
+            num += float((d_a - d_b).pow(2).sum())
+            den += float(d_b.pow(2).sum())
+        return (num / den) ** 0.5
+
+    close = update_distance(ddp, one)
+    assert close < 0.01, close  # ~7e-4: only the per-process normalisation of the loss differs
+    assert update_distance(half, one) > 5 * close + 0.02  # ~0.08: the data matters, so rank 1 saw its share
+    l_ddp = [e["loss"] for e in _log(out / "log.jsonl")]
+    l_one = [e["loss"] for e in _log(tmp_path / "one" / "log.jsonl")]
+    assert l_ddp == pytest.approx(l_one, rel=0.05)
+
+
+def test_bad_input(voc, tmp_path, capsys):
+    missing = tmp_path / "no_such_voc"
+    code = main(["train", "--model", MODEL, "--data", str(missing), "--out", str(tmp_path / "o")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and "no such folder" in err
+
+    code = main(["eval", "--model", MODEL, "--data", str(voc)])
+    assert code == 2
+    assert "--weights is required" in capsys.readouterr().err
+
+    code = main(["eval", "--model", MODEL, "--data", str(voc), "--weights", str(tmp_path / "none.pth")])
+    assert code == 2
+    assert "none.pth" in capsys.readouterr().err
+
+    code = main(["eval", "--model", MODEL, "--data", str(missing), "--weights", str(tmp_path / "none.pth")])
+    assert code == 2
+    assert str(missing) in capsys.readouterr().err
+
+    code = main(["train", "--model", "deeplab_v3_resnet50", "--data", str(voc), "--width-divisor", "8"])
+    assert code == 2
+    assert "--width-divisor is for the v1 models" in capsys.readouterr().err
