@@ -122,7 +122,7 @@ def run_train(args) -> int:
                        model_kwargs=kwargs, seed=args.seed, val_every=args.val_every, workers=args.workers,
                        progress=sys.stderr.isatty() and not args.no_progress, ckpt_every=args.ckpt_every,
                        shuffle=not args.no_shuffle, scale_range=scale_range, flip=not args.no_augment,
-                       augmented=args.augmented, stop_at=args.stop_at)
+                       augmented=args.augmented, stop_at=args.stop_at, init=args.init)
     except (FileNotFoundError, ValueError) as exc:
         raise CLIError(str(exc)) from None
     if rank0:
@@ -292,6 +292,9 @@ def add_parsers(sub) -> None:
     tr.add_argument("--amp", action="store_true", help="mixed precision (float16 + GradScaler on CUDA, bfloat16 "
                     "on the CPU)")
     tr.add_argument("--resume", metavar="FILE", default=None, help="continue from a checkpoint (OUT/last.pth)")
+    tr.add_argument("--init", metavar="FILE", default=None,
+                    help="pretrained weights to start from (torchvision vgg16 / resnet / deeplabv3, kazuto1011 "
+                         "DeepLab-v2, or ours): tensors matching by name and shape are loaded")
     tr.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     tr.add_argument("--width-divisor", type=_positive_int, default=None, metavar="D",
                     help="v1 only: divide every channel count by D (a small model for quick experiments)")

@@ -22,6 +22,6 @@ __all__ = [
 ]
 
 # Training engine (deeplab_fast/train/engine.py): the loops of ``deeplab-fast train`` / ``deeplab-fast eval``.
-from .engine import default_mode, evaluate, model_family, train  # noqa: E402
+from .engine import default_mode, evaluate, init_weights, model_family, train  # noqa: E402
 
-__all__ += ["train", "evaluate", "default_mode", "model_family"]
+__all__ += ["train", "evaluate", "init_weights", "default_mode", "model_family"]

@@ -148,6 +148,28 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def init_weights(model: nn.Module, init) -> tuple:
+    """Loads pretrained weights into ``model`` before training, as the paper recipes start: every tensor of the
+    checkpoint whose name and shape match the model's is copied, the rest (e.g. a classifier for other classes)
+    keeps its initialisation. Understood layouts: this library's models, torchvision's DeepLabV3, kazuto1011's
+    DeepLab-v2 checkpoints (converted), torchvision's ``vgg16`` (into v1's ``features``) and ``resnet50/101``
+    (into ``backbone``). Returns (tensors loaded, tensors in the model); raises ValueError when nothing matches.
+    """
+    from .. import models
+
+    state = models.load_checkpoint(init) if isinstance(init, (str, Path)) else dict(init)
+    if models.is_kazuto_deeplabv2(state):
+        state = models.convert_kazuto_deeplabv2(state)
+    own = model.state_dict()
+    if not any(k in own for k in state):  # an ImageNet backbone: torchvision's resnet under "backbone."
+        state = {f"backbone.{k}": v for k, v in state.items()}
+    matched = {k: v for k, v in state.items() if k in own and tuple(own[k].shape) == tuple(v.shape)}
+    if not matched:
+        raise ValueError("init: no tensor of the checkpoint matches the model by name and shape")
+    model.load_state_dict(matched, strict=False)
+    return len(matched), len(own)
+
+
 def train(model_name: str, data_root, out_dir, *, num_classes: int, steps: int, batch_size: int, lr: float,
           crop_size: int, mode: Optional[str] = None, momentum: float = 0.9, weight_decay: float = 5e-4,
           power: float = 0.9, amp: bool = False, device="auto", resume=None, log_every: int = 10,
@@ -155,7 +177,7 @@ def train(model_name: str, data_root, out_dir, *, num_classes: int, steps: int, 
           progress: bool = True, ckpt_every: int = 1000, shuffle: bool = True,
           scale_range: Sequence[float] = (0.5, 1.5), flip: bool = True, augmented: bool = False,
           ignore_index: int = 255, head_lr_mult: float = 10.0, stop_at: Optional[int] = None,
-          sync_bn: bool = False) -> dict:
+          sync_bn: bool = False, init=None) -> dict:
     """Trains ``model_name`` on ``VOCSegmentation(data_root, "train", augmented)``; see the module docstring.
 
     Args (beyond the obvious): ``mode`` "caffe" or "torchvision" (None: :func:`default_mode`); ``batch_size``
@@ -164,7 +186,8 @@ def train(model_name: str, data_root, out_dir, *, num_classes: int, steps: int, 
     ``{"width_divisor": 8}``, ``{"msc": True}``, ``{"output_stride": 16, "aux_loss": True}``); ``shuffle``,
     ``scale_range``, ``flip``: data order and augmentation (``shuffle=False, scale_range=(1, 1), flip=False``
     make a run deterministic); ``stop_at``: stop after that step (checkpoint written) as if interrupted, to be
-    continued with ``resume``; ``sync_bn``: SyncBatchNorm under DDP (v3).
+    continued with ``resume``; ``sync_bn``: SyncBatchNorm under DDP (v3); ``init``: pretrained weights (a path
+    or a state dict) loaded before training, see :func:`init_weights` (ignored when resuming).
 
     Returns ``{"step", "loss" (last logged), "checkpoint", "log", "world_size", "seconds"}`` plus ``"val"``
     (the last :func:`evaluate` result) when ``val_every`` > 0. Every process returns; only rank 0 writes.
@@ -196,6 +219,11 @@ def train(model_name: str, data_root, out_dir, *, num_classes: int, steps: int, 
 
         torch.manual_seed(seed)  # the same initial weights on every process (DDP also broadcasts rank 0's)
         model = models.get_model(model_name, num_classes=num_classes, **model_kwargs)
+        if init is not None and resume is None:
+            loaded, total = init_weights(model, init)
+            if rank == 0:
+                print(f"init: {loaded} of {total} tensors loaded from "
+                      f"{init if isinstance(init, (str, Path)) else 'the given state dict'}", flush=True)
         if sync_bn and world > 1:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model.to(dev)
