@@ -126,6 +126,11 @@ def queued_times(fn, rounds: int) -> list:
     return [start.elapsed_time(end) / 1e3 for start, end in events]
 
 
+def no_compile() -> bool:
+    """DEEPLAB_FAST_BENCH_NO_COMPILE=1 skips the torch.compile(mode="max-autotune") peers (slow to compile)."""
+    return os.environ.get("DEEPLAB_FAST_BENCH_NO_COMPILE", "") not in ("", "0")
+
+
 def max_autotune_peer(module, x):
     """(fn, compile seconds) for torch.compile(module, mode="max-autotune") on input x: fn runs one compiled call
     (marking a CUDA-graph step). The first call (the compile) runs here, under no_grad; a compile error raises."""

@@ -51,7 +51,6 @@ timed by pytest-benchmark (wall clock, 25 calls after 3 warm-ups).
 import copy
 import importlib
 import math
-import os
 import statistics
 import sys
 import types
@@ -69,7 +68,7 @@ import deeplab_fast  # noqa: E402,F401
 from deeplab_fast.nn import ASPP, ASPP_L, ASPPv2  # noqa: E402
 
 from conftest import (RESULTS, cuda_timed, event_times, gpu_description, gpu_name, max_autotune_peer,  # noqa: E402
-                      one_gpu_case, queued_times, record)
+                      no_compile, one_gpu_case, queued_times, record)
 
 aspp_ops = importlib.import_module("deeplab_fast.ops.aspp")  # the module whose ops the fused paths call
 tv_deeplabv3 = pytest.importorskip("torchvision.models.segmentation.deeplabv3")
@@ -79,10 +78,6 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is n
 
 BF16_TOL = 2e-2
 FP32_TOL = 1e-5
-
-
-def no_compile() -> bool:
-    return os.environ.get("DEEPLAB_FAST_BENCH_NO_COMPILE", "") not in ("", "0")
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:

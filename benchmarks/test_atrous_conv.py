@@ -54,7 +54,6 @@ float64 reference (max |y - ref| / max |ref| <= 1e-4) and timed by pytest-benchm
 """
 import copy
 import math
-import os
 import re
 import statistics
 
@@ -68,7 +67,7 @@ from deeplab_fast.nn import AtrousConv2dReLU
 from deeplab_fast.ops import atrous_conv2d, atrous_conv2d_plan
 
 from conftest import (RESULTS, cuda_timed, event_times, gpu_description, gpu_name, max_autotune_peer,
-                      one_gpu_case, queued_times, record)
+                      no_compile, one_gpu_case, queued_times, record)
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
 
@@ -152,10 +151,6 @@ PEER_SKIPS: dict = {}
 def gpu_group(case: str) -> str:
     c = GPU_CASES[case]
     return f"{GPU_GROUP_PREFIX}{c['layer']} {c['C']}->{c['K']} d{c['dilation']} {c['H']}x{c['W']} N={c['N']}"
-
-
-def no_compile() -> bool:
-    return os.environ.get("DEEPLAB_FAST_BENCH_NO_COMPILE", "") not in ("", "0")
 
 
 _gpu_cache: dict = {}

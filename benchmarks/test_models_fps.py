@@ -27,9 +27,10 @@ if torch.version.cuda is None:  # the CPU wheel cannot load torchvision's C ops;
 
 import deeplab_fast
 from deeplab_fast import models
+from deeplab_fast.cli_models import torchvision_model
 from deeplab_fast.nn import DenseCRF
 
-from conftest import cuda_timed, gpu_description, record
+from conftest import cuda_timed, gpu_description, no_compile, record
 
 SIZE, SMOKE_SIZE = 513, 65
 # DEEPLAB_FAST_BENCH_BATCHES="1" (comma-separated) limits the batch sizes, e.g. for a quick CPU run.
@@ -39,17 +40,6 @@ OURS, PLAIN, TORCHVISION, CRF = "deeplab_fast (optimize)", "plain torch", "torch
 TV_COMPILED = "torchvision (max-autotune)"
 TV_NAMES = {"deeplab_v3_resnet50": "deeplabv3_resnet50", "deeplab_v3_resnet101": "deeplabv3_resnet101"}
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
-
-
-def _torchvision_model(name):
-    if name not in TV_NAMES:
-        return None
-    try:
-        from torchvision.models import segmentation
-    except Exception:  # noqa: BLE001 - optional, and its C ops may not load with a CPU torch wheel
-        return None
-    return getattr(segmentation, TV_NAMES[name])(weights=None, weights_backbone=None, num_classes=NUM_CLASSES,
-                                                aux_loss=False)
 
 
 def _randomize_bn(model):
@@ -82,7 +72,7 @@ def build(name: str, impl: str, device, dtype):
         if "ours" not in entry:
             entry["ours"] = deeplab_fast.optimize(plain)
         return entry["ours"], plain
-    tv = _torchvision_model(name)
+    tv = torchvision_model(name, NUM_CLASSES)
     if tv is None:
         pytest.skip(f"torchvision has no {name}, or cannot be imported here")
     tv.load_state_dict(plain.state_dict(), strict=True)  # the same weights: key-compatible by design
@@ -148,7 +138,7 @@ def test_cpu_model_fps(benchmark, name, batch, impl):
 @pytest.mark.parametrize("name,batch,impl", list(_case_ids(gpu=True)))
 def test_cuda_model_fps(benchmark, name, batch, impl):
     device = torch.device("cuda")
-    if impl == TV_COMPILED and os.environ.get("DEEPLAB_FAST_BENCH_NO_COMPILE", "") not in ("", "0"):
+    if impl == TV_COMPILED and no_compile():
         pytest.skip("DEEPLAB_FAST_BENCH_NO_COMPILE is set")
     old = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = True

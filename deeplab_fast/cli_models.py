@@ -27,14 +27,9 @@ from typing import Sequence
 import numpy as np
 
 from .cli import IMAGE_EXTS, CLIError, _check_output_path, _list_images, _positive_int, _save_image
+from .data.voc import voc_palette
 
 __all__ = ["voc_palette", "colorize", "preprocess", "load_model", "WEIGHTS_HELP"]
-
-# ImageNet normalisation (torchvision's DeepLabV3 weights) and the Caffe DeepLab v1/v2 preprocessing
-# (BGR, 0-255, mean subtracted), as kazuto1011/deeplab-pytorch feeds its converted Caffe weights.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CAFFE_MEAN_BGR = (104.008, 116.669, 122.675)
 
 WEIGHTS_HELP = """\
 --weights names a checkpoint file (nothing is downloaded). These load:
@@ -47,21 +42,6 @@ WEIGHTS_HELP = """\
 The number of classes is read from the checkpoint unless --num-classes is given."""
 
 
-def voc_palette(n: int = 256) -> np.ndarray:
-    """The PASCAL VOC colour map: [n, 3] uint8, label k's colour from the bits of k (the VOC devkit's
-    ``labelcolormap``)."""
-    palette = np.zeros((n, 3), dtype=np.uint8)
-    for k in range(n):
-        c, r, g, b = k, 0, 0, 0
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        palette[k] = (r, g, b)
-    return palette
-
-
 def colorize(labels: np.ndarray) -> np.ndarray:
     """[H, W] integer labels -> [H, W, 3] uint8 VOC colours."""
     return voc_palette()[labels.astype(np.int64) % 256]
@@ -69,16 +49,14 @@ def colorize(labels: np.ndarray) -> np.ndarray:
 
 def preprocess(images: np.ndarray, model_name: str):
     """[B, H, W, 3] uint8 RGB -> the model's input Tensor[B, 3, H, W] float32: ImageNet normalisation for the v3
-    models (torchvision's weights), Caffe BGR mean subtraction (0-255) for the v1 / v2 models."""
+    models (torchvision's weights), Caffe BGR mean subtraction (0-255) for the v1 / v2 models
+    (``deeplab_fast.data.transforms.normalize``)."""
     import torch
 
-    x = torch.from_numpy(np.array(images, dtype=np.uint8)).permute(0, 3, 1, 2).float()  # a writable copy
-    if model_name.startswith("deeplab_v3"):
-        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-        return (x / 255.0 - mean) / std
-    x = x.flip(1)  # RGB -> BGR, as Caffe
-    return x - torch.tensor(CAFFE_MEAN_BGR).view(1, 3, 1, 1)
+    from .data.transforms import normalize
+
+    x = torch.from_numpy(np.array(images, dtype=np.uint8)).permute(0, 3, 1, 2)  # a writable copy
+    return normalize(x, "torchvision" if model_name.startswith("deeplab_v3") else "caffe")
 
 
 def _num_classes(state: dict) -> int | None:

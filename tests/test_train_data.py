@@ -12,7 +12,7 @@ from torch import nn
 
 from helpers import seeded
 
-from deeplab_fast.cli_models import CAFFE_MEAN_BGR, IMAGENET_MEAN, IMAGENET_STD
+from deeplab_fast.data.transforms import CAFFE_MEAN_BGR, IMAGENET_MEAN, IMAGENET_STD
 from deeplab_fast.data import EvalTransform, TrainTransform, VOCSegmentation, make_synthetic_voc, normalize
 from deeplab_fast.models import MODELS, get_model
 from deeplab_fast.train import (HEAD_ATTRIBUTES, ConfusionMatrix, downsampled_cross_entropy, msc_loss,

@@ -91,7 +91,7 @@ def make_synthetic_voc(root, num_train: int = 64, num_val: int = 16, size: Tuple
     """
     from PIL import Image
 
-    from ..cli_models import voc_palette
+    from .voc import voc_palette
 
     for name, v, lo in (("num_train", num_train, 0), ("num_val", num_val, 0), ("seed", seed, 0)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:

@@ -8,8 +8,7 @@ arXiv:1706.05587, sec. 4.1 (scales 0.5 to 2.0, 513x513 crops, flips); kazuto1011
 
 Normalisation (``normalize``): ``mode="torchvision"``: RGB / 255, minus the ImageNet mean, over its std
 (torchvision's weights; the v3 models); ``mode="caffe"``: BGR, 0-255, minus the Caffe mean (104.008, 116.669,
-122.675) (the Caffe-converted v1 / v2 weights) — the constants and conventions of
-``deeplab_fast.cli_models.preprocess``.
+122.675) (the Caffe-converted v1 / v2 weights). ``deeplab-fast segment`` / ``eval`` use the same function.
 
 Randomness comes from the ``generator`` (a ``torch.Generator``, or an int seed for one) or, when it is None,
 from torch's global generator — leave it None with a multi-worker DataLoader, which seeds each worker's global
@@ -23,9 +22,13 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from ..cli_models import CAFFE_MEAN_BGR, IMAGENET_MEAN, IMAGENET_STD
+__all__ = ["TrainTransform", "EvalTransform", "normalize", "MODES", "IMAGENET_MEAN", "IMAGENET_STD", "CAFFE_MEAN_BGR"]
 
-__all__ = ["TrainTransform", "EvalTransform", "normalize", "MODES"]
+# ImageNet normalisation (torchvision's DeepLabV3 weights) and the Caffe DeepLab v1/v2 preprocessing
+# (BGR, 0-255, mean subtracted), as kazuto1011/deeplab-pytorch feeds its converted Caffe weights.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CAFFE_MEAN_BGR = (104.008, 116.669, 122.675)
 
 MODES = ("torchvision", "caffe")
 

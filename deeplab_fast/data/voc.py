@@ -28,7 +28,7 @@ from typing import Callable, List, Optional, Tuple
 import numpy as np
 import torch
 
-__all__ = ["VOCSegmentation", "find_voc_root"]
+__all__ = ["VOCSegmentation", "find_voc_root", "voc_palette"]
 
 _AUG_SPLITS = ("train", "trainval")
 
@@ -129,3 +129,18 @@ class VOCSegmentation(torch.utils.data.Dataset):
     def __repr__(self) -> str:
         return (f"VOCSegmentation(root={str(self.root)!r}, split={self.split!r}, augmented={self.augmented}, "
                 f"{len(self)} images)")
+
+
+def voc_palette(n: int = 256) -> np.ndarray:
+    """The PASCAL VOC colour map: [n, 3] uint8, label k's colour from the bits of k (the VOC devkit's
+    ``labelcolormap``)."""
+    palette = np.zeros((n, 3), dtype=np.uint8)
+    for k in range(n):
+        c, r, g, b = k, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        palette[k] = (r, g, b)
+    return palette

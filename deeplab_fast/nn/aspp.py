@@ -23,6 +23,7 @@ from torch import nn
 
 from ..ops import aspp as _aspp_ops
 from ..ops.atrous_conv import atrous_conv2d
+from .atrous import _bn_scale_shift
 
 __all__ = ["ASPP", "ASPPv2", "ASPP_L", "ASPP_S"]
 
@@ -61,13 +62,8 @@ def _check_input(x, in_channels: int, owner: str) -> None:
 
 def _bn_fold(bn: nn.modules.batchnorm._BatchNorm):
     """(scale, shift) float32 with bn(z) = z * scale + shift, from the running statistics (eval mode)."""
-    scale = torch.rsqrt(bn.running_var.float() + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight.float()
-    shift = -bn.running_mean.float() * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.float()
-    return scale, shift
+    scale, shift = _bn_scale_shift(bn, None)
+    return scale.float(), shift.float()
 
 
 def _version_key(*tensors):
