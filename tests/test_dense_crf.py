@@ -269,7 +269,7 @@ def good():
         (lambda u, i: (u[:, :0], i), RuntimeError, "at least one label"),
         (lambda u, i: (u[0], i), RuntimeError, "unary must be 4-D"),
         (lambda u, i: (u[:0], i[:0]), RuntimeError, "empty batch"),
-        (lambda u, i: (u.double(), i), RuntimeError, "unary must be float32"),
+        (lambda u, i: (u.half(), i), RuntimeError, "unary must be float32"),
         (lambda u, i: (u, i.float()), RuntimeError, "image must be uint8"),
         (lambda u, i: (u, i[0]), RuntimeError, "image must be 4-D"),
         (lambda u, i: (u, i.numpy()), ValueError, "image must be a torch.Tensor"),
@@ -323,7 +323,7 @@ def test_op_level_checks_without_python_wrapper():
 
 
 def test_oversize_features_are_an_error():
-    with pytest.raises(RuntimeError, match="too large"):
+    with pytest.raises(RuntimeError, match="bilateral_srgb must be at least"):
         dense_crf(*good(), bilateral_srgb=1e-7)
 
 
@@ -335,7 +335,7 @@ def test_generic_op_bad_input():
         dense_crf_features(unary, [torch.rand(1, 17, 50)], [1.0])
     with pytest.raises(RuntimeError, match=r"features\[0\] contains NaN"):
         dense_crf_features(unary, [torch.full((1, 2, 50), float("nan"))], [1.0])
-    with pytest.raises(RuntimeError, match="normalization"):
+    with pytest.raises(ValueError, match=r"normalization\[0\] must be in \[0, 3\]"):
         dense_crf_features(unary, [torch.rand(1, 2, 50)], [1.0], [7])
     with pytest.raises(ValueError, match="one entry per pairwise term"):
         dense_crf_features(unary, [torch.rand(1, 2, 50)], [1.0, 2.0])
@@ -372,18 +372,6 @@ def test_torch_compile_fullgraph():
 
     compiled = torch.compile(refine, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(unary, image), refine(unary, image))
-
-
-def test_backward_is_refused_clearly():
-    unary, image = batch_inputs(1, H=12, W=10, L=3)
-    unary.requires_grad_(True)
-    q = dense_crf(unary, image, iterations=2)
-    assert q.requires_grad
-    with pytest.raises(NotImplementedError, match="no backward"):
-        q.sum().backward()
-    args = (unary, image, 2, 3.0, torch.tensor(3.0), 80.0, 13.0, torch.tensor(10.0))
-    torch.library.opcheck(torch.ops.deeplab_fast.dense_crf.default, args,
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
 def test_recycled_working_memory_does_not_change_results():

@@ -1,8 +1,12 @@
 // Argument checks and outputs shared by the CPU and CUDA registrations of the dense CRF ops.
 #include "dense_crf_args.h"
 
+#include <ATen/EmptyTensor.h>
+#include <c10/core/Allocator.h>
+
+#include <algorithm>
 #include <cmath>
-#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <string>
 
@@ -13,30 +17,65 @@ namespace dense_crf {
 
 using lattice::CompatKind;
 
+namespace {
 
-// A contiguous float32 output. On the CPU its storage comes from the dense CRF's block pool and goes back to
-// it when the tensor is freed, so repeated calls do not fault in fresh pages for their outputs either.
-at::Tensor new_output(const at::Tensor& like, at::IntArrayRef sizes) {
-  const at::TensorOptions options = like.options().dtype(at::kFloat);
+// torch's view of the dense CRF's CPU block pool: output storage that repeated calls recycle (so they do not
+// fault in fresh pages), yet an ordinary resizable torch storage (resize_ allocates from here and copies).
+class PoolAllocator final : public c10::Allocator {
+ public:
+  c10::DataPtr allocate(size_t bytes) override {
+    auto* block = new Block{nullptr, 0};
+    block->data = cpu::BlockPool::instance().acquire(bytes, &block->capacity);
+    return {block->data, block, &release, c10::Device(c10::DeviceType::CPU)};
+  }
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    if (count > 0) std::memcpy(dest, src, count);
+  }
+
+ private:
+  struct Block {
+    void* data;
+    size_t capacity;
+  };
+  static void release(void* ctx) {
+    auto* block = static_cast<Block*>(ctx);
+    cpu::BlockPool::instance().release(block->data, block->capacity);
+    delete block;
+  }
+};
+
+PoolAllocator& pool_allocator() {
+  static PoolAllocator* allocator = new PoolAllocator();  // never destroyed: outlives every tensor
+  return *allocator;
+}
+
+const char* dtype_rule(const at::Tensor& ref) {
+  return ref.is_cuda() ? "float32" : "float32 or float64";
+}
+
+}  // namespace
+
+at::Tensor new_output(const at::Tensor& like, at::IntArrayRef sizes, at::ScalarType dtype) {
   at::Tensor out;
   if (like.device().is_cpu()) {
-    int64_t numel = 1;
-    for (const int64_t s : sizes) numel *= s;
-    size_t capacity = 0;
-    void* data = cpu::BlockPool::instance().acquire(static_cast<size_t>(numel) * sizeof(float), &capacity);
-    out = at::from_blob(data, sizes, [capacity](void* p) { cpu::BlockPool::instance().release(p, capacity); },
-                        options);
+    out = at::detail::empty_generic(sizes, &pool_allocator(), c10::DispatchKeySet(c10::DispatchKey::CPU), dtype,
+                                    c10::nullopt);
   } else {
-    out = at::empty(sizes, options.memory_format(at::MemoryFormat::Contiguous));
+    out = at::empty(sizes, like.options().dtype(dtype).memory_format(at::MemoryFormat::Contiguous));
   }
-  if (poison_outputs()) out.fill_(std::numeric_limits<float>::quiet_NaN());
+  if (poison_outputs()) out.fill_(std::numeric_limits<double>::quiet_NaN());
   return out;
 }
 
-void check_float_tensor(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat, "dense_crf: ", name, " must be float32, got ", t.scalar_type());
+at::Tensor new_output(const at::Tensor& like, at::IntArrayRef sizes) {
+  return new_output(like, sizes, like.scalar_type());
+}
+
+void check_value_tensor(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() || t.device().is_cuda(), "dense_crf: ", name,
               " must be a CPU or CUDA tensor, got ", t.device());
+  const bool ok = t.scalar_type() == at::kFloat || (t.scalar_type() == at::kDouble && t.device().is_cpu());
+  TORCH_CHECK(ok, "dense_crf: ", name, " must be ", dtype_rule(t), ", got ", t.scalar_type());
 }
 
 void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* name) {
@@ -44,30 +83,37 @@ void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* n
               " but the unary is on ", ref.device());
 }
 
-// Validates and densifies one compat argument for L labels. Returns a contiguous float32 CPU tensor; a
-// matrix is symmetrised as 0.5 (W + W^T).
-std::pair<CompatKind, at::Tensor> prepare_compat(const at::Tensor& compat, int64_t L, const std::string& name) {
+// Validates and densifies one compat argument for L labels. Returns a contiguous CPU tensor of the unary's
+// dtype; a matrix is symmetrised as 0.5 (W + W^T).
+std::pair<CompatKind, at::Tensor> prepare_compat(const at::Tensor& compat, int64_t L, const std::string& name,
+                                                 const at::Tensor& ref) {
+  TORCH_CHECK(compat.device().is_cpu() || compat.device() == ref.device(), "dense_crf: ", name, " is on ",
+              compat.device(), "; it must be on the CPU or on the unary's device (", ref.device(), ")");
   TORCH_CHECK(compat.is_floating_point(), "dense_crf: ", name, " must be a floating-point tensor, got ",
               compat.scalar_type());
-  at::Tensor c = compat.to(at::kCPU, at::kFloat).contiguous();
-  TORCH_CHECK(at::isfinite(c).all().item<bool>(), "dense_crf: ", name, " must be finite");
+  TORCH_CHECK(compat.dim() <= 2, "dense_crf: ", name,
+              " must be a scalar (Potts weight), a vector [L] or a matrix [L, L] with L = ", L, ", got shape ",
+              compat.sizes());
+  at::Tensor c = compat.to(at::kCPU, ref.scalar_type()).contiguous();
+  TORCH_CHECK(at::isfinite(c).all().item<bool>(), "dense_crf: ", name, " must be finite",
+              ref.scalar_type() == at::kFloat ? " in float32 (|value| <= 3.4e38)" : "");
   if (c.dim() == 0) return {lattice::kPotts, c.reshape({1})};
   if (c.dim() == 1) {
     TORCH_CHECK(c.size(0) == L, "dense_crf: ", name, " as a vector must have one weight per label (", L,
                 "), got ", c.size(0));
     return {lattice::kDiagonal, c};
   }
-  TORCH_CHECK(c.dim() == 2 && c.size(0) == L && c.size(1) == L, "dense_crf: ", name,
+  TORCH_CHECK(c.size(0) == L && c.size(1) == L, "dense_crf: ", name,
               " must be a scalar (Potts weight), a vector [L] or a matrix [L, L] with L = ", L, ", got shape ",
               c.sizes());
   return {lattice::kMatrix, ((c + c.t()) * 0.5).contiguous()};
 }
 
 int64_t check_iterations(int64_t iterations) {
-  TORCH_CHECK(iterations >= 0, "dense_crf: iterations must be >= 0, got ", iterations);
+  TORCH_CHECK(iterations >= 0 && iterations <= kMaxIterations, "dense_crf: iterations must be in [0, ",
+              kMaxIterations, "], got ", iterations);
   return iterations;
 }
-
 
 TermInputs check_terms(const at::Tensor& ref, int64_t B, int64_t L, int64_t N, at::TensorList features,
                        at::TensorList compat, at::IntArrayRef normalization) {
@@ -78,15 +124,18 @@ TermInputs check_terms(const at::Tensor& ref, int64_t B, int64_t L, int64_t N, a
   for (size_t k = 0; k < features.size(); ++k) {
     const std::string fname = "features[" + std::to_string(k) + "]";
     const at::Tensor& f = features[k];
-    check_float_tensor(f, fname.c_str());
     check_same_device(f, ref, fname.c_str());
+    TORCH_CHECK(f.scalar_type() == at::kFloat || f.scalar_type() == at::kDouble, "dense_crf: ", fname,
+                " must be float32 or float64, got ", f.scalar_type());
     TORCH_CHECK(f.dim() == 3 && f.size(0) == B && f.size(2) == N, "dense_crf: ", fname,
                 " must have shape [B, D, N] = [", B, ", D, ", N, "], got ", f.sizes());
     TORCH_CHECK(f.size(1) >= 1 && f.size(1) <= lattice::kMaxDim, "dense_crf: ", fname,
                 " must have between 1 and ", lattice::kMaxDim, " feature dimensions, got ", f.size(1));
-    TORCH_CHECK(at::isfinite(f).all().item<bool>(), "dense_crf: ", fname, " contains NaN or inf");
-    in.features.push_back(f.contiguous());
-    in.compat.push_back(prepare_compat(compat[k], L, "compat[" + std::to_string(k) + "]"));
+    at::Tensor f32 = f.to(at::kFloat).contiguous();  // the lattice is built in float32
+    TORCH_CHECK(at::isfinite(f32).all().item<bool>(), "dense_crf: ", fname,
+                " contains NaN or inf (in float32: |value| <= 3.4e38)");
+    in.features.push_back(std::move(f32));
+    in.compat.push_back(prepare_compat(compat[k], L, "compat[" + std::to_string(k) + "]", ref));
     TORCH_CHECK(normalization[k] >= lattice::kNoNormalization && normalization[k] <= lattice::kNormalizeSymmetric,
                 "dense_crf: normalization[", k, "] must be 0 (none), 1 (before), 2 (after) or 3 (symmetric), got ",
                 normalization[k]);
@@ -96,7 +145,7 @@ TermInputs check_terms(const at::Tensor& ref, int64_t B, int64_t L, int64_t N, a
 }
 
 void check_unary_shape(const at::Tensor& unary, int64_t dims, const char* layout) {
-  check_float_tensor(unary, "unary");
+  check_value_tensor(unary, "unary");
   TORCH_CHECK(unary.dim() == dims, "dense_crf: unary must be ", dims, "-D ", layout, ", got ", unary.dim(),
               "-D with shape ", unary.sizes());
   TORCH_CHECK(unary.size(0) >= 1, "dense_crf: unary has an empty batch (B = 0)");
@@ -106,7 +155,7 @@ void check_unary_shape(const at::Tensor& unary, int64_t dims, const char* layout
 }
 
 void check_marginals(const at::Tensor& q) {
-  check_float_tensor(q, "q");
+  check_value_tensor(q, "q");
   TORCH_CHECK(q.dim() == 3 && q.numel() > 0, "dense_crf: q must be a non-empty [B, L, N] tensor, got shape ",
               q.sizes());
   TORCH_CHECK(at::isfinite(q).all().item<bool>(), "dense_crf: q contains NaN or inf");
@@ -115,32 +164,94 @@ void check_marginals(const at::Tensor& q) {
 at::Tensor check_q_init(const c10::optional<at::Tensor>& q_init_in, const at::Tensor& unary) {
   if (!q_init_in.has_value()) return at::Tensor();
   const at::Tensor& q_init = *q_init_in;
-  check_float_tensor(q_init, "q_init");
   check_same_device(q_init, unary, "q_init");
+  TORCH_CHECK(q_init.scalar_type() == unary.scalar_type(), "dense_crf: q_init must have the unary's dtype (",
+              unary.scalar_type(), "), got ", q_init.scalar_type());
   TORCH_CHECK(q_init.sizes() == unary.sizes(), "dense_crf: q_init must have the unary's shape ", unary.sizes(),
               ", got ", q_init.sizes());
   TORCH_CHECK(at::isfinite(q_init).all().item<bool>(), "dense_crf: q_init contains NaN or inf");
   return q_init.contiguous();
 }
 
+namespace {
+
+// A standard deviation the image features divide by: its float32 value must be positive and finite, and the
+// largest feature value (`extent` / sd) must fit the lattice's integer keys (2^19 leaves room for the elevation
+// of 5-D features, whose coordinates grow by up to 8.2x before they must stay below 2^22).
+void check_sd(double sd, const char* name, double extent, const char* what) {
+  constexpr double kMaxFeature = 524288.0;  // 2^19
+  const float f = static_cast<float>(sd);
+  TORCH_CHECK(std::isfinite(sd) && sd > 0.0, "dense_crf: ", name, " must be a finite value > 0, got ", sd);
+  TORCH_CHECK(std::isfinite(f) && f > 0.0f, "dense_crf: ", name,
+              " must be representable in float32 (between 1.2e-38 and 3.4e38), got ", sd);
+  const double smallest = std::max(extent / kMaxFeature, static_cast<double>(std::numeric_limits<float>::min()));
+  TORCH_CHECK(extent / static_cast<double>(f) <= kMaxFeature, "dense_crf: ", name, " must be at least ", smallest,
+              " for ", what, " (", extent, " / ", name, " must stay below 2^19 to fit the lattice), got ", sd);
+}
+
+}  // namespace
+
+void check_image(const at::Tensor& image, double gaussian_sxy, double bilateral_sxy, double bilateral_srgb) {
+  TORCH_CHECK(image.scalar_type() == at::kByte, "dense_crf: image must be uint8 RGB, got ", image.scalar_type());
+  TORCH_CHECK(image.dim() == 4, "dense_crf: image must be 4-D [B, 3, H, W], got shape ", image.sym_sizes());
+  TORCH_CHECK(image.sym_size(1) == 3, "dense_crf: image must have 3 channels (RGB) in dim 1, got ", image.sym_size(1),
+              " (shape ", image.sym_sizes(), ")");
+  TORCH_CHECK(image.sym_size(0) >= 1, "dense_crf: image has an empty batch (B = 0)");
+  TORCH_CHECK(image.sym_size(2) >= 1 && image.sym_size(3) >= 1, "dense_crf: image must have at least one pixel, got "
+              "shape ", image.sym_sizes());
+  // The largest coordinate, as a number (a symbolic size gives its hint: the check is about magnitudes).
+  const double extent = static_cast<double>(
+      std::max(image.sym_size(2).guard_int(__FILE__, __LINE__), image.sym_size(3).guard_int(__FILE__, __LINE__)) - 1);
+  check_sd(gaussian_sxy, "gaussian_sxy", std::max(extent, 1.0), "this image size");
+  check_sd(bilateral_sxy, "bilateral_sxy", std::max(extent, 1.0), "this image size");
+  check_sd(bilateral_srgb, "bilateral_srgb", 255.0, "8-bit colours");
+}
+
 void check_image_args(const at::Tensor& unary, const at::Tensor& image, double gaussian_sxy, double bilateral_sxy,
                       double bilateral_srgb) {
-  check_unary_shape(unary, 4, "[B, L, H, W]");
-  TORCH_CHECK(image.scalar_type() == at::kByte, "dense_crf: image must be uint8 RGB, got ", image.scalar_type());
+  check_value_tensor(unary, "unary");
+  TORCH_CHECK(unary.dim() == 4, "dense_crf: unary must be 4-D [B, L, H, W], got ", unary.dim(), "-D with shape ",
+              unary.sym_sizes());
+  TORCH_CHECK(unary.sym_size(0) >= 1, "dense_crf: unary has an empty batch (B = 0)");
+  TORCH_CHECK(unary.sym_size(1) >= 1, "dense_crf: unary must have at least one label (L >= 1), got L = 0");
   check_same_device(image, unary, "image");
-  TORCH_CHECK(image.dim() == 4, "dense_crf: image must be 4-D [B, 3, H, W], got shape ", image.sizes());
-  TORCH_CHECK(image.size(1) == 3, "dense_crf: image must have 3 channels (RGB) in dim 1, got ", image.size(1),
-              " (shape ", image.sizes(), ")");
-  TORCH_CHECK(image.size(0) == unary.size(0), "dense_crf: image batch size ", image.size(0),
-              " does not match the unary batch size ", unary.size(0));
-  TORCH_CHECK(image.size(2) == unary.size(2) && image.size(3) == unary.size(3), "dense_crf: image size (H, W) = (",
-              image.size(2), ", ", image.size(3), ") does not match the unary size (", unary.size(2), ", ",
-              unary.size(3), ")");
-  auto positive = [](double v) { return std::isfinite(v) && v > 0.0; };
-  TORCH_CHECK(positive(gaussian_sxy), "dense_crf: gaussian_sxy must be a finite value > 0, got ", gaussian_sxy);
-  TORCH_CHECK(positive(bilateral_sxy), "dense_crf: bilateral_sxy must be a finite value > 0, got ", bilateral_sxy);
-  TORCH_CHECK(positive(bilateral_srgb), "dense_crf: bilateral_srgb must be a finite value > 0, got ",
-              bilateral_srgb);
+  TORCH_CHECK(image.scalar_type() == at::kByte, "dense_crf: image must be uint8 RGB, got ", image.scalar_type());
+  TORCH_CHECK(image.dim() == 4, "dense_crf: image must be 4-D [B, 3, H, W], got shape ", image.sym_sizes());
+  TORCH_CHECK(image.sym_size(0) == unary.sym_size(0), "dense_crf: image batch size ", image.sym_size(0),
+              " does not match the unary batch size ", unary.sym_size(0));
+  TORCH_CHECK(image.sym_size(2) == unary.sym_size(2) && image.sym_size(3) == unary.sym_size(3),
+              "dense_crf: image size (H, W) = (", image.sym_size(2), ", ", image.sym_size(3),
+              ") does not match the unary size (", unary.sym_size(2), ", ", unary.sym_size(3), ")");
+  check_image(image, gaussian_sxy, bilateral_sxy, bilateral_srgb);
+}
+
+void check_backward_args(const at::Tensor& grad_q, const at::Tensor& q, const c10::optional<at::Tensor>& history,
+                         const at::Tensor& unary, int64_t iterations, int64_t label_stride) {
+  auto like_unary = [&](const at::Tensor& t, const char* name) {
+    check_same_device(t, unary, name);
+    TORCH_CHECK(t.scalar_type() == unary.scalar_type() && t.sizes() == unary.sizes(), "dense_crf backward: ", name,
+                " must match the unary (", unary.scalar_type(), ", ", unary.sizes(), "), got ", t.scalar_type(), ", ",
+                t.sizes());
+  };
+  like_unary(grad_q, "grad_q");
+  like_unary(q, "q");
+  if (history.has_value()) {
+    check_same_device(*history, unary, "history");
+    const std::vector<int64_t> want{unary.size(0), iterations, unary.size(2), label_stride};
+    TORCH_CHECK(history->scalar_type() == unary.scalar_type() && history->sizes() == at::IntArrayRef(want),
+                "dense_crf backward: history must be ", unary.scalar_type(), " ", at::IntArrayRef(want),
+                " (the forward's), got ", history->scalar_type(), " ", history->sizes());
+  }
+}
+
+at::Tensor compat_gradient(const std::vector<double>& g, CompatKind kind, int64_t L, const at::Tensor& compat) {
+  at::Tensor out = at::empty({static_cast<int64_t>(g.size())}, at::TensorOptions().dtype(at::kDouble));
+  std::copy(g.begin(), g.end(), out.data_ptr<double>());
+  if (kind == lattice::kMatrix) {
+    out = out.view({L, L});
+    out = (out + out.t()) * 0.5;  // W = 0.5 (M + M^T): dL/dM = 0.5 (G + G^T)
+  }
+  return out.reshape(compat.sizes()).to(compat.options());
 }
 
 }  // namespace dense_crf

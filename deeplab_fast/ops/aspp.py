@@ -17,6 +17,8 @@ import os
 
 import torch
 
+from ._common import register_no_backward
+
 __all__ = ["HAVE_TRITON", "aspp_project", "aspp_sum"]
 
 try:
@@ -153,19 +155,11 @@ if HAVE_TRITON:
         b0, b1, b2, b3 = _check_branches([b0, b1, b2, b3], "aspp_sum")
         return _new_output(b0, tuple(b0.shape))
 
-    def _no_backward(ctx, *grads):
-        raise NotImplementedError(
-            f"{ctx.op_name} has no backward: the fused ASPP path is for inference. The ASPP modules take their "
-            "differentiable plain-torch path in training mode or when gradients are needed.")
-
-    def _register_no_backward(name: str):
-        def setup_context(ctx, inputs, output):
-            ctx.op_name = f"deeplab_fast::{name}"
-
-        torch.library.register_autograd(f"deeplab_fast::{name}", _no_backward, setup_context=setup_context)
-
     for _name in ("aspp_project", "aspp_sum"):
-        _register_no_backward(_name)
+        register_no_backward(
+            f"deeplab_fast::{_name}",
+            "has no backward: the fused ASPP path is for inference. The ASPP modules take their differentiable "
+            "plain-torch path in training mode or when gradients are needed.")
 
 
 def _require_triton(op: str):

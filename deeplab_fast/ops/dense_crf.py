@@ -15,7 +15,9 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 
-__all__ = ["dense_crf", "dense_crf_features", "dense_crf_pairwise_energy", "empty_cache"]
+from ._common import check_device, register_no_backward
+
+__all__ = ["dense_crf", "dense_crf_features", "dense_crf_pairwise_energy", "empty_cache", "label_stride"]
 
 # Normalisation types, numbered as pydensecrf's NormalizationType.
 NO_NORMALIZATION = 0
@@ -25,13 +27,20 @@ NORMALIZE_SYMMETRIC = 3
 
 Compat = Union[float, torch.Tensor, np.ndarray]
 
+# The most mean-field iterations a call takes (the C++ kernels' bound too).
+MAX_ITERATIONS = 2**31 - 1
+
 
 def _as_compat(compat: Compat, name: str) -> torch.Tensor:
-    """A label compatibility as the op takes it: a 0-d Potts weight, an [L] diagonal or an [L, L] matrix."""
+    """A label compatibility as the op takes it: a 0-d Potts weight, an [L] diagonal or an [L, L] matrix.
+    Numbers and numpy arrays become float32 tensors; tensors keep their dtype (and autograd history)."""
     if isinstance(compat, bool):
         raise ValueError(f"{name} must be a number or a float tensor/array, got bool")
     if isinstance(compat, numbers.Real):
-        return torch.tensor(float(compat), dtype=torch.float32)
+        value = float(compat)
+        if not math.isfinite(value) or abs(value) > _FLOAT32_MAX:
+            raise ValueError(f"{name} must be finite in float32 (|{name}| <= 3.4e38), got {compat}")
+        return torch.tensor(value, dtype=torch.float32)
     if isinstance(compat, np.ndarray):
         if compat.dtype.kind != "f":
             raise ValueError(f"{name} must hold floats, got dtype {compat.dtype}")
@@ -39,8 +48,11 @@ def _as_compat(compat: Compat, name: str) -> torch.Tensor:
     if isinstance(compat, torch.Tensor):
         if not compat.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got {compat.dtype}")
-        return compat.to(torch.float32)
+        return compat
     raise ValueError(f"{name} must be a number, a torch.Tensor or a numpy array, got {type(compat).__name__}")
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _require_tensor(x, name: str) -> torch.Tensor:
@@ -49,11 +61,11 @@ def _require_tensor(x, name: str) -> torch.Tensor:
     return x
 
 
-def _require_int(x, name: str) -> int:
+def _require_int(x, name: str, low: int = 0, high: int = MAX_ITERATIONS) -> int:
     if isinstance(x, bool) or not isinstance(x, numbers.Integral):
         raise ValueError(f"{name} must be an int, got {type(x).__name__}")
-    if x < 0:
-        raise ValueError(f"{name} must be >= 0, got {x}")
+    if not low <= x <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {x}")
     return int(x)
 
 
@@ -63,6 +75,10 @@ def _require_positive(x, name: str) -> float:
     if not (float(x) > 0.0 and math.isfinite(float(x))):
         raise ValueError(f"{name} must be a finite number > 0, got {x}")
     return float(x)
+
+
+def _wants_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
 def dense_crf(
@@ -75,8 +91,9 @@ def dense_crf(
     bilateral_sxy: float = 80.0,
     bilateral_srgb: float = 13.0,
     bilateral_compat: Compat = 10.0,
+    checkpoint: bool = False,
 ) -> torch.Tensor:
-    """Dense CRF mean-field inference on images, as pydensecrf's ``DenseCRF2D``.
+    """Dense CRF mean-field inference on images, as pydensecrf's ``DenseCRF2D``; differentiable.
 
     Equivalent to ``d = DenseCRF2D(W, H, L); d.setUnaryEnergy(unary);
     d.addPairwiseGaussian(sxy=gaussian_sxy, compat=gaussian_compat);
@@ -84,35 +101,42 @@ def dense_crf(
     d.inference(iterations)`` for each image of the batch, with ``DIAG_KERNEL`` and ``NORMALIZE_SYMMETRIC``.
 
     Args:
-        unary (Tensor[B, L, H, W], float32): unary energies, i.e. negative log probabilities (what
-            pydensecrf's ``setUnaryEnergy`` takes). ``+inf`` marks an impossible label; NaN and ``-inf`` are
-            errors.
+        unary (Tensor[B, L, H, W], float32; float64 on the CPU): unary energies, i.e. negative log probabilities
+            (what pydensecrf's ``setUnaryEnergy`` takes). ``+inf`` marks an impossible label; NaN and ``-inf``
+            are errors.
         image (Tensor[B, 3, H, W], uint8): the RGB images, on the unary's device.
-        iterations (int): mean-field steps, >= 0 (default 10). 0 returns ``softmax(-unary)``.
+        iterations (int): mean-field steps, in [0, 2^31 - 1] (default 10). 0 returns ``softmax(-unary)``.
         gaussian_sxy (float): spatial standard deviation of the smoothness kernel, in pixels (default 3).
-        gaussian_compat (float | Tensor[L] | Tensor[L, L]): its label compatibility: a Potts weight
-            (default 3), a diagonal, or a matrix (symmetrised), as pydensecrf's ``compat``.
+        gaussian_compat (float | Tensor[] | Tensor[L] | Tensor[L, L]): its label compatibility: a Potts weight
+            (default 3), a diagonal, or a matrix (symmetrised), as pydensecrf's ``compat``. A tensor may be on
+            the CPU or on the unary's device, and may require grad.
         bilateral_sxy (float): spatial standard deviation of the appearance kernel, in pixels (default 80).
         bilateral_srgb (float): its colour standard deviation, in 8-bit intensity levels (default 13).
-        bilateral_compat (float | Tensor[L] | Tensor[L, L]): its label compatibility (default Potts 10).
+        bilateral_compat (float | Tensor[] | Tensor[L] | Tensor[L, L]): its label compatibility (default Potts 10).
+        checkpoint (bool): when gradients are needed, keep only the inputs and recompute the iterations in the
+            backward, instead of keeping every iteration's marginals (see :func:`dense_crf_features`).
 
     Returns:
-        Q (Tensor[B, L, H, W], float32): the marginals after ``iterations`` steps; they sum to 1 over L.
+        Q (Tensor[B, L, H, W], the unary's dtype): the marginals after ``iterations`` steps; they sum to 1 over L.
+
+    Gradients flow to ``unary`` and to every compatibility given as a tensor (the exact vector-Jacobian product
+    of the computed forward: see :func:`dense_crf_features`). Compatibilities so large that the float32
+    messages overflow (``|compat|`` near 3.4e38) saturate: those pixels are recomputed in float64.
 
     Raises:
         ValueError: a non-tensor ``unary`` or ``image``, or a bad ``iterations``, ``*_sxy``, ``*_srgb`` or
             ``*_compat`` value.
-        RuntimeError: wrong dtype, shape or device; image size or batch size not matching the unary; an empty
-            batch; L = 0; NaN or -inf in the unary; coordinates too large for the lattice.
+        RuntimeError: wrong dtype, shape or device (every tensor must be on the unary's device; compatibilities
+            may also be on the CPU); image size or batch size not matching the unary; an empty batch; L = 0;
+            NaN or -inf in the unary; a standard deviation too small for the lattice (the message gives the
+            smallest usable value).
 
     Inputs need not be contiguous. The lattice of each image is built once and reused across iterations;
     ``torch.set_num_threads`` sets the parallelism, and results are identical for any thread count.
     """
     _require_tensor(unary, "unary")
     _require_tensor(image, "image")
-    return torch.ops.deeplab_fast.dense_crf(
-        unary,
-        image,
+    args = (
         _require_int(iterations, "iterations"),
         _require_positive(gaussian_sxy, "gaussian_sxy"),
         _as_compat(gaussian_compat, "gaussian_compat"),
@@ -120,6 +144,16 @@ def dense_crf(
         _require_positive(bilateral_srgb, "bilateral_srgb"),
         _as_compat(bilateral_compat, "bilateral_compat"),
     )
+    if checkpoint or not _wants_grad(unary, args[2], args[5]):
+        return torch.ops.deeplab_fast.dense_crf(unary, image, *args)
+    # Training: the same composite as the op, through the forward that keeps every iteration's marginals.
+    its, gsxy, gcompat, bsxy, bsrgb, bcompat = args
+    gaussian, bilateral = torch.ops.deeplab_fast.dense_crf_image_features(image, gsxy, bsxy, bsrgb)
+    b, l, h, w = unary.shape
+    q, _ = torch.ops.deeplab_fast.dense_crf_features_with_history(
+        unary.reshape(b, l, h * w), [gaussian, bilateral], [gcompat, bcompat],
+        [NORMALIZE_SYMMETRIC, NORMALIZE_SYMMETRIC], its, None)
+    return q.view(b, l, h, w)
 
 
 def _check_terms(features, compat, normalization):
@@ -127,7 +161,8 @@ def _check_terms(features, compat, normalization):
         raise ValueError("features must be a sequence of tensors (one per pairwise term), not a tensor")
     features = [_require_tensor(f, f"features[{k}]") for k, f in enumerate(features)]
     compat = [_as_compat(c, f"compat[{k}]") for k, c in enumerate(compat)]
-    normalization = [int(n) for n in normalization]
+    normalization = [_require_int(n, f"normalization[{k}]", NO_NORMALIZATION, NORMALIZE_SYMMETRIC)
+                     for k, n in enumerate(normalization)]
     if not (len(features) == len(compat) == len(normalization)):
         raise ValueError(
             "features, compat and normalization need one entry per pairwise term, got "
@@ -144,22 +179,40 @@ def dense_crf_features(
     *,
     iterations: int = 10,
     q_init: torch.Tensor | None = None,
+    checkpoint: bool = False,
 ) -> torch.Tensor:
-    """Dense CRF mean-field inference with arbitrary pairwise features (pydensecrf's generic ``DenseCRF``).
+    """Dense CRF mean-field inference with arbitrary pairwise features (pydensecrf's generic ``DenseCRF``);
+    differentiable.
 
     Args:
-        unary (Tensor[B, L, N], float32): unary energies of N variables.
-        features (list of Tensor[B, D_k, N], float32): one feature set per pairwise term, already divided by
-            the kernel's standard deviations (as ``addPairwiseEnergy`` takes them); 1 <= D_k <= 16.
-        compat (list of float | Tensor[L] | Tensor[L, L]): each term's label compatibility.
+        unary (Tensor[B, L, N], float32; float64 on the CPU): unary energies of N variables.
+        features (list of Tensor[B, D_k, N], float32 or float64): one feature set per pairwise term, already
+            divided by the kernel's standard deviations (as ``addPairwiseEnergy`` takes them); 1 <= D_k <= 16.
+            The lattice is built from their float32 values.
+        compat (list of float | Tensor[] | Tensor[L] | Tensor[L, L]): each term's label compatibility (a tensor
+            may be on the CPU or on the unary's device).
         normalization (list of int): each term's normalisation, ``NO_NORMALIZATION`` (0),
             ``NORMALIZE_BEFORE`` (1), ``NORMALIZE_AFTER`` (2) or ``NORMALIZE_SYMMETRIC`` (3, the default).
-        iterations (int): mean-field steps (default 10).
-        q_init (Tensor[B, L, N], float32, optional): marginals to start from instead of ``softmax(-unary)``
-            (pydensecrf's ``stepInference``).
+        iterations (int): mean-field steps, in [0, 2^31 - 1] (default 10).
+        q_init (Tensor[B, L, N], the unary's dtype, optional): marginals to start from instead of
+            ``softmax(-unary)`` (pydensecrf's ``stepInference``).
+        checkpoint (bool): see Gradients (default False).
 
     Returns:
-        Q (Tensor[B, L, N], float32).
+        Q (Tensor[B, L, N], the unary's dtype).
+
+    Gradients: the exact vector-Jacobian product of the forward this op computes (CRF-as-RNN, Zheng et al.,
+    ICCV 2015; Krähenbühl & Koltun, ICML 2013; reference: Krähenbühl's ``DenseCRF::gradient``), with respect
+    to ``unary``, ``q_init`` and every compatibility tensor (a matrix's gradient is symmetric, since the op
+    symmetrises it). Each iteration's transposed lattice filter is the same splat and slice with the blur axes
+    in reverse order (normalisations swapped as in ``DenseKernel::filter(..., transpose)``); one transposed
+    filter per term and iteration gives both the marginals' and the compatibilities' gradients, so the backward
+    costs about one forward. Memory between forward and backward: the marginals every iteration starts from,
+    ``B * iterations * N * S`` values (S: L rounded up to 8 on the CPU, to 4 on CUDA), or, with
+    ``checkpoint=True``, only the inputs (the backward then reruns the iterations, holding that history
+    until it is done). The backward is deterministic (no float atomics) and independent of the thread count.
+    Gradients with respect to ``features`` (the kernel bandwidths) are not implemented: a backward that needs
+    them raises ``NotImplementedError`` naming the argument.
 
     Raises:
         ValueError / RuntimeError: as :func:`dense_crf`, naming the offending argument.
@@ -170,9 +223,10 @@ def dense_crf_features(
     features, compat, normalization = _check_terms(features, compat, normalization)
     if q_init is not None:
         _require_tensor(q_init, "q_init")
-    return torch.ops.deeplab_fast.dense_crf_features(
-        unary, features, compat, normalization, _require_int(iterations, "iterations"), q_init
-    )
+    args = (unary, features, compat, normalization, _require_int(iterations, "iterations"), q_init)
+    if not checkpoint and _wants_grad(unary, q_init, *compat):
+        return torch.ops.deeplab_fast.dense_crf_features_with_history(*args)[0]
+    return torch.ops.deeplab_fast.dense_crf_features(*args)
 
 
 def dense_crf_pairwise_energy(
@@ -185,7 +239,8 @@ def dense_crf_pairwise_energy(
 
     This is what pydensecrf's ``PairwisePotential::apply`` returns, summed over terms; with Potts
     compatibility ``w`` a term contributes ``-w * K q``. ``(q * result).sum()`` is the pairwise part of
-    pydensecrf's ``klDivergence``. Arguments as :func:`dense_crf_features`.
+    pydensecrf's ``klDivergence``. Arguments as :func:`dense_crf_features`; not differentiable. With
+    compatibilities near float32's range the messages may overflow to +-inf.
     """
     _require_tensor(q, "q")
     if normalization is None:
@@ -205,49 +260,177 @@ def empty_cache() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Fake (meta) kernels: shapes only, so torch.compile and FakeTensor tracing go through the ops.
+# Fake (meta) kernels: the C++ argument checks on shapes, dtypes and devices, then empty outputs, so that
+# torch.compile and FakeTensor tracing go through the ops and a meta (or misplaced) argument is refused.
+
+_OP = "dense_crf"
 
 
-@torch.library.register_fake("deeplab_fast::dense_crf")
-def _dense_crf_fake(unary, image, iterations, gaussian_sxy, gaussian_compat, bilateral_sxy, bilateral_srgb,
-                    bilateral_compat):
-    torch._check(unary.dim() == 4, lambda: f"dense_crf: unary must be 4-D [B, L, H, W], got {unary.dim()}-D")
-    torch._check(image.dim() == 4, lambda: f"dense_crf: image must be 4-D [B, 3, H, W], got {image.dim()}-D")
-    torch._check(unary.dtype == torch.float32, lambda: f"dense_crf: unary must be float32, got {unary.dtype}")
-    torch._check(image.dtype == torch.uint8, lambda: f"dense_crf: image must be uint8 RGB, got {image.dtype}")
-    return unary.new_empty(unary.shape, dtype=torch.float32)
+def _check(cond, msg):
+    torch._check(cond, lambda: f"{_OP}: {msg()}")
+
+
+def _check_values(t: torch.Tensor, name: str) -> None:
+    ok = t.dtype == torch.float32 or (t.dtype == torch.float64 and t.device.type != "cuda")
+    _check(ok, lambda: f"{name} must be {'float32' if t.device.type == 'cuda' else 'float32 or float64'}, "
+                       f"got {t.dtype}")
+
+
+def _check_unary(unary: torch.Tensor, dims: int, layout: str) -> None:
+    _check_values(unary, "unary")
+    _check(unary.dim() == dims, lambda: f"unary must be {dims}-D {layout}, got {unary.dim()}-D with shape "
+                                        f"{tuple(unary.shape)}")
+    _check(unary.shape[0] >= 1, lambda: "unary has an empty batch (B = 0)")
+    _check(unary.shape[1] >= 1, lambda: "unary must have at least one label (L >= 1), got L = 0")
+    for d in range(2, dims):
+        _check(unary.shape[d] >= 1, lambda: f"unary must have at least one pixel, got shape {tuple(unary.shape)}")
+
+
+def _check_iterations(iterations: int) -> None:
+    _check(0 <= iterations <= MAX_ITERATIONS, lambda: f"iterations must be in [0, {MAX_ITERATIONS}], got {iterations}")
+
+
+def _check_term_args(ref, features, compat, normalization) -> None:
+    b, l, n = ref.shape
+    _check(len(features) == len(compat) == len(normalization),
+           lambda: f"features, compat and normalization must have one entry per pairwise term, got "
+                   f"{len(features)}, {len(compat)} and {len(normalization)}")
+    for k, (f, c, norm) in enumerate(zip(features, compat, normalization)):
+        check_device(f, ref, _OP, f"features[{k}]", "unary")
+        _check(f.dtype in (torch.float32, torch.float64),
+               lambda: f"features[{k}] must be float32 or float64, got {f.dtype}")
+        _check(f.dim() == 3 and f.shape[0] == b and f.shape[2] == n,
+               lambda: f"features[{k}] must have shape [B, D, N] = [{b}, D, {n}], got {tuple(f.shape)}")
+        _check(1 <= f.shape[1] <= 16, lambda: f"features[{k}] must have between 1 and 16 feature dimensions, "
+                                              f"got {f.shape[1]}")
+        check_device(c, ref, _OP, f"compat[{k}]", "unary", allow_cpu=True)
+        _check(c.is_floating_point(), lambda: f"compat[{k}] must be a floating-point tensor, got {c.dtype}")
+        _check(c.dim() == 0 or tuple(c.shape) == (l,) or tuple(c.shape) == (l, l),
+               lambda: f"compat[{k}] must be a scalar (Potts weight), a vector [L] or a matrix [L, L] with "
+                       f"L = {l}, got shape {tuple(c.shape)}")
+        _check(NO_NORMALIZATION <= norm <= NORMALIZE_SYMMETRIC,
+               lambda: f"normalization[{k}] must be 0 (none), 1 (before), 2 (after) or 3 (symmetric), got {norm}")
+
+
+def _check_q_init(q_init, unary) -> None:
+    if q_init is None:
+        return
+    check_device(q_init, unary, _OP, "q_init", "unary")
+    _check(q_init.dtype == unary.dtype, lambda: f"q_init must have the unary's dtype ({unary.dtype}), "
+                                                f"got {q_init.dtype}")
+    _check(q_init.shape == unary.shape, lambda: f"q_init must have the unary's shape {tuple(unary.shape)}, "
+                                                f"got {tuple(q_init.shape)}")
+
+
+def _check_features_call(unary, features, compat, normalization, iterations, q_init) -> None:
+    _check_unary(unary, 3, "[B, L, N]")
+    _check_iterations(iterations)
+    _check_term_args(unary, features, compat, normalization)
+    _check_q_init(q_init, unary)
+
+
+def label_stride(num_labels: int, device: torch.device) -> int:
+    """The label stride S of the kernels' pixel-major layout: CUDA rounds L up to 4; the CPU keeps L <= 2 and
+    rounds larger L up to 8."""
+    if torch.device(device).type == "cuda":
+        return (num_labels + 3) // 4 * 4
+    return num_labels if num_labels <= 2 else (num_labels + 7) // 8 * 8
 
 
 @torch.library.register_fake("deeplab_fast::dense_crf_features")
 def _dense_crf_features_fake(unary, features, compat, normalization, iterations, q_init):
-    torch._check(unary.dim() == 3, lambda: f"dense_crf: unary must be 3-D [B, L, N], got {unary.dim()}-D")
-    return unary.new_empty(unary.shape, dtype=torch.float32)
+    _check_features_call(unary, features, compat, normalization, iterations, q_init)
+    return torch.empty_like(unary, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("deeplab_fast::dense_crf_features_with_history")
+def _dense_crf_features_with_history_fake(unary, features, compat, normalization, iterations, q_init):
+    _check_features_call(unary, features, compat, normalization, iterations, q_init)
+    b, l, n = unary.shape
+    history = unary.new_empty((b, iterations, n, label_stride(l, unary.device)))
+    return torch.empty_like(unary, memory_format=torch.contiguous_format), history
+
+
+@torch.library.register_fake("deeplab_fast::dense_crf_features_backward")
+def _dense_crf_features_backward_fake(grad_q, q, history, unary, features, compat, normalization, iterations,
+                                      q_init, compat_grad):
+    _check_features_call(unary, features, compat, normalization, iterations, q_init)
+    for t, name in ((grad_q, "grad_q"), (q, "q")):
+        check_device(t, unary, _OP, name, "unary")
+        _check(t.dtype == unary.dtype and t.shape == unary.shape,
+               lambda: f"backward: {name} must match the unary ({unary.dtype}, {tuple(unary.shape)})")
+    _check(len(compat_grad) == len(compat), lambda: "backward: compat_grad needs one flag per term")
+    grad_q_init = torch.empty_like(unary) if q_init is not None else unary.new_empty((0,))
+    return torch.empty_like(unary), [torch.empty_like(c) for c in compat], grad_q_init
+
+
+@torch.library.register_fake("deeplab_fast::dense_crf_image_features")
+def _dense_crf_image_features_fake(image, gaussian_sxy, bilateral_sxy, bilateral_srgb):
+    _check(image.dtype == torch.uint8, lambda: f"image must be uint8 RGB, got {image.dtype}")
+    _check(image.dim() == 4, lambda: f"image must be 4-D [B, 3, H, W], got shape {tuple(image.shape)}")
+    _check(image.shape[1] == 3, lambda: f"image must have 3 channels (RGB) in dim 1, got {image.shape[1]}")
+    _check(image.shape[0] >= 1, lambda: "image has an empty batch (B = 0)")
+    _check(image.shape[2] >= 1 and image.shape[3] >= 1,
+           lambda: f"image must have at least one pixel, got shape {tuple(image.shape)}")
+    for v, name in ((gaussian_sxy, "gaussian_sxy"), (bilateral_sxy, "bilateral_sxy"),
+                    (bilateral_srgb, "bilateral_srgb")):
+        _check(math.isfinite(v) and v > 0, lambda: f"{name} must be a finite value > 0, got {v}")
+    b, _, h, w = image.shape
+    return (image.new_empty((b, 2, h * w), dtype=torch.float32),
+            image.new_empty((b, 5, h * w), dtype=torch.float32))
 
 
 @torch.library.register_fake("deeplab_fast::dense_crf_pairwise_energy")
 def _dense_crf_pairwise_energy_fake(q, features, compat, normalization):
-    torch._check(q.dim() == 3, lambda: f"dense_crf: q must be 3-D [B, L, N], got {q.dim()}-D")
-    return q.new_empty(q.shape, dtype=torch.float32)
+    _check_values(q, "q")
+    _check(q.dim() == 3 and q.numel() > 0, lambda: f"q must be a non-empty [B, L, N] tensor, got shape "
+                                                    f"{tuple(q.shape)}")
+    _check_term_args(q, features, compat, normalization)
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Autograd: the dense CRF here is inference (post-processing) only. Gradients are refused with a clear error
-# rather than silently dropped.
+# Autograd: the vector-Jacobian product of mean-field inference (dense_crf_features_backward). The plain op
+# keeps its inputs and recomputes the iterations in the backward (checkpointing); the history op keeps every
+# iteration's marginals.
 
 
-def _no_backward(ctx, *grads):
-    raise NotImplementedError(
-        f"{ctx.op_name} has no backward: deeplab_fast's dense CRF is inference (post-processing) only. "
-        "Detach its inputs, or run it under torch.no_grad()."
-    )
+def _setup_context(ctx, inputs, output):
+    unary, features, compat, normalization, iterations, q_init = inputs
+    history = None
+    if isinstance(output, (tuple, list)):
+        q, history = output
+        ctx.mark_non_differentiable(history)
+    else:
+        q = output
+    ctx.normalization, ctx.iterations = list(normalization), iterations
+    ctx.num_terms, ctx.has_q_init, ctx.has_history = len(features), q_init is not None, history is not None
+    ctx.features_need_grad = [f.requires_grad for f in features]
+    ctx.compat_need_grad = [c.requires_grad for c in compat]
+    ctx.save_for_backward(unary, q, history, q_init, *features, *compat)
 
 
-def _register_no_backward(name: str):
-    def setup_context(ctx, inputs, output):
-        ctx.op_name = f"deeplab_fast::{name}"
+def _backward(ctx, grad_q, *unused):
+    unary, q, history, q_init, *rest = ctx.saved_tensors
+    features, compat = rest[:ctx.num_terms], rest[ctx.num_terms:]
+    for k, needed in enumerate(ctx.features_need_grad):
+        if needed:
+            raise NotImplementedError(
+                f"dense_crf: the gradient with respect to features[{k}] (the kernel bandwidths) is not implemented; "
+                "detach the features (gradients flow to the unary, q_init and the compatibilities)")
+    if grad_q is None:
+        grad_q = torch.zeros_like(q)
+    grad_unary, grad_compat, grad_q_init = torch.ops.deeplab_fast.dense_crf_features_backward(
+        grad_q.contiguous(), q, history if ctx.has_history else None, unary, features, compat, ctx.normalization,
+        ctx.iterations, q_init if ctx.has_q_init else None, ctx.compat_need_grad)
+    grad_compat = [g if needed else None for g, needed in zip(grad_compat, ctx.compat_need_grad)]
+    return (grad_unary, [None] * ctx.num_terms, grad_compat, None, None, grad_q_init if ctx.has_q_init else None)
 
-    torch.library.register_autograd(f"deeplab_fast::{name}", _no_backward, setup_context=setup_context)
 
-
-for _name in ("dense_crf", "dense_crf_features", "dense_crf_pairwise_energy"):
-    _register_no_backward(_name)
+for _name in ("dense_crf_features", "dense_crf_features_with_history"):
+    torch.library.register_autograd(f"deeplab_fast::{_name}", _backward, setup_context=_setup_context)
+register_no_backward("deeplab_fast::dense_crf_pairwise_energy",
+                     "has no backward: the pairwise energy is an inference-time diagnostic (pydensecrf's KL "
+                     "divergence); differentiate dense_crf / dense_crf_features instead")
+register_no_backward("deeplab_fast::dense_crf_features_backward",
+                     "has no backward: second derivatives of the dense CRF are not implemented")

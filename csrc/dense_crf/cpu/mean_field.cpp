@@ -19,6 +19,7 @@
 #include <cmath>
 #include <limits>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "../dense_crf.h"
@@ -33,100 +34,172 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kPixelGrain = 1024;
+// Pixels per block of the compat-gradient reduction: a fixed size, so that the sums (per block in pixel order,
+// then over blocks in block order) do not depend on the thread count.
+constexpr int64_t kGradBlock = 1024;
+constexpr float kInfF = std::numeric_limits<float>::infinity();
 
-int64_t label_stride(int64_t L) { return L <= 2 ? L : (L + 7) / 8 * 8; }
+template <typename T>
+constexpr T inf() {
+  return std::numeric_limits<T>::infinity();
+}
 
 // One pairwise term, prepared for iteration: its lattice and per-pixel normalisation factors.
+template <typename T>
 struct Term {
-  const PairwiseTerm* spec;
+  const PairwiseTerm<T>* spec;
   std::unique_ptr<PermutohedralLattice> lattice;
-  std::vector<float> pre;     // per-pixel factor applied before filtering (empty: none)
-  std::vector<float> post;    // per-pixel factor applied after filtering (empty: none)
-  std::vector<float> compat_padded;  // diagonal compatibility padded to the label stride with zeros
-  Buffer<float> lattice_values;  // [M, S]; every row is written by the splat before it is read
-  const float* blurred = nullptr;
+  std::vector<T> pre;     // per-pixel factor applied before filtering (empty: none)
+  std::vector<T> post;    // per-pixel factor applied after filtering (empty: none)
+  std::vector<T> compat_padded;  // diagonal compatibility padded to the label stride with zeros
+  Buffer<T> lattice_values;  // [M, S]; every row is written by the splat before it is read
+  const T* blurred = nullptr;
 };
 
-// msg -= compat(filtered) (mean-field update) or msg += compat(filtered) (energy), where compat(x) is
-// pydensecrf's LabelCompatibility::apply: -w x (Potts), diag(w) x, or W x (W symmetric). Each product is
-// rounded before it is added, as pydensecrf's separate `tmp2 = compat(out); tmp1 -= tmp2` does.
-DLF_INLINE void accumulate_compat(const PairwiseTerm& spec, int64_t L, int64_t S, const float* __restrict filtered,
-                                  float* __restrict mixed, float* __restrict msg, bool add) {
-  const float* c = spec.compat;
+// mixed = compat(filtered), pydensecrf's LabelCompatibility::apply: -w x (Potts), diag(w) x, or W x (W
+// symmetric); padding lanes 0.
+template <typename T>
+DLF_INLINE void apply_compat(const PairwiseTerm<T>& spec, int64_t L, int64_t S, const T* __restrict filtered,
+                             T* __restrict mixed) {
+  const T* c = spec.compat;
   if (spec.compat_kind == lattice::kPotts) {
-    scale_to(mixed, -c[0], filtered, S);
+    if constexpr (std::is_same<T, float>::value) {
+      scale_to(mixed, -c[0], filtered, S);
+    } else {
+      for (int64_t k = 0; k < S; ++k) mixed[k] = -c[0] * filtered[k];
+    }
   } else if (spec.compat_kind == lattice::kDiagonal) {
     for (int64_t k = 0; k < L; ++k) mixed[k] = c[k] * filtered[k];
-    for (int64_t k = L; k < S; ++k) mixed[k] = 0.0f;
+    for (int64_t k = L; k < S; ++k) mixed[k] = T(0);
   } else {
-    zero(mixed, S);
+    for (int64_t k = 0; k < S; ++k) mixed[k] = T(0);
     for (int64_t m = 0; m < L; ++m) {
-      const float x = filtered[m];
-      const float* __restrict row = c + m * L;  // symmetric: row m == column m
+      const T x = filtered[m];
+      const T* __restrict row = c + m * L;  // symmetric: row m == column m
       for (int64_t k = 0; k < L; ++k) mixed[k] += row[k] * x;
     }
   }
-  if (S % 8 == 0) {
-    for (int64_t k = 0; k < S; k += 8)
-      store8(msg + k, add ? load8(msg + k) + load8(mixed + k) : load8(msg + k) - load8(mixed + k));
-  } else {
-    for (int64_t k = 0; k < S; ++k) msg[k] = add ? msg[k] + mixed[k] : msg[k] - mixed[k];
+}
+
+// msg -= compat(filtered) (mean-field update) or msg += compat(filtered) (energy). Each product is rounded
+// before it is added, as pydensecrf's separate `tmp2 = compat(out); tmp1 -= tmp2` does.
+template <typename T>
+DLF_INLINE void accumulate_compat(const PairwiseTerm<T>& spec, int64_t L, int64_t S, const T* __restrict filtered,
+                                  T* __restrict mixed, T* __restrict msg, bool add) {
+  apply_compat(spec, L, S, filtered, mixed);
+  if constexpr (std::is_same<T, float>::value) {
+    if (S % 8 == 0) {
+      for (int64_t k = 0; k < S; k += 8)
+        store8(msg + k, add ? load8(msg + k) + load8(mixed + k) : load8(msg + k) - load8(mixed + k));
+      return;
+    }
   }
+  for (int64_t k = 0; k < S; ++k) msg[k] = add ? msg[k] + mixed[k] : msg[k] - mixed[k];
 }
 
-// Q = softmax(msg) over the first L lanes, as pydensecrf's expAndNormalize evaluates it (Eigen: subtract the
-// max, exp with pexp on whole packets of 4 and std::exp on the rest, redux sum, divide); padding lanes 0.
-DLF_INLINE void softmax(const float* __restrict msg, int64_t L, int64_t S, float* __restrict q) {
-  float mx = msg[0];
+// Q = softmax(msg) over the first L lanes; padding lanes 0. float: as pydensecrf's expAndNormalize evaluates
+// it (Eigen: subtract the max, exp with pexp on whole packets of 4 and std::exp on the rest, redux sum,
+// divide). Returns the sum of the exponentials, which is >= 1 unless msg held NaN or +-inf everywhere
+// (overflowed messages).
+template <typename T>
+DLF_INLINE T softmax(const T* __restrict msg, int64_t L, int64_t S, T* __restrict q) {
+  T mx = msg[0];
   for (int64_t k = 1; k < L; ++k) mx = msg[k] > mx ? msg[k] : mx;
-  const int64_t packets = (L / 4) * 4;
-  for (int64_t k = 0; k < packets; ++k) q[k] = exp_eigen(msg[k] - mx);
-  for (int64_t k = packets; k < L; ++k) q[k] = std::exp(msg[k] - mx);
-  const float sum = eigen_sum(q, L);
+  T sum;
+  if constexpr (std::is_same<T, float>::value) {
+    const int64_t packets = (L / 4) * 4;
+    for (int64_t k = 0; k < packets; ++k) q[k] = exp_eigen(msg[k] - mx);
+    for (int64_t k = packets; k < L; ++k) q[k] = std::exp(msg[k] - mx);
+    sum = eigen_sum(q, L);
+  } else {
+    sum = 0;
+    for (int64_t k = 0; k < L; ++k) sum += (q[k] = std::exp(msg[k] - mx));
+  }
   for (int64_t k = 0; k < L; ++k) q[k] = q[k] / sum;
-  for (int64_t k = L; k < S; ++k) q[k] = 0.0f;
+  for (int64_t k = L; k < S; ++k) q[k] = T(0);
+  return sum;
 }
 
-struct PixelPass;
-template <int C>
-DLF_INLINE void pixel_range_vec(const PixelPass& a, float* scratch, int64_t begin, int64_t end);
-
+template <typename T>
 struct PixelPass {
-  const Term* terms;
+  const Term<T>* terms;
   size_t num_terms;
-  const float* unary;  // [N, S]
-  float* q;            // [N, S]
-  float* energy_out;   // [N, S] or nullptr
+  const T* unary;      // [N, S]
+  T* q;                // [N, S] output marginals
+  T* energy_out;       // [N, S] or nullptr
   int64_t L, S;
   bool sequential_slice;
   bool with_pairwise;
 };
 
+// One pixel's messages, recomputed in double from the same lattice values: the float path's fallback when its
+// messages overflowed (|compat| x filtered beyond float's range gives inf, inf - inf NaN). The softmax of the
+// double messages is finite, so huge compatibilities saturate instead of turning the marginals into NaN.
+void pixel_in_double(const PixelPass<float>& a, int64_t i) {
+  const int64_t S = a.S, L = a.L;
+  std::vector<double> buffer(static_cast<size_t>(3 * S));
+  double* msg = buffer.data();
+  double* sliced = msg + S;
+  double* mixed = sliced + S;
+  for (int64_t k = 0; k < S; ++k) msg[k] = -static_cast<double>(a.unary[i * S + k]);
+  for (size_t t = 0; t < a.num_terms; ++t) {
+    const Term<float>& term = a.terms[t];
+    const PermutohedralLattice& lat = *term.lattice;
+    for (int64_t k = 0; k < S; ++k) sliced[k] = 0.0;
+    for (int r = 0; r <= lat.dim(); ++r) {
+      const double wa = static_cast<double>(lat.weights(i)[r]) * lat.alpha();
+      const float* v = term.blurred + static_cast<int64_t>(lat.vertices(i)[r]) * S;
+      for (int64_t k = 0; k < S; ++k) sliced[k] += wa * v[k];
+    }
+    const double post = term.post.empty() ? 1.0 : term.post[i];
+    const float* c = term.spec->compat;
+    for (int64_t k = 0; k < L; ++k) {
+      double m = 0.0;
+      if (term.spec->compat_kind == lattice::kPotts) {
+        m = -static_cast<double>(c[0]) * post * sliced[k];
+      } else if (term.spec->compat_kind == lattice::kDiagonal) {
+        m = static_cast<double>(c[k]) * post * sliced[k];
+      } else {
+        for (int64_t j = 0; j < L; ++j) m += static_cast<double>(c[k * L + j]) * post * sliced[j];
+      }
+      mixed[k] = m;
+    }
+    for (int64_t k = 0; k < L; ++k) msg[k] -= mixed[k];
+  }
+  double mx = -std::numeric_limits<double>::infinity();
+  for (int64_t k = 0; k < L; ++k) mx = std::max(mx, msg[k]);
+  double sum = 0.0;
+  for (int64_t k = 0; k < L; ++k) sum += (msg[k] = std::exp(msg[k] - mx));
+  for (int64_t k = 0; k < L; ++k) a.q[i * S + k] = static_cast<float>(msg[k] / sum);
+  for (int64_t k = L; k < S; ++k) a.q[i * S + k] = 0.0f;
+}
+
 // The fused per-pixel step over pixels [begin, end): msg = -unary - sum_k compat_k(post_k * slice_k);
 // Q = softmax(msg). With energy_out: writes sum_k compat_k(...) instead. Any label stride.
-DLF_INLINE void pixel_range_any(const PixelPass& a, float* scratch, int64_t begin, int64_t end) {
+template <typename T>
+DLF_INLINE void pixel_range_any(const PixelPass<T>& a, T* scratch, int64_t begin, int64_t end) {
   const int64_t S = a.S, L = a.L;
-  float* __restrict msg = scratch;
-  float* __restrict filtered = msg + S;
-  float* __restrict mixed = filtered + S;
-  float* __restrict sliced = mixed + S;
+  T* __restrict msg = scratch;
+  T* __restrict filtered = msg + S;
+  T* __restrict mixed = filtered + S;
+  T* __restrict sliced = mixed + S;
   for (int64_t i = begin; i < end; ++i) {
     if (a.energy_out != nullptr) {
-      zero(msg, S);
+      for (int64_t k = 0; k < S; ++k) msg[k] = T(0);
     } else {
-      scale_to(msg, -1.0f, a.unary + i * S, S);
+      for (int64_t k = 0; k < S; ++k) msg[k] = -a.unary[i * S + k];
     }
     if (a.with_pairwise) {
       for (size_t t = 0; t < a.num_terms; ++t) {
-        const Term& term = a.terms[t];
+        const Term<T>& term = a.terms[t];
         if (a.sequential_slice) {
-          term.lattice->slice_pixel<true>(term.blurred, S, i, sliced);
+          term.lattice->template slice_pixel<true>(term.blurred, S, i, sliced);
         } else {
-          term.lattice->slice_pixel<false>(term.blurred, S, i, sliced);
+          term.lattice->template slice_pixel<false>(term.blurred, S, i, sliced);
         }
-        const float* __restrict f = sliced;
+        const T* __restrict f = sliced;
         if (!term.post.empty()) {
-          scale_to(filtered, term.post[i], sliced, S);
+          for (int64_t k = 0; k < S; ++k) filtered[k] = term.post[i] * sliced[k];
           f = filtered;
         }
         accumulate_compat(*term.spec, L, S, f, mixed, msg, a.energy_out != nullptr);
@@ -136,7 +209,10 @@ DLF_INLINE void pixel_range_any(const PixelPass& a, float* scratch, int64_t begi
       std::copy(msg, msg + S, a.energy_out + i * S);
       continue;
     }
-    softmax(msg, L, S, a.q + i * S);
+    const T sum = softmax(msg, L, S, a.q + i * S);
+    if constexpr (std::is_same<T, float>::value) {
+      if (!(sum >= 1.0f)) pixel_in_double(a, i);
+    }
   }
 }
 
@@ -144,7 +220,7 @@ DLF_INLINE void pixel_range_any(const PixelPass& a, float* scratch, int64_t begi
 // pixel's labels in C vector registers throughout. Padding lanes of the unary are +inf, so the message is
 // -inf there and the max and the sum can run over whole vectors.
 template <int C>
-DLF_INLINE void pixel_range_vec(const PixelPass& a, float* scratch, int64_t begin, int64_t end) {
+DLF_INLINE void pixel_range_vec(const PixelPass<float>& a, float* scratch, int64_t begin, int64_t end) {
   constexpr int64_t S = 8 * C;
   const int64_t L = a.L;
   vec8 valid[C];
@@ -154,7 +230,7 @@ DLF_INLINE void pixel_range_vec(const PixelPass& a, float* scratch, int64_t begi
     vec8 msg[C];
     for (int c = 0; c < C; ++c) msg[c] = -load8(a.unary + i * S + 8 * c);
     for (size_t t = 0; t < (a.with_pairwise ? a.num_terms : 0); ++t) {
-      const Term& term = a.terms[t];
+      const Term<float>& term = a.terms[t];
       const PermutohedralLattice& lat = *term.lattice;
       const int32_t* vert = lat.vertices(i);
       const float* w = lat.weights(i);
@@ -186,10 +262,11 @@ DLF_INLINE void pixel_range_vec(const PixelPass& a, float* scratch, int64_t begi
     for (int64_t k = (L / 4) * 4; k < L; ++k) e[k / 8][k % 8] = std::exp(msg[k / 8][k % 8] - m);
     const float sum = eigen_sum8<C>(e, L);
     for (int c = 0; c < C; ++c) store8(a.q + i * S + 8 * c, e[c] / sum);
+    if (!(sum >= 1.0f)) pixel_in_double(a, i);
   }
 }
 
-DLF_CPU_KERNEL void pixel_range(const PixelPass& a, float* scratch, int64_t begin, int64_t end) {
+DLF_CPU_KERNEL void pixel_range(const PixelPass<float>& a, float* scratch, int64_t begin, int64_t end) {
   bool vectorisable = a.S % 8 == 0 && a.S <= 64 && a.energy_out == nullptr;
   for (size_t t = 0; t < a.num_terms; ++t) vectorisable &= a.terms[t].spec->compat_kind != lattice::kMatrix;
   switch (vectorisable ? a.S / 8 : 0) {
@@ -205,18 +282,40 @@ DLF_CPU_KERNEL void pixel_range(const PixelPass& a, float* scratch, int64_t begi
   }
 }
 
-// [L, N] -> [N, S] for pixels [begin, end), padding lanes set to `pad`; with check, returns the kUnaryNaN / kUnaryNegInf /
-// kUnaryNoFiniteLabel flags of those pixels' values. Eight pixels at a time by 8x8 register transposes when S is a
-// multiple of 8.
+DLF_CPU_KERNEL void pixel_range(const PixelPass<double>& a, double* scratch, int64_t begin, int64_t end) {
+  pixel_range_any(a, scratch, begin, end);
+}
+
+// [L, N] -> [N, S] for pixels [begin, end), padding lanes set to `pad`; with check, returns the kUnaryNaN /
+// kUnaryNegInf / kUnaryNoFiniteLabel flags of those pixels' values. Eight pixels at a time by 8x8 register
+// transposes when S is a multiple of 8 (float).
+template <typename T>
+DLF_INLINE int transpose_in_any(const T* src, T* dst, int64_t L, int64_t N, int64_t S, T pad, int64_t begin,
+                                int64_t end) {
+  int bad = 0;
+  for (int64_t i = begin; i < end; ++i) {
+    bool possible = false;
+    for (int64_t l = 0; l < L; ++l) {
+      const T u = src[l * N + i];
+      dst[i * S + l] = u;
+      if (std::isnan(u)) bad |= kUnaryNaN;
+      if (u == -inf<T>()) bad |= kUnaryNegInf;
+      possible |= u < inf<T>();
+    }
+    for (int64_t l = L; l < S; ++l) dst[i * S + l] = pad;
+    if (!possible) bad |= kUnaryNoFiniteLabel;
+  }
+  return bad;
+}
+
 DLF_CPU_KERNEL int transpose_in(const float* src, float* dst, int64_t L, int64_t N, int64_t S, float pad, bool check,
                                 int64_t begin, int64_t end) {
-  constexpr float kInf = std::numeric_limits<float>::infinity();
   int bad = 0;
   int64_t i = begin;
   if (S % 8 == 0) {
     for (; i + 8 <= end; i += 8) {
       ivec8 nan{}, neg{};
-      vec8 lowest = splat8(kInf);  // per pixel, the smallest value over labels
+      vec8 lowest = splat8(kInfF);  // per pixel, the smallest value over labels
       for (int64_t l0 = 0; l0 < S; l0 += 8) {
         vec8 rows[8];
         for (int k = 0; k < 8; ++k) {
@@ -226,7 +325,7 @@ DLF_CPU_KERNEL int transpose_in(const float* src, float* dst, int64_t L, int64_t
           }
           rows[k] = load8(src + (l0 + k) * N + i);
           nan |= rows[k] != rows[k];
-          neg |= rows[k] == -kInf;
+          neg |= rows[k] == -kInfF;
           lowest = rows[k] < lowest ? rows[k] : lowest;
         }
         transpose8x8(rows);
@@ -236,23 +335,18 @@ DLF_CPU_KERNEL int transpose_in(const float* src, float* dst, int64_t L, int64_t
         for (int k = 0; k < 8; ++k) {
           if (nan[k]) bad |= kUnaryNaN;
           if (neg[k]) bad |= kUnaryNegInf;
-          if (!(lowest[k] < kInf) && lowest[k] == lowest[k]) bad |= kUnaryNoFiniteLabel;
+          if (!(lowest[k] < kInfF) && lowest[k] == lowest[k]) bad |= kUnaryNoFiniteLabel;
         }
       }
     }
   }
-  for (; i < end; ++i) {
-    bool possible = false;
-    for (int64_t l = 0; l < L; ++l) {
-      const float u = src[l * N + i];
-      dst[i * S + l] = u;
-      if (std::isnan(u)) bad |= kUnaryNaN;
-      if (u == -kInf) bad |= kUnaryNegInf;
-      possible |= u < kInf;
-    }
-    for (int64_t l = L; l < S; ++l) dst[i * S + l] = pad;
-    if (!possible) bad |= kUnaryNoFiniteLabel;
-  }
+  bad |= transpose_in_any(src, dst, L, N, S, pad, i, end);
+  return check ? bad : 0;
+}
+
+DLF_CPU_KERNEL int transpose_in(const double* src, double* dst, int64_t L, int64_t N, int64_t S, double pad,
+                                bool check, int64_t begin, int64_t end) {
+  const int bad = transpose_in_any(src, dst, L, N, S, pad, begin, end);
   return check ? bad : 0;
 }
 
@@ -274,61 +368,269 @@ DLF_CPU_KERNEL void transpose_out(const float* src, float* dst, int64_t L, int64
     for (int64_t l = 0; l < L; ++l) dst[l * N + i] = src[i * S + l];
 }
 
+DLF_CPU_KERNEL void transpose_out(const double* src, double* dst, int64_t L, int64_t N, int64_t S, int64_t begin,
+                                  int64_t end) {
+  for (int64_t i = begin; i < end; ++i)
+    for (int64_t l = 0; l < L; ++l) dst[l * N + i] = src[i * S + l];
+}
+
+// The backward's per-pixel step (see MeanField::backward), for pixels [begin, end) of one iteration t:
+//   h_k = pre_k * slice_k(blurred transposed filter of gx_t)              (= K_k^T gx_t, per label)
+//   g   = -sum_k compat_k(h_k)                                           (dL/dQ_{t-1})
+//   compat gradients += the contraction of h_k with Q_{t-1}
+//   then, unless Q_{t-1} is q_init: gx_{t-1} = Q_{t-1} (g - <g, Q_{t-1}>) (the softmax's VJP), gu -= gx_{t-1};
+//   else grad_q_init = g.
+template <typename T>
+struct BackwardPass {
+  const Term<T>* terms;
+  size_t num_terms;
+  const T* q_prev;   // [N, S] Q_{t-1}
+  T* gx;             // [N, S] in: gx_t (already splatted); out: gx_{t-1}
+  T* gu;             // [N, S] dL/dunary, accumulated
+  T* g_q_init;       // [N, S] or nullptr: write g instead of the softmax step
+  // Per term: nullptr or [blocks, 1 | S | L * S] float-like accumulators of this iteration's contraction.
+  std::vector<T*> compat_partial;
+  int64_t L, S;
+  bool sequential_slice;
+};
+
+template <typename T>
+DLF_INLINE void softmax_vjp(const T* __restrict g, const T* __restrict q, int64_t S, T* __restrict gx) {
+  T dot = 0;
+  for (int64_t k = 0; k < S; ++k) dot += g[k] * q[k];
+  for (int64_t k = 0; k < S; ++k) gx[k] = q[k] * (g[k] - dot);
+}
+
+template <typename T>
+DLF_INLINE void backward_range(const BackwardPass<T>& a, T* scratch, int64_t block, int64_t begin, int64_t end) {
+  const int64_t S = a.S, L = a.L;
+  T* __restrict h = scratch;
+  T* __restrict mixed = h + S;
+  T* __restrict g = mixed + S;
+  for (int64_t i = begin; i < end; ++i) {
+    const T* __restrict q = a.q_prev + i * S;
+    for (int64_t k = 0; k < S; ++k) g[k] = T(0);
+    for (size_t t = 0; t < a.num_terms; ++t) {
+      const Term<T>& term = a.terms[t];
+      if (a.sequential_slice) {
+        term.lattice->template slice_pixel<true>(term.blurred, S, i, h);
+      } else {
+        term.lattice->template slice_pixel<false>(term.blurred, S, i, h);
+      }
+      if (!term.pre.empty())
+        for (int64_t k = 0; k < S; ++k) h[k] = term.pre[i] * h[k];
+      apply_compat(*term.spec, L, S, h, mixed);
+      for (int64_t k = 0; k < S; ++k) g[k] -= mixed[k];
+      T* acc = a.compat_partial[t];
+      if (acc == nullptr) continue;
+      switch (term.spec->compat_kind) {
+        case lattice::kPotts: {  // x += w K Q: dL/dw = <gx, K Q> = <K^T gx, Q>
+          T s = 0;
+          for (int64_t k = 0; k < S; ++k) s += h[k] * q[k];
+          acc[block] += s;
+          break;
+        }
+        case lattice::kDiagonal: {  // x -= diag(w) K Q: dL/dw_l = -<(K^T gx)_l, Q_l>
+          T* row = acc + block * S;
+          for (int64_t k = 0; k < S; ++k) row[k] -= h[k] * q[k];
+          break;
+        }
+        default: {  // x -= W K Q: dL/dW_lm = -<(K^T gx)_l, Q_m>
+          T* mat = acc + block * L * S;
+          for (int64_t l = 0; l < L; ++l) {
+            const T hl = h[l];
+            T* __restrict row = mat + l * S;
+            for (int64_t m = 0; m < S; ++m) row[m] -= hl * q[m];
+          }
+          break;
+        }
+      }
+    }
+    if (a.g_q_init != nullptr) {
+      std::copy(g, g + S, a.g_q_init + i * S);
+    } else {
+      T* __restrict gx = a.gx + i * S;
+      softmax_vjp(g, q, S, gx);
+      T* __restrict gu = a.gu + i * S;
+      for (int64_t k = 0; k < S; ++k) gu[k] -= gx[k];
+    }
+  }
+}
+
+DLF_CPU_KERNEL void backward_pixels(const BackwardPass<float>& a, float* scratch, int64_t block, int64_t begin,
+                                    int64_t end) {
+  backward_range(a, scratch, block, begin, end);
+}
+
+DLF_CPU_KERNEL void backward_pixels(const BackwardPass<double>& a, double* scratch, int64_t block, int64_t begin,
+                                    int64_t end) {
+  backward_range(a, scratch, block, begin, end);
+}
+
+template <typename T>
 class MeanField {
  public:
-  explicit MeanField(const Problem& p)
+  // needs_unary: load (and check) the unary; the backward with a history does not read it.
+  MeanField(const Problem<T>& p, bool needs_unary = true)
       : p_(p), L_(p.num_labels), N_(p.num_pixels), S_(label_stride(p.num_labels)), seq_(p.num_labels <= 2) {
     // Buffers are left uninitialised: every element is written before it is read.
-    unary_.reset(static_cast<size_t>(N_ * S_));
-    {
+    if (needs_unary && p.unary != nullptr) {
       StageTimer timer("load unary");
-      if (p.unary != nullptr) load_unary(p.unary);
+      unary_.reset(static_cast<size_t>(N_ * S_));
+      load_unary(p.unary);
     }
     terms_.reserve(p.terms.size());
-    for (const PairwiseTerm& spec : p.terms) terms_.push_back(prepare(spec));
+    for (const PairwiseTerm<T>& spec : p.terms) terms_.push_back(prepare(spec));
     q_.reset(static_cast<size_t>(N_ * S_));
   }
 
-  void run(int64_t iterations, float* q_out) {
+  // Q_0 = q_init or softmax(-unary), then `iterations` updates. With history, Q_t (t < iterations) is
+  // computed in place in history[t] and only the last one in q_.
+  void run(int64_t iterations, T* q_out, T* history) {
+    T* q0 = history != nullptr && iterations > 0 ? history : q_.data();
     if (p_.q_init != nullptr) {
-      to_pixel_major(p_.q_init, q_.data(), 0.0f, false);
+      to_pixel_major(p_.q_init, q0, T(0), false);
     } else {
-      pixel_pass(/*with_pairwise=*/false, /*energy_out=*/nullptr);
+      pixel_pass(/*with_pairwise=*/false, nullptr, q0);
     }
+    const T* q = q0;
     for (int64_t it = 0; it < iterations; ++it) {
-      filter_all();
-      pixel_pass(/*with_pairwise=*/true, /*energy_out=*/nullptr);
+      T* next = history != nullptr && it + 1 < iterations ? history + (it + 1) * N_ * S_ : q_.data();
+      filter_all(q, /*transpose=*/false);
+      pixel_pass(/*with_pairwise=*/true, nullptr, next);
+      q = next;
     }
-    to_label_major(q_.data(), q_out);
+    if (q_out != nullptr) to_label_major(q, q_out);
   }
 
-  void energy(float* out) {
+  void energy(T* out) {
     TORCH_CHECK(p_.q_init != nullptr, "dense_crf: the pairwise energy needs marginals q");
-    to_pixel_major(p_.q_init, q_.data(), 0.0f, false);
-    filter_all();
-    std::vector<float> e(static_cast<size_t>(N_ * S_), 0.0f);
-    pixel_pass(/*with_pairwise=*/true, e.data());
+    to_pixel_major(p_.q_init, q_.data(), T(0), false);
+    filter_all(q_.data(), false);
+    std::vector<T> e(static_cast<size_t>(N_ * S_), T(0));
+    pixel_pass(/*with_pairwise=*/true, e.data(), nullptr);
     to_label_major(e.data(), out);
   }
 
+  // The vector-Jacobian product of run(): Q_{t+1} = softmax(x_{t+1}), x_{t+1} = -u - sum_k C_k F_k Q_t, with
+  // F_k = post_k . (alpha S^T B S) . pre_k the lattice filter (S: splat, B: blur, alpha S^T: slice). Its transpose
+  // is F_k^T = pre_k . (alpha S^T B^T S) . post_k, and B^T is the blur with its axes in reverse order
+  // (Krähenbühl's DenseKernel::filter(..., transpose=true)). Backwards from gQ_T = grad_q:
+  //   gx_t = Q_t (gQ_t - <gQ_t, Q_t>)                (softmax VJP, per pixel)
+  //   du  -= gx_t
+  //   gQ_{t-1} = -sum_k C_k (F_k^T gx_t)              (C_k symmetric, acting on labels, commutes with F_k)
+  //   dC_k: <gx_t, C'(F_k Q_{t-1})> = <C'(F_k^T gx_t), Q_{t-1}>, so one transposed filter per term and
+  //   iteration serves both.
+  void backward(int64_t iterations, const T* grad_q, const T* q, const T* history_in, const Gradients<T>& grads) {
+    const int64_t NS = N_ * S_;
+    Buffer<T> history_buf;
+    const T* history = history_in;
+    if (history == nullptr && iterations > 0) {  // checkpointing: recompute the forward's history
+      history_buf.reset(static_cast<size_t>(iterations * NS));
+      run(iterations, nullptr, history_buf.data());
+      history = history_buf.data();
+    }
+    Buffer<T> g(static_cast<size_t>(NS)), gx(static_cast<size_t>(NS)), gu(static_cast<size_t>(NS));
+    to_pixel_major(grad_q, g.data(), T(0), false);
+    // Q_T: the forward's output.
+    if (history_in != nullptr || iterations == 0) {
+      to_pixel_major(q, q_.data(), T(0), false);
+    }  // else run() above left Q_T in q_
+    const bool from_q_init = p_.q_init != nullptr;
+    Buffer<T> gqi;
+    if (from_q_init) gqi.reset(static_cast<size_t>(NS));
+    // gx_T and du = -gx_T (or, with no iteration and q_init, dL/dq_init = grad_q).
+    {
+      StageTimer timer("backward: softmax");
+      at::parallel_for(0, N_, kPixelGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          if (iterations == 0 && from_q_init) {
+            std::copy(g.data() + i * S_, g.data() + (i + 1) * S_, gqi.data() + i * S_);
+            std::fill(gu.data() + i * S_, gu.data() + (i + 1) * S_, T(0));
+            continue;
+          }
+          softmax_vjp(g.data() + i * S_, q_.data() + i * S_, S_, gx.data() + i * S_);
+          for (int64_t k = 0; k < S_; ++k) gu[i * S_ + k] = -gx[i * S_ + k];
+        }
+      });
+    }
+    // Per term, the contraction accumulators of one iteration: [blocks, 1 | S | L * S].
+    const int64_t blocks = (N_ + kGradBlock - 1) / kGradBlock;
+    std::vector<Buffer<T>> partial(terms_.size());
+    std::vector<T*> partial_ptr(terms_.size(), nullptr);
+    for (size_t k = 0; k < terms_.size(); ++k) {
+      if (k >= grads.compat.size() || grads.compat[k] == nullptr) continue;
+      partial[k].reset(static_cast<size_t>(blocks * compat_width(terms_[k].spec->compat_kind)));
+      partial_ptr[k] = partial[k].data();
+    }
+    for (int64_t t = iterations; t >= 1; --t) {
+      const T* q_prev = history + (t - 1) * NS;
+      filter_all(gx.data(), /*transpose=*/true);
+      for (size_t k = 0; k < terms_.size(); ++k)
+        if (partial_ptr[k] != nullptr)
+          std::fill(partial_ptr[k], partial_ptr[k] + blocks * compat_width(terms_[k].spec->compat_kind), T(0));
+      const BackwardPass<T> pass{terms_.data(), terms_.size(), q_prev, gx.data(), gu.data(),
+                                 (t == 1 && from_q_init) ? gqi.data() : nullptr, partial_ptr, L_, S_, seq_};
+      {
+        StageTimer timer("backward: slice+compat+softmax");
+        at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+          std::vector<T> scratch(static_cast<size_t>(3 * S_));
+          for (int64_t b = b0; b < b1; ++b)
+            backward_pixels(pass, scratch.data(), b, b * kGradBlock, std::min(N_, (b + 1) * kGradBlock));
+        });
+      }
+      // Add this iteration's contraction to the gradients: blocks in order, in double.
+      for (size_t k = 0; k < terms_.size(); ++k) {
+        if (partial_ptr[k] == nullptr) continue;
+        double* out = grads.compat[k];
+        const T* part = partial_ptr[k];
+        switch (terms_[k].spec->compat_kind) {
+          case lattice::kPotts:
+            for (int64_t b = 0; b < blocks; ++b) out[0] += static_cast<double>(part[b]);
+            break;
+          case lattice::kDiagonal:
+            for (int64_t b = 0; b < blocks; ++b)
+              for (int64_t l = 0; l < L_; ++l) out[l] += static_cast<double>(part[b * S_ + l]);
+            break;
+          default:
+            for (int64_t b = 0; b < blocks; ++b)
+              for (int64_t l = 0; l < L_; ++l)
+                for (int64_t m = 0; m < L_; ++m) out[l * L_ + m] += static_cast<double>(part[(b * L_ + l) * S_ + m]);
+            break;
+        }
+      }
+    }
+    to_label_major(gu.data(), grads.unary);
+    if (from_q_init && grads.q_init != nullptr) to_label_major(gqi.data(), grads.q_init);
+  }
+
  private:
-  Term prepare(const PairwiseTerm& spec) {
+  int64_t compat_width(lattice::CompatKind kind) const {
+    return kind == lattice::kPotts ? 1 : kind == lattice::kDiagonal ? S_ : L_ * S_;
+  }
+
+  Term<T> prepare(const PairwiseTerm<T>& spec) {
     StageTimer timer("prepare term");
-    Term t;
+    Term<T> t;
     t.spec = &spec;
     t.lattice = std::make_unique<PermutohedralLattice>(spec.features, spec.dim, N_);
     const int64_t M = t.lattice->num_points();
     if (spec.normalization != lattice::kNoNormalization) {
       StageTimer norm_timer("normalisation");
       // Filter an all-ones image; pydensecrf does this with one value per pixel (sequential order).
-      std::vector<float> ones(static_cast<size_t>(N_), 1.0f), lattice_values(static_cast<size_t>(M));
-      const float* blurred = t.lattice->splat_blur(ones.data(), nullptr, 1, lattice_values.data());
-      std::vector<float> norm(static_cast<size_t>(N_));
+      std::vector<T> ones(static_cast<size_t>(N_), T(1)), lattice_values(static_cast<size_t>(M));
+      const T* blurred = t.lattice->splat_blur(ones.data(), static_cast<const T*>(nullptr), 1, lattice_values.data());
+      std::vector<T> norm(static_cast<size_t>(N_));
       at::parallel_for(0, N_, kPixelGrain, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
-          float k1;
-          t.lattice->slice_pixel</*kSequentialOrder=*/true>(blurred, 1, i, &k1);
-          norm[i] = lattice::normalisation_factor(k1, spec.normalization);
+          T k1;
+          t.lattice->template slice_pixel</*kSequentialOrder=*/true>(blurred, 1, i, &k1);
+          if constexpr (std::is_same<T, float>::value) {
+            norm[i] = lattice::normalisation_factor(k1, spec.normalization);
+          } else {
+            norm[i] = spec.normalization == lattice::kNormalizeSymmetric ? 1.0 / std::sqrt(k1 + 1e-20)
+                                                                          : 1.0 / (k1 + 1e-20);
+          }
         }
       });
       if (spec.normalization == lattice::kNormalizeSymmetric || spec.normalization == lattice::kNormalizeBefore)
@@ -337,16 +639,16 @@ class MeanField {
         t.post = std::move(norm);
     }
     if (spec.compat_kind == lattice::kDiagonal) {
-      t.compat_padded.assign(static_cast<size_t>(S_), 0.0f);
+      t.compat_padded.assign(static_cast<size_t>(S_), T(0));
       std::copy(spec.compat, spec.compat + L_, t.compat_padded.begin());
     }
     t.lattice_values.reset(static_cast<size_t>(M * S_));
     return t;
   }
 
-  // [L, N] -> [N, S] with the padding lanes set to `pad`. With check, returns kUnaryNaN | kUnaryNegInf | kUnaryNoFiniteLabel
-  // flags for what it saw in the values.
-  int to_pixel_major(const float* src, float* dst, float pad, bool check) const {
+  // [L, N] -> [N, S] with the padding lanes set to `pad`. With check, returns kUnaryNaN | kUnaryNegInf |
+  // kUnaryNoFiniteLabel flags for what it saw in the values.
+  int to_pixel_major(const T* src, T* dst, T pad, bool check) const {
     StageTimer timer("transpose in");
     std::atomic<int> bad{0};
     at::parallel_for(0, N_, kPixelGrain, [&](int64_t begin, int64_t end) {
@@ -356,7 +658,7 @@ class MeanField {
   }
 
   // [N, S] -> [L, N]
-  void to_label_major(const float* src, float* dst) const {
+  void to_label_major(const T* src, T* dst) const {
     StageTimer timer("transpose out");
     at::parallel_for(0, N_, kPixelGrain,
                      [&](int64_t begin, int64_t end) { transpose_out(src, dst, L_, N_, S_, begin, end); });
@@ -365,44 +667,66 @@ class MeanField {
   // Loads the unary into [N, S] and checks it: NaN and -inf are errors, +inf is an impossible label, and every
   // pixel needs at least one possible label. Padding lanes are +inf (probability 0), so they drop out of the
   // max and the sum.
-  void load_unary(const float* unary) {
-    const int bad = to_pixel_major(unary, unary_.data(), std::numeric_limits<float>::infinity(), true);
+  void load_unary(const T* unary) {
+    const int bad = to_pixel_major(unary, unary_.data(), inf<T>(), true);
     const char* error = input_error(bad);
     TORCH_CHECK(error == nullptr, error);
   }
 
-  void filter_all() {
-    for (Term& t : terms_) {
-      t.blurred = t.lattice->splat_blur(q_.data(), t.pre.empty() ? nullptr : t.pre.data(), S_,
-                                        t.lattice_values.data());
+  // Splats q (or, transposed, the backward's gx) through every term's lattice.
+  void filter_all(const T* values, bool transpose) {
+    for (Term<T>& t : terms_) {
+      const std::vector<T>& in_scale = transpose ? t.post : t.pre;
+      t.blurred = t.lattice->splat_blur(values, in_scale.empty() ? nullptr : in_scale.data(), S_,
+                                        t.lattice_values.data(), transpose);
     }
   }
 
-  void pixel_pass(bool with_pairwise, float* energy_out) {
+  // Writes softmax(-unary [- pairwise]) of every pixel to q_out (or the pairwise energy to energy_out).
+  void pixel_pass(bool with_pairwise, T* energy_out, T* q_out) {
     StageTimer timer(with_pairwise ? "slice+compat+softmax" : "softmax");
-    const PixelPass pass{terms_.data(), terms_.size(), unary_.data(), q_.data(), energy_out, L_, S_, seq_,
-                         with_pairwise};
+    const PixelPass<T> pass{terms_.data(), terms_.size(), unary_.data(), q_out, energy_out, L_, S_, seq_,
+                            with_pairwise};
     at::parallel_for(0, N_, kPixelGrain, [&](int64_t begin, int64_t end) {
-      std::vector<float> scratch(static_cast<size_t>(4 * S_));
+      std::vector<T> scratch(static_cast<size_t>(4 * S_));
       pixel_range(pass, scratch.data(), begin, end);
     });
   }
 
-  const Problem& p_;
+  const Problem<T>& p_;
   const int64_t L_, N_, S_;
   const bool seq_;
-  std::vector<Term> terms_;
-  Buffer<float> unary_;  // [N, S]
-  Buffer<float> q_;      // [N, S]
+  std::vector<Term<T>> terms_;
+  Buffer<T> unary_;  // [N, S]
+  Buffer<T> q_;      // [N, S]
 };
 
 }  // namespace
 
-void mean_field(const Problem& problem, int64_t iterations, float* q_out) {
-  MeanField(problem).run(iterations, q_out);
+template <typename T>
+void mean_field(const Problem<T>& problem, int64_t iterations, T* q_out, T* history) {
+  MeanField<T>(problem).run(iterations, q_out, history);
 }
 
-void pairwise_energy(const Problem& problem, float* out) { MeanField(problem).energy(out); }
+template <typename T>
+void pairwise_energy(const Problem<T>& problem, T* out) {
+  MeanField<T>(problem).energy(out);
+}
+
+template <typename T>
+void mean_field_backward(const Problem<T>& problem, int64_t iterations, const T* grad_q, const T* q,
+                         const T* history, const Gradients<T>& grads) {
+  MeanField<T>(problem, /*needs_unary=*/history == nullptr).backward(iterations, grad_q, q, history, grads);
+}
+
+template void mean_field<float>(const Problem<float>&, int64_t, float*, float*);
+template void mean_field<double>(const Problem<double>&, int64_t, double*, double*);
+template void pairwise_energy<float>(const Problem<float>&, float*);
+template void pairwise_energy<double>(const Problem<double>&, double*);
+template void mean_field_backward<float>(const Problem<float>&, int64_t, const float*, const float*, const float*,
+                                         const Gradients<float>&);
+template void mean_field_backward<double>(const Problem<double>&, int64_t, const double*, const double*,
+                                          const double*, const Gradients<double>&);
 
 }  // namespace cpu
 }  // namespace dense_crf

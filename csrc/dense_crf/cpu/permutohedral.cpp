@@ -7,6 +7,7 @@
 #include <atomic>
 #include <limits>
 #include <mutex>
+#include <type_traits>
 
 #include "../dense_crf.h"
 #include "../lattice_math.h"
@@ -397,27 +398,29 @@ DLF_CPU_KERNEL bool embed_pixels(const float* features, int d, int64_t n, const 
 // Splat of pixels [i0, i1) onto the lattice points [p0, p1) that this thread owns: each owned point adds
 // w * (scale[i] * values[i]) for its pixels i in increasing order, so its sum is the same, bit for bit, as a
 // sequential splat's (pydensecrf's), whatever the partition. The scaled value is rounded before the weight
-// multiplies it, as in pydensecrf, where the normalisation is applied to the whole input first. C > 0: the
-// stride is exactly 8 C; C == 0: any stride.
-template <int C>
-DLF_INLINE void splat_owned(const int32_t* vertex, const float* weight, int dp1, const float* values,
-                            const float* scale, int64_t stride, float* out, int64_t p0, int64_t p1, int64_t i0,
-                            int64_t i1) {
-  for (int64_t p = p0; p < p1; ++p) zero(out + p * stride, stride);
+// multiplies it, as in pydensecrf, where the normalisation is applied to the whole input first. C > 0 (float
+// only): the stride is exactly 8 C; C == 0: any stride.
+template <typename T, int C>
+DLF_INLINE void splat_owned(const int32_t* vertex, const float* weight, int dp1, const T* values, const T* scale,
+                            int64_t stride, T* out, int64_t p0, int64_t p1, int64_t i0, int64_t i1) {
+  static_assert(C == 0 || std::is_same<T, float>::value, "vectorised splat is float only");
+  for (int64_t p = p0; p < p1; ++p)
+    for (int64_t k = 0; k < stride; ++k) out[p * stride + k] = T(0);
   for (int64_t i = i0; i < i1; ++i) {
-    const float* __restrict v = values + i * stride;
-    const float sc = scale == nullptr ? 1.0f : scale[i];
+    const T* __restrict v = values + i * stride;
+    const T sc = scale == nullptr ? T(1) : scale[i];
     vec8 x[C > 0 ? C : 1];  // the pixel's (scaled) values, rounded once as in pydensecrf
-    for (int c = 0; c < C; ++c) x[c] = scale == nullptr ? load8(v + 8 * c) : load8(v + 8 * c) * sc;
+    if constexpr (C > 0)
+      for (int c = 0; c < C; ++c) x[c] = scale == nullptr ? load8(v + 8 * c) : load8(v + 8 * c) * sc;
     for (int r = 0; r < dp1; ++r) {
       const int64_t p = vertex[i * dp1 + r];
       if (p < p0 || p >= p1) continue;
-      const float w = weight[i * dp1 + r];
-      float* __restrict acc = out + p * stride;
-      if (C > 0) {
+      const T w = weight[i * dp1 + r];
+      T* __restrict acc = out + p * stride;
+      if constexpr (C > 0) {
         for (int c = 0; c < C; ++c) store8(acc + 8 * c, load8(acc + 8 * c) + w * x[c]);
       } else if (scale == nullptr) {
-        axpy(acc, w, v, stride);
+        for (int64_t k = 0; k < stride; ++k) acc[k] += w * v[k];
       } else {
         for (int64_t k = 0; k < stride; ++k) acc[k] += w * (v[k] * sc);
       }
@@ -428,7 +431,7 @@ DLF_INLINE void splat_owned(const int32_t* vertex, const float* weight, int dp1,
 DLF_CPU_KERNEL void splat_range(const int32_t* vertex, const float* weight, int dp1, const float* values,
                                 const float* scale, int64_t stride, float* out, int64_t p0, int64_t p1, int64_t i0,
                                 int64_t i1) {
-#define DLF_SPLAT(C) splat_owned<C>(vertex, weight, dp1, values, scale, stride, out, p0, p1, i0, i1)
+#define DLF_SPLAT(C) splat_owned<float, C>(vertex, weight, dp1, values, scale, stride, out, p0, p1, i0, i1)
   switch (stride % 8 == 0 ? stride / 8 : 0) {
     case 1: DLF_SPLAT(1); break;
     case 2: DLF_SPLAT(2); break;
@@ -443,12 +446,20 @@ DLF_CPU_KERNEL void splat_range(const int32_t* vertex, const float* weight, int 
 #undef DLF_SPLAT
 }
 
+DLF_CPU_KERNEL void splat_range(const int32_t* vertex, const float* weight, int dp1, const double* values,
+                                const double* scale, int64_t stride, double* out, int64_t p0, int64_t p1, int64_t i0,
+                                int64_t i1) {
+  splat_owned<double, 0>(vertex, weight, dp1, values, scale, stride, out, p0, p1, i0, i1);
+}
+
 // Blurs chains [c0, c1) in place: v[p_t] = v[p_t] + (v[p_t+1] + v[p_t-1]) / 2 with the old values of the
-// neighbours (missing ends count as zero), keeping the previous point's old value in registers.
-template <int C>
-DLF_INLINE void blur_chain(const int32_t* points, int64_t length, float* v, int64_t stride, float* scratch) {
-  if (C > 0) {
-    vec8 prev[C > 0 ? C : 1];
+// neighbours (missing ends count as zero), keeping the previous point's old value in registers. C > 0 (float
+// only): the stride is exactly 8 C.
+template <typename T, int C>
+DLF_INLINE void blur_chain(const int32_t* points, int64_t length, T* v, int64_t stride, T* scratch) {
+  if constexpr (C > 0) {
+    static_assert(std::is_same<T, float>::value, "vectorised blur is float only");
+    vec8 prev[C];
     for (int c = 0; c < C; ++c) prev[c] = splat8(0.0f);
     for (int64_t t = 0; t < length; ++t) {
       float* __restrict self = v + static_cast<int64_t>(points[t]) * (8 * C);
@@ -462,15 +473,15 @@ DLF_INLINE void blur_chain(const int32_t* points, int64_t length, float* v, int6
     }
     return;
   }
-  float* prev = scratch;
-  float* old = scratch + stride;
-  for (int64_t k = 0; k < stride; ++k) prev[k] = 0.0f;
+  T* prev = scratch;
+  T* old = scratch + stride;
+  for (int64_t k = 0; k < stride; ++k) prev[k] = T(0);
   for (int64_t t = 0; t < length; ++t) {
-    float* self = v + static_cast<int64_t>(points[t]) * stride;
-    const float* succ = t + 1 < length ? v + static_cast<int64_t>(points[t + 1]) * stride : nullptr;
+    T* self = v + static_cast<int64_t>(points[t]) * stride;
+    const T* succ = t + 1 < length ? v + static_cast<int64_t>(points[t + 1]) * stride : nullptr;
     for (int64_t k = 0; k < stride; ++k) {
       old[k] = self[k];
-      self[k] = old[k] + 0.5f * ((succ ? succ[k] : 0.0f) + prev[k]);
+      self[k] = old[k] + T(0.5) * ((succ ? succ[k] : T(0)) + prev[k]);
     }
     std::swap(prev, old);
   }
@@ -482,17 +493,23 @@ DLF_CPU_KERNEL void blur_chains(const int64_t* chain_begin, const int32_t* point
     const int32_t* chain = points + chain_begin[c];
     const int64_t length = chain_begin[c + 1] - chain_begin[c];
     switch (stride % 8 == 0 ? stride / 8 : 0) {
-      case 1: blur_chain<1>(chain, length, v, stride, scratch); break;
-      case 2: blur_chain<2>(chain, length, v, stride, scratch); break;
-      case 3: blur_chain<3>(chain, length, v, stride, scratch); break;
-      case 4: blur_chain<4>(chain, length, v, stride, scratch); break;
-      case 5: blur_chain<5>(chain, length, v, stride, scratch); break;
-      case 6: blur_chain<6>(chain, length, v, stride, scratch); break;
-      case 7: blur_chain<7>(chain, length, v, stride, scratch); break;
-      case 8: blur_chain<8>(chain, length, v, stride, scratch); break;
-      default: blur_chain<0>(chain, length, v, stride, scratch); break;
+      case 1: blur_chain<float, 1>(chain, length, v, stride, scratch); break;
+      case 2: blur_chain<float, 2>(chain, length, v, stride, scratch); break;
+      case 3: blur_chain<float, 3>(chain, length, v, stride, scratch); break;
+      case 4: blur_chain<float, 4>(chain, length, v, stride, scratch); break;
+      case 5: blur_chain<float, 5>(chain, length, v, stride, scratch); break;
+      case 6: blur_chain<float, 6>(chain, length, v, stride, scratch); break;
+      case 7: blur_chain<float, 7>(chain, length, v, stride, scratch); break;
+      case 8: blur_chain<float, 8>(chain, length, v, stride, scratch); break;
+      default: blur_chain<float, 0>(chain, length, v, stride, scratch); break;
     }
   }
+}
+
+DLF_CPU_KERNEL void blur_chains(const int64_t* chain_begin, const int32_t* points, double* v, int64_t stride,
+                                double* scratch, int64_t c0, int64_t c1) {
+  for (int64_t c = c0; c < c1; ++c)
+    blur_chain<double, 0>(points + chain_begin[c], chain_begin[c + 1] - chain_begin[c], v, stride, scratch);
 }
 
 }  // namespace
@@ -740,7 +757,8 @@ const std::vector<PermutohedralLattice::SplatPart>& PermutohedralLattice::splat_
   return splat_parts_;
 }
 
-float* PermutohedralLattice::splat_blur(const float* values, const float* scale, int64_t stride, float* out) const {
+template <typename T>
+T* PermutohedralLattice::splat_blur(const T* values, const T* scale, int64_t stride, T* out, bool transpose) const {
   {
     StageTimer timer("splat");
     const std::vector<SplatPart>& parts = splat_parts(at::get_num_threads());
@@ -752,18 +770,24 @@ float* PermutohedralLattice::splat_blur(const float* values, const float* scale,
       }
     });
   }
-  // Blur with [1/2, 1, 1/2] along each axis in turn, in place, chain by chain.
+  // Blur with [1/2, 1, 1/2] along each axis in turn (in reverse order for the transpose), in place, chain by
+  // chain.
   StageTimer timer("blur");
-  for (int j = 0; j <= d_; ++j) {
+  for (int step = 0; step <= d_; ++step) {
+    const int j = transpose ? d_ - step : step;
     const std::vector<int64_t>& begin_j = chain_begin_[j];
     const int64_t chains = static_cast<int64_t>(begin_j.size()) - 1;
     at::parallel_for(0, chains, kChainGrain, [&](int64_t c0, int64_t c1) {
-      std::vector<float> scratch(static_cast<size_t>(2 * stride));
+      std::vector<T> scratch(static_cast<size_t>(2 * stride));
       blur_chains(begin_j.data(), chain_points_[j].data(), out, stride, scratch.data(), c0, c1);
     });
   }
   return out;
 }
+
+template float* PermutohedralLattice::splat_blur<float>(const float*, const float*, int64_t, float*, bool) const;
+template double* PermutohedralLattice::splat_blur<double>(const double*, const double*, int64_t, double*,
+                                                          bool) const;
 
 }  // namespace cpu
 }  // namespace dense_crf

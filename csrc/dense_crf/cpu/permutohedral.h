@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #include "buffer.h"
@@ -29,26 +30,32 @@ class PermutohedralLattice {
   int64_t num_points() const { return m_; }
 
   // Splats values [N, stride], each pixel's row first multiplied by scale[i] (when scale is not null), onto
-  // the lattice and blurs them, into `out` (num_points() * stride floats), which it returns.
-  float* splat_blur(const float* values, const float* scale, int64_t stride, float* out) const;
+  // the lattice and blurs them, into `out` (num_points() * stride values), which it returns. With transpose,
+  // the blur runs its d+1 axes in reverse order: each axis blur is a symmetric [1/2, 1, 1/2] operator, so this
+  // makes splat -> blur -> slice the transpose of the forward filter (Krähenbühl's
+  // Permutohedral::compute(..., reverse=true)). T is float (the bit-exact path) or double.
+  template <typename T>
+  T* splat_blur(const T* values, const T* scale, int64_t stride, T* out, bool transpose = false) const;
 
   // Slices pixel i from blurred lattice values: out[0..stride) = sum_r alpha w_r lattice[vertex_r].
   // kSequentialOrder evaluates each term as (w * v) * alpha, as pydensecrf does for at most two values per
   // pixel; otherwise as (w * alpha) * v, as its SSE path does.
-  template <bool kSequentialOrder>
-  inline void slice_pixel(const float* __restrict lattice_values, int64_t stride, int64_t i,
-                          float* __restrict out) const {
+  template <bool kSequentialOrder, typename T>
+  inline void slice_pixel(const T* __restrict lattice_values, int64_t stride, int64_t i, T* __restrict out) const {
     const int dp1 = d_ + 1;
     const int32_t* vert = vertex_.data() + i * dp1;
     const float* w = weight_.data() + i * dp1;
-    zero(out, stride);
+    for (int64_t k = 0; k < stride; ++k) out[k] = T(0);
     for (int r = 0; r < dp1; ++r) {
-      const float* __restrict v = lattice_values + static_cast<int64_t>(vert[r]) * stride;
+      const T* __restrict v = lattice_values + static_cast<int64_t>(vert[r]) * stride;
       if (kSequentialOrder) {
-        const float wr = w[r], alpha = alpha_;
+        const T wr = w[r], alpha = alpha_;
         for (int64_t k = 0; k < stride; ++k) out[k] += wr * v[k] * alpha;
-      } else {
+      } else if constexpr (std::is_same<T, float>::value) {
         axpy(out, w[r] * alpha_, v, stride);
+      } else {
+        const T wa = static_cast<T>(w[r]) * static_cast<T>(alpha_);
+        for (int64_t k = 0; k < stride; ++k) out[k] += wa * v[k];
       }
     }
   }
