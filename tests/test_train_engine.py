@@ -206,30 +206,41 @@ def test_bad_input(voc, tmp_path, capsys):
     assert "--width-divisor is for the v1 models" in capsys.readouterr().err
 
 
-def test_init_weights_from_torchvision_backbones():
-    """--init: torchvision's vgg16 loads into v1's features, resnet101 into v3's backbone; the classifier keeps
-    its own initialisation; a checkpoint that matches nothing is an error."""
+def test_init_weights_from_torchvision_backbones(tmp_path, monkeypatch):
+    """--init: torchvision's vgg16 loads into v1's features, resnet50 into v3's backbone, by registered name (from
+    torch.hub's cache, no network) or by a file of that name; the classifier keeps its own initialisation; a
+    checkpoint that matches nothing is an error."""
     import torchvision
 
     from deeplab_fast import models
     from deeplab_fast.train import init_weights
 
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
     torch.manual_seed(0)
     vgg = torchvision.models.vgg16()
+    torch.save(vgg.state_dict(), cache / "vgg16-397923af.pth")
     v1 = models.deeplab_v1_largefov(num_classes=3)
     fc8 = v1.fc8.weight.detach().clone()
-    loaded, total = init_weights(v1, vgg.state_dict())
+    loaded, total = init_weights(v1, "IMAGENET1K_VGG16_BACKBONE")
     assert loaded == 26 and total > loaded  # 13 convs x (weight, bias)
     assert torch.equal(v1.features[0].weight, vgg.features[0].weight)
     assert torch.equal(v1.features[28].bias, vgg.features[28].bias)
     assert torch.equal(v1.fc8.weight, fc8)
+    v1b = models.deeplab_v1_largefov(num_classes=3)
+    assert init_weights(v1b, cache / "vgg16-397923af.pth")[0] == 26  # a file named as the registered one
+    assert torch.equal(v1b.features[28].weight, vgg.features[28].weight)
 
-    r101 = torchvision.models.resnet101()
-    v3 = models.deeplab_v3_resnet101(num_classes=3)
-    loaded, _ = init_weights(v3, r101.state_dict())
-    assert torch.equal(v3.backbone.layer4[2].conv3.weight, r101.layer4[2].conv3.weight)
-    assert torch.equal(v3.backbone.bn1.running_var, r101.bn1.running_var)
-    assert loaded == len([k for k in r101.state_dict() if not k.startswith("fc.")])
+    r50 = torchvision.models.resnet50()
+    torch.save(r50.state_dict(), cache / "resnet50-0676ba61.pth")
+    v3 = models.deeplab_v3_resnet50(num_classes=3)
+    loaded, _ = init_weights(v3, "IMAGENET1K_BACKBONE")
+    assert torch.equal(v3.backbone.layer4[2].conv3.weight, r50.layer4[2].conv3.weight)
+    assert torch.equal(v3.backbone.bn1.running_var, r50.bn1.running_var)
+    assert loaded == len([k for k in r50.state_dict() if not k.startswith("fc.")])
 
     with pytest.raises(ValueError, match="matches"):
         init_weights(v1, {"nothing.weight": torch.zeros(3)})
+    with pytest.raises(ValueError, match="matches"):  # a raw torchvision state dict has other names
+        init_weights(v3, r50.state_dict())
