@@ -77,7 +77,7 @@ def _check_model_options(name: str, num_classes: int, kwargs: dict) -> None:
 
 def run_train(args) -> int:
     from .. import models
-    from ..train import RECIPES, TrainConfig, load_training_checkpoint, recipe_for_family, train
+    from ..train import RECIPES, TrainConfig, load_training_checkpoint, recipe_for_family, resolve_mode, train
 
     recipe = RECIPES[args.recipe] if args.recipe else None
     args.model = args.model or (recipe.model if recipe else None)
@@ -97,9 +97,11 @@ def run_train(args) -> int:
     kwargs.update(_model_kwargs(args, family))
     _check_model_options(args.model, args.num_classes, kwargs)
     init = args.init or (recipe.init if recipe else None)
-    if init is not None and args.resume is None:
+    mode = args.mode
+    if init is not None and args.resume is None:  # read (or downloaded) now, so that a bad file is one clear line
+        mode = mode or resolve_mode(args.model, None, init)
         with library_errors(f"--init {init!r}: "):
-            models.resolve_weights(args.model, init)
+            init = models.load_weights_state_dict(models.resolve_weights(args.model, init))
     scale_range = (1.0, 1.0) if args.no_augment else (args.scale_min, args.scale_max)
     if scale_range[0] > scale_range[1]:
         raise CLIError(f"--scale-min {args.scale_min} is larger than --scale-max {args.scale_max}")
@@ -108,7 +110,7 @@ def run_train(args) -> int:
         model=args.model, data_root=args.data, out_dir=args.out or os.path.join("runs", args.model),
         num_classes=args.num_classes, steps=args.steps or defaults.steps,
         batch_size=args.batch_size or defaults.batch_size, lr=args.lr or defaults.lr,
-        crop_size=args.crop_size or defaults.crop_size, mode=args.mode, momentum=args.momentum,
+        crop_size=args.crop_size or defaults.crop_size, mode=mode, momentum=args.momentum,
         weight_decay=args.weight_decay, power=args.power, amp=args.amp,
         device=args.device, resume=args.resume, init=init,
         log_every=args.log_every, model_kwargs=kwargs, seed=args.seed, val_every=args.val_every,
