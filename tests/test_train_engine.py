@@ -244,3 +244,33 @@ def test_init_weights_from_torchvision_backbones(tmp_path, monkeypatch):
         init_weights(v1, {"nothing.weight": torch.zeros(3)})
     with pytest.raises(ValueError, match="matches"):  # a raw torchvision state dict has other names
         init_weights(v3, r50.state_dict())
+
+
+def test_train_config_with_an_extra_head(voc, tmp_path):
+    """train(TrainConfig(...)) with an extra trainable head after the network (the room left for a CRF-as-RNN
+    stage): its parameters train in their own group at their own learning rate and are checkpointed."""
+    from torch import nn
+
+    from deeplab_fast.train import TrainConfig
+
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(()))
+
+        def forward(self, out, image):
+            assert image.shape[1] == 3
+            return out * self.scale
+
+    with pytest.raises(ValueError, match="steps and batch_size must be >= 1"):
+        TrainConfig(model=MODEL, data_root=voc, out_dir=tmp_path, steps=0, batch_size=1, lr=0.1, crop_size=33)
+    cfg = TrainConfig(model=MODEL, data_root=voc, out_dir=tmp_path / "head", num_classes=NUM_CLASSES, steps=3,
+                      batch_size=2, lr=0.01, crop_size=65, mode="torchvision", model_kwargs=TINY, log_every=1,
+                      progress=False, extra_head=lambda model: Scale(), extra_head_lr=0.5)
+    result = train(cfg)
+    assert result["step"] == 3
+    ckpt = torch.load(result["checkpoint"], weights_only=True)
+    assert float(ckpt["extra_head"]["scale"]) != 1.0
+    groups = ckpt["optimizer"]["param_groups"]
+    assert groups[-1]["initial_lr"] == 0.5 and groups[-1]["weight_decay"] == 0.0
+    assert groups[0]["initial_lr"] == 0.01

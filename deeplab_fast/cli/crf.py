@@ -13,6 +13,7 @@ naming the argument; 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -54,10 +55,7 @@ def _check_std_devs(params: CrfParams, image, image_name: str) -> None:
 
 
 def _params(args) -> CrfParams:
-    return CrfParams(gt_prob=args.gt_prob, gaussian_sxy=args.gaussian_sxy, gaussian_compat=args.gaussian_compat,
-                     bilateral_sxy=args.bilateral_sxy, bilateral_srgb=args.bilateral_srgb,
-                     bilateral_compat=args.bilateral_compat, iterations=args.iterations,
-                     max_labels=args.max_labels)
+    return CrfParams(**{f.name: getattr(args, f.name) for f in dataclasses.fields(CrfParams)})
 
 
 def _process_pair(image_path: Path, anno_path: Path, out_path: Path, overlay_path: Path | None,
@@ -254,6 +252,17 @@ Folder mode: if IMAGE and ANNO are folders, every image in IMAGE (not in its sub
 has the same name (without extension; .png, .jpg, ...) in ANNO is refined into OUT/<name>.png; OUT (and
 --overlay) are created as needed, and images without annotation are listed and skipped."""
 
+# The CRF options: CrfParams field, argument type, metavar, help.
+_CRF_OPTIONS = (
+    ("gt_prob", probability, "P", "probability that an annotated pixel's colour is right, in (0, 1)"),
+    ("gaussian_sxy", float32_std_dev, "PX", "spatial std. dev. of the smoothness term, pixels"),
+    ("gaussian_compat", float32_weight, "W", "weight (Potts compatibility) of the smoothness term"),
+    ("bilateral_sxy", float32_std_dev, "PX", "spatial std. dev. of the appearance term, pixels"),
+    ("bilateral_srgb", float32_std_dev, "I", "colour std. dev. of the appearance term, 8-bit levels"),
+    ("bilateral_compat", float32_weight, "W", "weight (Potts compatibility) of the appearance term"),
+    ("iterations", nonnegative_int, "N", "mean-field iterations"),
+)
+
 _EPILOG = """\
 exit codes: 0 success; 1 some images of a folder failed (the others were written); 2 bad arguments or
 input (message names the argument); 130 interrupted."""
@@ -269,20 +278,9 @@ def add_parsers(sub) -> None:
     crf.add_argument("out", metavar="OUT", help="where to write the result (.png), or a folder in folder mode")
     d = CrfParams()
     g = crf.add_argument_group("CRF parameters (defaults: pydensecrf's example)")
-    g.add_argument("--gt-prob", type=probability, default=d.gt_prob, metavar="P",
-                   help="probability that an annotated pixel's colour is right, in (0, 1) (default %(default)s)")
-    g.add_argument("--gaussian-sxy", type=float32_std_dev, default=d.gaussian_sxy, metavar="PX",
-                   help="spatial std. dev. of the smoothness term, pixels (default %(default)s)")
-    g.add_argument("--gaussian-compat", type=float32_weight, default=d.gaussian_compat, metavar="W",
-                   help="weight (Potts compatibility) of the smoothness term (default %(default)s)")
-    g.add_argument("--bilateral-sxy", type=float32_std_dev, default=d.bilateral_sxy, metavar="PX",
-                   help="spatial std. dev. of the appearance term, pixels (default %(default)s)")
-    g.add_argument("--bilateral-srgb", type=float32_std_dev, default=d.bilateral_srgb, metavar="I",
-                   help="colour std. dev. of the appearance term, 8-bit levels (default %(default)s)")
-    g.add_argument("--bilateral-compat", type=float32_weight, default=d.bilateral_compat, metavar="W",
-                   help="weight (Potts compatibility) of the appearance term (default %(default)s)")
-    g.add_argument("--iterations", type=nonnegative_int, default=d.iterations, metavar="N",
-                   help="mean-field iterations (default %(default)s)")
+    for field, kind, metavar, text in _CRF_OPTIONS:
+        g.add_argument(_option(field), type=kind, default=getattr(d, field), metavar=metavar,
+                       help=f"{text} (default %(default)s)")
     o = crf.add_argument_group("other options")
     o.add_argument("--overlay", metavar="PATH", default=None,
                    help="also write a side-by-side image: photo | annotation over photo | result over photo "

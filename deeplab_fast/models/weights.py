@@ -296,27 +296,37 @@ def convert_kazuto_deeplabv2(state_dict: Mapping) -> "OrderedDict[str, torch.Ten
     Raises ValueError on keys it does not recognise.
     """
     _check_state_dict(state_dict, "convert_kazuto_deeplabv2")
+
+    def block(m):
+        layer, blk, unit, part, param = m.groups()
+        conv, bn = _UNIT[unit]
+        return f"backbone.layer{int(layer) - 1}.{int(blk) - 1}.{conv if part == 'conv' else bn}.{param}"
+
+    return _rename(state_dict, [
+        (_KAZUTO_STEM, lambda m: f"backbone.{'conv1' if m.group(1) == 'conv' else 'bn1'}.{m.group(2)}"),
+        (_KAZUTO_BLOCK, block),
+        (_KAZUTO_ASPP, lambda m: f"aspp.c{m.group(1)}.{m.group(2)}"),
+    ], "convert_kazuto_deeplabv2", "kazuto1011 DeepLabV2 names")
+
+
+def _rename(state_dict: Mapping, rules, owner: str, names: str, prefix: str = "") -> "OrderedDict[str, torch.Tensor]":
+    """Each key renamed by the first (regex, match -> new key) rule that matches it, under ``prefix``; ValueError
+    for keys no rule matches and for two keys with one new name. Tensors are shared, not copied."""
     out = OrderedDict()
     unknown = []
     for key, value in state_dict.items():
-        m = _KAZUTO_STEM.match(key)
-        if m:
-            new = f"backbone.{'conv1' if m.group(1) == 'conv' else 'bn1'}.{m.group(2)}"
-        elif (m := _KAZUTO_BLOCK.match(key)):
-            layer, block, unit, part, param = m.groups()
-            conv, bn = _UNIT[unit]
-            new = f"backbone.layer{int(layer) - 1}.{int(block) - 1}.{conv if part == 'conv' else bn}.{param}"
-        elif (m := _KAZUTO_ASPP.match(key)):
-            new = f"aspp.c{m.group(1)}.{m.group(2)}"
+        for pattern, new_key in rules:
+            m = pattern.match(key)
+            if m:
+                new = prefix + new_key(m)
+                if new in out:
+                    raise ValueError(f"{owner}: two keys map to '{new}' (the second: '{key}')")
+                out[new] = value
+                break
         else:
             unknown.append(key)
-            continue
-        if new in out:
-            raise ValueError(f"convert_kazuto_deeplabv2: two keys map to '{new}' (the second: '{key}')")
-        out[new] = value
     if unknown:
-        raise ValueError(f"convert_kazuto_deeplabv2: {len(unknown)} keys are not kazuto1011 DeepLabV2 names: "
-                         f"{key_list(unknown)}")
+        raise ValueError(f"{owner}: {len(unknown)} keys are not {names}: {key_list(unknown)}")
     return out
 
 
@@ -327,24 +337,15 @@ def to_kazuto_deeplabv2(state_dict: Mapping, prefix: str = "base.") -> "OrderedD
     inverse = {"conv1": ("reduce", "conv"), "bn1": ("reduce", "bn"), "conv2": ("conv3x3", "conv"),
                "bn2": ("conv3x3", "bn"), "conv3": ("increase", "conv"), "bn3": ("increase", "bn"),
                "downsample.0": ("shortcut", "conv"), "downsample.1": ("shortcut", "bn")}
-    stem = re.compile(r"^backbone\.(conv1|bn1)\.(\w+)$")
-    block = re.compile(r"^backbone\.layer([1-4])\.(\d+)\.(conv[123]|bn[123]|downsample\.[01])\.(\w+)$")
-    aspp = re.compile(r"^aspp\.c(\d+)\.(weight|bias)$")
-    out = OrderedDict()
-    unknown = []
-    for key, value in state_dict.items():
-        if (m := stem.match(key)):
-            new = f"layer1.conv1.{'conv' if m.group(1) == 'conv1' else 'bn'}.{m.group(2)}"
-        elif (m := block.match(key)):
-            layer, idx, mod, param = m.groups()
-            unit, part = inverse[mod]
-            new = f"layer{int(layer) + 1}.block{int(idx) + 1}.{unit}.{part}.{param}"
-        elif (m := aspp.match(key)):
-            new = f"aspp.c{m.group(1)}.{m.group(2)}"
-        else:
-            unknown.append(key)
-            continue
-        out[prefix + new] = value
-    if unknown:
-        raise ValueError(f"to_kazuto_deeplabv2: {len(unknown)} keys are not DeepLabV2 names: {key_list(unknown)}")
-    return out
+
+    def block(m):
+        layer, idx, mod, param = m.groups()
+        unit, part = inverse[mod]
+        return f"layer{int(layer) + 1}.block{int(idx) + 1}.{unit}.{part}.{param}"
+
+    return _rename(state_dict, [
+        (re.compile(r"^backbone\.(conv1|bn1)\.(\w+)$"),
+         lambda m: f"layer1.conv1.{'conv' if m.group(1) == 'conv1' else 'bn'}.{m.group(2)}"),
+        (re.compile(r"^backbone\.layer([1-4])\.(\d+)\.(conv[123]|bn[123]|downsample\.[01])\.(\w+)$"), block),
+        (re.compile(r"^aspp\.c(\d+)\.(weight|bias)$"), lambda m: f"aspp.c{m.group(1)}.{m.group(2)}"),
+    ], "to_kazuto_deeplabv2", "DeepLabV2 names", prefix)
