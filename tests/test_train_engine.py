@@ -274,3 +274,25 @@ def test_train_config_with_an_extra_head(voc, tmp_path):
     groups = ckpt["optimizer"]["param_groups"]
     assert groups[-1]["initial_lr"] == 0.5 and groups[-1]["weight_decay"] == 0.0
     assert groups[0]["initial_lr"] == 0.01
+
+
+def test_train_recipe_option(voc, tmp_path, capsys):
+    """--recipe sets the model, its options and the hyperparameters (explicit options win); a recipe of another
+    family than --model is refused."""
+    code = main(["train", "--recipe", "v3_os16", "--model", MODEL, "--data", str(voc)])
+    assert code == 2 and "is for deeplab_v3_resnet101" in capsys.readouterr().err
+    code = main(["train", "--data", str(voc)])
+    assert code == 2 and "--model NAME or --recipe NAME" in capsys.readouterr().err
+
+    init = tmp_path / "tiny.pth"
+    torch.save(_tiny_model().state_dict(), init)
+    out = tmp_path / "recipe"
+    code = main(["train", "--recipe", "v1_largefov", "--data", str(voc), "--out", str(out), "--init", str(init),
+                 "--num-classes", str(NUM_CLASSES), "--width-divisor", "8", "--steps", "1", "--batch-size", "2",
+                 "--crop-size", "33", "--workers", "0", "--no-progress", "--device", "cpu"])
+    text = capsys.readouterr()
+    assert code == 0, text.err
+    args = torch.load(out / "last.pth", weights_only=True)["args"]
+    assert args["model"] == MODEL and args["lr"] == 1e-3 and args["steps"] == 1 and args["crop_size"] == 33
+    assert args["mode"] == "caffe"  # an unregistered --init file: the model's default normalisation
+    assert "init: " in text.out
