@@ -108,7 +108,7 @@ def cuda_timed(benchmark, fn, rounds: int, warmup_rounds: int):
 def event_times(fn, rounds: int, warmup_rounds: int = 1) -> list:
     """Per-call CUDA event times in seconds, each call synchronised (outside pytest-benchmark): the package's
     own timer, as ``deeplab-fast bench`` uses it."""
-    from deeplab_fast.cli_models import time_per_call
+    from deeplab_fast.benchmark import time_per_call
 
     return time_per_call(fn, torch.device("cuda"), rounds, warmup_rounds)
 

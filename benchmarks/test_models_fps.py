@@ -27,7 +27,7 @@ if torch.version.cuda is None:  # the CPU wheel cannot load torchvision's C ops;
 
 import deeplab_fast
 from deeplab_fast import models
-from deeplab_fast.cli_models import torchvision_model
+from deeplab_fast.benchmark import torchvision_model
 from deeplab_fast.nn import DenseCRF
 
 from conftest import cuda_timed, gpu_description, no_compile, record

@@ -1,13 +1,23 @@
-"""Helpers shared by the test files: seeded generators, tolerance checks, randomised weights and BN statistics.
+"""Helpers shared by the test files: seeded generators, tolerance checks, randomised weights and BN statistics,
+reading test photos, and the device parametrisation (``cpu_and_cuda()``, ``on_cuda``, ``needs_cuda``).
 
 Imported as ``from helpers import ...`` (pytest puts tests/ on sys.path, as for conftest.py).
 """
 import math
 
+import numpy as np
+import pytest
 import torch
 from torch import nn
 
 F64 = torch.float64
+
+
+def load_rgb(path) -> np.ndarray:
+    """An image file as a C-contiguous uint8 [H, W, 3] array."""
+    from PIL import Image
+
+    return np.ascontiguousarray(np.array(Image.open(path).convert("RGB")))
 
 
 def seeded(seed: int) -> torch.Generator:
@@ -54,3 +64,30 @@ def randomize_(module: nn.Module, seed: int, *, gain: float = 1.0, spread: float
                 mod.running_var.copy_(torch.rand(n, generator=g, dtype=F64) * (2 - var_low) + var_low)
                 mod.num_batches_tracked.fill_(int(torch.randint(1, 1000, (1,), generator=g)))
     return module
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Devices: tests take the device as a parameter, and the CUDA cases skip without a GPU (as torchvision's
+# cpu_and_cuda() and extension-cpp's tests do). Where CUDA is available, tests/conftest.py fails the CUDA cases
+# of a CPU-only build instead of letting them pass.
+
+
+CUDA_AVAILABLE = torch.cuda.is_available()
+CUDA_MARKS = (pytest.mark.skipif(not CUDA_AVAILABLE, reason="CUDA is not available"), pytest.mark.cuda)
+
+
+def needs_cuda(test):
+    """Decorator: a test that runs on CUDA only (the CUDA marks)."""
+    for mark in CUDA_MARKS:
+        test = mark(test)
+    return test
+
+
+def on_cuda(*values, id=None):
+    """A parametrize case that runs on CUDA only: ``pytest.param(*values)`` with the CUDA marks."""
+    return pytest.param(*values, marks=CUDA_MARKS, id=id)
+
+
+def cpu_and_cuda():
+    """The ``device`` values of a test that runs on both: "cpu", and "cuda" where a GPU is available."""
+    return ("cpu", on_cuda("cuda"))

@@ -1,5 +1,6 @@
 """deeplab_fast.ops.atrous_conv2d (fused atrous convolution + per-channel scale and bias + ReLU) and
-deeplab_fast.nn.AtrousConv2dReLU on the CPU.
+deeplab_fast.nn.AtrousConv2dReLU on the CPU and on CUDA (the CUDA tests, at the end, skip without a GPU;
+test_bad_input and test_outputs_reading_only_padding take the device as a parameter).
 
 Every result is compared with an independent reference on fresh random inputs (seeded, never zeros):
 ``F.conv2d`` in float64 on the same (dtype-rounded) inputs, then ``* scale + bias`` and ReLU with plain torch
@@ -14,11 +15,13 @@ that reads outside its input shows too.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import math
 import os
 import random
+import re
 
 import pytest
 import torch
@@ -29,17 +32,18 @@ import deeplab_fast
 from deeplab_fast.nn import AtrousConv2dReLU
 from deeplab_fast.ops import atrous_conv2d, atrous_conv2d_plan, tap_skipping
 
+from helpers import CUDA_MARKS, needs_cuda, on_cuda, seeded  # noqa: E402
+
 F64 = torch.float64
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 OP = torch.ops.deeplab_fast.atrous_conv2d
+# The CUTLASS kernels are built for sm_80 and sm_90; older GPUs take the ATen path (the reason says so).
+SM80 = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+needs_sm80 = pytest.mark.skipif(not SM80, reason="the CUTLASS path needs compute capability >= 8.0")
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Helpers
-
-
-def seeded(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def random_args(N, C, K, H, W, R=3, S=None, *, bias=True, scale=True, dtype=torch.float32, seed=0):
@@ -430,15 +434,27 @@ def test_tap_skipping_on_equals_off_float32(dims, stride, padding, dilation, bia
         assert_relu_clips_and_keeps(on)
 
 
-@pytest.mark.parametrize("dims,stride,padding,dilation", [
-    pytest.param((2, 8, 8, 4, 4, 3, 3), 1, 7, 5, id="4x4_3x3_rate5_pad7"),
-    pytest.param((2, 8, 8, 1, 1, 3, 3), 2, 5, 4, id="1x1_stride2_pad5_rate4_all_padding"),
-    pytest.param((1, 8, 8, 6, 5, 1, 1), 1, 2, 1, id="1x1_kernel_pad2"),
-])
+@pytest.mark.parametrize("device,dims,stride,padding,dilation,key", [
+    pytest.param("cpu", (2, 8, 8, 4, 4, 3, 3), 1, 7, 5, None, id="4x4_3x3_rate5_pad7"),
+    pytest.param("cpu", (2, 8, 8, 1, 1, 3, 3), 2, 5, 4, None, id="1x1_stride2_pad5_rate4_all_padding"),
+    pytest.param("cpu", (1, 8, 8, 6, 5, 1, 1), 1, 2, 1, None, id="1x1_kernel_pad2"),
+] + [pytest.param("cuda", dims, stride, padding, dilation, key, marks=(*CUDA_MARKS, needs_sm80), id=f"cuda-{name}-{key}")
+     for key in ("bf16", "tf32") for name, dims, stride, padding, dilation in [
+         ("4x4_3x3_rate5_pad7", (2, 8, 16, 4, 4, 3, 3), 1, 7, 5),
+         ("1x1_stride2_pad5_rate4_all_padding", (2, 8, 16, 1, 1, 3, 3), 2, 5, 4),
+         ("1x1_kernel_pad2", (1, 16, 8, 6, 5, 1, 1), 1, 2, 1)]])
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("mode", [True, False])
-def test_outputs_reading_only_padding(dims, stride, padding, dilation, relu, mode):
-    """Regions without any in-bounds tap hold the epilogue of zero: relu?(bias) (the scale is irrelevant)."""
+def test_outputs_reading_only_padding(device, dims, stride, padding, dilation, key, relu, mode):
+    """Outputs without any in-bounds tap hold the epilogue of zero, relu?(bias), exactly (the scale is
+    irrelevant); on CUDA through the CUTLASS path, whose regions without taps are not launched."""
+    if device == "cpu":
+        _outputs_reading_only_padding_cpu(dims, stride, padding, dilation, relu, mode)
+    else:
+        _outputs_reading_only_padding_cuda(dims, stride, padding, dilation, relu, mode, key)
+
+
+def _outputs_reading_only_padding_cpu(dims, stride, padding, dilation, relu, mode):
     N, C, K, H, W, R, S = dims
     x, w, b, s = random_args(*dims, seed=21)
     assert (b < 0).any() and (b > 0).any()
@@ -458,6 +474,26 @@ def test_outputs_reading_only_padding(dims, stride, padding, dilation, relu, mod
                 n_empty += 1
                 assert torch.equal(out[:, :, p, q], expected.expand(N, K, 1)[..., 0]), (p, q)
     assert n_empty == sum((g["rows"][1] - g["rows"][0]) * (g["cols"][1] - g["cols"][0]) for g in empty)
+
+
+def _outputs_reading_only_padding_cuda(dims, stride, padding, dilation, relu, mode, key):
+    dtype = DTYPES[key][0]
+    N, C, K, H, W, R, S = dims
+    x, w, b, s = cuda_args(dims, dtype, seed=600)
+    assert (b < 0).any() and (b > 0).any()
+    P, Q, taps = brute_force_taps(H, W, R, S, stride, padding, dilation)
+    with tap_skipping(mode), cudnn_tf32(True):
+        plan = atrous_conv2d_plan(channels_last(x), w, b, s, stride, padding, dilation, relu)
+        out = atrous_conv2d(channels_last(x), w, b, s, stride, padding, dilation, relu)
+    assert plan["path"] == "cutlass" and plan["tap_skipping"] is mode
+    assert torch.isfinite(out).all()
+    expected = torch.relu(b) if relu else b
+    empty = [(p, q) for p in range(P) for q in range(Q) if not taps[p][q]]
+    assert empty
+    for p, q in empty:
+        assert torch.equal(out[:, :, p, q], expected.expand(N, K)), (p, q)
+    if any(taps[p][q] for p in range(P) for q in range(Q)):
+        assert_matches(out, reference(x, w, b, s, stride, padding, dilation, relu), dtype, DTYPES[key][2])
 
 
 def test_plan_paths_on_cpu(monkeypatch):
@@ -607,29 +643,34 @@ def test_gradgradcheck():
         assert torch.autograd.gradgradcheck(lambda *a: atrous_conv2d(*a, 2, 2, 2, relu), (x, w, b, s))
 
 
-def test_bfloat16_backward_matches_reference():
-    """bf16 gradients against float64 autograd on the same rounded values, within 2% of each gradient's
-    magnitude. The upstream gradient is bf16-exact, and zero where the pre-activation is within 2% of its range
-    of 0: there the bf16 output may land on the other side of the ReLU, which flips the pixel's contribution."""
-    x, w, b, s = random_args(2, 64, 32, 17, 13, dtype=torch.bfloat16, seed=37)
+@pytest.mark.parametrize("device,layout", [("cpu", "channels_last"), on_cuda("cuda", "channels_last"),
+                                           on_cuda("cuda", "contiguous")])
+def test_bfloat16_backward_matches_reference(device, layout):
+    """bf16 gradients (ATen's convolution backward in bf16) against float64 autograd on the same rounded values,
+    within 2% of each gradient's magnitude. The upstream gradient is bf16-exact, and zero where the
+    pre-activation is within 2% of its range of 0: there the bf16 output may land on the other side of the ReLU
+    than the float64 one, which flips that pixel's whole contribution (not an error of the op)."""
+    x, w, b, s = (t.to(device) for t in random_args(2, 64, 32, 17, 13, dtype=torch.bfloat16, seed=37))
     pre = reference(x, w, b, s, 1, 6, 6, False)
     ambiguous = pre.abs() < 2e-2 * pre.abs().max()
     assert ambiguous.float().mean() < 0.2
-    g = torch.where(ambiguous, 0, torch.randn(pre.shape, generator=seeded(38), dtype=F64))
+    g = torch.where(ambiguous, 0, torch.randn(pre.shape, generator=seeded(38), dtype=F64).to(device))
     g = g.to(torch.bfloat16).double()
 
     def grads(dtype, fn):
         args = [t.to(dtype).clone().requires_grad_() for t in (x, w, b, s)]
-        out = fn(args[0].contiguous(memory_format=torch.channels_last), *args[1:])
+        xin = args[0].contiguous(memory_format=torch.channels_last) if layout == "channels_last" else args[0]
+        out = fn(xin, *args[1:])
         (out.double() * g).sum().backward()
         return out, [a.grad for a in args]
 
     out, got = grads(torch.bfloat16, lambda x, w, b, s: atrous_conv2d(x, w, b, s, 1, 6, 6, True))
-    _, expected = grads(F64, lambda x, w, b, s: torch.relu(
+    ref, expected = grads(F64, lambda x, w, b, s: torch.relu(
         F.conv2d(x, w, None, 1, 6, 6) * s.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)))
     assert_relu_clips_and_keeps(out)
+    assert_matches(out.detach(), ref.detach(), torch.bfloat16)
     for name, a, e in zip(("input", "weight", "bias", "scale"), got, expected):
-        assert a.dtype == torch.bfloat16 and torch.isfinite(a).all(), name
+        assert a.dtype == torch.bfloat16 and a.device == x.device and torch.isfinite(a).all(), name
         mag, err = e.abs().max().item(), (a.double() - e).abs().max().item()
         assert mag > 0 and err <= 2e-2 * mag, f"grad of {name}: max error {err:.3g}, magnitude {mag:.3g}"
 
@@ -751,71 +792,84 @@ def _set(t, index, value):
 
 
 @pytest.mark.parametrize(
-    "mutate,kwargs,exc,match",
+    "device,mutate,kwargs,exc,match",
     [
-        (lambda x, w, b, s: (x, w[:, :7], b, s), {}, RuntimeError, "input channels"),
-        (lambda x, w, b, s: (x, torch.cat([w, w[:, :1]], 1), b, s), {}, RuntimeError, "9 input channels"),
-        (lambda x, w, b, s: (x[0], w, b, s), {}, RuntimeError, "input must be 4-D"),
-        (lambda x, w, b, s: (x[None], w, b, s), {}, RuntimeError, "input must be 4-D"),
-        (lambda x, w, b, s: (x, w[0], b, s), {}, RuntimeError, "weight must be 4-D"),
-        (lambda x, w, b, s: (x, w, b[:5], s), {}, RuntimeError, r"bias must be a 1-D tensor .*\[6\]"),
-        (lambda x, w, b, s: (x, w, b[None], s), {}, RuntimeError, "bias must be a 1-D"),
-        (lambda x, w, b, s: (x, w, b, torch.cat([s, s])), {}, RuntimeError, r"scale must be a 1-D tensor .*\[6\]"),
-        (lambda x, w, b, s: (x, w, b, s[:1]), {}, RuntimeError, "scale"),
-        (lambda x, w, b, s: (x, w.double(), b, s), {}, RuntimeError, "weight must have the input's dtype"),
-        (lambda x, w, b, s: (x, w, b.double(), s), {}, RuntimeError, "bias must have the input's dtype"),
-        (lambda x, w, b, s: (x, w, b, s.half()), {}, RuntimeError, "scale must have the input's dtype"),
-        (lambda x, w, b, s: (x.long(), w.long(), None, None), {}, RuntimeError, "input must be float32"),
-        (lambda x, w, b, s: (x.to(torch.uint8), w.to(torch.uint8), None, None), {}, RuntimeError,
+        ("cpu", lambda x, w, b, s: (x, w[:, :7], b, s), {}, RuntimeError, "input channels"),
+        ("cpu", lambda x, w, b, s: (x, torch.cat([w, w[:, :1]], 1), b, s), {}, RuntimeError, "9 input channels"),
+        ("cpu", lambda x, w, b, s: (x[0], w, b, s), {}, RuntimeError, "input must be 4-D"),
+        ("cpu", lambda x, w, b, s: (x[None], w, b, s), {}, RuntimeError, "input must be 4-D"),
+        ("cpu", lambda x, w, b, s: (x, w[0], b, s), {}, RuntimeError, "weight must be 4-D"),
+        ("cpu", lambda x, w, b, s: (x, w, b[:5], s), {}, RuntimeError, r"bias must be a 1-D tensor .*\[6\]"),
+        ("cpu", lambda x, w, b, s: (x, w, b[None], s), {}, RuntimeError, "bias must be a 1-D"),
+        ("cpu", lambda x, w, b, s: (x, w, b, torch.cat([s, s])), {}, RuntimeError, r"scale must be a 1-D tensor .*\[6\]"),
+        ("cpu", lambda x, w, b, s: (x, w, b, s[:1]), {}, RuntimeError, "scale"),
+        ("cpu", lambda x, w, b, s: (x, w.double(), b, s), {}, RuntimeError, "weight must have the input's dtype"),
+        ("cpu", lambda x, w, b, s: (x, w, b.double(), s), {}, RuntimeError, "bias must have the input's dtype"),
+        ("cpu", lambda x, w, b, s: (x, w, b, s.half()), {}, RuntimeError, "scale must have the input's dtype"),
+        ("cpu", lambda x, w, b, s: (x.long(), w.long(), None, None), {}, RuntimeError, "input must be float32"),
+        ("cpu", lambda x, w, b, s: (x.to(torch.uint8), w.to(torch.uint8), None, None), {}, RuntimeError,
          "input must be float32"),
-        (lambda x, w, b, s: (x.to(torch.complex64), w.to(torch.complex64), None, None), {}, RuntimeError,
+        ("cpu", lambda x, w, b, s: (x.to(torch.complex64), w.to(torch.complex64), None, None), {}, RuntimeError,
          "input must be float32"),
-        (lambda x, w, b, s: (x[:0], w, b, s), {}, RuntimeError, "empty batch"),
-        (lambda x, w, b, s: (x[:, :0], w[:, :0], b, s), {}, RuntimeError, "C, H, W > 0"),
-        (lambda x, w, b, s: (x[:, :, :0], w, b, s), {"padding": 3}, RuntimeError, "C, H, W > 0"),
-        (lambda x, w, b, s: (x, w[:0], b[:0], s[:0]), {}, RuntimeError, "K, R, S > 0"),
-        (lambda x, w, b, s: (x, w, b, s), {"dilation": 10}, RuntimeError, "output would be empty"),
-        (lambda x, w, b, s: (x, w, b, s), {"dilation": (1, 10), "padding": (0, 4)}, RuntimeError,
+        ("cpu", lambda x, w, b, s: (x[:0], w, b, s), {}, RuntimeError, "empty batch"),
+        ("cpu", lambda x, w, b, s: (x[:, :0], w[:, :0], b, s), {}, RuntimeError, "C, H, W > 0"),
+        ("cpu", lambda x, w, b, s: (x[:, :, :0], w, b, s), {"padding": 3}, RuntimeError, "C, H, W > 0"),
+        ("cpu", lambda x, w, b, s: (x, w[:0], b[:0], s[:0]), {}, RuntimeError, "K, R, S > 0"),
+        ("cpu", lambda x, w, b, s: (x, w, b, s), {"dilation": 10}, RuntimeError, "output would be empty"),
+        ("cpu", lambda x, w, b, s: (x, w, b, s), {"dilation": (1, 10), "padding": (0, 4)}, RuntimeError,
          "output would be empty"),
-        (lambda x, w, b, s: (x, w, b, s), {"stride": 0}, RuntimeError, "stride must be >= 1"),
-        (lambda x, w, b, s: (x, w, b, s), {"stride": (1, -2)}, RuntimeError, "stride must be >= 1"),
-        (lambda x, w, b, s: (x, w, b, s), {"padding": -1}, RuntimeError, "padding must be >= 0"),
-        (lambda x, w, b, s: (x, w, b, s), {"padding": (2, -3)}, RuntimeError, "padding must be >= 0"),
-        (lambda x, w, b, s: (x, w, b, s), {"dilation": 0}, RuntimeError, "dilation must be >= 1"),
-        (lambda x, w, b, s: (x, w, b, s), {"dilation": (-1, 1)}, RuntimeError, "dilation must be >= 1"),
-        (lambda x, w, b, s: (x, w, b, s), {"stride": (1, 2, 3)}, ValueError, "stride must be an int or a pair"),
-        (lambda x, w, b, s: (x, w, b, s), {"stride": 1.5}, ValueError, "stride must be an int or a pair"),
-        (lambda x, w, b, s: (x, w, b, s), {"stride": (1.0, 1)}, ValueError, "stride"),
-        (lambda x, w, b, s: (x, w, b, s), {"stride": True}, ValueError, "stride must be an int or a pair"),
-        (lambda x, w, b, s: (x, w, b, s), {"padding": "same"}, ValueError, "padding must be an int or a pair"),
-        (lambda x, w, b, s: (x, w, b, s), {"padding": [1]}, ValueError, "padding"),
-        (lambda x, w, b, s: (x, w, b, s), {"dilation": None}, ValueError, "dilation must be an int or a pair"),
-        (lambda x, w, b, s: (x.numpy(), w, b, s), {}, ValueError, "input must be a torch.Tensor"),
-        (lambda x, w, b, s: (x, w.tolist(), b, s), {}, ValueError, "weight must be a torch.Tensor"),
-        (lambda x, w, b, s: (x, w, 0.5, s), {}, ValueError, "bias must be a torch.Tensor or None"),
-        (lambda x, w, b, s: (x, w, b, s.numpy()), {}, ValueError, "scale must be a torch.Tensor or None"),
-        (lambda x, w, b, s: (None, w, b, s), {}, ValueError, "input must be a torch.Tensor"),
-        (lambda x, w, b, s: (x, w, b, s), {"relu": 1}, ValueError, "relu must be a bool"),
-        (lambda x, w, b, s: (_set(x, (1, 2, 3, 4), float("nan")), w, b, s), {"check_finite": True}, ValueError,
+        ("cpu", lambda x, w, b, s: (x, w, b, s), {"stride": 0}, RuntimeError, "stride must be >= 1"),
+        ("cpu", lambda x, w, b, s: (x, w, b, s), {"stride": (1, -2)}, RuntimeError, "stride must be >= 1"),
+        ("cpu", lambda x, w, b, s: (x, w, b, s), {"padding": -1}, RuntimeError, "padding must be >= 0"),
+        ("cpu", lambda x, w, b, s: (x, w, b, s), {"padding": (2, -3)}, RuntimeError, "padding must be >= 0"),
+        ("cpu", lambda x, w, b, s: (x, w, b, s), {"dilation": 0}, RuntimeError, "dilation must be >= 1"),
+        ("cpu", lambda x, w, b, s: (x, w, b, s), {"dilation": (-1, 1)}, RuntimeError, "dilation must be >= 1"),
+        ("cpu", lambda x, w, b, s: (x, w, b, s), {"stride": (1, 2, 3)}, ValueError, "stride must be an int or a pair"),
+        ("cpu", lambda x, w, b, s: (x, w, b, s), {"stride": 1.5}, ValueError, "stride must be an int or a pair"),
+        ("cpu", lambda x, w, b, s: (x, w, b, s), {"stride": (1.0, 1)}, ValueError, "stride"),
+        ("cpu", lambda x, w, b, s: (x, w, b, s), {"stride": True}, ValueError, "stride must be an int or a pair"),
+        ("cpu", lambda x, w, b, s: (x, w, b, s), {"padding": "same"}, ValueError, "padding must be an int or a pair"),
+        ("cpu", lambda x, w, b, s: (x, w, b, s), {"padding": [1]}, ValueError, "padding"),
+        ("cpu", lambda x, w, b, s: (x, w, b, s), {"dilation": None}, ValueError, "dilation must be an int or a pair"),
+        ("cpu", lambda x, w, b, s: (x.numpy(), w, b, s), {}, ValueError, "input must be a torch.Tensor"),
+        ("cpu", lambda x, w, b, s: (x, w.tolist(), b, s), {}, ValueError, "weight must be a torch.Tensor"),
+        ("cpu", lambda x, w, b, s: (x, w, 0.5, s), {}, ValueError, "bias must be a torch.Tensor or None"),
+        ("cpu", lambda x, w, b, s: (x, w, b, s.numpy()), {}, ValueError, "scale must be a torch.Tensor or None"),
+        ("cpu", lambda x, w, b, s: (None, w, b, s), {}, ValueError, "input must be a torch.Tensor"),
+        ("cpu", lambda x, w, b, s: (x, w, b, s), {"relu": 1}, ValueError, "relu must be a bool"),
+        ("cpu", lambda x, w, b, s: (_set(x, (1, 2, 3, 4), float("nan")), w, b, s), {"check_finite": True}, ValueError,
          "input holds NaN or Inf"),
-        (lambda x, w, b, s: (_set(x, (0, 0, 0, 0), float("-inf")), w, b, s), {"check_finite": True}, ValueError,
+        ("cpu", lambda x, w, b, s: (_set(x, (0, 0, 0, 0), float("-inf")), w, b, s), {"check_finite": True}, ValueError,
          "input holds NaN or Inf"),
-        (lambda x, w, b, s: (x, _set(w, (2, 3, 1, 1), float("inf")), b, s), {"check_finite": True}, ValueError,
+        ("cpu", lambda x, w, b, s: (x, _set(w, (2, 3, 1, 1), float("inf")), b, s), {"check_finite": True}, ValueError,
          "weight holds NaN or Inf"),
-        (lambda x, w, b, s: (x, _set(w, (5, 7, 2, 0), float("nan")), b, s), {"check_finite": True}, ValueError,
+        ("cpu", lambda x, w, b, s: (x, _set(w, (5, 7, 2, 0), float("nan")), b, s), {"check_finite": True}, ValueError,
          "weight holds NaN or Inf"),
-        (lambda x, w, b, s: (x, w, _set(b, 3, float("nan")), s), {"check_finite": True}, ValueError,
+        ("cpu", lambda x, w, b, s: (x, w, _set(b, 3, float("nan")), s), {"check_finite": True}, ValueError,
          "bias holds NaN or Inf"),
-        (lambda x, w, b, s: (x, w, b, _set(s, 0, float("inf"))), {"check_finite": True}, ValueError,
+        ("cpu", lambda x, w, b, s: (x, w, b, _set(s, 0, float("inf"))), {"check_finite": True}, ValueError,
          "scale holds NaN or Inf"),
+        on_cuda("cuda", lambda x, w, b, s: (x, w.cpu(), b, s), {}, RuntimeError, "weight is on cpu but the input is on cuda"),
+        on_cuda("cuda", lambda x, w, b, s: (x.cpu(), w, b.cpu(), s.cpu()), {}, RuntimeError, "weight is on cuda.* but the input is on cpu"),
+        on_cuda("cuda", lambda x, w, b, s: (x, w, b.cpu(), s), {}, RuntimeError, "bias is on cpu but the input is on cuda"),
+        on_cuda("cuda", lambda x, w, b, s: (x, w, b, s.cpu()), {}, RuntimeError, "scale is on cpu but the input is on cuda"),
+        on_cuda("cuda", lambda x, w, b, s: (x.cpu(), w.cpu(), b, s.cpu()), {}, RuntimeError, "bias is on cuda.* but the input is on cpu"),
+        on_cuda("cuda", lambda x, w, b, s: (x, w[:, :7], b, s), {}, RuntimeError, "input channels"),
+        on_cuda("cuda", lambda x, w, b, s: (x[0], w, b, s), {}, RuntimeError, "input must be 4-D"),
+        on_cuda("cuda", lambda x, w, b, s: (x, w, b[:5], s), {}, RuntimeError, "bias must be a 1-D"),
+        on_cuda("cuda", lambda x, w, b, s: (x, w, b, s[:3]), {}, RuntimeError, "scale must be a 1-D"),
+        on_cuda("cuda", lambda x, w, b, s: (x, w.float(), b, s), {}, RuntimeError, "weight must have the input's dtype"),
+        on_cuda("cuda", lambda x, w, b, s: (x, w, b.half(), s), {}, RuntimeError, "bias must have the input's dtype"),
+        on_cuda("cuda", lambda x, w, b, s: (x.int(), w.int(), None, None), {}, RuntimeError, "input must be float32"),
+        on_cuda("cuda", lambda x, w, b, s: (x[:0], w, b, s), {}, RuntimeError, "empty batch"),
     ],
 )
-def test_bad_input(mutate, kwargs, exc, match):
-    x, w, b, s = mutate(*good())
+def test_bad_input(device, mutate, kwargs, exc, match):
+    x, w, b, s = mutate(*(good() if device == "cpu" else good_cuda()))
     call = dict(padding=2, dilation=2)
     call.update(kwargs)
-    with pytest.raises(exc, match=match):
-        atrous_conv2d(x, w, b, s, **call)
+    with pytest.raises(exc, match=match):  # on CUDA the input channels_last, as the fast path wants it
+        atrous_conv2d(channels_last(x) if device != "cpu" and x.dim() == 4 else x, w, b, s, **call)
     if exc is RuntimeError:  # the plan query checks its arguments as the op does
         plan_call = {k: v for k, v in call.items() if k != "check_finite"}
         with pytest.raises(RuntimeError, match=match):
@@ -1105,3 +1159,525 @@ def test_from_modules_errors(make, match):
     conv, bn, relu = make()
     with pytest.raises(ValueError, match=match):
         AtrousConv2dReLU.from_modules(conv, bn, relu)
+
+# ==========================================================================================================
+# On CUDA: the CUTLASS path, the ATen fallback, tap skipping on the GPU.
+#
+# Contract (see deeplab_fast/ops/atrous_conv.py and csrc/atrous_conv/cuda/atrous_conv_cuda_ops.cpp):
+# - bfloat16 / float16 / float32 with TF32 allowed (``torch.backends.cudnn.allow_tf32``), channels_last input
+#   (channels contiguous, n/h/w strides multiples of 8, 16-byte aligned), C and K multiples of 8: the CUTLASS
+#   path (plan path "cutlass"), tap skipping by default when it keeps <= 95% of the multiply-accumulates.
+# - Everything else falls back to ATen (plan path "aten", the reason says why): contiguous input, C or K not a
+#   multiple of 8, float32 with TF32 off, float64.
+# - Same argument checks and messages as on the CPU, plus "<arg> is on <device> but the input is on <device>".
+#
+# The reference: ``F.conv2d`` in float64 on the GPU (cuDNN, no TF32 in float64) on the same dtype-rounded inputs,
+# then ``* scale + bias`` and ReLU in float64 (the helpers of test_atrous_conv.py). Tolerances, per element
+# ``|out - ref| <= tol * (max|ref| + |ref|)``: bfloat16 1e-2, float16 2e-3, TF32 1e-3, float32 without TF32 1e-5,
+# float64 1e-10.
+#
+# Every test skips where CUDA is not available (CI). Where CUDA is available, a build without the CUDA kernels
+# fails every test (it must not pass by skipping). tests/conftest.py sets DEEPLAB_FAST_POISON=1, so outputs
+# start as NaN and the finiteness checks catch elements that no kernel wrote.
+
+DEV = "cuda"  # the device of the CUDA tests
+
+# name -> (dtype, TF32 allowed, tolerance)
+DTYPES = {
+    "bf16": (torch.bfloat16, True, 1e-2),
+    "fp16": (torch.float16, True, 2e-3),
+    "tf32": (torch.float32, True, 1e-3),
+    "fp32": (torch.float32, False, 1e-5),
+    "fp64": (torch.float64, True, 1e-10),
+}
+TENSOR_CORE = ["bf16", "fp16", "tf32"]
+MAX_KEPT_FRACTION = 0.95  # tap skipping by default when it keeps at most this fraction (the "auto" rule)
+
+
+@contextlib.contextmanager
+def cudnn_tf32(enabled: bool):
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
+
+
+@pytest.fixture(autouse=True)
+def _default_settings(request, monkeypatch):
+    """Each CUDA test starts with the default tap-skipping rule ("auto") and TF32 allowed for cuDNN, and restores
+    whatever it changes."""
+    if request.node.get_closest_marker("cuda") is None:
+        yield
+        return
+    monkeypatch.delenv("DEEPLAB_FAST_TAP_SKIPPING", raising=False)
+    with cudnn_tf32(True):
+        yield
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def to_dev(*ts):
+    return tuple(t.to(DEV) if t is not None else None for t in ts)
+
+
+def cuda_args(dims, dtype, seed, bias=True, scale=True):
+    """random_args rounded to dtype on the CPU, then moved to the GPU: (x, w, b, s), x contiguous."""
+    return to_dev(*random_args(*dims, bias=bias, scale=scale, dtype=dtype, seed=seed))
+
+
+def channels_last(x):
+    """x in NHWC strides. A 1x1 image gets them explicitly: .contiguous(channels_last) leaves its contiguous
+    strides, which suggest the contiguous format (and so ATen)."""
+    N, C, H, W = x.shape
+    if H * W == 1:
+        return torch.empty_strided(x.shape, (H * W * C, 1, W * C, C), dtype=x.dtype, device=x.device).copy_(x)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def check(key, x, w, b, s, stride, padding, dilation, relu, path=None, reason=None, tap_skip=None, xv=None,
+          what=""):
+    """Runs atrous_conv2d on xv (default x) under the dtype's TF32 setting; checks the plan (path, reason
+    fragment, tap_skipping) and the result against the float64 reference. Returns (output, plan)."""
+    dtype, tf32, tol = DTYPES[key]
+    xv = x if xv is None else xv
+    if key in TENSOR_CORE and not SM80:  # every tensor-core dtype falls back, for this reason first
+        path, reason, tap_skip = "aten", "compute capability", None
+    with cudnn_tf32(tf32):
+        plan = atrous_conv2d_plan(xv, w, b, s, stride, padding, dilation, relu)
+        out = atrous_conv2d(xv, w, b, s, stride, padding, dilation, relu)
+    what = f"{key} {what}: plan {plan['path']} ({plan['reason']})"
+    assert plan["device"] == "cuda" and plan["split_k"] == 1, what
+    if path is not None:
+        assert plan["path"] == path, what
+    if reason is not None:
+        assert reason in plan["reason"], what
+    if plan["path"] == "cutlass":
+        assert re.fullmatch(r"\d+x\d+x\d+", plan["tile"]), what
+    else:
+        assert plan["tile"] is None and plan["tap_skipping"] is False, what
+    if tap_skip is not None:
+        assert plan["tap_skipping"] is tap_skip, what
+    assert out.device == xv.device
+    ref = reference(x, w, b, s, stride, padding, dilation, relu)
+    assert_matches(out, ref, dtype, tol, what)
+    if relu:
+        assert_relu_clips_and_keeps(out)
+    fmt = torch.channels_last if torch._prims_common.suggest_memory_format(xv) == torch.channels_last \
+        else torch.contiguous_format
+    assert out.is_contiguous(memory_format=fmt), f"{what}: output strides {out.stride()}"
+    return out, plan
+
+
+def auto_rule(plan) -> bool:
+    return plan["kept_fraction"] <= MAX_KEPT_FRACTION
+
+
+@needs_cuda
+def test_build_has_cuda_kernels():
+    for op in ("atrous_conv2d", "atrous_conv2d_plan"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"deeplab_fast::{op}", "CUDA"), op
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"deeplab_fast::{op}", "CPU"), op
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Against the reference: the CUTLASS path
+
+
+@needs_cuda
+@pytest.mark.parametrize("key", TENSOR_CORE)
+@pytest.mark.parametrize("dims,stride,padding,dilation", SHAPE_PARAMS)
+def test_cutlass_matches_reference(dims, stride, padding, dilation, key):
+    x, w, b, s = cuda_args(dims, DTYPES[key][0], seed=sum(dims) + 100)
+    xc = channels_last(x)
+    _, plan = check(key, x, w, b, s, stride, padding, dilation, True, "cutlass", xv=xc)
+    assert plan["tap_skipping"] is (SM80 and auto_rule(plan))
+    check(key, x, w, None, None, stride, padding, dilation, False, "cutlass", xv=xc)
+    check(key, x, w, b, None, stride, padding, dilation, True, "cutlass", xv=xc)
+    check(key, x, w, None, s, stride, padding, dilation, False, "cutlass", xv=xc)
+
+
+@needs_cuda
+@pytest.mark.parametrize("key", TENSOR_CORE)
+@pytest.mark.parametrize("name,dims,stride,padding,dilation,tap_skip", [
+    ("aspp_rate18_2048_256_33x33", (2, 2048, 256, 33, 33, 3, 3), 1, 18, 18, True),
+    ("aspp_rate12_2048_256_33x33", (2, 2048, 256, 33, 33, 3, 3), 1, 12, 12, True),
+    ("aspp_rate6_2048_256_33x33", (2, 2048, 256, 33, 33, 3, 3), 1, 6, 6, True),
+    ("aspp_1x1_2048_256_33x33", (2, 2048, 256, 33, 33, 1, 1), 1, 0, 1, False),
+    ("aspp_rate24_256_256_65x65", (2, 256, 256, 65, 65, 3, 3), 1, 24, 24, True),
+    ("block4_rate2_512_512_65x65", (2, 512, 512, 65, 65, 3, 3), 1, 2, 2, False),
+    ("stride2_256_512_65x65", (2, 256, 512, 65, 65, 3, 3), 2, 1, 1, False),
+])
+def test_deeplab_layers(name, dims, stride, padding, dilation, tap_skip, key):
+    """DeepLab v3 layers at batch 2 (ASPP at output stride 16 and 8, a dilated ResNet block-4 conv)."""
+    x, w, b, s = cuda_args(dims, DTYPES[key][0], seed=len(name))
+    check(key, x, w, b, s, stride, padding, dilation, True, "cutlass", tap_skip=tap_skip, xv=channels_last(x),
+          what=name)
+
+
+@needs_cuda
+@needs_sm80
+@pytest.mark.parametrize("key", TENSOR_CORE)
+def test_both_tiles(key):
+    """A big problem takes the large tile (enough threadblocks for every SM), a tiny one the small tile."""
+    x, w, b, s = cuda_args((4, 512, 512, 65, 65, 3, 3), DTYPES[key][0], seed=1)
+    _, plan = check(key, x, w, b, s, 1, 2, 2, True, "cutlass", xv=channels_last(x), what="big")
+    assert plan["tile"].startswith("128x128x")
+    x, w, b, s = cuda_args((1, 8, 8, 17, 13, 3, 3), DTYPES[key][0], seed=2)
+    _, plan = check(key, x, w, b, s, 1, 2, 2, True, "cutlass", xv=channels_last(x), what="tiny")
+    assert plan["tile"].startswith("64x64x")
+
+
+@needs_cuda
+@pytest.mark.parametrize("key", ["bf16", "tf32"])
+@pytest.mark.parametrize("view,path,reason", [
+    ("spatial_crop_channels_last", "cutlass", None),
+    ("channel_slice_at_8", "cutlass", None),
+    ("batch_slice_channels_last", "cutlass", None),
+    ("strided_w_channels_last", "cutlass", None),
+    ("channel_slice_at_3", "aten", "16-byte aligned"),
+    ("channel_slice_of_c_plus_4", "aten", "channels_last"),
+    ("transposed_hw_channels_last", "aten", "channels_last"),
+    ("channel_slice_contiguous", "aten", "channels_last"),
+])
+def test_non_contiguous_views(view, path, reason, key):
+    """Views of larger tensors (NaN outside the view): channels_last ones with channels contiguous, 8-aligned
+    strides and an aligned start run CUTLASS through their strides; the others fall back to ATen. Both match."""
+    dtype = DTYPES[key][0]
+    x, w, b, s = cuda_args((2, 16, 24, 17, 13, 3, 3), dtype, seed=3)
+    N, C, H, W = x.shape
+
+    def nan(*sizes):
+        return channels_last(torch.full(sizes, float("nan"), dtype=dtype, device=DEV))
+
+    if view == "spatial_crop_channels_last":
+        big = nan(N, C, H + 4, W + 6)
+        big[:, :, 1:1 + H, 3:3 + W] = x
+        xv = big[:, :, 1:1 + H, 3:3 + W]
+    elif view in ("channel_slice_at_8", "channel_slice_at_3"):
+        at = 8 if view.endswith("8") else 3
+        big = nan(N, C + 16, H, W)
+        big[:, at:at + C] = x
+        xv = big[:, at:at + C]
+    elif view == "channel_slice_of_c_plus_4":
+        big = nan(N, C + 4, H, W)
+        big[:, :C] = x
+        xv = big[:, :C]
+    elif view == "batch_slice_channels_last":
+        big = nan(2 * N, C, H, W)
+        big[1::2] = x
+        xv = big[1::2]
+    elif view == "strided_w_channels_last":
+        big = nan(N, C, H, 2 * W)
+        big[..., ::2] = x
+        xv = big[..., ::2]
+    elif view == "transposed_hw_channels_last":
+        xv = channels_last(x.transpose(2, 3)).transpose(2, 3)
+    else:  # channel_slice_contiguous
+        big = torch.full((N, C + 8, H, W), float("nan"), dtype=dtype, device=DEV)
+        big[:, 8:8 + C] = x
+        xv = big[:, 8:8 + C]
+    assert torch.equal(xv, x) and not xv.is_contiguous()
+    for stride, padding, dilation in [(1, 6, 6), (2, (1, 3), (2, 3))]:
+        check(key, x, w, b, s, stride, padding, dilation, True, path, reason, xv=xv, what=view)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The ATen fallback
+
+
+@needs_cuda
+@pytest.mark.parametrize("key", TENSOR_CORE)
+@pytest.mark.parametrize("dims,stride,padding,dilation", [SHAPE_PARAMS[i] for i in (0, 2, 6, 11, 18)])
+def test_contiguous_input_falls_back_to_aten(dims, stride, padding, dilation, key):
+    x, w, b, s = cuda_args(dims, DTYPES[key][0], seed=sum(dims) + 200)
+    check(key, x, w, b, s, stride, padding, dilation, True, "aten", "not channels_last")
+    check(key, x, w, None, None, stride, padding, dilation, False, "aten", "not channels_last")
+
+
+@needs_cuda
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+@pytest.mark.parametrize("dims,stride,padding,dilation", [SHAPE_PARAMS[i] for i in (0, 2, 6, 11, 18)])
+def test_float32_without_tf32_is_aten_float32(dims, stride, padding, dilation, layout):
+    x, w, b, s = cuda_args(dims, torch.float32, seed=sum(dims) + 300)
+    xv = channels_last(x) if layout == "channels_last" else x
+    _, plan = check("fp32", x, w, b, s, stride, padding, dilation, True, "aten", xv=xv)
+    if layout == "channels_last":
+        assert "allow_tf32" in plan["reason"]
+
+
+@needs_cuda
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+@pytest.mark.parametrize("dims,stride,padding,dilation", [SHAPE_PARAMS[i] for i in (0, 2, 6, 12)])
+def test_float64_is_aten(dims, stride, padding, dilation, layout):
+    x, w, b, s = cuda_args(dims, F64, seed=sum(dims) + 400)
+    xv = channels_last(x) if layout == "channels_last" else x
+    _, plan = check("fp64", x, w, b, s, stride, padding, dilation, True, "aten", xv=xv)
+    if layout == "channels_last":
+        assert "float64" in plan["reason"]
+
+
+@needs_cuda
+@pytest.mark.parametrize("key", TENSOR_CORE)
+@pytest.mark.parametrize("C,K", [(8, 21), (256, 21), (3, 64), (12, 16), (64, 20)])
+def test_channels_not_multiple_of_8_fall_back(C, K, key):
+    """E.g. the 21-class classifier or a 3-channel image: ATen, still correct."""
+    x, w, b, s = cuda_args((2, C, K, 17, 13, 3, 3), DTYPES[key][0], seed=C * K)
+    check(key, x, w, b, s, 1, 6, 6, True, "aten", "multiples of 8", xv=channels_last(x))
+    check(key, x, w, None, None, 2, 1, 1, False, "aten", "multiples of 8", xv=channels_last(x))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tap skipping
+
+
+@needs_cuda
+@needs_sm80
+@pytest.mark.parametrize("key", TENSOR_CORE)
+@pytest.mark.parametrize("dims,stride,padding,dilation", TAP_PARAMS)
+def test_tap_skipping_on_equals_off(dims, stride, padding, dilation, key):
+    dtype, _, tol = DTYPES[key]
+    x, w, b, s = cuda_args(dims, dtype, seed=sum(dims) + 500)
+    xc = channels_last(x)
+    with tap_skipping(True):
+        on, plan_on = check(key, x, w, b, s, stride, padding, dilation, True, "cutlass", tap_skip=True, xv=xc,
+                            what="on")
+    with tap_skipping(False):
+        off, plan_off = check(key, x, w, b, s, stride, padding, dilation, True, "cutlass", tap_skip=False,
+                              xv=xc, what="off")
+    _, plan_auto = check(key, x, w, b, s, stride, padding, dilation, True, "cutlass", xv=xc, what="auto")
+    assert plan_auto["tap_skipping"] is auto_rule(plan_auto)
+    assert plan_on["regions"] == plan_off["regions"] and plan_on["kept_fraction"] < 1
+    ref = reference(x, w, b, s, stride, padding, dilation, True)
+    mag = ref.abs().max().item()
+    diff = (on.double() - off.double()).abs()
+    assert (diff <= 2 * tol * (mag + ref.abs())).all(), f"on vs off: max diff {diff.max().item():.3g}"
+    N, C, K, H, W, R, S = dims
+    check_plan(plan_on, H, W, R, S, stride, padding, dilation)
+
+
+@needs_cuda
+@needs_sm80
+def test_plan_matches_cpu_plan():
+    """Same regions and kept fraction as the CPU's plan (the shared tap_regions.h), checked by brute force."""
+    for seed, (dims, stride, padding, dilation) in enumerate([c[1:] for c in TAP_CASES]):
+        x, w, b, s = random_args(*dims, seed=seed)
+        with tap_skipping(True):
+            p_cpu = atrous_conv2d_plan(x, w, b, s, stride, padding, dilation, True)
+            p_dev = atrous_conv2d_plan(*to_dev(channels_last(x), w, b, s), stride, padding, dilation, True)
+        assert p_dev["regions"] == p_cpu["regions"] and p_dev["kept_fraction"] == p_cpu["kept_fraction"]
+        assert p_dev["device"] == "cuda" and p_dev["path"] == "cutlass" and p_dev["tap_skipping"] is True
+        N, C, K, H, W, R, S = dims
+        check_plan(p_dev, H, W, R, S, stride, padding, dilation)
+    x, w, _, _ = random_args(1, 8, 8, 33, 33, seed=9)
+    plan = atrous_conv2d_plan(*to_dev(channels_last(x), w), padding=18, dilation=18)
+    assert len(plan["regions"]) == 9 and plan["kept_fraction"] == pytest.approx(0.405, abs=5e-4)
+    assert plan["tap_skipping"] is True  # the auto rule: 40.5% <= 95%
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Autograd, custom-op machinery, streams
+
+
+@needs_cuda
+def test_float32_backward_matches_reference():
+    x, w, b, s = cuda_args((2, 16, 24, 15, 13, 3, 3), torch.float32, seed=710)
+    g = torch.randn(2, 24, 7, 7, generator=seeded(711)).to(DEV)  # the output of 15x13, stride 2
+
+    def grads(dtype, fn):
+        args = [t.to(dtype).clone().requires_grad_() for t in (x, w, b, s)]
+        (fn(channels_last(args[0]), *args[1:]).double() * g.double()).sum().backward()
+        return [a.grad for a in args]
+
+    with cudnn_tf32(False):
+        got = grads(torch.float32, lambda x, w, b, s: atrous_conv2d(x, w, b, s, 2, (1, 3), (2, 3), True))
+    expected = grads(F64, lambda x, w, b, s: torch.relu(
+        F.conv2d(x, w, None, 2, (1, 3), (2, 3)) * s.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)))
+    for name, a, e in zip(("input", "weight", "bias", "scale"), got, expected):
+        torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-5 * e.abs().max().item(),
+                                   msg=lambda m: f"grad of {name}: {m}")
+
+
+def _opcheck_args_cuda():
+    x, w, b, s = random_args(2, 16, 16, 13, 11, dtype=torch.bfloat16, seed=720)
+    xf, wf, bf, sf = random_args(2, 8, 24, 9, 10, dtype=torch.float32, seed=721)
+    xd, wd, bd, sd = random_args(2, 8, 8, 9, 8, dtype=F64, seed=722)
+    return [
+        pytest.param(lambda: (channels_last(x), w, b, s, [1, 1], [6, 6], [6, 6], True), id="bf16_cutlass_relu"),
+        pytest.param(lambda: (channels_last(x), w, None, None, [2, 1], [1, 3], [3, 2], False),
+                     id="bf16_cutlass_plain"),
+        pytest.param(lambda: (xf, wf, bf, None, [1, 1], [2, 2], [2, 2], True), id="fp32_contiguous_aten"),
+        pytest.param(lambda: (channels_last(x).requires_grad_(), w.clone().requires_grad_(),
+                              b.clone().requires_grad_(), s.clone().requires_grad_(), [1, 1], [2, 2], [2, 2], True),
+                     id="bf16_requires_grad"),
+        pytest.param(lambda: (channels_last(xd).requires_grad_(), wd.clone().requires_grad_(), None,
+                              sd.clone().requires_grad_(), [2, 2], [3, 3], [2, 2], False),
+                     id="fp64_requires_grad"),
+    ]
+
+
+@needs_cuda
+@pytest.mark.parametrize("make", _opcheck_args_cuda())
+def test_opcheck_cuda(make):
+    def to_dev_leaf(a):  # .to keeps the memory format (preserve_format); requires_grad carries over to the leaf
+        return a.detach().to(DEV).requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
+
+    args = tuple(to_dev_leaf(a) for a in make())
+    result = torch.library.opcheck(OP.default, args)
+    assert all(v == "SUCCESS" for v in result.values()), result
+
+
+@needs_cuda
+def test_torch_compile_cuda():
+    x, w, b, s = cuda_args((2, 64, 32, 33, 33, 3, 3), torch.bfloat16, seed=730)
+    xc = channels_last(x)
+
+    def head(x, w, b, s):
+        y = deeplab_fast.ops.atrous_conv2d(x, w, b, s, stride=1, padding=18, dilation=18, relu=True)
+        return y.float().mean(dim=1)
+
+    eager = head(xc, w, b, s)
+    compiled = torch.compile(head, fullgraph=True)(xc, w, b, s)
+    ref = reference(x, w, b, s, 1, 18, 18, True).mean(dim=1)
+    assert_matches(eager.double(), ref, F64, tol=1e-2, what="eager")
+    assert_matches(compiled.double(), ref, F64, tol=1e-2, what="compiled")
+    torch.testing.assert_close(compiled, eager, rtol=1e-2, atol=1e-2 * eager.abs().max().item())
+
+
+@needs_cuda
+def test_torch_compile_module_cuda():
+    torch.manual_seed(731)
+    m = AtrousConv2dReLU(64, 64, 3, padding=12, dilation=12).to(DEV, torch.bfloat16)
+    x = channels_last(torch.randn(2, 64, 33, 33, generator=seeded(732)).to(DEV, torch.bfloat16))
+    with torch.no_grad():
+        eager = m(x)
+        compiled = torch.compile(m, fullgraph=True)(x)
+    ref = reference(x, m.weight.detach(), m.bias.detach(), None, 1, 12, 12, True)
+    assert_matches(eager, ref, torch.bfloat16, what="eager")
+    assert_matches(compiled, ref, torch.bfloat16, what="compiled")
+    assert_relu_clips_and_keeps(compiled)
+
+
+@needs_cuda
+def test_runs_on_the_current_stream():
+    x, w, b, s = cuda_args((2, 64, 64, 33, 33, 3, 3), torch.bfloat16, seed=740)
+    xc = channels_last(x)
+    ref = reference(x, w, b, s, 1, 18, 18, True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        outs = [atrous_conv2d(xc, w, b, s, 1, 18, 18, True) for _ in range(3)]
+        with tap_skipping(False):
+            outs.append(atrous_conv2d(xc, w, b, s, 1, 18, 18, True))
+    side.synchronize()
+    for out in outs:
+        assert_matches(out, ref, torch.bfloat16)
+
+
+@needs_cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
+def test_second_device():
+    x, w, b, s = random_args(2, 16, 16, 17, 13, dtype=torch.bfloat16, seed=750)
+    dev = torch.device("cuda", 1)
+    args = [t.to(dev) for t in (channels_last(x), w, b, s)]
+    out = atrous_conv2d(*args, 1, 6, 6, True)
+    assert out.device == dev
+    assert_matches(out, reference(x, w, b, s, 1, 6, 6, True).to(dev), torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bad input
+
+
+def good_cuda():
+    return cuda_args((2, 8, 16, 9, 10, 3, 3), torch.bfloat16, seed=760)
+
+
+@needs_cuda
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(dilation=10), RuntimeError, "output would be empty"),
+    (dict(stride=0), RuntimeError, "stride must be >= 1"),
+    (dict(padding=-1), RuntimeError, "padding must be >= 0"),
+    (dict(dilation=0), RuntimeError, "dilation must be >= 1"),
+    (dict(stride=(1, 2, 3)), ValueError, "stride must be an int or a pair"),
+])
+def test_bad_arguments(kwargs, exc, match):
+    x, w, b, s = good_cuda()
+    with pytest.raises(exc, match=match):
+        atrous_conv2d(channels_last(x), w, b, s, **kwargs)
+
+
+@needs_cuda
+@pytest.mark.parametrize("arg", ["input", "weight", "bias", "scale"])
+def test_check_finite_cuda(arg):
+    x, w, b, s = good_cuda()
+    tensors = dict(input=channels_last(x), weight=w, bias=b, scale=s)
+    t = tensors[arg].clone()
+    t[tuple(d // 2 for d in t.shape)] = float("nan")
+    tensors[arg] = t
+    with pytest.raises(ValueError, match=f"{arg} holds NaN or Inf"):
+        atrous_conv2d(tensors["input"], tensors["weight"], tensors["bias"], tensors["scale"], padding=2, dilation=2,
+                      check_finite=True)
+    out = atrous_conv2d(channels_last(x), w, b, s, padding=2, dilation=2, check_finite=True)
+    assert_matches(out, reference(x, w, b, s, 1, 2, 2), torch.bfloat16)
+
+
+@needs_cuda
+def test_nan_propagates_without_check_finite_cuda():
+    x, w, b, s = good_cuda()
+    x = x.clone()
+    x[1, 5, 4, 6] = float("nan")
+    ref = reference(x, w, b, s, 1, 2, 2, True)
+    nan = torch.isnan(ref)
+    assert nan.any() and not nan.all()
+    for mode in (True, False):
+        with tap_skipping(mode):
+            out = atrous_conv2d(channels_last(x), w, b, s, padding=2, dilation=2, relu=True)
+        assert torch.equal(torch.isnan(out), nan), mode
+        assert_matches(torch.where(nan, 0, out), torch.where(nan, 0, ref), torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# AtrousConv2dReLU on the GPU
+
+
+@needs_cuda
+@pytest.mark.parametrize("key", TENSOR_CORE)
+def test_module_cuda_matches_cpu_float64_module(key):
+    """The module in bf16 / fp16 / fp32 on the GPU (channels_last) vs the same module, with the same rounded
+    weights, in float64 on the CPU; and vs nn.Conv2d + nn.ReLU in float64."""
+    dtype = DTYPES[key][0]
+    torch.manual_seed(770)
+    m = AtrousConv2dReLU(256, 64, 3, padding=12, dilation=12)
+    m_dev = copy.deepcopy(m).to(DEV, dtype)
+    m_ref = copy.deepcopy(m_dev).to("cpu", F64)
+    x = torch.randn(2, 256, 33, 33, generator=seeded(771)).to(dtype)
+    with torch.no_grad(), cudnn_tf32(True):
+        out = m_dev(channels_last(x.to(DEV)))
+        ref = m_ref(x.double())
+        conv = nn.Conv2d(256, 64, 3, padding=12, dilation=12).double()
+        conv.load_state_dict(m_ref.state_dict())
+        ref_conv = torch.relu(conv(x.double()))
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+    assert_relu_clips_and_keeps(out)
+    assert_matches(out.cpu(), ref, dtype, DTYPES[key][2], "vs the CPU float64 module")
+    assert_matches(out.cpu(), ref_conv, dtype, DTYPES[key][2], "vs nn.Conv2d + nn.ReLU")
+
+
+@needs_cuda
+def test_module_from_modules_bn_eval_cuda_bf16():
+    conv = _conv(64, 32, 3, 1, 6, 6)
+    bn = _random_bn(32).eval()
+    ref_model = nn.Sequential(copy.deepcopy(conv), copy.deepcopy(bn), nn.ReLU()).double().eval()
+    m = AtrousConv2dReLU.from_modules(conv, bn, nn.ReLU()).to(DEV, torch.bfloat16)
+    assert m.bn is None
+    x = torch.randn(2, 64, 33, 33, generator=seeded(780)).to(torch.bfloat16)
+    with torch.no_grad():
+        out = m(channels_last(x.to(DEV)))
+        ref = ref_model(x.double())
+    assert_relu_clips_and_keeps(out)
+    # The folded weights are rounded to bf16 after folding: compare with a bf16 tolerance.
+    assert_matches(out.cpu(), ref, torch.bfloat16)

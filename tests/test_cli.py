@@ -1,4 +1,4 @@
-"""The ``deeplab-fast`` command-line tool (deeplab_fast/cli.py).
+"""The ``deeplab-fast`` command-line tool (deeplab_fast/cli/crf.py and the shared parts of deeplab_fast/cli/).
 
 ``crf`` must reproduce pydensecrf's examples/inference.py pixel for pixel on the real photos of
 ../shared/data/densecrf (out1/out2/out3.png; out1-b.png comes from older code and is not reproducible).

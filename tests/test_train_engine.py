@@ -206,30 +206,93 @@ def test_bad_input(voc, tmp_path, capsys):
     assert "--width-divisor is for the v1 models" in capsys.readouterr().err
 
 
-def test_init_weights_from_torchvision_backbones():
-    """--init: torchvision's vgg16 loads into v1's features, resnet101 into v3's backbone; the classifier keeps
-    its own initialisation; a checkpoint that matches nothing is an error."""
+def test_init_weights_from_torchvision_backbones(tmp_path, monkeypatch):
+    """--init: torchvision's vgg16 loads into v1's features, resnet50 into v3's backbone, by registered name (from
+    torch.hub's cache, no network) or by a file of that name; the classifier keeps its own initialisation; a
+    checkpoint that matches nothing is an error."""
     import torchvision
 
     from deeplab_fast import models
     from deeplab_fast.train import init_weights
 
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
     torch.manual_seed(0)
     vgg = torchvision.models.vgg16()
+    torch.save(vgg.state_dict(), cache / "vgg16-397923af.pth")
     v1 = models.deeplab_v1_largefov(num_classes=3)
     fc8 = v1.fc8.weight.detach().clone()
-    loaded, total = init_weights(v1, vgg.state_dict())
+    loaded, total = init_weights(v1, "IMAGENET1K_VGG16_BACKBONE")
     assert loaded == 26 and total > loaded  # 13 convs x (weight, bias)
     assert torch.equal(v1.features[0].weight, vgg.features[0].weight)
     assert torch.equal(v1.features[28].bias, vgg.features[28].bias)
     assert torch.equal(v1.fc8.weight, fc8)
+    v1b = models.deeplab_v1_largefov(num_classes=3)
+    assert init_weights(v1b, cache / "vgg16-397923af.pth")[0] == 26  # a file named as the registered one
+    assert torch.equal(v1b.features[28].weight, vgg.features[28].weight)
 
-    r101 = torchvision.models.resnet101()
-    v3 = models.deeplab_v3_resnet101(num_classes=3)
-    loaded, _ = init_weights(v3, r101.state_dict())
-    assert torch.equal(v3.backbone.layer4[2].conv3.weight, r101.layer4[2].conv3.weight)
-    assert torch.equal(v3.backbone.bn1.running_var, r101.bn1.running_var)
-    assert loaded == len([k for k in r101.state_dict() if not k.startswith("fc.")])
+    r50 = torchvision.models.resnet50()
+    torch.save(r50.state_dict(), cache / "resnet50-0676ba61.pth")
+    v3 = models.deeplab_v3_resnet50(num_classes=3)
+    loaded, _ = init_weights(v3, "IMAGENET1K_BACKBONE")
+    assert torch.equal(v3.backbone.layer4[2].conv3.weight, r50.layer4[2].conv3.weight)
+    assert torch.equal(v3.backbone.bn1.running_var, r50.bn1.running_var)
+    assert loaded == len([k for k in r50.state_dict() if not k.startswith("fc.")])
 
     with pytest.raises(ValueError, match="matches"):
         init_weights(v1, {"nothing.weight": torch.zeros(3)})
+    with pytest.raises(ValueError, match="matches"):  # a raw torchvision state dict has other names
+        init_weights(v3, r50.state_dict())
+
+
+def test_train_config_with_an_extra_head(voc, tmp_path):
+    """train(TrainConfig(...)) with an extra trainable head after the network (the room left for a CRF-as-RNN
+    stage): its parameters train in their own group at their own learning rate and are checkpointed."""
+    from torch import nn
+
+    from deeplab_fast.train import TrainConfig
+
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(()))
+
+        def forward(self, out, image):
+            assert image.shape[1] == 3
+            return out * self.scale
+
+    with pytest.raises(ValueError, match="steps and batch_size must be >= 1"):
+        TrainConfig(model=MODEL, data_root=voc, out_dir=tmp_path, steps=0, batch_size=1, lr=0.1, crop_size=33)
+    cfg = TrainConfig(model=MODEL, data_root=voc, out_dir=tmp_path / "head", num_classes=NUM_CLASSES, steps=3,
+                      batch_size=2, lr=0.01, crop_size=65, mode="torchvision", model_kwargs=TINY, log_every=1,
+                      progress=False, extra_head=lambda model: Scale(), extra_head_lr=0.5)
+    result = train(cfg)
+    assert result["step"] == 3
+    ckpt = torch.load(result["checkpoint"], weights_only=True)
+    assert float(ckpt["extra_head"]["scale"]) != 1.0
+    groups = ckpt["optimizer"]["param_groups"]
+    assert groups[-1]["initial_lr"] == 0.5 and groups[-1]["weight_decay"] == 0.0
+    assert groups[0]["initial_lr"] == 0.01
+
+
+def test_train_recipe_option(voc, tmp_path, capsys):
+    """--recipe sets the model, its options and the hyperparameters (explicit options win); a recipe of another
+    family than --model is refused."""
+    code = main(["train", "--recipe", "v3_os16", "--model", MODEL, "--data", str(voc)])
+    assert code == 2 and "is for deeplab_v3_resnet101" in capsys.readouterr().err
+    code = main(["train", "--data", str(voc)])
+    assert code == 2 and "--model NAME or --recipe NAME" in capsys.readouterr().err
+
+    init = tmp_path / "tiny.pth"
+    torch.save(_tiny_model().state_dict(), init)
+    out = tmp_path / "recipe"
+    code = main(["train", "--recipe", "v1_largefov", "--data", str(voc), "--out", str(out), "--init", str(init),
+                 "--num-classes", str(NUM_CLASSES), "--width-divisor", "8", "--steps", "1", "--batch-size", "2",
+                 "--crop-size", "33", "--workers", "0", "--no-progress", "--device", "cpu"])
+    text = capsys.readouterr()
+    assert code == 0, text.err
+    args = torch.load(out / "last.pth", weights_only=True)["args"]
+    assert args["model"] == MODEL and args["lr"] == 1e-3 and args["steps"] == 1 and args["crop_size"] == 33
+    assert args["mode"] == "caffe"  # an unregistered --init file: the model's default normalisation
+    assert "init: " in text.out

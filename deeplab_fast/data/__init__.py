@@ -9,6 +9,6 @@ smoke runs.
 """
 from .synthetic import make_synthetic_voc
 from .transforms import EvalTransform, TrainTransform, normalize
-from .voc import VOCSegmentation, find_voc_root
+from .voc import VOC_CLASSES, VOCSegmentation, colorize, find_voc_root, voc_palette
 
-__all__ = ["VOCSegmentation", "find_voc_root", "TrainTransform", "EvalTransform", "normalize", "make_synthetic_voc"]
+__all__ = ["VOCSegmentation", "VOC_CLASSES", "voc_palette", "colorize", "find_voc_root", "TrainTransform", "EvalTransform", "normalize", "make_synthetic_voc"]

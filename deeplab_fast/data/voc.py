@@ -28,7 +28,12 @@ from typing import Callable, List, Optional, Tuple
 import numpy as np
 import torch
 
-__all__ = ["VOCSegmentation", "find_voc_root", "voc_palette"]
+__all__ = ["VOCSegmentation", "find_voc_root", "voc_palette", "colorize", "VOC_CLASSES"]
+
+# The 21 PASCAL VOC class names, by label index (0 is the background; 255 marks void pixels in the labels).
+VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+               "tvmonitor")
 
 _AUG_SPLITS = ("train", "trainval")
 
@@ -144,3 +149,8 @@ def voc_palette(n: int = 256) -> np.ndarray:
             c >>= 3
         palette[k] = (r, g, b)
     return palette
+
+
+def colorize(labels: np.ndarray) -> np.ndarray:
+    """[H, W] integer labels -> [H, W, 3] uint8 VOC colours (labels modulo 256)."""
+    return voc_palette()[np.asarray(labels).astype(np.int64) % 256]

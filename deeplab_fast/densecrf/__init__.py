@@ -43,6 +43,7 @@ import numbers
 import numpy as np
 import torch
 
+from .._validation import positive_int
 from ..ops.dense_crf import dense_crf_features, dense_crf_pairwise_energy
 
 __all__ = [
@@ -94,14 +95,6 @@ FULL_KERNEL = KernelType.FULL_KERNEL
 
 # ---------------------------------------------------------------------------------------------------------
 # Argument checks.
-
-
-def _positive_int(x, name: str) -> int:
-    if isinstance(x, bool) or not isinstance(x, numbers.Integral):
-        raise ValueError(f"{name} must be a positive int, got {type(x).__name__} {x!r}")
-    if x <= 0:
-        raise ValueError(f"{name} must be a positive int, got {x}")
-    return int(x)
 
 
 def _enum_value(x, enum_cls, name: str) -> int:
@@ -234,8 +227,8 @@ class DenseCRF:
     """
 
     def __init__(self, nvar: int, nlabels: int):
-        self._nvar = _positive_int(nvar, "nvar")
-        self._nlabel = _positive_int(nlabels, "nlabels")
+        self._nvar = positive_int(nvar, "nvar")
+        self._nlabel = positive_int(nlabels, "nlabels")
         self._unary: np.ndarray | None = None  # [L, N] float32, None: zeros (pydensecrf: no unary set)
         self._features: list[torch.Tensor] = []  # each [1, D, N] float32
         self._compat: list[torch.Tensor] = []
@@ -455,8 +448,8 @@ class DenseCRF2D(DenseCRF):
     """
 
     def __init__(self, w: int, h: int, nlabels: int):
-        self._w = _positive_int(w, "w")
-        self._h = _positive_int(h, "h")
+        self._w = positive_int(w, "w")
+        self._h = positive_int(h, "h")
         super().__init__(self._w * self._h, nlabels)
 
     def _positions(self, sx: np.float32, sy: np.float32):

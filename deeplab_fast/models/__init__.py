@@ -1,12 +1,17 @@
-"""The DeepLab model family (v1 LargeFOV / MSc-LargeFOV, v2 ResNet-101 ASPP, v3 ResNet-50/101), its backbones and
-weight loading. No runtime dependency on torchvision (torchvision's weights load by name).
+"""The DeepLab model family (v1 LargeFOV / MSc-LargeFOV, v2 ResNet-101 ASPP, v3 ResNet-50/101), its backbones, a
+registry with weights by name in ``torchvision.models``' conventions, weight loading and the inference
+preprocessing. No runtime dependency on torchvision.
 
 Every model takes ``num_classes``, checks its input (Tensor[N, 3, H, W], floating point; else ValueError),
 exposes ``output_stride`` (int) and ``forward_logits(x)`` (scores at 1/output_stride), and returns logits at the
 input resolution (bilinear, ``align_corners=False``); DeepLab v3 with ``aux_loss=True`` returns
 ``{"out", "aux"}`` as torchvision, DeepLab v2 with ``msc=True`` in training mode the per-scale list.
 
-``MODELS`` maps the names below to their builders; ``get_model(name, **kwargs)`` builds one.
+- ``list_models()``, ``get_model(name, *, weights=None, **kwargs)``, ``get_model_weights(name)``,
+  ``get_weight("Enum.MEMBER")`` (``_api.py``; the entries are in ``zoo.py``). ``MODELS`` maps the names to
+  their builders.
+- ``weights.transforms()`` / ``SegmentationPreset(mode)``: the input normalisation the weights expect.
+- ``load_checkpoint``, ``load_weights`` and the key maps (``weights.py``).
 """
 from __future__ import annotations
 
@@ -14,35 +19,32 @@ from typing import Callable, Dict
 
 from torch import nn
 
+from ._api import (ModelEntry, Weights, WeightsEnum, build_model, get_model, get_model_builder, get_model_weights, get_weight,
+                   list_models, load_weights_state_dict, model_entry, preprocess, register_model,
+                   resolve_weights)
 from .backbones import (VGG16_CONV_INDICES, VGG16_POOL_INDICES, Bottleneck, ResNet, resnet50, resnet101,
                         vgg16_features)
 from .deeplab import (DeepLabV1, DeepLabV2, DeepLabV3, check_rgb_input, deeplab_v1_largefov,
                       deeplab_v1_msc_largefov, deeplab_v2_resnet101, deeplab_v3_resnet50, deeplab_v3_resnet101)
-from .weights import (convert_kazuto_deeplabv2, from_torchvision, is_kazuto_deeplabv2, load_checkpoint,
-                      load_torchvision_deeplabv3, load_vgg16_features, load_weights, to_kazuto_deeplabv2)
+from .transforms import SegmentationPreset
+from .weights import (CheckpointError, as_state_dict, convert_kazuto_deeplabv2, from_torchvision, is_kazuto_deeplabv2,
+                      load_checkpoint, load_torchvision_deeplabv3, load_vgg16_features, load_weights,
+                      resnet_to_deeplab_backbone, to_kazuto_deeplabv2, vgg16_to_deeplab_v1)
+from .zoo import (COCO_STUFF_CLASSES, DeepLabV1_LargeFOV_Weights, DeepLabV1_MSC_LargeFOV_Weights,
+                  DeepLabV2_ResNet101_Weights, DeepLabV3_ResNet50_Weights, DeepLabV3_ResNet101_Weights)
 
-MODELS: Dict[str, Callable[..., nn.Module]] = {
-    "deeplab_v1_largefov": deeplab_v1_largefov,
-    "deeplab_v1_msc_largefov": deeplab_v1_msc_largefov,
-    "deeplab_v2_resnet101": deeplab_v2_resnet101,
-    "deeplab_v3_resnet50": deeplab_v3_resnet50,
-    "deeplab_v3_resnet101": deeplab_v3_resnet101,
-}
-
-
-def get_model(name: str, **kwargs) -> nn.Module:
-    """``MODELS[name](**kwargs)``; ValueError listing the valid names for an unknown one."""
-    builder = MODELS.get(name) if isinstance(name, str) else None
-    if builder is None:
-        raise ValueError(f"get_model: unknown model {name!r}; valid names: {', '.join(sorted(MODELS))}")
-    return builder(**kwargs)
-
+MODELS: Dict[str, Callable[..., nn.Module]] = {name: get_model_builder(name) for name in list_models()}
 
 __all__ = [
-    "MODELS", "get_model",
+    "MODELS", "get_model", "build_model", "get_model_weights", "get_weight", "list_models", "get_model_builder", "model_entry",
+    "register_model", "resolve_weights", "load_weights_state_dict", "Weights", "WeightsEnum", "ModelEntry",
+    "DeepLabV1_LargeFOV_Weights", "DeepLabV1_MSC_LargeFOV_Weights", "DeepLabV2_ResNet101_Weights",
+    "DeepLabV3_ResNet50_Weights", "DeepLabV3_ResNet101_Weights", "COCO_STUFF_CLASSES",
+    "SegmentationPreset", "preprocess",
     "deeplab_v1_largefov", "deeplab_v1_msc_largefov", "deeplab_v2_resnet101", "deeplab_v3_resnet50",
     "deeplab_v3_resnet101", "DeepLabV1", "DeepLabV2", "DeepLabV3", "check_rgb_input",
     "ResNet", "Bottleneck", "resnet50", "resnet101", "vgg16_features", "VGG16_CONV_INDICES", "VGG16_POOL_INDICES",
-    "load_checkpoint", "load_weights", "load_torchvision_deeplabv3", "from_torchvision", "load_vgg16_features",
-    "convert_kazuto_deeplabv2", "to_kazuto_deeplabv2", "is_kazuto_deeplabv2",
+    "CheckpointError", "load_checkpoint", "as_state_dict", "load_weights", "load_torchvision_deeplabv3", "from_torchvision",
+    "load_vgg16_features", "convert_kazuto_deeplabv2", "to_kazuto_deeplabv2", "is_kazuto_deeplabv2",
+    "vgg16_to_deeplab_v1", "resnet_to_deeplab_backbone",
 ]

@@ -13,12 +13,13 @@ Nothing here imports torchvision.
 """
 from __future__ import annotations
 
-import numbers
 from collections import OrderedDict
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
+
+from .._validation import positive_int
 
 __all__ = ["Bottleneck", "ResNet", "resnet50", "resnet101", "vgg16_features", "VGG16_CONV_INDICES",
            "VGG16_POOL_INDICES"]
@@ -28,12 +29,6 @@ RESNET_LAYERS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 VGG16_CONV_INDICES = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
 VGG16_POOL_INDICES = (4, 9, 16, 23, 30)
 _VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
-
-
-def _positive_int(v, name: str, owner: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0:
-        raise ValueError(f"{owner}: {name} must be a positive int, got {v!r}")
-    return int(v)
 
 
 class Bottleneck(nn.Module):
@@ -102,7 +97,7 @@ class ResNet(nn.Module):
         super().__init__()
         if len(layers) != 4:
             raise ValueError(f"ResNet: layers must be 4 block counts, got {layers!r}")
-        layers = tuple(_positive_int(n, "each block count", "ResNet") for n in layers)
+        layers = tuple(positive_int(n, "each block count", "ResNet") for n in layers)
         if (isinstance(replace_stride_with_dilation, (str, bytes))
                 or len(replace_stride_with_dilation) != 3
                 or not all(isinstance(b, (bool, int)) and b in (0, 1) for b in replace_stride_with_dilation)):
@@ -113,7 +108,7 @@ class ResNet(nn.Module):
         if multi_grid is not None:
             if isinstance(multi_grid, (str, bytes)) or not isinstance(multi_grid, Sequence):
                 raise ValueError(f"ResNet: multi_grid must be None or {layers[3]} positive ints, got {multi_grid!r}")
-            multi_grid = tuple(_positive_int(g, "each multi_grid rate", "ResNet") for g in multi_grid)
+            multi_grid = tuple(positive_int(g, "each multi_grid rate", "ResNet") for g in multi_grid)
             if len(multi_grid) != layers[3]:
                 raise ValueError(f"ResNet: multi_grid needs one rate per layer4 block ({layers[3]}), got "
                                  f"{len(multi_grid)}: {multi_grid}")
@@ -137,7 +132,7 @@ class ResNet(nn.Module):
         self.include_top = bool(include_top)
         if self.include_top:
             self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-            self.fc = nn.Linear(512 * Bottleneck.expansion, _positive_int(num_classes, "num_classes", "ResNet"))
+            self.fc = nn.Linear(512 * Bottleneck.expansion, positive_int(num_classes, "num_classes", "ResNet"))
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -225,7 +220,7 @@ def vgg16_features(deeplab: bool = False, width_divisor: int = 1) -> nn.Sequenti
     ``width_divisor`` (positive int, default 1) divides every conv's output channels (``max(1, c // d)``): a
     narrow VGG for quick experiments and tests; its weights are not torchvision's. 1 is VGG-16 itself.
     """
-    d_width = _positive_int(width_divisor, "width_divisor", "vgg16_features")
+    d_width = positive_int(width_divisor, "width_divisor", "vgg16_features")
     layers = []
     in_ch = 3
     pool = 0

@@ -25,17 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._validation import positive_int
 from ..nn.aspp import ASPP, ASPP_L, ASPP_S, ASPPv2
 from .backbones import RESNET_LAYERS, ResNet, vgg16_features
 
 __all__ = ["DeepLabV1", "DeepLabV2", "DeepLabV3", "deeplab_v1_largefov", "deeplab_v1_msc_largefov",
            "deeplab_v2_resnet101", "deeplab_v3_resnet50", "deeplab_v3_resnet101", "check_rgb_input"]
-
-
-def _positive_int(v, name: str, owner: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0:
-        raise ValueError(f"{owner}: {name} must be a positive int, got {v!r}")
-    return int(v)
 
 
 def check_rgb_input(x, owner: str) -> None:
@@ -114,8 +109,8 @@ class DeepLabV1(nn.Module):
 
     def __init__(self, num_classes: int = 21, msc: bool = False, width_divisor: int = 1, dropout: float = 0.5):
         super().__init__()
-        self.num_classes = _positive_int(num_classes, "num_classes", "DeepLabV1")
-        d = self.width_divisor = _positive_int(width_divisor, "width_divisor", "DeepLabV1")
+        self.num_classes = positive_int(num_classes, "num_classes", "DeepLabV1")
+        d = self.width_divisor = positive_int(width_divisor, "width_divisor", "DeepLabV1")
         if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"DeepLabV1: dropout must be a probability in [0, 1), got {dropout!r}")
         self.arch = "deeplab_v1_msc_largefov" if msc else "deeplab_v1_largefov"
@@ -225,7 +220,7 @@ class DeepLabV2(nn.Module):
     def __init__(self, num_classes: int = 21, aspp: Union[str, Sequence[int]] = "L", msc: bool = False,
                  msc_scales: Sequence[float] = (0.5, 0.75), backbone_style: str = "caffe"):
         super().__init__()
-        self.num_classes = _positive_int(num_classes, "num_classes", "DeepLabV2")
+        self.num_classes = positive_int(num_classes, "num_classes", "DeepLabV2")
         if isinstance(aspp, str):
             rates = {"L": ASPP_L, "S": ASPP_S}.get(aspp.upper())
             if rates is None:
@@ -337,7 +332,7 @@ class DeepLabV3(nn.Module):
             raise ValueError(f"DeepLabV3: depth must be 50 or 101, got {depth!r}")
         if head not in ("torchvision", "paper"):
             raise ValueError(f"DeepLabV3: head must be 'torchvision' or 'paper', got {head!r}")
-        self.num_classes = _positive_int(num_classes, "num_classes", "DeepLabV3")
+        self.num_classes = positive_int(num_classes, "num_classes", "DeepLabV3")
         if output_stride is None:
             output_stride = 8 if head == "torchvision" else 16
         if isinstance(output_stride, bool) or output_stride not in (8, 16):

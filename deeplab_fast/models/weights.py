@@ -1,19 +1,22 @@
-"""Loading weights into the DeepLab models: torchvision's DeepLab v3 and backbones, kazuto1011/deeplab-pytorch's
-DeepLab v2 checkpoints, and checkpoint files. Nothing here imports torchvision or downloads anything.
+"""Loading weights into the DeepLab models: checkpoint files, and the key maps of torchvision's DeepLab v3 and
+backbones and of kazuto1011/deeplab-pytorch's DeepLab v2 checkpoints. Nothing here downloads anything (the
+registry, ``deeplab_fast.models.get_model(weights=...)``, does) or imports torchvision.
 
-- ``load_checkpoint(path)``: a state dict from a file, read with ``torch.load(weights_only=True)``.
+- ``load_checkpoint(path)``: a state dict from a file, read with ``torch.load(weights_only=True)``; ValueError
+  naming the file for anything that is not one. ``as_state_dict(obj, source)``: the same checks on a loaded
+  object.
 - ``load_weights(model, state_dict)``: ``load_state_dict`` with a clear ValueError (missing / unexpected keys,
   shape mismatches, what the model expects) instead of a RuntimeError. DeepLab v2 models accept kazuto1011's
   key names directly (converted on the way).
 - ``load_torchvision_deeplabv3(model, state_dict)``, ``from_torchvision(tv_model)``: torchvision's DeepLab v3.
 - ``load_vgg16_features(model, state_dict)``: torchvision's VGG-16 convs into DeepLab v1.
-- ``convert_kazuto_deeplabv2`` / ``to_kazuto_deeplabv2``: the kazuto1011 key map, documented at
-  ``convert_kazuto_deeplabv2``.
+- Converters (the registry attaches them to weights entries): ``vgg16_to_deeplab_v1``,
+  ``resnet_to_deeplab_backbone``, ``convert_kazuto_deeplabv2`` (and its inverse ``to_kazuto_deeplabv2``; the
+  kazuto1011 key map is documented there).
 """
 from __future__ import annotations
 
 import os
-import pickle
 import re
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -23,10 +26,16 @@ from torch import nn
 
 from .deeplab import DeepLabV1, DeepLabV2, DeepLabV3
 
-__all__ = ["load_checkpoint", "load_weights", "load_torchvision_deeplabv3", "from_torchvision",
-           "load_vgg16_features", "convert_kazuto_deeplabv2", "to_kazuto_deeplabv2", "is_kazuto_deeplabv2"]
+__all__ = ["CheckpointError", "load_checkpoint", "as_state_dict", "load_weights", "load_torchvision_deeplabv3", "from_torchvision",
+           "load_vgg16_features", "convert_kazuto_deeplabv2", "to_kazuto_deeplabv2", "is_kazuto_deeplabv2",
+           "vgg16_to_deeplab_v1", "resnet_to_deeplab_backbone", "key_list"]
 
 _SHOW = 8  # keys listed per category in error messages
+
+
+class CheckpointError(ValueError):
+    """A file that cannot be used as a checkpoint: unreadable by ``torch.load(weights_only=True)`` (text,
+    truncated, corrupt, a pickle that would run code) or holding something other than what was expected."""
 
 
 def _describe(model: nn.Module) -> str:
@@ -40,7 +49,8 @@ def _describe(model: nn.Module) -> str:
     return name + (f" ({', '.join(extra)})" if extra else "")
 
 
-def _key_list(keys, show: int = _SHOW) -> str:
+def key_list(keys, show: int = _SHOW) -> str:
+    """The first ``show`` keys, comma-separated, and how many more."""
     keys = list(keys)
     head = ", ".join(keys[:show])
     return head + (f", ... ({len(keys) - show} more)" if len(keys) > show else "")
@@ -53,7 +63,7 @@ def _check_state_dict(state_dict, owner: str) -> None:
     bad = [k for k, v in state_dict.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
         raise ValueError(f"{owner}: not a state dict: {len(bad)} entries are not str -> Tensor, e.g. "
-                         f"{_key_list(map(repr, bad), 4)}")
+                         f"{key_list(map(repr, bad), 4)}")
 
 
 def load_weights(model: nn.Module, state_dict: Mapping, strict: bool = True, _owner: str = "load_weights"):
@@ -73,15 +83,15 @@ def load_weights(model: nn.Module, state_dict: Mapping, strict: bool = True, _ow
               for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
     problems = []
     if strict and missing:
-        problems.append(f"{len(missing)} missing keys ({_key_list(missing)})")
+        problems.append(f"{len(missing)} missing keys ({key_list(missing)})")
     if strict and unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys ({_key_list(unexpected)})")
+        problems.append(f"{len(unexpected)} unexpected keys ({key_list(unexpected)})")
     if shapes:
-        problems.append(f"{len(shapes)} shape mismatches ({_key_list(shapes, 4)})")
+        problems.append(f"{len(shapes)} shape mismatches ({key_list(shapes, 4)})")
     if problems:
         raise ValueError(f"{_owner}: the state dict does not fit {_describe(model)}: " + "; ".join(problems)
-                         + f". The model expects {len(expected)} entries, e.g. {_key_list(expected, 4)}; "
-                         f"the state dict has {len(state_dict)}, e.g. {_key_list(state_dict, 4)}. "
+                         + f". The model expects {len(expected)} entries, e.g. {key_list(expected, 4)}; "
+                         f"the state dict has {len(state_dict)}, e.g. {key_list(state_dict, 4)}. "
                          "Build the model that matches the checkpoint (architecture, num_classes, aux_loss).")
     try:
         model.load_state_dict(state_dict, strict=strict)
@@ -93,10 +103,11 @@ def load_weights(model: nn.Module, state_dict: Mapping, strict: bool = True, _ow
 def load_checkpoint(path) -> "OrderedDict[str, torch.Tensor]":
     """A state dict read from ``path`` with ``torch.load(path, map_location="cpu", weights_only=True)``.
 
-    Accepts a plain state dict or one wrapped as ``{"state_dict": ...}`` or ``{"model": ...}``; a ``module.``
-    prefix on every key (``nn.DataParallel``) is removed. Raises FileNotFoundError for a missing file and
-    ValueError for a directory, a file ``torch.load`` cannot read with ``weights_only=True`` (e.g. a pickled
-    model object), or content that is not a state dict (names -> tensors).
+    Accepts a plain state dict or one wrapped as ``{"state_dict": ...}`` or ``{"model": ...}`` (a ``deeplab-fast
+    train`` checkpoint); a ``module.`` prefix on every key (``nn.DataParallel``) is removed. Raises
+    FileNotFoundError for a missing file and ValueError, naming the file and what was expected, for anything
+    else: a directory, a file ``torch.load`` cannot read with ``weights_only=True`` (text, truncated, corrupt, a
+    pickled model object, a pickle that would run code), or content that is not a state dict (names -> tensors).
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -105,9 +116,16 @@ def load_checkpoint(path) -> "OrderedDict[str, torch.Tensor]":
         raise ValueError(f"load_checkpoint: '{path}' is a directory, not a checkpoint file")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError) as e:
-        raise ValueError(f"load_checkpoint: cannot read '{path}' as a weights-only PyTorch checkpoint (a state "
-                         f"dict of tensors saved with torch.save): {type(e).__name__}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - torch.load raises many types on foreign files (KeyError, struct.error, ...)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"load_checkpoint: cannot read '{path}' as a weights-only PyTorch checkpoint (a state "
+                         f"dict of tensors saved with torch.save): {type(e).__name__}: {first[:200]}") from None
+    return as_state_dict(obj, path)
+
+
+def as_state_dict(obj, source) -> "OrderedDict[str, torch.Tensor]":
+    """``obj`` (what ``torch.load`` returned for ``source``) as a state dict: unwrapped from ``{"state_dict": ...}``
+    or ``{"model": ...}``, without a ``module.`` prefix on every key. ValueError naming ``source`` otherwise."""
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
             obj = obj[wrapper]
@@ -115,16 +133,31 @@ def load_checkpoint(path) -> "OrderedDict[str, torch.Tensor]":
     try:
         _check_state_dict(obj, "load_checkpoint")
     except ValueError as e:
-        what = (f"top-level keys {_key_list(map(repr, obj), 6)}" if isinstance(obj, Mapping)
+        what = (f"top-level keys {key_list(map(repr, obj), 6)}" if isinstance(obj, Mapping)
                 else f"a {type(obj).__name__}")
-        raise ValueError(f"load_checkpoint: '{path}' holds {what}, not a state dict (or one under 'state_dict' / "
-                         f"'model'): {e}") from e
+        raise CheckpointError(f"load_checkpoint: '{source}' holds {what}, not a state dict (or one under 'state_dict' / "
+                         f"'model'): {e}") from None
     if not obj:
-        raise ValueError(f"load_checkpoint: '{path}' holds an empty state dict")
+        raise CheckpointError(f"load_checkpoint: '{source}' holds an empty state dict")
     sd = OrderedDict(obj)
     if all(k.startswith("module.") for k in sd):
         sd = OrderedDict((k[len("module."):], v) for k, v in sd.items())
     return sd
+
+
+def vgg16_to_deeplab_v1(state_dict: Mapping) -> "OrderedDict[str, torch.Tensor]":
+    """torchvision's ``vgg16`` state dict -> DeepLab v1's ``features.*`` entries (the classifier is dropped)."""
+    _check_state_dict(state_dict, "vgg16_to_deeplab_v1")
+    out = OrderedDict((k, v) for k, v in state_dict.items() if k.startswith("features."))
+    if not out:
+        raise ValueError("vgg16_to_deeplab_v1: no 'features.*' entries: not a torchvision vgg16 state dict")
+    return out
+
+
+def resnet_to_deeplab_backbone(state_dict: Mapping) -> "OrderedDict[str, torch.Tensor]":
+    """torchvision's ``resnet50/101`` state dict -> the DeepLab models' ``backbone.*`` entries (``fc`` dropped)."""
+    _check_state_dict(state_dict, "resnet_to_deeplab_backbone")
+    return OrderedDict((f"backbone.{k}", v) for k, v in state_dict.items() if not k.startswith("fc."))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -263,27 +296,37 @@ def convert_kazuto_deeplabv2(state_dict: Mapping) -> "OrderedDict[str, torch.Ten
     Raises ValueError on keys it does not recognise.
     """
     _check_state_dict(state_dict, "convert_kazuto_deeplabv2")
+
+    def block(m):
+        layer, blk, unit, part, param = m.groups()
+        conv, bn = _UNIT[unit]
+        return f"backbone.layer{int(layer) - 1}.{int(blk) - 1}.{conv if part == 'conv' else bn}.{param}"
+
+    return _rename(state_dict, [
+        (_KAZUTO_STEM, lambda m: f"backbone.{'conv1' if m.group(1) == 'conv' else 'bn1'}.{m.group(2)}"),
+        (_KAZUTO_BLOCK, block),
+        (_KAZUTO_ASPP, lambda m: f"aspp.c{m.group(1)}.{m.group(2)}"),
+    ], "convert_kazuto_deeplabv2", "kazuto1011 DeepLabV2 names")
+
+
+def _rename(state_dict: Mapping, rules, owner: str, names: str, prefix: str = "") -> "OrderedDict[str, torch.Tensor]":
+    """Each key renamed by the first (regex, match -> new key) rule that matches it, under ``prefix``; ValueError
+    for keys no rule matches and for two keys with one new name. Tensors are shared, not copied."""
     out = OrderedDict()
     unknown = []
     for key, value in state_dict.items():
-        m = _KAZUTO_STEM.match(key)
-        if m:
-            new = f"backbone.{'conv1' if m.group(1) == 'conv' else 'bn1'}.{m.group(2)}"
-        elif (m := _KAZUTO_BLOCK.match(key)):
-            layer, block, unit, part, param = m.groups()
-            conv, bn = _UNIT[unit]
-            new = f"backbone.layer{int(layer) - 1}.{int(block) - 1}.{conv if part == 'conv' else bn}.{param}"
-        elif (m := _KAZUTO_ASPP.match(key)):
-            new = f"aspp.c{m.group(1)}.{m.group(2)}"
+        for pattern, new_key in rules:
+            m = pattern.match(key)
+            if m:
+                new = prefix + new_key(m)
+                if new in out:
+                    raise ValueError(f"{owner}: two keys map to '{new}' (the second: '{key}')")
+                out[new] = value
+                break
         else:
             unknown.append(key)
-            continue
-        if new in out:
-            raise ValueError(f"convert_kazuto_deeplabv2: two keys map to '{new}' (the second: '{key}')")
-        out[new] = value
     if unknown:
-        raise ValueError(f"convert_kazuto_deeplabv2: {len(unknown)} keys are not kazuto1011 DeepLabV2 names: "
-                         f"{_key_list(unknown)}")
+        raise ValueError(f"{owner}: {len(unknown)} keys are not {names}: {key_list(unknown)}")
     return out
 
 
@@ -294,24 +337,15 @@ def to_kazuto_deeplabv2(state_dict: Mapping, prefix: str = "base.") -> "OrderedD
     inverse = {"conv1": ("reduce", "conv"), "bn1": ("reduce", "bn"), "conv2": ("conv3x3", "conv"),
                "bn2": ("conv3x3", "bn"), "conv3": ("increase", "conv"), "bn3": ("increase", "bn"),
                "downsample.0": ("shortcut", "conv"), "downsample.1": ("shortcut", "bn")}
-    stem = re.compile(r"^backbone\.(conv1|bn1)\.(\w+)$")
-    block = re.compile(r"^backbone\.layer([1-4])\.(\d+)\.(conv[123]|bn[123]|downsample\.[01])\.(\w+)$")
-    aspp = re.compile(r"^aspp\.c(\d+)\.(weight|bias)$")
-    out = OrderedDict()
-    unknown = []
-    for key, value in state_dict.items():
-        if (m := stem.match(key)):
-            new = f"layer1.conv1.{'conv' if m.group(1) == 'conv1' else 'bn'}.{m.group(2)}"
-        elif (m := block.match(key)):
-            layer, idx, mod, param = m.groups()
-            unit, part = inverse[mod]
-            new = f"layer{int(layer) + 1}.block{int(idx) + 1}.{unit}.{part}.{param}"
-        elif (m := aspp.match(key)):
-            new = f"aspp.c{m.group(1)}.{m.group(2)}"
-        else:
-            unknown.append(key)
-            continue
-        out[prefix + new] = value
-    if unknown:
-        raise ValueError(f"to_kazuto_deeplabv2: {len(unknown)} keys are not DeepLabV2 names: {_key_list(unknown)}")
-    return out
+
+    def block(m):
+        layer, idx, mod, param = m.groups()
+        unit, part = inverse[mod]
+        return f"layer{int(layer) + 1}.block{int(idx) + 1}.{unit}.{part}.{param}"
+
+    return _rename(state_dict, [
+        (re.compile(r"^backbone\.(conv1|bn1)\.(\w+)$"),
+         lambda m: f"layer1.conv1.{'conv' if m.group(1) == 'conv1' else 'bn'}.{m.group(2)}"),
+        (re.compile(r"^backbone\.layer([1-4])\.(\d+)\.(conv[123]|bn[123]|downsample\.[01])\.(\w+)$"), block),
+        (re.compile(r"^aspp\.c(\d+)\.(weight|bias)$"), lambda m: f"aspp.c{m.group(1)}.{m.group(2)}"),
+    ], "to_kazuto_deeplabv2", "DeepLabV2 names", prefix)

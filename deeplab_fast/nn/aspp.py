@@ -23,6 +23,7 @@ from torch import nn
 
 from ..ops import aspp as _aspp_ops
 from ..ops.atrous_conv import atrous_conv2d
+from .._validation import positive_int
 from .atrous import _bn_scale_shift
 
 __all__ = ["ASPP", "ASPPv2", "ASPP_L", "ASPP_S"]
@@ -32,16 +33,10 @@ ASPP_L = (6, 12, 18, 24)  # DeepLab v2, large field of view
 ASPP_S = (2, 4, 8, 12)    # DeepLab v2, small field of view
 
 
-def _positive_int(v, name: str, owner: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0:
-        raise ValueError(f"{owner}: {name} must be a positive int, got {v!r}")
-    return int(v)
-
-
 def _rates(rates, count: Optional[int], owner: str) -> tuple:
     if isinstance(rates, (str, bytes)) or not isinstance(rates, Sequence):
         raise ValueError(f"{owner}: atrous_rates must be a sequence of positive ints, got {rates!r}")
-    rates = tuple(_positive_int(r, "each atrous rate", owner) for r in rates)
+    rates = tuple(positive_int(r, "each atrous rate", owner) for r in rates)
     if count is not None and len(rates) != count:
         raise ValueError(f"{owner}: atrous_rates must be {count} positive ints, got {len(rates)}: {rates}")
     if not rates:
@@ -143,8 +138,8 @@ class ASPP(nn.Module):
     def __init__(self, in_channels: int, atrous_rates: Sequence[int] = (12, 24, 36), out_channels: int = 256,
                  dropout: float = 0.5, separable: bool = False):
         super().__init__()
-        self.in_channels = _positive_int(in_channels, "in_channels", "ASPP")
-        self.out_channels = _positive_int(out_channels, "out_channels", "ASPP")
+        self.in_channels = positive_int(in_channels, "in_channels", "ASPP")
+        self.out_channels = positive_int(out_channels, "out_channels", "ASPP")
         self.atrous_rates = _rates(atrous_rates, 3, "ASPP")
         if not isinstance(dropout, numbers.Real) or not 0.0 <= dropout <= 1.0:
             raise ValueError(f"ASPP: dropout must be a probability in [0, 1], got {dropout!r}")
@@ -304,8 +299,8 @@ class ASPPv2(nn.Module):
 
     def __init__(self, in_channels: int, num_classes: int, atrous_rates: Sequence[int] = ASPP_L):
         super().__init__()
-        self.in_channels = _positive_int(in_channels, "in_channels", "ASPPv2")
-        self.num_classes = _positive_int(num_classes, "num_classes", "ASPPv2")
+        self.in_channels = positive_int(in_channels, "in_channels", "ASPPv2")
+        self.num_classes = positive_int(num_classes, "num_classes", "ASPPv2")
         self.atrous_rates = _rates(atrous_rates, None, "ASPPv2")
         for i, rate in enumerate(self.atrous_rates):
             conv = nn.Conv2d(in_channels, num_classes, 3, padding=rate, dilation=rate, bias=True)

@@ -1,4 +1,5 @@
-"""Training and evaluation as in the DeepLab papers: losses, the poly learning rate, parameter groups, metrics.
+"""Training and evaluation as in the DeepLab papers: losses, the poly learning rate, parameter groups, metrics, the
+training configuration, the paper recipes and the loops.
 
 - ``losses``: ``downsampled_cross_entropy`` (DeepLab v1 / v2: the label map nearest-downsampled to the score
   map), ``upsampled_cross_entropy`` (v3 / torchvision: the scores bilinearly upsampled to the labels),
@@ -7,21 +8,25 @@
   classifier, no weight decay on biases).
 - ``metrics``: ``ConfusionMatrix`` (exact int64 counts; mean IoU, pixel and mean class accuracy;
   ``all_reduce`` across processes).
+- ``config``: ``TrainConfig``, a run's settings; ``recipes``: ``RECIPES``, the papers' recipes as data.
+- ``engine``: ``train(config)``, ``train_one_epoch``, ``evaluate``, ``build_training``, the checkpoint functions
+  and ``init_weights``.
 """
+from .config import TrainConfig
+from .engine import (CHECKPOINT_KEYS, TrainState, build_training, compute_loss, default_mode, evaluate, init_weights,
+                     load_training_checkpoint, model_family, read_training_checkpoint, resolve_mode, save_checkpoint,
+                     train, train_one_epoch)
 from .losses import downsampled_cross_entropy, msc_loss, upsampled_cross_entropy
 from .lr import HEAD_ATTRIBUTES, param_groups, poly_lr
 from .metrics import ConfusionMatrix
-
-# --- training engine (deeplab_fast/train/engine.py): its imports go here, e.g. `from .engine import ...`,
-# --- and its names into __all__ below.
+from .recipes import RECIPES, Recipe, recipe_for_family, recipes_table
 
 __all__ = [
     "downsampled_cross_entropy", "upsampled_cross_entropy", "msc_loss",
     "poly_lr", "param_groups", "HEAD_ATTRIBUTES",
     "ConfusionMatrix",
+    "TrainConfig", "RECIPES", "Recipe", "recipe_for_family", "recipes_table",
+    "train", "train_one_epoch", "evaluate", "build_training", "TrainState", "compute_loss", "save_checkpoint",
+    "load_training_checkpoint", "read_training_checkpoint", "CHECKPOINT_KEYS", "init_weights", "resolve_mode",
+    "default_mode", "model_family",
 ]
-
-# Training engine (deeplab_fast/train/engine.py): the loops of ``deeplab-fast train`` / ``deeplab-fast eval``.
-from .engine import default_mode, evaluate, init_weights, model_family, train  # noqa: E402
-
-__all__ += ["train", "evaluate", "init_weights", "default_mode", "model_family"]

@@ -1,16 +1,20 @@
-"""The training and evaluation loops of the DeepLab models (``deeplab-fast train`` / ``deeplab-fast eval``).
+"""The training and evaluation loops of the DeepLab models (``deeplab-fast train`` / ``deeplab-fast eval``), as small
+functions in the manner of torchvision's ``references/segmentation/train.py``.
 
-``train(...)`` runs SGD (momentum, weight decay, the head at 10x the base learning rate through
-:func:`deeplab_fast.train.param_groups`) with the poly schedule (:func:`deeplab_fast.train.poly_lr`, a
-``torch.optim.lr_scheduler.PolynomialLR`` stepped every iteration) on ``VOCSegmentation(data_root, "train")``
-with :class:`~deeplab_fast.data.transforms.TrainTransform` crops. The loss follows the model family:
+``train(config)`` runs a :class:`~deeplab_fast.train.TrainConfig`: :func:`build_training` (the model, ``init``
+weights, SGD with the head at 10x the base learning rate through :func:`deeplab_fast.train.param_groups`, the poly
+schedule :func:`deeplab_fast.train.poly_lr` stepped every iteration, resuming from a checkpoint), then
+:func:`train_one_epoch` per pass over ``VOCSegmentation(data_root, "train")`` with
+:class:`~deeplab_fast.data.transforms.TrainTransform` crops, with checkpoints (:func:`save_checkpoint`) and
+validation (:func:`evaluate`) between steps. The loss follows the model's family (its registration,
+``deeplab_fast.models.model_entry(name).family``):
 
-* v1 (``deeplab_v1_*``) and v2 (``deeplab_v2_*``): cross-entropy on the 1/8-resolution scores
-  (``forward_logits``) against labels downsampled to that grid (``downsampled_cross_entropy``, the Caffe
-  recipe); v2 with ``msc=True``: ``msc_loss`` over the per-scale and max-fused scores (kazuto1011's recipe).
-  v2 trains with frozen BatchNorm statistics (``DeepLabV2.freeze_bn``), as the paper and kazuto1011.
-* v3 (``deeplab_v3_*``): cross-entropy on the logits upsampled to the crop (``upsampled_cross_entropy``), plus
-  0.4 x the auxiliary head's loss with ``aux_loss=True`` (torchvision's reference recipe).
+* v1 and v2: cross-entropy on the 1/8-resolution scores (``forward_logits``) against labels downsampled to that
+  grid (``downsampled_cross_entropy``, the Caffe recipe); v2 with ``msc=True``: ``msc_loss`` over the per-scale
+  and max-fused scores (kazuto1011's recipe). v2 trains with frozen BatchNorm statistics
+  (``DeepLabV2.freeze_bn``), as the paper and kazuto1011.
+* v3: cross-entropy on the logits upsampled to the crop (``upsampled_cross_entropy``), plus 0.4 x the auxiliary
+  head's loss with ``aux_loss=True`` (torchvision's reference recipe).
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is initialised (NCCL on CUDA, gloo on the CPU), the
 model is wrapped in ``DistributedDataParallel`` and the data split by ``DistributedSampler``; ``batch_size``
@@ -21,7 +25,8 @@ Checkpoint ``out_dir/last.pth``: a dict ``{"model", "optimizer", "scheduler", "s
 "rng"}`` (``model`` is the plain model's state dict, so ``models.load_checkpoint`` and ``deeplab-fast
 segment/eval --weights`` read it), written atomically every ``ckpt_every`` steps and at the end.
 ``resume=path`` restores all of it and continues from the saved step (up to ``steps``; a larger ``steps`` than
-the checkpoint's extends the poly schedule, recomputed in closed form at the saved step).
+the checkpoint's extends the poly schedule, recomputed in closed form at the saved step) with the same data
+order, augmentation and dropout draws as an uninterrupted run.
 Log ``out_dir/log.jsonl``: one JSON object per ``log_every`` steps: ``step``, ``loss`` (averaged over the
 processes), ``lr`` (base group), ``time`` (seconds since the start of this run), and ``val`` lines from
 ``val_every``.
@@ -36,28 +41,53 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["train", "evaluate", "default_mode", "model_family"]
+from .config import TrainConfig
+
+__all__ = ["train", "train_one_epoch", "evaluate", "build_training", "TrainState", "compute_loss",
+           "save_checkpoint", "load_training_checkpoint", "read_training_checkpoint", "init_weights",
+           "resolve_mode", "default_mode", "model_family", "CHECKPOINT_KEYS"]
+
+# What a training checkpoint holds ("scaler" and "rng" may be empty).
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "step", "args", "rng")
 
 
 def model_family(model_name: str) -> str:
-    """"v1", "v2" or "v3" from a model name (``deeplab_v1_largefov`` ...); ValueError otherwise."""
-    for fam in ("v1", "v2", "v3"):
-        if model_name.startswith(f"deeplab_{fam}"):
-            return fam
-    raise ValueError(f"unknown model family for {model_name!r} (expected deeplab_v1_*, deeplab_v2_* or deeplab_v3_*)")
+    """"v1", "v2" or "v3": the family a registered model belongs to (its registration says); ValueError for an
+    unknown name."""
+    from ..models import model_entry
+
+    return model_entry(model_name).family
 
 
 def default_mode(model_name: str) -> str:
-    """The input normalisation a model family's released weights expect: "caffe" (BGR, 0-255, mean subtracted)
-    for v1/v2, "torchvision" (RGB in [0, 1], ImageNet mean/std) for v3."""
-    return "torchvision" if model_family(model_name) == "v3" else "caffe"
+    """The input normalisation a registered model's weights expect when they do not say: "caffe" (BGR, 0-255,
+    mean subtracted) for v1/v2, "torchvision" (RGB in [0, 1], ImageNet mean/std) for v3."""
+    from ..models import model_entry
+
+    return model_entry(model_name).default_mode
+
+
+def resolve_mode(model_name: str, mode: Optional[str] = None, init=None) -> str:
+    """``mode`` if given; else the normalisation of the ``init`` weights (registered weights, or a file named as
+    one, say theirs); else the model's default."""
+    if mode is not None:
+        return mode
+    if init is not None and not isinstance(init, dict):
+        from ..models import resolve_weights
+
+        try:
+            return resolve_weights(model_name, init).meta["normalization"]["mode"]
+        except (ValueError, OSError, KeyError, TypeError):
+            pass
+    return default_mode(model_name)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -100,29 +130,34 @@ def _resolve_device(device, local_rank: int = 0) -> torch.device:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# training
+# the model in training
 
 
 class _TrainForward(nn.Module):
     """What the loss needs from the model, as ``forward`` (so that DistributedDataParallel sees it):
-    v1/v2 the 1/8 scores (``forward_logits``), v2 MSC the per-scale list (``msc_logits``), v3 ``forward``."""
+    v1/v2 the 1/8 scores (``forward_logits``), v2 MSC the per-scale list (``msc_logits``), v3 ``forward``; then
+    the extra head, if any, as ``head(output, image)``."""
 
-    def __init__(self, model: nn.Module, family: str):
+    def __init__(self, model: nn.Module, family: str, extra_head: Optional[nn.Module] = None):
         super().__init__()
         self.model = model
         self.family = family
+        self.extra_head = extra_head
 
     def forward(self, x):
         m = self.model
         if self.family == "v3":
-            return m(x)
-        if self.family == "v2" and getattr(m, "msc", False) is True:
-            return m.msc_logits(x)
-        return m.forward_logits(x)
+            out = m(x)
+        elif self.family == "v2" and getattr(m, "msc", False) is True:
+            out = m.msc_logits(x)
+        else:
+            out = m.forward_logits(x)
+        return out if self.extra_head is None else self.extra_head(out, x)
 
 
-def _loss(family: str, out, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    from . import downsampled_cross_entropy, msc_loss, upsampled_cross_entropy
+def compute_loss(family: str, out, target: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """The training loss of a model family on its training output (see the module docstring)."""
+    from .losses import downsampled_cross_entropy, msc_loss, upsampled_cross_entropy
 
     if family == "v3":
         if isinstance(out, dict):
@@ -142,27 +177,27 @@ def _set_train_mode(model: nn.Module, family: str) -> None:
         model.freeze_bn()
 
 
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.part")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def init_weights(model: nn.Module, init, model_name: Optional[str] = None) -> tuple:
+    """Loads pretrained weights into ``model`` before training, as the paper recipes start: every tensor whose
+    name and shape match the model's is copied, the rest (e.g. a classifier for other classes) keeps its
+    initialisation.
 
-
-def init_weights(model: nn.Module, init) -> tuple:
-    """Loads pretrained weights into ``model`` before training, as the paper recipes start: every tensor of the
-    checkpoint whose name and shape match the model's is copied, the rest (e.g. a classifier for other classes)
-    keeps its initialisation. Understood layouts: this library's models, torchvision's DeepLabV3, kazuto1011's
-    DeepLab-v2 checkpoints (converted), torchvision's ``vgg16`` (into v1's ``features``) and ``resnet50/101``
-    (into ``backbone``). Returns (tensors loaded, tensors in the model); raises ValueError when nothing matches.
+    ``init``: a registered weights name of the model (``get_model_weights(model_name)``: e.g.
+    ``"IMAGENET1K_BACKBONE"``, ``"COCO_WITH_VOC_LABELS_V1"``), a ``WeightsEnum`` member, a path or URL (a file
+    named as a registered weights file gets that entry's key map, e.g. ``vgg16-397923af.pth`` into v1's
+    ``features``), or a state dict in the model's key names. ``model_name`` defaults to ``model.arch``.
+    Returns (tensors loaded, tensors in the model); ValueError when nothing matches.
     """
     from .. import models
 
-    state = models.load_checkpoint(init) if isinstance(init, (str, Path)) else dict(init)
-    if models.is_kazuto_deeplabv2(state):
-        state = models.convert_kazuto_deeplabv2(state)
+    if isinstance(init, (str, os.PathLike, models.WeightsEnum, models.Weights)):
+        name = model_name or getattr(model, "arch", None)
+        if name is None:
+            raise ValueError("init_weights: give model_name (the model has no 'arch')")
+        state = models.load_weights_state_dict(models.resolve_weights(name, init))
+    else:
+        state = dict(init)
     own = model.state_dict()
-    if not any(k in own for k in state):  # an ImageNet backbone: torchvision's resnet under "backbone."
-        state = {f"backbone.{k}": v for k, v in state.items()}
     matched = {k: v for k, v in state.items() if k in own and tuple(own[k].shape) == tuple(v.shape)}
     if not matched:
         raise ValueError("init: no tensor of the checkpoint matches the model by name and shape")
@@ -170,175 +205,285 @@ def init_weights(model: nn.Module, init) -> tuple:
     return len(matched), len(own)
 
 
-def train(model_name: str, data_root, out_dir, *, num_classes: int, steps: int, batch_size: int, lr: float,
-          crop_size: int, mode: Optional[str] = None, momentum: float = 0.9, weight_decay: float = 5e-4,
-          power: float = 0.9, amp: bool = False, device="auto", resume=None, log_every: int = 10,
-          model_kwargs: Optional[dict] = None, seed: int = 0, val_every: int = 0, workers: int = 0,
-          progress: bool = True, ckpt_every: int = 1000, shuffle: bool = True,
-          scale_range: Sequence[float] = (0.5, 1.5), flip: bool = True, augmented: bool = False,
-          ignore_index: int = 255, head_lr_mult: float = 10.0, stop_at: Optional[int] = None,
-          sync_bn: bool = False, init=None) -> dict:
-    """Trains ``model_name`` on ``VOCSegmentation(data_root, "train", augmented)``; see the module docstring.
+# ---------------------------------------------------------------------------------------------------------
+# checkpoints
 
-    Args (beyond the obvious): ``mode`` "caffe" or "torchvision" (None: :func:`default_mode`); ``batch_size``
-    per process; ``lr`` the base learning rate (the head gets ``head_lr_mult`` x); ``amp``: float16 autocast with
-    a GradScaler on CUDA, bfloat16 autocast on the CPU; ``model_kwargs`` passed to ``get_model`` (e.g.
-    ``{"width_divisor": 8}``, ``{"msc": True}``, ``{"output_stride": 16, "aux_loss": True}``); ``shuffle``,
-    ``scale_range``, ``flip``: data order and augmentation (``shuffle=False, scale_range=(1, 1), flip=False``
-    make a run deterministic); ``stop_at``: stop after that step (checkpoint written) as if interrupted, to be
-    continued with ``resume``; ``sync_bn``: SyncBatchNorm under DDP (v3); ``init``: pretrained weights (a path
-    or a state dict) loaded before training, see :func:`init_weights` (ignored when resuming).
+
+def save_checkpoint(path, state: "TrainState", args: dict) -> None:
+    """Writes the training checkpoint (``CHECKPOINT_KEYS``, plus ``"extra_head"`` when there is one) atomically."""
+    from ..io import save_checkpoint as atomic_save
+
+    ckpt = dict(model=state.model.state_dict(), optimizer=state.optimizer.state_dict(),
+                scheduler=state.scheduler.state_dict(), scaler=state.scaler.state_dict(), step=state.step,
+                args=args, rng=torch.get_rng_state())
+    if state.extra_head is not None:
+        ckpt["extra_head"] = state.extra_head.state_dict()
+    atomic_save(ckpt, path)
+
+
+def read_training_checkpoint(path) -> Optional[dict]:
+    """The ``deeplab-fast train`` checkpoint in ``path`` (a dict with a ``"model"`` state dict and ``"args"``),
+    or None when the file is readable but another kind of checkpoint. ValueError naming the file when
+    ``torch.load(weights_only=True)`` cannot read it; FileNotFoundError when it is missing."""
+    from ..models import load_checkpoint
+
+    path = os.fspath(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such file: '{path}'") from None
+    except Exception:  # noqa: BLE001 - load_checkpoint words the error
+        load_checkpoint(path)  # raises its ValueError (or FileNotFoundError / a directory's ValueError)
+        raise ValueError(f"cannot read '{path}'") from None  # not reached: load_checkpoint raised
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and isinstance(obj.get("args"), dict):
+        return obj
+    return None
+
+
+def load_training_checkpoint(path) -> dict:
+    """The ``deeplab-fast train`` checkpoint in ``path``, checked for every key ``resume`` needs; ValueError
+    naming the file and what was expected otherwise."""
+    from ..models import CheckpointError
+
+    ckpt = read_training_checkpoint(path)
+    expected = ", ".join(CHECKPOINT_KEYS[:-2])
+    if ckpt is None:
+        raise CheckpointError(f"'{os.fspath(path)}' is not a 'deeplab-fast train' checkpoint (expected a dict with "
+                         f"{expected}, as OUT/last.pth holds); a plain state dict can start a run with --init")
+    missing = [k for k in ("optimizer", "scheduler", "step") if k not in ckpt]
+    bad_step = "step" in ckpt and not (isinstance(ckpt["step"], int) and ckpt["step"] >= 0)
+    if missing or bad_step or not isinstance(ckpt.get("optimizer"), dict):
+        what = f"it lacks {', '.join(missing)}" if missing else "its step or optimizer entry is malformed"
+        raise CheckpointError(f"'{os.fspath(path)}' is not a complete 'deeplab-fast train' checkpoint ({what}; "
+                         f"expected {expected})")
+    return ckpt
+
+
+# ---------------------------------------------------------------------------------------------------------
+# training
+
+
+@dataclass
+class TrainState:
+    """What changes during a run: the model (and its DDP / training-forward wrapper ``net``), the optimizer,
+    scheduler and scaler, the step count, the last logged loss."""
+
+    model: nn.Module
+    net: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    family: str
+    device: torch.device
+    step: int = 0
+    extra_head: Optional[nn.Module] = None
+    last_loss: float = float("nan")
+
+
+def build_training(cfg: TrainConfig, rank: int = 0, world: int = 1, device: Optional[torch.device] = None,
+                   verbose: bool = True, checkpoint: Optional[dict] = None) -> TrainState:
+    """The model (seeded by ``cfg.seed``, ``init`` loaded), optimizer, scheduler and scaler of a run, restored
+    from ``cfg.resume`` (or the already loaded ``checkpoint``) when given, with the RNG state, so the run
+    continues as if uninterrupted."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from .. import models
+    from .lr import param_groups, poly_lr
+
+    dev = device if device is not None else _resolve_device(cfg.device)
+    family = model_family(cfg.model)
+    ckpt = checkpoint
+    if ckpt is None and cfg.resume is not None:
+        ckpt = load_training_checkpoint(cfg.resume)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every process (DDP also broadcasts rank 0's)
+    model = models.get_model(cfg.model, num_classes=cfg.num_classes, **cfg.model_kwargs)
+    if cfg.init is not None and ckpt is None:
+        loaded, total = init_weights(model, cfg.init, cfg.model)
+        if rank == 0 and verbose:
+            print(f"init: {loaded} of {total} tensors loaded from "
+                  f"{cfg.init if isinstance(cfg.init, (str, Path)) else 'the given weights'}", flush=True)
+    if cfg.sync_bn and world > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(dev)
+    groups = param_groups(model, cfg.lr, weight_decay=cfg.weight_decay, head_lr_mult=cfg.head_lr_mult)
+    extra_head = None
+    if cfg.extra_head is not None:
+        extra_head = cfg.extra_head(model).to(dev)
+        groups.append(dict(params=list(extra_head.parameters()), lr=cfg.extra_head_lr or cfg.lr,
+                           weight_decay=cfg.extra_head_weight_decay))
+    optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler("cuda", enabled=bool(cfg.amp) and dev.type == "cuda")
+
+    step = 0
+    if ckpt is not None:
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            if extra_head is not None and "extra_head" in ckpt:
+                extra_head.load_state_dict(ckpt["extra_head"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise ValueError(f"resume: '{os.fspath(cfg.resume)}' does not fit this run ({cfg.model} "
+                             f"{cfg.model_kwargs or ''}): {str(exc).splitlines()[0]}") from None
+        step = int(ckpt["step"])
+        saved_sched = ckpt.get("scheduler") or {}
+        if saved_sched.get("total_iters") == cfg.steps:
+            scheduler = poly_lr(optimizer, cfg.steps, power=cfg.power)
+            scheduler.load_state_dict(saved_sched)
+        else:  # another schedule length: the poly value at `step` of the new one, then recursive steps
+            scheduler = poly_lr(optimizer, cfg.steps, power=cfg.power, start_step=step)
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        if world == 1 and isinstance(ckpt.get("rng"), torch.Tensor):
+            torch.set_rng_state(ckpt["rng"])
+        else:
+            torch.manual_seed(cfg.seed + 1000 * rank + step)
+    else:
+        scheduler = poly_lr(optimizer, cfg.steps, power=cfg.power)
+        torch.manual_seed(cfg.seed + 1000 * rank)  # augmentation / dropout: different on each process
+
+    net = _TrainForward(model, family, extra_head)
+    if world > 1:
+        net = DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
+    return TrainState(model=model, net=net, optimizer=optimizer, scheduler=scheduler, scaler=scaler, family=family,
+                      device=dev, step=step, extra_head=extra_head)
+
+
+def train_one_epoch(state: TrainState, loader, cfg: TrainConfig, *, end: int,
+                    log: Optional[Callable[[dict], None]] = None, t0: Optional[float] = None, bar=None,
+                    after_step: Optional[Callable[[TrainState], None]] = None) -> None:
+    """One pass over ``loader`` (or up to step ``end``): forward (autocast with ``cfg.amp``), loss, backward,
+    optimizer and scheduler steps. Every ``cfg.log_every`` steps (and at ``end``) the loss, averaged over the
+    processes, goes to ``log`` as ``{"step", "loss", "lr", "time"}``; ``after_step(state)`` runs after each
+    step (checkpoints, validation). FloatingPointError when the loss is not finite."""
+    dev = state.device
+    autocast_dtype = torch.float16 if dev.type == "cuda" else torch.bfloat16
+    t0 = time.perf_counter() if t0 is None else t0
+    for image, target in loader:
+        image = image.to(dev, non_blocking=True)
+        target = target.to(dev, non_blocking=True)
+        with torch.autocast(device_type=dev.type, dtype=autocast_dtype, enabled=bool(cfg.amp)):
+            out = state.net(image)
+        loss = compute_loss(state.family, _to_float(out), target, cfg.ignore_index)
+        state.optimizer.zero_grad(set_to_none=True)
+        state.scaler.scale(loss).backward()
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+        lr_now = state.optimizer.param_groups[0]["lr"]
+        state.scheduler.step()
+        state.step += 1
+        if bar is not None:
+            bar.update(1)
+        if state.step % cfg.log_every == 0 or state.step == end:
+            value = loss.detach().float()
+            d = _dist()
+            if d is not None:
+                d.all_reduce(value)
+                value /= d.get_world_size()
+            state.last_loss = float(value)
+            if not math.isfinite(state.last_loss):
+                raise FloatingPointError(f"train: the loss is {state.last_loss} at step {state.step}; lower --lr")
+            if log is not None:
+                log(dict(step=state.step, loss=state.last_loss, lr=lr_now, time=round(time.perf_counter() - t0, 3)))
+            if bar is not None:
+                bar.set_postfix(loss=f"{state.last_loss:.4f}", lr=f"{lr_now:.2e}")
+        if after_step is not None:
+            after_step(state)
+        if state.step >= end:
+            return
+
+
+def _epoch_loader(dataset, sampler, cfg: TrainConfig, epoch: int, skip: int, rank: int, dev: torch.device):
+    """The DataLoader of one epoch, resuming mid-epoch after ``skip`` batches."""
+    from torch.utils.data import DataLoader
+
+    sampler.set_epoch(epoch)
+    indices = list(sampler)[skip * cfg.batch_size:]  # resume mid-epoch where the run stopped
+    # Its own generator: the loader's per-iterator seed draw (worker seeds) must not consume the global RNG, or a
+    # resumed run would draw different augmentations / dropout masks.
+    loader_gen = torch.Generator().manual_seed(cfg.seed + 7919 * epoch + 1000003 * rank)
+    return DataLoader(dataset, batch_size=cfg.batch_size, sampler=indices, num_workers=cfg.workers,
+                      drop_last=True, pin_memory=dev.type == "cuda", generator=loader_gen)
+
+
+def _config(config, data_root, out_dir, kwargs) -> TrainConfig:
+    if isinstance(config, TrainConfig):
+        if data_root is not None or out_dir is not None or kwargs:
+            return config.replace(**{k: v for k, v in dict(kwargs, data_root=data_root, out_dir=out_dir).items()
+                                     if v is not None})
+        return config
+    return TrainConfig(model=config, data_root=data_root, out_dir=out_dir, **kwargs)
+
+
+def train(config, data_root=None, out_dir=None, **kwargs) -> dict:
+    """Runs a training: ``train(TrainConfig(...))``, or ``train(model_name, data_root, out_dir, **fields)`` with
+    the :class:`TrainConfig` fields as keywords. See the module docstring.
 
     Returns ``{"step", "loss" (last logged), "checkpoint", "log", "world_size", "seconds"}`` plus ``"val"``
     (the last :func:`evaluate` result) when ``val_every`` > 0. Every process returns; only rank 0 writes.
     """
-    from torch.nn.parallel import DistributedDataParallel
-    from torch.utils.data import DataLoader, DistributedSampler
+    from torch.utils.data import DistributedSampler
     from tqdm import tqdm
 
-    from .. import models
     from ..data import VOCSegmentation
     from ..data.transforms import TrainTransform
-    from . import param_groups, poly_lr
 
-    family = model_family(model_name)
-    mode = mode or default_mode(model_name)
-    if steps < 1 or batch_size < 1:
-        raise ValueError(f"train: steps and batch_size must be >= 1, got {steps} and {batch_size}")
-    rank, world, local_rank, created_group = _init_distributed(str(device))
+    cfg = _config(config, data_root, out_dir, kwargs)
+    ckpt = load_training_checkpoint(cfg.resume) if cfg.resume is not None else None
+    if ckpt is not None:  # a resumed run keeps its normalisation
+        cfg = cfg.replace(mode=cfg.mode or ckpt["args"].get("mode") or resolve_mode(cfg.model))
+    else:
+        cfg = cfg.replace(mode=resolve_mode(cfg.model, cfg.mode, cfg.init))
+    rank, world, local_rank, created_group = _init_distributed(str(cfg.device))
     try:
-        dev = _resolve_device(device, local_rank)
-        out_dir = Path(out_dir)
-        ckpt_path, log_path = out_dir / "last.pth", out_dir / "log.jsonl"
-        model_kwargs = dict(model_kwargs or {})
-        args = dict(model=model_name, data_root=str(data_root), num_classes=num_classes, steps=steps,
-                    batch_size=batch_size, world_size=world, lr=lr, crop_size=crop_size, mode=mode,
-                    momentum=momentum, weight_decay=weight_decay, power=power, amp=bool(amp), seed=seed,
-                    model_kwargs=model_kwargs, shuffle=shuffle, scale_range=list(scale_range), flip=flip,
-                    augmented=augmented, head_lr_mult=head_lr_mult)
+        dev = _resolve_device(cfg.device, local_rank)
+        out = Path(cfg.out_dir)
+        ckpt_path, log_path = out / "last.pth", out / "log.jsonl"
+        args = cfg.checkpoint_args(world)
+        state = build_training(cfg, rank, world, dev, checkpoint=ckpt)
 
-        torch.manual_seed(seed)  # the same initial weights on every process (DDP also broadcasts rank 0's)
-        model = models.get_model(model_name, num_classes=num_classes, **model_kwargs)
-        if init is not None and resume is None:
-            loaded, total = init_weights(model, init)
-            if rank == 0:
-                print(f"init: {loaded} of {total} tensors loaded from "
-                      f"{init if isinstance(init, (str, Path)) else 'the given state dict'}", flush=True)
-        if sync_bn and world > 1:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model.to(dev)
-        optimizer = torch.optim.SGD(param_groups(model, lr, weight_decay=weight_decay, head_lr_mult=head_lr_mult),
-                                    lr=lr, momentum=momentum, weight_decay=weight_decay)
-        scheduler = poly_lr(optimizer, steps, power=power)
-        use_scaler = bool(amp) and dev.type == "cuda"
-        scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-        autocast_dtype = torch.float16 if dev.type == "cuda" else torch.bfloat16
-
-        step = 0
-        if resume is not None:
-            ckpt = torch.load(os.fspath(resume), map_location="cpu", weights_only=True)
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            step = int(ckpt["step"])
-            saved_sched = ckpt.get("scheduler") or {}
-            if saved_sched.get("total_iters") == steps:
-                scheduler.load_state_dict(saved_sched)
-            else:  # another schedule length: the poly value at `step` of the new one, then recursive steps
-                factor = max(0.0, 1.0 - min(step, steps) / steps) ** power
-                for g in optimizer.param_groups:
-                    g["lr"] = g["initial_lr"] * factor
-                scheduler.last_epoch = step
-                scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
-            if ckpt.get("scaler"):
-                scaler.load_state_dict(ckpt["scaler"])
-            if world == 1 and isinstance(ckpt.get("rng"), torch.Tensor):
-                torch.set_rng_state(ckpt["rng"])
-            else:
-                torch.manual_seed(seed + 1000 * rank + step)
-        else:
-            torch.manual_seed(seed + 1000 * rank)  # augmentation / dropout: different on each process
-
-        net = _TrainForward(model, family)
-        if world > 1:
-            net = DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
-
-        transform = TrainTransform(crop_size=crop_size, scale_range=tuple(scale_range), flip=flip, mode=mode,
-                                   ignore_index=ignore_index)
-        dataset = VOCSegmentation(data_root, split="train", augmented=augmented, transform=transform)
-        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed,
+        transform = TrainTransform(crop_size=cfg.crop_size, scale_range=cfg.scale_range, flip=cfg.flip,
+                                   mode=cfg.mode, ignore_index=cfg.ignore_index)
+        dataset = VOCSegmentation(cfg.data_root, split="train", augmented=cfg.augmented, transform=transform)
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=cfg.shuffle, seed=cfg.seed,
                                      drop_last=True)
-        steps_per_epoch = len(sampler) // batch_size
+        steps_per_epoch = len(sampler) // cfg.batch_size
         if steps_per_epoch < 1:
-            raise ValueError(f"train: {len(dataset)} training images are fewer than one batch of {batch_size} "
+            raise ValueError(f"train: {len(dataset)} training images are fewer than one batch of {cfg.batch_size} "
                              f"per process x {world} process(es)")
 
         is_main = rank == 0
         if is_main:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            log_file = open(log_path, "a" if resume is not None else "w", encoding="utf-8")
-        last_loss = float("nan")
+            out.mkdir(parents=True, exist_ok=True)
+            log_file = open(log_path, "a" if cfg.resume is not None else "w", encoding="utf-8")
         result_val = None
         t0 = time.perf_counter()
-        end = steps if stop_at is None else min(steps, max(stop_at, step))
-        bar = tqdm(total=steps, initial=step, unit="step", disable=not (progress and is_main), dynamic_ncols=True)
-
-        def save():
-            if is_main:
-                _atomic_save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
-                                  scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), step=step,
-                                  args=args, rng=torch.get_rng_state()), ckpt_path)
+        end = cfg.steps if cfg.stop_at is None else min(cfg.steps, max(cfg.stop_at, state.step))
+        bar = tqdm(total=cfg.steps, initial=state.step, unit="step", disable=not (cfg.progress and is_main),
+                   dynamic_ncols=True)
 
         def log(entry):
             if is_main:
                 log_file.write(json.dumps(entry) + "\n")
                 log_file.flush()
 
-        _set_train_mode(model, family)
+        def after_step(s: TrainState):
+            nonlocal result_val
+            if cfg.ckpt_every and s.step % cfg.ckpt_every == 0 and s.step != end and is_main:
+                save_checkpoint(ckpt_path, s, args)
+            if cfg.val_every and s.step % cfg.val_every == 0:
+                result_val = evaluate(s.model, cfg.data_root, split="val", num_classes=cfg.num_classes,
+                                      mode=cfg.mode, device=dev, progress=False, ignore_index=cfg.ignore_index)
+                log(dict(step=s.step, val=_brief(result_val)))
+                _set_train_mode(s.model, s.family)
+
+        _set_train_mode(state.model, state.family)
         try:
-            while step < end:
-                epoch, skip = divmod(step, steps_per_epoch)
-                sampler.set_epoch(epoch)
-                indices = list(sampler)[skip * batch_size:]  # resume mid-epoch where the run stopped
-                # Its own generator: the loader's per-iterator seed draw (worker seeds) must not consume the
-                # global RNG, or a resumed run would draw different augmentations / dropout masks.
-                loader_gen = torch.Generator().manual_seed(seed + 7919 * epoch + 1000003 * rank)
-                loader = DataLoader(dataset, batch_size=batch_size, sampler=indices, num_workers=workers,
-                                    drop_last=True, pin_memory=dev.type == "cuda", generator=loader_gen)
-                for image, target in loader:
-                    image = image.to(dev, non_blocking=True)
-                    target = target.to(dev, non_blocking=True)
-                    with torch.autocast(device_type=dev.type, dtype=autocast_dtype, enabled=bool(amp)):
-                        out = net(image)
-                    loss = _loss(family, _to_float(out), target, ignore_index)
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                    lr_now = optimizer.param_groups[0]["lr"]
-                    scheduler.step()
-                    step += 1
-                    bar.update(1)
-                    if step % log_every == 0 or step == end:
-                        value = loss.detach().float()
-                        d = _dist()
-                        if d is not None:
-                            d.all_reduce(value)
-                            value /= world
-                        last_loss = float(value)
-                        if not math.isfinite(last_loss):
-                            raise FloatingPointError(f"train: the loss is {last_loss} at step {step}; lower --lr")
-                        log(dict(step=step, loss=last_loss, lr=lr_now, time=round(time.perf_counter() - t0, 3)))
-                        bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr_now:.2e}")
-                    if ckpt_every and step % ckpt_every == 0 and step != end:
-                        save()
-                    if val_every and step % val_every == 0:
-                        result_val = evaluate(model, data_root, split="val", num_classes=num_classes, mode=mode,
-                                              device=dev, progress=False, ignore_index=ignore_index)
-                        log(dict(step=step, val=_brief(result_val)))
-                        _set_train_mode(model, family)
-                    if step >= end:
-                        break
-            save()
+            while state.step < end:
+                epoch, skip = divmod(state.step, steps_per_epoch)
+                loader = _epoch_loader(dataset, sampler, cfg, epoch, skip, rank, dev)
+                train_one_epoch(state, loader, cfg, end=end, log=log, t0=t0, bar=bar, after_step=after_step)
+            if is_main:
+                save_checkpoint(ckpt_path, state, args)
         finally:
             bar.close()
             if is_main:
@@ -346,8 +491,8 @@ def train(model_name: str, data_root, out_dir, *, num_classes: int, steps: int, 
         d = _dist()
         if d is not None:
             d.barrier()  # the checkpoint is complete before any process returns
-        result = dict(step=step, loss=last_loss, checkpoint=str(ckpt_path), log=str(log_path), world_size=world,
-                      seconds=time.perf_counter() - t0)
+        result = dict(step=state.step, loss=state.last_loss, checkpoint=str(ckpt_path), log=str(log_path),
+                      world_size=world, seconds=time.perf_counter() - t0)
         if result_val is not None:
             result["val"] = result_val
         return result
@@ -405,7 +550,7 @@ def evaluate(model: nn.Module, data_root, *, split: str = "val", num_classes: in
     from ..data import VOCSegmentation
     from ..data.transforms import EvalTransform
     from ..nn import DenseCRF
-    from . import ConfusionMatrix
+    from .metrics import ConfusionMatrix
 
     scales = tuple(float(s) for s in scales)
     if not scales or any(not s > 0 for s in scales):

@@ -23,17 +23,33 @@ __all__ = ["poly_lr", "param_groups", "HEAD_ATTRIBUTES"]
 HEAD_ATTRIBUTES = ("fc8", "aspp", "classifier", "aux_classifier", "msc")
 
 
-def poly_lr(optimizer: torch.optim.Optimizer, max_steps: int,
-            power: float = 0.9) -> torch.optim.lr_scheduler.PolynomialLR:
+def poly_lr(optimizer: torch.optim.Optimizer, max_steps: int, power: float = 0.9,
+            start_step: int = 0) -> torch.optim.lr_scheduler.PolynomialLR:
     """``torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=max_steps, power=power)``: after ``k`` calls
     of ``scheduler.step()`` each group's lr is ``base_lr * (1 - k / max_steps) ** power`` (0 from ``max_steps``
     on; each group keeps its own base lr, so the head's 10x stays 10x). Step it once per iteration, after
-    ``optimizer.step()``. ValueError for ``max_steps`` < 1 (not an int) or a negative ``power``."""
+    ``optimizer.step()``.
+
+    ``start_step`` > 0 starts the schedule there, as if it had been stepped ``start_step`` times (a resumed run
+    whose schedule length changed): each group's lr is set to the closed form at that step from its
+    ``initial_lr`` (its ``lr`` if it has none). ValueError for ``max_steps`` < 1 (not an int), a negative
+    ``power`` or ``start_step``."""
     if isinstance(max_steps, bool) or not isinstance(max_steps, numbers.Integral) or max_steps < 1:
         raise ValueError(f"poly_lr: max_steps must be an int >= 1, got {max_steps!r}")
     if isinstance(power, bool) or not isinstance(power, numbers.Real) or not power >= 0:
         raise ValueError(f"poly_lr: power must be a real number >= 0, got {power!r}")
-    return torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=int(max_steps), power=float(power))
+    if isinstance(start_step, bool) or not isinstance(start_step, numbers.Integral) or start_step < 0:
+        raise ValueError(f"poly_lr: start_step must be an int >= 0, got {start_step!r}")
+    if start_step == 0:
+        return torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=int(max_steps), power=float(power))
+    factor = max(0.0, 1.0 - min(start_step, max_steps) / max_steps) ** float(power)
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+        group["lr"] = group["initial_lr"] * factor
+    # Constructed at last_epoch = start_step - 1, the scheduler takes its initial step to start_step and keeps
+    # the groups' lrs; its later steps follow the recursive form from there.
+    return torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=int(max_steps), power=float(power),
+                                                 last_epoch=int(start_step) - 1)
 
 
 def _head_modules(model: nn.Module, head) -> List[nn.Module]:

@@ -126,14 +126,11 @@ class ConfusionMatrix:
         """Tensor[L] float64 (CPU): TP / (TP + FP + FN) per class; NaN where the union is 0 (the class is in
         neither the ground truth nor the predictions)."""
         _, tp, gt, pr = self._stats()
-        union = gt + pr - tp
-        return torch.where(union > 0, tp / union.clamp_min(1), torch.full_like(tp, math.nan))
+        return _ratio(tp, gt + pr - tp)
 
     def miou(self) -> float:
         """Mean IoU over the classes with union > 0 (NaN when nothing has been counted)."""
-        iou = self.per_class_iou()
-        present = ~torch.isnan(iou)
-        return float(iou[present].mean()) if present.any() else math.nan
+        return _nanmean(self.per_class_iou())
 
     def pixel_accuracy(self) -> float:
         """Correct / counted pixels (NaN when nothing has been counted)."""
@@ -144,13 +141,11 @@ class ConfusionMatrix:
     def per_class_accuracy(self) -> torch.Tensor:
         """Tensor[L] float64: TP / (TP + FN) per class (recall); NaN for classes absent from the ground truth."""
         _, tp, gt, _ = self._stats()
-        return torch.where(gt > 0, tp / gt.clamp_min(1), torch.full_like(tp, math.nan))
+        return _ratio(tp, gt)
 
     def mean_class_accuracy(self) -> float:
         """Mean of ``per_class_accuracy`` over the classes present in the ground truth (NaN when none)."""
-        acc = self.per_class_accuracy()
-        present = ~torch.isnan(acc)
-        return float(acc[present].mean()) if present.any() else math.nan
+        return _nanmean(self.per_class_accuracy())
 
     def summary(self) -> Dict:
         """``{"miou", "pixel_accuracy", "mean_class_accuracy": float, "per_class_iou": list of float (NaN for
@@ -162,3 +157,14 @@ class ConfusionMatrix:
     def __repr__(self) -> str:
         return (f"ConfusionMatrix(num_classes={self.num_classes}, ignore_index={self.ignore_index}, "
                 f"pixels={int(self._mat.sum())}, miou={self.miou():.4f})")
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """num / den per class, NaN where den is 0."""
+    return torch.where(den > 0, num / den.clamp_min(1), torch.full_like(num, math.nan))
+
+
+def _nanmean(values: torch.Tensor) -> float:
+    """The mean over the non-NaN entries (NaN when there are none)."""
+    present = ~torch.isnan(values)
+    return float(values[present].mean()) if present.any() else math.nan

@@ -1,0 +1,316 @@
+"""``deeplab-fast train`` and ``deeplab-fast eval``: training and evaluating the DeepLab models on PASCAL VOC.
+
+    deeplab-fast train (--model NAME | --recipe NAME) --data ROOT [--out DIR] [--steps N] [--batch-size N] [--lr LR]
+                       [--crop-size PX] [--mode caffe|torchvision] [--amp] [--init NAME|FILE|URL] [--resume FILE]
+    torchrun --nproc_per_node=G -m deeplab_fast train ...      the same on G GPUs (DistributedDataParallel)
+    deeplab-fast eval --weights NAME|FILE|URL --data ROOT [--model NAME] [--split val] [--crf PRESET]
+                      [--scales 0.5,0.75,1] [--flip] [--num-classes N]
+
+``train`` builds a :class:`deeplab_fast.train.TrainConfig` and runs :func:`deeplab_fast.train.train`. Defaults
+follow the model's family (its paper recipe, ``deeplab_fast.train.RECIPES``; the README's table is made from
+the same data); ``--recipe`` applies a whole recipe (model, model options, init weights, hyperparameters).
+``--mode`` defaults to the normalisation of the ``--init`` weights when they are registered, else to the
+model's (caffe for v1/v2, torchvision for v3). ``--batch-size`` is per process: under ``torchrun`` the effective
+batch is batch-size x processes. ``train`` writes ``OUT/last.pth`` and ``OUT/log.jsonl``; ``eval --weights``
+and ``segment --weights`` read the checkpoint, ``--resume`` continues it.
+
+Exit codes as the other commands: 0 success; 1 an unreadable or unusable checkpoint (``--weights``, ``--init``,
+``--resume``) or a failed download; 2 bad arguments or input (missing data root or file, ...); 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from ._common import (CLIError, crf_preset_parent, data_parent, device_parent, finite_float, library_errors,
+                      load_model, model_names, model_options_parent, nonnegative_int, positive_float, positive_int,
+                      resolve_device, scales, threads_parent)
+
+__all__ = ["add_parsers", "run_train", "run_eval"]
+
+
+def _model_kwargs(args, family: str) -> dict:
+    kwargs = {}
+    if args.model_kwargs:
+        try:
+            kwargs = json.loads(args.model_kwargs)
+        except json.JSONDecodeError as exc:
+            raise CLIError(f"--model-kwargs: not valid JSON ({exc})") from None
+        if not isinstance(kwargs, dict):
+            raise CLIError(f"--model-kwargs must be a JSON object, e.g. '{{\"msc\": true}}', got {args.model_kwargs!r}")
+        if "num_classes" in kwargs:
+            raise CLIError("--model-kwargs: give the number of classes with --num-classes")
+    if args.width_divisor is not None:
+        if family != "v1":
+            raise CLIError(f"--width-divisor is for the v1 models (deeplab_v1_*), not {args.model}")
+        kwargs["width_divisor"] = args.width_divisor
+    return kwargs
+
+
+def _check_data(root: str) -> None:
+    if not Path(root).exists():
+        raise CLIError(f"--data {root!r}: no such folder (expected a VOC2012 folder, or one holding "
+                       "VOCdevkit/VOC2012)")
+    if not Path(root).is_dir():
+        raise CLIError(f"--data {root!r} is a file, expected the VOC2012 folder")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# train
+
+
+def _check_model_options(name: str, num_classes: int, kwargs: dict) -> None:
+    """Bad model options are reported before any data or weights are read (built on the meta device: free)."""
+    import torch
+
+    from .. import models
+
+    try:
+        with torch.device("meta"):
+            models.get_model(name, num_classes=num_classes, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise CLIError(f"--model {name} with {kwargs}: {exc}") from None
+
+
+def run_train(args) -> int:
+    from .. import models
+    from ..train import RECIPES, TrainConfig, load_training_checkpoint, recipe_for_family, resolve_mode, train
+
+    recipe = RECIPES[args.recipe] if args.recipe else None
+    args.model = args.model or (recipe.model if recipe else None)
+    if args.model is None:
+        raise CLIError("give --model NAME or --recipe NAME (see --help)")
+    family = models.model_entry(args.model).family
+    if recipe is not None and recipe.family != family:
+        raise CLIError(f"--recipe {recipe.name} is for {recipe.model} ({recipe.family}), not --model {args.model}")
+    defaults = recipe or recipe_for_family(family)
+    _check_data(args.data)
+    if args.resume is not None:
+        if not Path(args.resume).is_file():
+            raise CLIError(f"--resume {args.resume!r}: no such file")
+        with library_errors(f"--resume {args.resume!r}: "):
+            load_training_checkpoint(args.resume)
+    kwargs = dict(recipe.model_kwargs if recipe else defaults.family_model_kwargs)
+    kwargs.update(_model_kwargs(args, family))
+    _check_model_options(args.model, args.num_classes, kwargs)
+    init = args.init or (recipe.init if recipe else None)
+    mode = args.mode
+    if init is not None and args.resume is None:  # read (or downloaded) now, so that a bad file is one clear line
+        mode = mode or resolve_mode(args.model, None, init)
+        with library_errors(f"--init {init!r}: "):
+            init = models.load_weights_state_dict(models.resolve_weights(args.model, init))
+    scale_range = (1.0, 1.0) if args.no_augment else (args.scale_min, args.scale_max)
+    if scale_range[0] > scale_range[1]:
+        raise CLIError(f"--scale-min {args.scale_min} is larger than --scale-max {args.scale_max}")
+    resolve_device(args.device)  # a clear error for cuda without a GPU
+    config = TrainConfig(
+        model=args.model, data_root=args.data, out_dir=args.out or os.path.join("runs", args.model),
+        num_classes=args.num_classes, steps=args.steps or defaults.steps,
+        batch_size=args.batch_size or defaults.batch_size, lr=args.lr or defaults.lr,
+        crop_size=args.crop_size or defaults.crop_size, mode=mode, momentum=args.momentum,
+        weight_decay=args.weight_decay, power=args.power, amp=args.amp,
+        device=args.device, resume=args.resume, init=init,
+        log_every=args.log_every, model_kwargs=kwargs, seed=args.seed, val_every=args.val_every,
+        workers=args.workers, progress=sys.stderr.isatty() and not args.no_progress, ckpt_every=args.ckpt_every,
+        shuffle=not args.no_shuffle, scale_range=scale_range, flip=not args.no_augment, augmented=args.augmented,
+        stop_at=args.stop_at)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    with library_errors():
+        result = train(config)
+    if rank0:
+        print(f"trained {args.model} to step {result['step']} on {result['world_size']} process(es) in "
+              f"{result['seconds']:.1f} s; last loss {result['loss']:.4f}")
+        if "val" in result:
+            v = result["val"]
+            print(f"val: mIoU {100 * v['miou']:.2f}, pixel accuracy {100 * v['pixel_accuracy']:.2f}")
+        print(f"checkpoint: {result['checkpoint']}\nlog: {result['log']}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# eval
+
+
+def _load_eval_model(args):
+    """(model name, model, the input normalisation, the training args or {}) for ``eval``."""
+    from .. import models
+    from ..train import read_training_checkpoint
+
+    saved = {}
+    if os.path.exists(args.weights):
+        with library_errors(f"--weights {args.weights!r}: "):
+            ckpt = read_training_checkpoint(args.weights)
+        saved = ckpt["args"] if ckpt is not None else {}
+    name = args.model or saved.get("model")
+    if name is None:
+        if not os.path.exists(args.weights) and "://" not in args.weights:
+            raise CLIError(f"--weights {args.weights!r}: no such file")
+        raise CLIError("--model is required (the weights are not a 'deeplab-fast train' checkpoint naming it)")
+    if name not in models.list_models():
+        raise CLIError(f"the checkpoint's model {name!r} is not a registered model ({', '.join(models.list_models())})")
+    family = models.model_entry(name).family
+    kwargs = dict(saved.get("model_kwargs") or {}) if saved.get("model") == name else {}
+    args.model = name
+    kwargs.update(_model_kwargs(args, family))
+    model, weights = load_model(name, args.weights, args.num_classes or saved.get("num_classes"), **kwargs)
+    mode = args.mode or saved.get("mode") or weights.meta["normalization"]["mode"]
+    return name, model, mode
+
+
+def _fmt(v: float) -> str:
+    return "   n/a" if v != v else f"{100 * v:6.2f}"
+
+
+def run_eval(args) -> int:
+    from ..data.voc import VOC_CLASSES
+    from ..train import evaluate
+
+    if args.weights is None:
+        raise CLIError("--weights is required: evaluation needs trained weights (a 'deeplab-fast train' "
+                       "checkpoint such as OUT/last.pth, or see 'deeplab-fast segment --help')")
+    _check_data(args.data)
+    device = resolve_device(args.device)
+    name, model, mode = _load_eval_model(args)
+    num_classes = model.num_classes
+    with library_errors():
+        result = evaluate(model, args.data, split=args.split, num_classes=num_classes, mode=mode, crf=args.crf,
+                          scales=args.scales, flip=args.flip, device=device,
+                          progress=sys.stderr.isatty() and not args.no_progress, workers=args.workers)
+    names = VOC_CLASSES if num_classes == len(VOC_CLASSES) else tuple(f"class {i}" for i in range(num_classes))
+    crf = result["crf"]
+    print(f"{name} on {args.data} [{args.split}], {result['num_images']} images, mode {mode}, scales "
+          f"{','.join(f'{s:g}' for s in args.scales)}{', flip' if args.flip else ''}")
+    header = f"{'':<16}{'no CRF':>8}" + (f"{'CRF (' + args.crf + ')':>24}" if crf else "")
+    print(header)
+    print(f"{'mIoU':<16}{_fmt(result['miou']):>8}" + (f"{_fmt(crf['miou']):>24}" if crf else ""))
+    print(f"{'pixel accuracy':<16}{_fmt(result['pixel_accuracy']):>8}"
+          + (f"{_fmt(crf['pixel_accuracy']):>24}" if crf else ""))
+    print("per-class IoU:")
+    for i, cls in enumerate(names):
+        print(f"  {cls:<14}{_fmt(result['per_class_iou'][i]):>8}"
+              + (f"{_fmt(crf['per_class_iou'][i]):>24}" if crf else ""))
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        record = dict(model=name, weights=args.weights, data=args.data, split=args.split, mode=mode,
+                      scales=list(args.scales), flip=args.flip, **result)
+        path.write_text(json.dumps(record, indent=1, allow_nan=True))
+        print(f"written: {path}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# parsers
+
+
+def _train_description() -> str:
+    from ..train import RECIPES
+
+    lines = ["Train a DeepLab model on PASCAL VOC 2012 (SGD, momentum 0.9, weight decay 5e-4, the classifier at "
+             "10x the", "base learning rate, poly schedule with power 0.9). Defaults per model family (the papers' "
+             "recipes):"]
+    for r in RECIPES.values():
+        lines.append(f"  {r.family} ({r.model.rsplit('_', 1)[0]}_*): --steps {r.steps} --batch-size {r.batch_size} "
+                     f"--lr {r.lr:g} --crop-size {r.crop_size}"
+                     + (f" --model-kwargs '{json.dumps(dict(r.family_model_kwargs))}'" if r.family_model_kwargs
+                        else ""))
+    lines.append("--recipe NAME applies a whole recipe (model, its options, --init weights, hyperparameters):")
+    for r in RECIPES.values():
+        lines.append(f"  {r.name}: {r.title}; --model {r.model}"
+                     + (f" --model-kwargs '{json.dumps(dict(r.model_kwargs))}'" if r.model_kwargs else "")
+                     + (f" --init {r.init}" if r.init else ""))
+    lines += [
+        "The loss: v1/v2 cross-entropy at 1/8 against downsampled labels (v2 --model-kwargs '{\"msc\": true}': the",
+        "MSC loss); v3 cross-entropy on the upsampled logits (+0.4 x aux with '{\"aux_loss\": true}').",
+        "--batch-size is per process; under 'torchrun --nproc_per_node=G -m deeplab_fast train ...' (DDP: NCCL on",
+        "CUDA, gloo on the CPU) the effective batch is G x batch-size. Writes OUT/last.pth and OUT/log.jsonl."]
+    return "\n".join(lines)
+
+
+_EVAL_DESCRIPTION = """\
+Evaluate a DeepLab model on a VOC split: mIoU, pixel accuracy and per-class IoU (the VOC devkit's measures),
+from the softmax probabilities averaged over --scales (and mirrored inputs with --flip), and with --crf also
+after the dense CRF on those probabilities. --weights: a 'deeplab-fast train' checkpoint (OUT/last.pth; its
+model, options and --mode are read from it) or any weights 'deeplab-fast segment' loads (a registered name, a
+file or a URL)."""
+
+
+def _init_help() -> str:
+    from .. import models
+
+    names = sorted({k for n in models.list_models() for k in models.get_model_weights(n).__members__})
+    return ("pretrained weights to start from: a registered weights name of the model (" + ", ".join(names)
+            + "), a file or a URL; tensors matching by name and shape are loaded")
+
+
+def add_parsers(sub) -> None:
+    """Adds the ``train`` and ``eval`` commands to the ``deeplab-fast`` parser."""
+    from ..train import RECIPES
+
+    names = model_names()
+    models_help = f"the architecture, one of {', '.join(names)}"
+    common = [threads_parent(), device_parent(), data_parent(), model_options_parent()]
+
+    tr = sub.add_parser("train", help="train a DeepLab model on PASCAL VOC (DDP under torchrun)",
+                        description=_train_description(), formatter_class=argparse.RawDescriptionHelpFormatter,
+                        parents=common)
+    tr.add_argument("--model", default=None, metavar="NAME", choices=names,
+                    help=models_help + " (default: the --recipe's)")
+    tr.add_argument("--recipe", default=None, choices=sorted(RECIPES),
+                    help="a paper recipe: model, options, --init and hyperparameters (the explicit options win)")
+    tr.add_argument("--out", metavar="DIR", default=None, help="output folder (default runs/MODEL)")
+    tr.add_argument("--num-classes", type=positive_int, default=21, metavar="N", help="classes (default 21)")
+    tr.add_argument("--steps", type=positive_int, default=None, metavar="N", help="iterations (default: recipe)")
+    tr.add_argument("--batch-size", type=positive_int, default=None, metavar="N",
+                    help="images per step and process (default: recipe)")
+    tr.add_argument("--lr", type=positive_float, default=None, metavar="LR", help="base learning rate (default: "
+                    "recipe; the classifier gets 10x)")
+    tr.add_argument("--crop-size", type=positive_int, default=None, metavar="PX", help="training crop side "
+                    "(default: 321 for v1/v2, 513 for v3)")
+    tr.add_argument("--mode", choices=("caffe", "torchvision"), default=None,
+                    help="input normalisation (default: the --init weights', else caffe for v1/v2, torchvision "
+                         "for v3)")
+    tr.add_argument("--augmented", action="store_true",
+                    help="train on train_aug (SegmentationClassAug, the SBD-augmented 10,582 images)")
+    tr.add_argument("--amp", action="store_true", help="mixed precision (float16 + GradScaler on CUDA, bfloat16 "
+                    "on the CPU)")
+    tr.add_argument("--resume", metavar="FILE", default=None, help="continue from a checkpoint (OUT/last.pth)")
+    tr.add_argument("--init", metavar="NAME|FILE|URL", default=None, help=_init_help())
+    tr.add_argument("--momentum", type=finite_float, default=0.9, metavar="M", help="(default 0.9)")
+    tr.add_argument("--weight-decay", type=finite_float, default=5e-4, metavar="W", help="(default 5e-4)")
+    tr.add_argument("--power", type=finite_float, default=0.9, metavar="P", help="poly power (default 0.9)")
+    tr.add_argument("--scale-min", type=positive_float, default=0.5, metavar="S", help="random scale (default 0.5)")
+    tr.add_argument("--scale-max", type=positive_float, default=1.5, metavar="S", help="(default 1.5)")
+    tr.add_argument("--no-augment", action="store_true", help="no random scaling or flipping (crops only)")
+    tr.add_argument("--no-shuffle", action="store_true", help="go through the images in list order")
+    tr.add_argument("--seed", type=nonnegative_int, default=0, metavar="N", help="(default 0)")
+    tr.add_argument("--log-every", type=positive_int, default=10, metavar="N", help="log every N steps (default 10)")
+    tr.add_argument("--ckpt-every", type=nonnegative_int, default=1000, metavar="N",
+                    help="write OUT/last.pth every N steps, and at the end (default 1000)")
+    tr.add_argument("--val-every", type=nonnegative_int, default=0, metavar="N",
+                    help="evaluate on val every N steps (default 0: never)")
+    tr.add_argument("--stop-at", type=positive_int, default=None, metavar="N",
+                    help="stop after step N (checkpoint written), to continue later with --resume")
+    tr.add_argument("--workers", type=nonnegative_int, default=4, metavar="N", help="data loader workers (default 4)")
+    tr.set_defaults(run=run_train)
+
+    ev = sub.add_parser("eval", help="mIoU of a DeepLab model on a VOC split, with and without the dense CRF",
+                        description=_EVAL_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+                        parents=common + [crf_preset_parent("also report the results after the dense CRF")])
+    ev.add_argument("--model", default=None, metavar="NAME", choices=names,
+                    help=models_help + " (default: the one a training checkpoint names)")
+    ev.add_argument("--weights", metavar="NAME|FILE|URL", default=None, help="the weights (required)")
+    ev.add_argument("--split", default="val", help="the image list (default val)")
+    ev.add_argument("--num-classes", type=positive_int, default=None, metavar="N",
+                    help="classes (default: read from the checkpoint)")
+    ev.add_argument("--scales", type=scales, default=(1.0,), metavar="S,S,...",
+                    help="input scales whose probabilities are averaged, e.g. 0.5,0.75,1.0 (default 1.0)")
+    ev.add_argument("--flip", action="store_true", help="also average the mirrored inputs")
+    ev.add_argument("--mode", choices=("caffe", "torchvision"), default=None,
+                    help="input normalisation (default: the training checkpoint's, else the weights')")
+    ev.add_argument("--workers", type=nonnegative_int, default=2, metavar="N", help="data loader workers")
+    ev.add_argument("--json", metavar="FILE", default=None, help="also write the metrics as JSON")
+    ev.set_defaults(run=run_eval)

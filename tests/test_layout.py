@@ -1,0 +1,122 @@
+"""The package's architecture, checked: no import cycle in deeplab_fast, nothing outside deeplab_fast/cli imports the
+command line (``python -m deeplab_fast``'s ``__main__`` aside), the test helpers live only in tests/helpers.py, and
+the README's recipe table is the one ``deeplab_fast.train.recipes_table()`` makes."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "deeplab_fast"
+
+
+def _modules() -> dict:
+    mods = {}
+    for path in PACKAGE.rglob("*.py"):
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        mods[name[: -len(".__init__")] if name.endswith(".__init__") else name] = path
+    return mods
+
+
+def _imports(path: Path, module: str, mods: dict, is_pkg: bool) -> set:
+    """The deeplab_fast modules ``path`` imports, anywhere in the file (function-level imports included)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = module.split(".") if is_pkg else module.split(".")[:-1]
+                parts = parts[: len(parts) - (node.level - 1)]
+                base = ".".join(parts + ([base] if base else []))
+            names = [base] + [f"{base}.{a.name}" for a in node.names]
+        for n in names:
+            while n and n not in mods:
+                n = n.rpartition(".")[0]
+            if n:
+                found.add(n)
+    return found
+
+
+def _graph() -> dict:
+    mods = _modules()
+    graph = {}
+    for m, p in mods.items():
+        deps = _imports(p, m, mods, p.name == "__init__.py")
+        # A package importing its own children, and a child reaching its parent package, are not cycles.
+        graph[m] = {d for d in deps if d != m and not d.startswith(m + ".") and not m.startswith(d + ".")}
+    return graph
+
+
+def test_no_import_cycle():
+    graph = _graph()
+    index, low, stack, on, cycles = {}, {}, [], set(), []
+
+    def strong(v, counter=[0]):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                strong(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                cycles.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            strong(v)
+    assert not cycles, f"import cycles: {cycles}"
+
+
+def test_nothing_outside_the_cli_imports_it():
+    graph = _graph()
+    offenders = sorted(m for m, deps in graph.items()
+                       if not (m == "deeplab_fast.cli" or m.startswith("deeplab_fast.cli."))
+                       and m != "deeplab_fast.__main__"
+                       and any(d == "deeplab_fast.cli" or d.startswith("deeplab_fast.cli.") for d in deps))
+    assert not offenders, f"library modules importing the CLI: {offenders}"
+    for path in (ROOT / "benchmarks").glob("*.py"):
+        assert "deeplab_fast.cli" not in path.read_text(), f"{path.name} imports the CLI"
+
+
+def test_test_helpers_live_in_helpers_py():
+    """Test files share code through tests/helpers.py only, never by importing each other."""
+    tests = ROOT / "tests"
+    names = {p.stem for p in tests.glob("test_*.py")}
+    for path in tests.glob("test_*.py"):
+        if path.name == "test_layout.py":
+            continue
+        text = path.read_text()
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.Import):
+                imported = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                imported = [node.module or ""]
+            else:
+                continue
+            assert not set(imported) & names, f"{path.name} imports another test file: {set(imported) & names}"
+        assert "spec_from_file_location" not in text, f"{path.name} loads a file as a module"
+
+
+def test_readme_recipe_table_is_generated_from_the_recipes():
+    from deeplab_fast.train import recipes_table
+
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("<!-- recipes table:")
+    start = readme.index("\n", start) + 1
+    end = readme.index("<!-- end of recipes table -->")
+    assert readme[start:end] == recipes_table(), "README's recipe table is stale: paste recipes_table()"
