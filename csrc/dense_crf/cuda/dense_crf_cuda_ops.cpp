@@ -1,13 +1,13 @@
-// Torch glue for the dense CRF on CUDA: the CUDA registrations of deeplab_fast::dense_crf, dense_crf_features and
-// dense_crf_pairwise_energy. Arguments are checked exactly as on the CPU (dense_crf_args.h); the kernels
-// (mean_field.cu, permutohedral.cu) see raw pointers, the current stream and an allocator backed by torch's
-// CUDA caching allocator. Compiled only in CUDA builds (setup.py, CMake WITH_CUDA).
+// Torch glue for the dense CRF on CUDA: the CUDA registrations of the deeplab_fast::dense_crf_* ops (the image-level
+// dense_crf is a composite of them, registered once in ../dense_crf_ops.cpp). Arguments are checked exactly as on
+// the CPU (dense_crf_args.h); the kernels (mean_field.cu, permutohedral.cu) see raw pointers, the current stream and
+// an allocator backed by torch's CUDA caching allocator. Compiled only in CUDA builds (setup.py, CMake WITH_CUDA).
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <tuple>
 #include <vector>
 
 #include "../dense_crf_args.h"
@@ -65,64 +65,110 @@ cuda::Problem make_problem(const at::Tensor& unary, const at::Tensor& q_init, in
   return p;
 }
 
-void check_labels(int64_t L) {
-  TORCH_CHECK(L <= cuda::kMaxLabels, "dense_crf: the CUDA kernels take at most ", cuda::kMaxLabels,
-              " labels, got L = ", L);
+// The call's inputs, checked as on the CPU, with the kernels' limits on top. A CUDA argument sends a call here
+// even when the unary is on the CPU: the device checks name it.
+struct Call {
+  at::Tensor unary, q_init;
+  TermInputs in;
+  int64_t B = 0, L = 0, N = 0;
+};
+
+Call check_call(const at::Tensor& unary_in, at::TensorList features, at::TensorList compat,
+                at::IntArrayRef normalization, int64_t iterations, const c10::optional<at::Tensor>& q_init_in) {
+  check_unary_shape(unary_in, 3, "[B, L, N]");
+  check_iterations(iterations);
+  Call c;
+  c.B = unary_in.size(0);
+  c.L = unary_in.size(1);
+  c.N = unary_in.size(2);
+  c.in = check_terms(unary_in, c.B, c.L, c.N, features, compat, normalization);
+  c.q_init = check_q_init(q_init_in, unary_in);
+  TORCH_CHECK(unary_in.is_cuda(), "dense_crf: unary is on ", unary_in.device(),
+              " but another argument is on a CUDA device");
+  TORCH_CHECK(c.L <= cuda::kMaxLabels, "dense_crf: the CUDA kernels take at most ", cuda::kMaxLabels,
+              " labels, got L = ", c.L);
+  c.unary = unary_in.contiguous();
+  return c;
 }
 
-// Runs a kernel entry point fn(problem, out) on the inputs' device and current stream: unary [B, L, N] (undefined for
-// the pairwise energy) and q [B, L, N] (q_init, or the marginals; may be undefined). Returns the [B, L, N] output.
-// Kernel errors become RuntimeErrors with the same text.
+// Runs fn(problem) on the unary's device and current stream; kernel errors become RuntimeErrors with their text.
 template <typename Fn>
-at::Tensor run_cuda(const at::Tensor& unary_in, const at::Tensor& q_in, const TermInputs& in, Fn fn) {
-  const at::Tensor& ref = unary_in.defined() ? unary_in : q_in;
-  c10::cuda::CUDAGuard device_guard(ref.device());
-  const int64_t B = ref.size(0), L = ref.size(1), N = ref.size(2);
-  check_labels(L);
-  const at::Tensor unary = unary_in.defined() ? unary_in.contiguous() : at::Tensor();
-  const at::Tensor q = q_in.defined() ? q_in.contiguous() : at::Tensor();
-  at::Tensor out = new_output(ref, {B, L, N});
-  TorchAllocator allocator(ref), scratch(ref);
+void run_cuda(const Call& c, Fn fn) {
+  TorchAllocator allocator(c.unary), scratch(c.unary);
   std::vector<at::Tensor> keep;
-  const cuda::Problem p = make_problem(unary, q, B, L, N, in, keep, &allocator, &scratch);
+  const cuda::Problem p = make_problem(c.unary, c.q_init, c.B, c.L, c.N, c.in, keep, &allocator, &scratch);
   try {
-    fn(p, out.data_ptr<float>());
+    fn(p);
   } catch (const cuda::Error& e) {
     TORCH_CHECK(false, e.what());
   }
-  return out;
 }
 
-// The compatibilities may live on any device, and a CUDA one sends the call here even when the data is on the
-// CPU: such calls go back through the dispatcher with CPU compatibilities.
-std::vector<at::Tensor> on_cpu(at::TensorList tensors) {
-  std::vector<at::Tensor> out;
-  for (const at::Tensor& t : tensors) out.push_back(t.cpu());
-  return out;
-}
-
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
-
-at::Tensor dense_crf_features_cuda(const at::Tensor& unary_in, at::TensorList features, at::TensorList compat,
-                                   at::IntArrayRef normalization, int64_t iterations,
-                                   const c10::optional<at::Tensor>& q_init_in) {
-  check_unary_shape(unary_in, 3, "[B, L, N]");
-  check_iterations(iterations);
-  const int64_t B = unary_in.size(0), L = unary_in.size(1), N = unary_in.size(2);
-  // Device checks first: they name the tensor that is on the wrong device.
-  const TermInputs in = check_terms(unary_in, B, L, N, features, compat, normalization);
-  const at::Tensor q_init = check_q_init(q_init_in, unary_in);
-  if (!unary_in.is_cuda()) {
-    return op<at::Tensor(const at::Tensor&, at::TensorList, at::TensorList, at::IntArrayRef, int64_t,
-                         const c10::optional<at::Tensor>&)>("deeplab_fast::dense_crf_features")
-        .call(unary_in, features, on_cpu(compat), normalization, iterations, q_init_in);
-  }
-  return run_cuda(unary_in, q_init, in, [&](const cuda::Problem& p, float* out) {
-    cuda::mean_field(p, iterations, out);
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& unary_in, at::TensorList features, at::TensorList compat,
+                                           at::IntArrayRef normalization, int64_t iterations,
+                                           const c10::optional<at::Tensor>& q_init_in, bool keep_history) {
+  const Call c = check_call(unary_in, features, compat, normalization, iterations, q_init_in);
+  c10::cuda::CUDAGuard device_guard(c.unary.device());
+  at::Tensor out = new_output(c.unary, {c.B, c.L, c.N});
+  at::Tensor history =
+      keep_history ? new_output(c.unary, {c.B, iterations, c.N, cuda::label_stride(c.L)}) : at::Tensor();
+  run_cuda(c, [&](const cuda::Problem& p) {
+    cuda::mean_field(p, iterations, out.data_ptr<float>(), keep_history ? history.data_ptr<float>() : nullptr);
   });
+  return {out, history};
+}
+
+at::Tensor dense_crf_features_cuda(const at::Tensor& unary, at::TensorList features, at::TensorList compat,
+                                   at::IntArrayRef normalization, int64_t iterations,
+                                   const c10::optional<at::Tensor>& q_init) {
+  return std::get<0>(forward(unary, features, compat, normalization, iterations, q_init, false));
+}
+
+std::tuple<at::Tensor, at::Tensor> dense_crf_features_with_history_cuda(
+    const at::Tensor& unary, at::TensorList features, at::TensorList compat, at::IntArrayRef normalization,
+    int64_t iterations, const c10::optional<at::Tensor>& q_init) {
+  return forward(unary, features, compat, normalization, iterations, q_init, true);
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> dense_crf_features_backward_cuda(
+    const at::Tensor& grad_q_in, const at::Tensor& q_in, const c10::optional<at::Tensor>& history_in,
+    const at::Tensor& unary_in, at::TensorList features, at::TensorList compat, at::IntArrayRef normalization,
+    int64_t iterations, const c10::optional<at::Tensor>& q_init_in, const c10::List<bool>& compat_grad) {
+  const Call c = check_call(unary_in, features, compat, normalization, iterations, q_init_in);
+  check_backward_args(grad_q_in, q_in, history_in, unary_in, iterations, cuda::label_stride(c.L));
+  TORCH_CHECK(compat_grad.size() == compat.size(), "dense_crf backward: compat_grad needs one flag per term (",
+              compat.size(), "), got ", compat_grad.size());
+  c10::cuda::CUDAGuard device_guard(c.unary.device());
+  const at::Tensor grad_q = grad_q_in.contiguous(), q = q_in.contiguous();
+  const at::Tensor history = history_in.has_value() ? history_in->contiguous() : at::Tensor();
+  at::Tensor grad_unary = new_output(c.unary, {c.B, c.L, c.N});
+  at::Tensor grad_q_init = c.q_init.defined() ? new_output(c.unary, {c.B, c.L, c.N})
+                                              : at::empty({0}, c.unary.options());
+  std::vector<at::Tensor> acc(compat.size());
+  cuda::Gradients grads;
+  grads.unary = grad_unary.data_ptr<float>();
+  grads.q_init = c.q_init.defined() ? grad_q_init.data_ptr<float>() : nullptr;
+  for (size_t k = 0; k < compat.size(); ++k) {
+    const lattice::CompatKind kind = c.in.compat[k].first;
+    const int64_t width = kind == lattice::kPotts ? 1 : kind == lattice::kDiagonal ? c.L : c.L * c.L;
+    if (compat_grad.get(k)) acc[k] = at::zeros({width}, c.unary.options().dtype(at::kDouble));
+    grads.compat.push_back(acc[k].defined() ? acc[k].data_ptr<double>() : nullptr);
+  }
+  run_cuda(c, [&](const cuda::Problem& p) {
+    cuda::mean_field_backward(p, iterations, grad_q.data_ptr<float>(), q.data_ptr<float>(),
+                              history.defined() ? history.data_ptr<float>() : nullptr, grads);
+  });
+  std::vector<at::Tensor> grad_compat;
+  for (size_t k = 0; k < compat.size(); ++k) {
+    if (!acc[k].defined()) {
+      grad_compat.push_back(at::zeros_like(compat[k]));
+      continue;
+    }
+    const at::Tensor host = acc[k].cpu();  // the one host sync of the backward, at its end
+    const std::vector<double> g(host.data_ptr<double>(), host.data_ptr<double>() + host.numel());
+    grad_compat.push_back(compat_gradient(g, c.in.compat[k].first, c.L, compat[k]));
+  }
+  return {grad_unary, grad_compat, grad_q_init};
 }
 
 at::Tensor dense_crf_pairwise_energy_cuda(const at::Tensor& q_in, at::TensorList features, at::TensorList compat,
@@ -130,18 +176,30 @@ at::Tensor dense_crf_pairwise_energy_cuda(const at::Tensor& q_in, at::TensorList
   check_marginals(q_in);
   const int64_t B = q_in.size(0), L = q_in.size(1), N = q_in.size(2);
   const TermInputs in = check_terms(q_in, B, L, N, features, compat, normalization);
-  if (!q_in.is_cuda()) {
-    return op<at::Tensor(const at::Tensor&, at::TensorList, at::TensorList, at::IntArrayRef)>(
-               "deeplab_fast::dense_crf_pairwise_energy")
-        .call(q_in, features, on_cpu(compat), normalization);
+  TORCH_CHECK(q_in.is_cuda(), "dense_crf: q is on ", q_in.device(), " but another argument is on a CUDA device");
+  TORCH_CHECK(L <= cuda::kMaxLabels, "dense_crf: the CUDA kernels take at most ", cuda::kMaxLabels,
+              " labels, got L = ", L);
+  c10::cuda::CUDAGuard device_guard(q_in.device());
+  const at::Tensor q = q_in.contiguous();
+  at::Tensor out = new_output(q, {B, L, N});
+  TorchAllocator allocator(q), scratch(q);
+  std::vector<at::Tensor> keep;
+  const cuda::Problem p = make_problem(at::Tensor(), q, B, L, N, in, keep, &allocator, &scratch);
+  try {
+    cuda::pairwise_energy(p, out.data_ptr<float>());
+  } catch (const cuda::Error& e) {
+    TORCH_CHECK(false, e.what());
   }
-  return run_cuda(at::Tensor(), q_in, in, [](const cuda::Problem& p, float* out) { cuda::pairwise_energy(p, out); });
+  return out;
 }
 
 // Gaussian (x/sxy, y/sxy) and bilateral (x/sxy, y/sxy, r/srgb, g/srgb, b/srgb) features, [B, D, N], on the
 // device. Divisions are tensor by tensor, so each value is the correctly rounded quotient, as on the CPU.
-std::pair<at::Tensor, at::Tensor> image_features(const at::Tensor& image, double gaussian_sxy, double bilateral_sxy,
-                                                 double bilateral_srgb) {
+std::tuple<at::Tensor, at::Tensor> dense_crf_image_features_cuda(const at::Tensor& image_in, double gaussian_sxy,
+                                                                 double bilateral_sxy, double bilateral_srgb) {
+  check_image(image_in, gaussian_sxy, bilateral_sxy, bilateral_srgb);
+  c10::cuda::CUDAGuard device_guard(image_in.device());
+  const at::Tensor image = image_in.contiguous();
   const int64_t B = image.size(0), H = image.size(2), W = image.size(3), N = H * W;
   const at::TensorOptions f32 = image.options().dtype(at::kFloat);
   const at::Tensor xs = at::arange(W, f32).view({1, W}).expand({H, W});
@@ -157,33 +215,13 @@ std::pair<at::Tensor, at::Tensor> image_features(const at::Tensor& image, double
   return {gaussian, bilateral};
 }
 
-at::Tensor dense_crf_cuda(const at::Tensor& unary, const at::Tensor& image, int64_t iterations, double gaussian_sxy,
-                          const at::Tensor& gaussian_compat, double bilateral_sxy, double bilateral_srgb,
-                          const at::Tensor& bilateral_compat) {
-  check_image_args(unary, image, gaussian_sxy, bilateral_sxy, bilateral_srgb);
-  if (!unary.is_cuda()) {
-    return op<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, double, const at::Tensor&, double, double,
-                         const at::Tensor&)>("deeplab_fast::dense_crf")
-        .call(unary, image, iterations, gaussian_sxy, gaussian_compat.cpu(), bilateral_sxy, bilateral_srgb,
-              bilateral_compat.cpu());
-  }
-  c10::cuda::CUDAGuard device_guard(unary.device());
-  const int64_t B = unary.size(0), L = unary.size(1), H = unary.size(2), W = unary.size(3);
-  const std::pair<at::Tensor, at::Tensor> feats =
-      image_features(image.contiguous(), gaussian_sxy, bilateral_sxy, bilateral_srgb);
-  const std::vector<at::Tensor> features{feats.first, feats.second};
-  const std::vector<at::Tensor> compat{gaussian_compat, bilateral_compat};
-  const std::vector<int64_t> normalization{lattice::kNormalizeSymmetric, lattice::kNormalizeSymmetric};
-  at::Tensor q = dense_crf_features_cuda(unary.reshape({B, L, H * W}), features, compat, normalization, iterations,
-                                         c10::nullopt);
-  return q.view({B, L, H, W});
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(deeplab_fast, CUDA, m) {
-  m.impl("dense_crf", &dense_crf_cuda);
   m.impl("dense_crf_features", &dense_crf_features_cuda);
+  m.impl("dense_crf_features_with_history", &dense_crf_features_with_history_cuda);
+  m.impl("dense_crf_features_backward", &dense_crf_features_backward_cuda);
+  m.impl("dense_crf_image_features", &dense_crf_image_features_cuda);
   m.impl("dense_crf_pairwise_energy", &dense_crf_pairwise_energy_cuda);
 }
 

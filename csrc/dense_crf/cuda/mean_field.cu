@@ -13,6 +13,7 @@
 //
 // DEEPLAB_FAST_PROFILE=1 prints a per-stage split (CUDA events; graphs off) to stderr.
 #include <cuda_runtime.h>
+#include <math_constants.h>
 
 #include <algorithm>
 #include <cmath>
@@ -45,13 +46,12 @@ bool env_flag(const char* name, bool fallback) {
   return v[0] == '1';
 }
 
-int64_t label_stride(int64_t L) { return (L + 3) / 4 * 4; }
-
 // One term as the fused pixel kernel reads it (an array of these lives on the device).
 struct TermArgs {
   const int32_t* vertex_point;  // [P, d+1]
   const float* weight;          // [P, d+1]
   const float* blurred;         // [M, S]
+  const float* pre;             // [P] or nullptr (the backward multiplies the transposed slice by it)
   const float* post;            // [P] or nullptr
   const float* compat;          // kDiagonal: [S] zero-padded; kMatrix: [L, L]
   float potts;                  // kPotts: w
@@ -76,11 +76,57 @@ struct PixelArgs {
   int L, S, C4, T;  // labels, stride, float4 chunks per pixel, threads per pixel (a power of 2, <= 32)
   int mode;
   int* flags;
+  int* overflow_count;     // kUpdate: pixels whose messages overflowed, listed for update_in_double_kernel
+  int32_t* overflow_list;  // [pixels]
 };
 
 __device__ __forceinline__ float4 ld4(const float* p) { return *reinterpret_cast<const float4*>(p); }
 __device__ __forceinline__ void st4(float* p, float4 v) { *reinterpret_cast<float4*>(p) = v; }
 __device__ __forceinline__ float max4(float4 v) { return fmaxf(fmaxf(v.x, v.y), fmaxf(v.z, v.w)); }
+
+// Label l's message -unary - sum_k compat_k(post_k * slice_k) of pixel g, in double from the float lattice values.
+__device__ double message_in_double(const PixelArgs& a, int64_t g, int l) {
+  double msg = -static_cast<double>(a.unary[g * a.S + l]);
+  for (int t = 0; t < a.num_terms; ++t) {
+    const TermArgs& term = a.terms[t];
+    const double post = term.post != nullptr ? term.post[g] : 1.0;
+    auto sliced = [&](int m) {
+      double v = 0.0;
+      for (int r = 0; r < term.dp1; ++r) {
+        const int64_t e = g * term.dp1 + r;
+        v += static_cast<double>(term.weight[e]) * term.alpha *
+             term.blurred[static_cast<int64_t>(term.vertex_point[e]) * a.S + m];
+      }
+      return post * v;
+    };
+    if (term.kind == lattice::kMatrix) {
+      double mixed = 0.0;
+      for (int m = 0; m < a.L; ++m) mixed += static_cast<double>(term.compat[static_cast<int64_t>(l) * a.L + m]) * sliced(m);
+      msg -= mixed;
+    } else if (term.kind == lattice::kDiagonal) {
+      msg -= static_cast<double>(term.compat[l]) * sliced(l);
+    } else {
+      msg += static_cast<double>(term.potts) * sliced(l);
+    }
+  }
+  return msg;
+}
+
+// The mean-field update in double of the pixels whose float32 messages overflowed (|compat| near 3.4e38; the
+// pixel kernel lists them): the softmax of the double messages is finite, so huge compatibilities saturate
+// instead of giving NaN. One thread per listed pixel; the list's order does not matter (pixels are independent).
+__global__ void update_in_double_kernel(PixelArgs a) {
+  const int count = *a.overflow_count;
+  for (int k = blockIdx.x * blockDim.x + threadIdx.x; k < count; k += gridDim.x * blockDim.x) {
+    const int64_t g = a.overflow_list[k];
+    double mx = -CUDART_INF;
+    for (int l = 0; l < a.L; ++l) mx = fmax(mx, message_in_double(a, g, l));
+    double sum = 0.0;
+    for (int l = 0; l < a.L; ++l) sum += exp(message_in_double(a, g, l) - mx);
+    for (int l = 0; l < a.S; ++l)
+      a.out[g * a.S + l] = l < a.L ? static_cast<float>(exp(message_in_double(a, g, l) - mx) / sum) : 0.0f;
+  }
+}
 
 // The fused per-pixel step. Thread `lane` of pixel g's group of T threads holds the label chunks
 // lane, lane + T, ... (NC of them; 4 labels each). Every thread of a warp runs every shuffle and __syncwarp:
@@ -220,6 +266,12 @@ __global__ void __launch_bounds__(kPixelBlock) pixel_kernel(PixelArgs a) {
     sum += (msg[n].x + msg[n].y) + (msg[n].z + msg[n].w);
   }
   for (int off = T / 2; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+  // The sum is >= 1 (the largest label gives exp(0)) unless the messages overflowed float32 (inf, inf - inf):
+  // then the pixel is recomputed in double (update_in_double_kernel). The group's sum is uniform.
+  if (a.mode == kUpdate && active && !(sum >= 1.0f)) {  // listed for update_in_double_kernel
+    if (lane == 0) a.overflow_list[atomicAdd(a.overflow_count, 1)] = static_cast<int32_t>(g);
+    return;
+  }
   if (!active) return;
 #pragma unroll
   for (int n = 0; n < NC; ++n) {
@@ -227,6 +279,186 @@ __global__ void __launch_bounds__(kPixelBlock) pixel_kernel(PixelArgs a) {
     if (c < a.C4)
       st4(a.out + row + 4 * c, make_float4(msg[n].x / sum, msg[n].y / sum, msg[n].z / sum, msg[n].w / sum));
   }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Backward (see MeanField::backward). Per pixel group, as the forward's pixel kernel:
+//   kBwdInit: g = dL/dQ_T (from g_in);
+//   kBwdStep: h_k = pre_k * slice_k(transposed filter of gx_t) (= K_k^T gx_t), stored for the compat gradient when
+//             wanted, and g = dL/dQ_{t-1} = -sum_k compat_k(h_k);
+// then either g_q_init = g (Q is q_init), or gx = Q (g - <g, Q>) (the softmax's VJP) and gu = -gx (init) or
+// gu -= gx (step).
+enum BackwardMode : int { kBwdInit = 0, kBwdStep = 1 };
+
+struct BackwardArgs {
+  const float* g_in;  // kBwdInit: [P, S]
+  const float* q;     // [P, S]: Q_T (init) or Q_{t-1} (step)
+  float* gx;          // [P, S]
+  float* gu;          // [P, S]
+  float* g_q_init;    // [P, S] or nullptr
+  float* const* h_out;  // [num_terms] device array of [P, S] buffers (nullptr: not wanted), or nullptr
+  const TermArgs* terms;
+  int num_terms;
+  int64_t pixels;
+  int L, S, C4, T;
+  int mode;
+};
+
+__device__ __forceinline__ float4 fma4(float w, float4 x, float4 acc) {
+  return make_float4(acc.x + w * x.x, acc.y + w * x.y, acc.z + w * x.z, acc.w + w * x.w);
+}
+__device__ __forceinline__ float dot4(float4 a, float4 b) { return (a.x * b.x + a.y * b.y) + (a.z * b.z + a.w * b.w); }
+
+template <int NC, bool kMatrix>
+__global__ void __launch_bounds__(kPixelBlock) backward_kernel(BackwardArgs a) {
+  extern __shared__ float smem[];  // kMatrix: one [S] row per pixel group of the block
+  const int T = a.T;
+  const int lane = threadIdx.x & (T - 1);
+  const int64_t g = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / T;
+  const bool active = g < a.pixels;
+  const int64_t row = (active ? g : 0) * a.S;
+  const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+
+  float4 grad[NC];
+#pragma unroll
+  for (int n = 0; n < NC; ++n) {
+    const int c = lane + n * T;
+    grad[n] = (a.mode == kBwdInit && active && c < a.C4) ? ld4(a.g_in + row + 4 * c) : zero;
+  }
+  if (a.mode == kBwdStep) {
+    for (int t = 0; t < a.num_terms; ++t) {
+      const TermArgs& term = a.terms[t];
+      float4 h[NC];
+#pragma unroll
+      for (int n = 0; n < NC; ++n) h[n] = zero;
+      if (active) {
+        for (int r = 0; r < term.dp1; ++r) {
+          const int64_t e = g * term.dp1 + r;
+          const float w = term.weight[e] * term.alpha;
+          const float* v = term.blurred + static_cast<int64_t>(term.vertex_point[e]) * a.S;
+#pragma unroll
+          for (int n = 0; n < NC; ++n) {
+            const int c = lane + n * T;
+            if (c < a.C4) h[n] = fma4(w, ld4(v + 4 * c), h[n]);
+          }
+        }
+        if (term.pre != nullptr) {
+          const float f = term.pre[g];
+#pragma unroll
+          for (int n = 0; n < NC; ++n) h[n] = make_float4(f * h[n].x, f * h[n].y, f * h[n].z, f * h[n].w);
+        }
+        float* h_out = a.h_out != nullptr ? a.h_out[t] : nullptr;
+        if (h_out != nullptr) {
+#pragma unroll
+          for (int n = 0; n < NC; ++n) {
+            const int c = lane + n * T;
+            if (c < a.C4) st4(h_out + row + 4 * c, h[n]);
+          }
+        }
+      }
+      // g -= compat(h): Potts -w h, diag(c) h, or W h.
+      if (kMatrix && term.kind == lattice::kMatrix) {
+        float* sh = smem + static_cast<int64_t>(threadIdx.x / T) * a.S;
+        __syncwarp();
+#pragma unroll
+        for (int n = 0; n < NC; ++n) {
+          const int c = lane + n * T;
+          if (c < a.C4) st4(sh + 4 * c, h[n]);
+        }
+        __syncwarp();
+#pragma unroll
+        for (int n = 0; n < NC; ++n) {
+          const int c = lane + n * T;
+          if (!(active && c < a.C4)) continue;
+          float mixed[4];
+          for (int q = 0; q < 4; ++q) {
+            const int l = 4 * c + q;
+            float acc = 0.0f;
+            if (l < a.L) {
+              const float* wrow = term.compat + static_cast<int64_t>(l) * a.L;  // symmetric
+              for (int m = 0; m < a.L; ++m) acc += wrow[m] * sh[m];
+            }
+            mixed[q] = acc;
+          }
+          grad[n] = make_float4(grad[n].x - mixed[0], grad[n].y - mixed[1], grad[n].z - mixed[2],
+                                grad[n].w - mixed[3]);
+        }
+      } else if (term.kind == lattice::kDiagonal) {
+#pragma unroll
+        for (int n = 0; n < NC; ++n) {
+          const int c = lane + n * T;
+          if (!(active && c < a.C4)) continue;
+          const float4 w = ld4(term.compat + 4 * c);
+          grad[n] = make_float4(grad[n].x - w.x * h[n].x, grad[n].y - w.y * h[n].y, grad[n].z - w.z * h[n].z,
+                                grad[n].w - w.w * h[n].w);
+        }
+      } else {
+#pragma unroll
+        for (int n = 0; n < NC; ++n) grad[n] = fma4(term.potts, h[n], grad[n]);
+      }
+    }
+  }
+  if (a.g_q_init != nullptr) {
+    if (!active) return;
+#pragma unroll
+    for (int n = 0; n < NC; ++n) {
+      const int c = lane + n * T;
+      if (c < a.C4) {
+        st4(a.g_q_init + row + 4 * c, grad[n]);
+        if (a.mode == kBwdInit) st4(a.gu + row + 4 * c, zero);
+      }
+    }
+    return;
+  }
+  float4 q[NC];
+  float dot = 0.0f;
+#pragma unroll
+  for (int n = 0; n < NC; ++n) {
+    const int c = lane + n * T;
+    q[n] = (active && c < a.C4) ? ld4(a.q + row + 4 * c) : zero;
+    dot += dot4(grad[n], q[n]);
+  }
+  for (int off = T / 2; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+  if (!active) return;
+#pragma unroll
+  for (int n = 0; n < NC; ++n) {
+    const int c = lane + n * T;
+    if (c >= a.C4) continue;
+    const float4 gx = make_float4(q[n].x * (grad[n].x - dot), q[n].y * (grad[n].y - dot), q[n].z * (grad[n].z - dot),
+                                  q[n].w * (grad[n].w - dot));
+    st4(a.gx + row + 4 * c, gx);
+    const float4 old = a.mode == kBwdInit ? zero : ld4(a.gu + row + 4 * c);
+    st4(a.gu + row + 4 * c, make_float4(old.x - gx.x, old.y - gx.y, old.z - gx.z, old.w - gx.w));
+  }
+}
+
+// The compatibility gradients' contraction of h (= K^T gx_t) with Q_{t-1}, in two fixed-order passes (no
+// atomics): partial[chunk, j] sums a chunk of pixels in pixel order, then acc[j] += sign * sum over chunks in
+// chunk order, in double. j: Potts 0 (sum over labels of h Q); diagonal l (h_l Q_l); matrix l * L + m (h_l Q_m).
+__global__ void contract_kernel(const float* __restrict__ h, const float* __restrict__ q, int64_t pixels,
+                                int64_t chunk_size, int S, int L, int kind, int width, float* __restrict__ partial) {
+  const int j = blockIdx.x * blockDim.x + threadIdx.x;
+  const int64_t chunk = blockIdx.y;
+  if (j >= width) return;
+  const int64_t i0 = chunk * chunk_size, i1 = min(pixels, i0 + chunk_size);
+  float acc = 0.0f;
+  if (kind == lattice::kPotts) {
+    for (int64_t i = i0; i < i1; ++i)
+      for (int l = 0; l < L; ++l) acc += h[i * S + l] * q[i * S + l];
+  } else {
+    const int l = kind == lattice::kDiagonal ? j : j / L, m = kind == lattice::kDiagonal ? j : j % L;
+    for (int64_t i = i0; i < i1; ++i) acc += h[i * S + l] * q[i * S + m];
+  }
+  partial[chunk * width + j] = acc;
+}
+
+__global__ void contract_sum_kernel(const float* __restrict__ partial, int64_t chunks, int width, double sign,
+                                    double* __restrict__ acc) {
+  const int j = blockIdx.x * blockDim.x + threadIdx.x;
+  if (j >= width) return;
+  double s = 0.0;
+  for (int64_t c = 0; c < chunks; ++c) s += partial[c * width + j];
+  acc[j] += sign * s;
 }
 
 // Normalisation factors: norm[g] = normalisation_factor(alpha * sum_r w_r V[vertex_r]) for V the filtered ones.
@@ -336,15 +568,17 @@ struct GraphCache {
   cudaStream_t capture_stream = nullptr;  // a private stream to capture on (the legacy default stream cannot be)
 };
 
-GraphCache& graph_cache(int device) {
-  thread_local std::unordered_map<int, GraphCache> caches;
-  return caches[device];
+// kind: which loop the graph holds (plain, keeping a history, recomputing one), so that alternating between
+// them (training: forward, then backward) updates each graph in place instead of re-instantiating.
+GraphCache& graph_cache(int device, int kind) {
+  thread_local std::map<std::pair<int, int>, GraphCache> caches;
+  return caches[{device, kind}];
 }
 
-void run_as_graph(cudaStream_t stream, const std::function<void(cudaStream_t)>& body) {
+void run_as_graph(cudaStream_t stream, int kind, const std::function<void(cudaStream_t)>& body) {
   int device = 0;
   check_cuda(cudaGetDevice(&device), "cudaGetDevice");
-  GraphCache& cache = graph_cache(device);
+  GraphCache& cache = graph_cache(device, kind);
   if (cache.capture_stream == nullptr)
     check_cuda(cudaStreamCreateWithFlags(&cache.capture_stream, cudaStreamNonBlocking), "cudaStreamCreate");
   cudaGraph_t graph = nullptr;
@@ -393,6 +627,19 @@ void launch_pixel_nc(const PixelArgs& a, bool matrix, cudaStream_t stream) {
   check_launch("pixel_kernel");
 }
 
+template <int NC>
+void launch_backward_nc(const BackwardArgs& a, bool matrix, cudaStream_t stream) {
+  const int64_t threads = a.pixels * a.T;
+  const unsigned blocks = static_cast<unsigned>((threads + kPixelBlock - 1) / kPixelBlock);
+  if (matrix) {
+    const size_t smem = static_cast<size_t>(kPixelBlock / a.T) * a.S * sizeof(float);
+    backward_kernel<NC, true><<<blocks, kPixelBlock, smem, stream>>>(a);
+  } else {
+    backward_kernel<NC, false><<<blocks, kPixelBlock, 0, stream>>>(a);
+  }
+  check_launch("backward_kernel");
+}
+
 class MeanField {
  public:
   explicit MeanField(const Problem& p)
@@ -420,6 +667,8 @@ class MeanField {
     cudaStream_t s = p_.stream;
     const size_t nterms = p_.terms.size();
     status_ = ws_.get<int32_t>(1 + 2 * lattice::kMaxDim * static_cast<int64_t>(nterms));
+    overflow_count_ = ws_.get<int>(1);
+    overflow_list_ = ws_.get<int32_t>(P_);
     check_cuda(cudaMemsetAsync(status_, 0, sizeof(int32_t), s), "clear flags");
     q_ = ws_.get<float>(P_ * S_);
     profile_.run("load + softmax(-unary) + checks", [&] {
@@ -487,7 +736,7 @@ class MeanField {
         compat = padded;
       }
       matrix_ |= spec.compat_kind == lattice::kMatrix;
-      args[k] = TermArgs{t.lat.vertex_point, t.lat.weight, t.blurred, t.post, compat, spec.potts_weight,
+      args[k] = TermArgs{t.lat.vertex_point, t.lat.weight, t.blurred, t.pre, t.post, compat, spec.potts_weight,
                          t.lat.alpha, t.lat.d + 1, static_cast<int>(spec.compat_kind)};
     }
     term_args_ = ws_.get<TermArgs>(static_cast<int64_t>(nterms));
@@ -496,27 +745,92 @@ class MeanField {
                  "copy term arguments");
   }
 
-  void run(int64_t iterations, float* q_out) {
+  // Q_0 (from setup), then `iterations` updates; with history, Q_t is copied to history[:, t] before
+  // iteration t (inside the graph).
+  void run(int64_t iterations, float* q_out, float* history) {
     setup();
-    cudaStream_t s = p_.stream;
-    auto body = [&](cudaStream_t st) {
-      for (int64_t it = 0; it < iterations; ++it) {
-        filter_all(st);
-        profile_.run("slice + compat + softmax", [&] { pixel_pass(kUpdate, q_, st); });
-      }
-    };
-    if (iterations > 0 && !p_.terms.empty()) {
-      const bool graph = env_flag("DEEPLAB_FAST_CUDA_GRAPH", true) && !env_flag("DEEPLAB_FAST_PROFILE", false);
-      if (graph) {
-        run_as_graph(s, body);
-      } else {
-        body(s);
-      }
-    } else if (iterations > 0) {
-      for (int64_t it = 0; it < iterations; ++it) pixel_pass(kUpdate, q_, s);  // no pairwise terms
-    }
+    iterate(iterations, history != nullptr ? 1 : 0, [&](int64_t it, cudaStream_t st) {
+      if (history != nullptr) store_history(history, it, iterations, q_, st);
+    });
     profile_.run("store Q", [&] { to_label_major(q_, q_out); });
     profile_.report("mean_field");
+  }
+
+  // The vector-Jacobian product of run() (the CPU's MeanField::backward has the derivation): per iteration,
+  // one transposed filter per term (the forward's splat and slice kernels, the blur axes reversed) and one fused
+  // pixel kernel, plus the compat gradients' fixed-order contraction.
+  void backward(int64_t iterations, const float* grad_q, const float* q, const float* history,
+                const Gradients& grads) {
+    setup();
+    cudaStream_t s = p_.stream;
+    const int64_t PS = P_ * S_;
+    float* recomputed = nullptr;
+    if (history == nullptr && iterations > 0) {  // checkpointing: recompute Q_0 .. Q_{T-1} (q_ ends as Q_T)
+      recomputed = ws_.get<float>(iterations * PS);
+      iterate(iterations, 2, [&](int64_t it, cudaStream_t st) {
+        check_cuda(cudaMemcpyAsync(recomputed + it * PS, q_, PS * sizeof(float), cudaMemcpyDeviceToDevice, st),
+                   "keep Q_t");
+      });
+    }
+    const float* q_last = q_;
+    if (history != nullptr || iterations == 0) {
+      float* qt = ws_.get<float>(PS);
+      to_pixel_major(q, qt, 0.0f);
+      q_last = qt;
+    }
+    float* g = ws_.get<float>(PS);
+    to_pixel_major(grad_q, g, 0.0f);
+    float* gx = ws_.get<float>(PS);
+    float* gu = ws_.get<float>(PS);
+    float* gqi = p_.q_init != nullptr ? ws_.get<float>(PS) : nullptr;
+    float* q_prev = history != nullptr ? ws_.get<float>(PS) : nullptr;
+    // Per term, h = K^T gx for the compat gradient, and the contraction's partial sums.
+    const size_t nterms = terms_.size();
+    std::vector<float*> h(nterms, nullptr);
+    std::vector<int> width(nterms, 0);
+    int64_t max_width = 0;
+    for (size_t k = 0; k < nterms; ++k) {
+      if (k >= grads.compat.size() || grads.compat[k] == nullptr) continue;
+      const int kind = p_.terms[k].compat_kind;
+      width[k] = kind == lattice::kPotts ? 1 : kind == lattice::kDiagonal ? static_cast<int>(L_)
+                                                                           : static_cast<int>(L_ * L_);
+      max_width = std::max<int64_t>(max_width, width[k]);
+      h[k] = ws_.get<float>(PS);
+    }
+    float** h_dev = ws_.get<float*>(static_cast<int64_t>(nterms));
+    if (nterms > 0)
+      check_cuda(cudaMemcpyAsync(h_dev, h.data(), nterms * sizeof(float*), cudaMemcpyHostToDevice, s), "copy h");
+    const int64_t chunk_size = std::max<int64_t>(1024, (P_ + 65534) / 65535);
+    const int64_t chunks = (P_ + chunk_size - 1) / chunk_size;
+    float* partial = max_width > 0 ? ws_.get<float>(chunks * max_width) : nullptr;
+
+    backward_pass(kBwdInit, g, q_last, gx, gu, iterations == 0 ? gqi : nullptr, nullptr, s);
+    for (int64_t t = iterations; t >= 1; --t) {
+      const float* qp = recomputed != nullptr ? recomputed + (t - 1) * PS : q_prev;
+      if (recomputed == nullptr) load_history(history, t - 1, iterations, q_prev, s);
+      for (TermState& term : terms_) {
+        splat(term.lat, gx, term.post, S_, term.partial, term.a, s);
+        if (blur(term.lat, term.a, term.b, S_, s, /*transpose=*/true) != term.blurred)
+          throw Error("dense_crf (CUDA): internal error: transposed blur output buffer");
+      }
+      backward_pass(kBwdStep, nullptr, qp, gx, gu, t == 1 ? gqi : nullptr, h_dev, s);
+      for (size_t k = 0; k < nterms; ++k) {
+        if (h[k] == nullptr) continue;
+        const int kind = p_.terms[k].compat_kind;
+        const dim3 grid(static_cast<unsigned>((width[k] + kBlock - 1) / kBlock), static_cast<unsigned>(chunks));
+        contract_kernel<<<grid, kBlock, 0, s>>>(h[k], qp, P_, chunk_size, static_cast<int>(S_),
+                                                static_cast<int>(L_), kind, width[k], partial);
+        check_launch("contract_kernel");
+        // x += w K Q (Potts: dL/dw = +<h, Q>); x -= diag(w) K Q and x -= W K Q (dL/dw = -<h, Q>).
+        const double sign = kind == lattice::kPotts ? 1.0 : -1.0;
+        contract_sum_kernel<<<blocks_for(width[k]), kBlock, 0, s>>>(partial, chunks, width[k], sign,
+                                                                   grads.compat[k]);
+        check_launch("contract_sum_kernel");
+      }
+    }
+    to_label_major(gu, grads.unary);
+    if (gqi != nullptr && grads.q_init != nullptr) to_label_major(gqi, grads.q_init);
+    profile_.report("mean_field_backward");
   }
 
   void energy(float* out) {
@@ -539,6 +853,88 @@ class MeanField {
     float* partial = nullptr;
     const float* blurred = nullptr;
   };
+
+  // Runs `iterations` updates of q_ (as a CUDA graph unless disabled), calling before(it, stream) at the start of
+  // each.
+  template <typename Before>
+  void iterate(int64_t iterations, int graph_kind, Before before) {
+    cudaStream_t s = p_.stream;
+    auto body = [&](cudaStream_t st) {
+      for (int64_t it = 0; it < iterations; ++it) {
+        before(it, st);
+        if (!p_.terms.empty()) filter_all(st);
+        profile_.run("slice + compat + softmax", [&] { pixel_pass(kUpdate, q_, st); });
+      }
+    };
+    if (iterations > 0 && !p_.terms.empty()) {
+      const bool graph = env_flag("DEEPLAB_FAST_CUDA_GRAPH", true) && !env_flag("DEEPLAB_FAST_PROFILE", false);
+      if (graph) {
+        run_as_graph(s, graph_kind, body);
+      } else {
+        body(s);
+      }
+    } else {
+      body(s);  // no pairwise terms: every update is softmax(-unary)
+    }
+  }
+
+  // history [B, T, N, S] <-> one iteration's [B * N, S]: B rows of N * S floats, T * N * S apart.
+  void store_history(float* history, int64_t t, int64_t iterations, const float* src, cudaStream_t s) {
+    copy_rows(history + t * N_ * S_, iterations * N_ * S_, src, N_ * S_, s);
+  }
+  void load_history(const float* history, int64_t t, int64_t iterations, float* dst, cudaStream_t s) {
+    copy_rows(dst, N_ * S_, history + t * N_ * S_, iterations * N_ * S_, s);
+  }
+  void copy_rows(float* dst, int64_t dst_pitch, const float* src, int64_t src_pitch, cudaStream_t s) {
+    const size_t width = static_cast<size_t>(N_ * S_) * sizeof(float);
+    const int64_t max_pitch = std::numeric_limits<int32_t>::max();
+    if (dst_pitch * static_cast<int64_t>(sizeof(float)) <= max_pitch &&
+        src_pitch * static_cast<int64_t>(sizeof(float)) <= max_pitch) {
+      check_cuda(cudaMemcpy2DAsync(dst, dst_pitch * sizeof(float), src, src_pitch * sizeof(float), width,
+                                   static_cast<size_t>(B_), cudaMemcpyDeviceToDevice, s),
+                 "history copy");
+      return;
+    }
+    for (int64_t b = 0; b < B_; ++b)
+      check_cuda(cudaMemcpyAsync(dst + b * dst_pitch, src + b * src_pitch, width, cudaMemcpyDeviceToDevice, s),
+                 "history copy");
+  }
+
+  void to_pixel_major(const float* src, float* dst, float pad) {
+    to_pixel_major_kernel<<<transpose_grid(N_, S_, B_), dim3(32, 8), 0, p_.stream>>>(src, dst, L_, N_, S_, pad);
+    check_launch("to_pixel_major_kernel");
+  }
+
+  void backward_pass(int mode, const float* g_in, const float* q, float* gx, float* gu, float* g_q_init,
+                     float* const* h_out, cudaStream_t s) {
+    BackwardArgs a;
+    a.g_in = g_in;
+    a.q = q;
+    a.gx = gx;
+    a.gu = gu;
+    a.g_q_init = g_q_init;
+    a.h_out = h_out;
+    a.terms = term_args_;
+    a.num_terms = static_cast<int>(terms_.size());
+    a.pixels = P_;
+    a.L = static_cast<int>(L_);
+    a.S = static_cast<int>(S_);
+    a.C4 = static_cast<int>(S_ / 4);
+    a.T = T_;
+    a.mode = mode;
+    const bool matrix = matrix_ && mode == kBwdStep;
+    if (NC_ <= 1) {
+      launch_backward_nc<1>(a, matrix, s);
+    } else if (NC_ <= 2) {
+      launch_backward_nc<2>(a, matrix, s);
+    } else if (NC_ <= 4) {
+      launch_backward_nc<4>(a, matrix, s);
+    } else if (NC_ <= 8) {
+      launch_backward_nc<8>(a, matrix, s);
+    } else {
+      launch_backward_nc<16>(a, matrix, s);
+    }
+  }
 
   void filter_all(cudaStream_t s) {
     for (TermState& t : terms_) {
@@ -563,6 +959,9 @@ class MeanField {
     a.T = T_;
     a.mode = mode;
     a.flags = status_;
+    a.overflow_count = overflow_count_;
+    a.overflow_list = overflow_list_;
+    if (mode == kUpdate) check_cuda(cudaMemsetAsync(overflow_count_, 0, sizeof(int), s), "clear overflow count");
     const bool matrix = matrix_ && (mode == kUpdate || mode == kEnergy);
     if (NC_ <= 1) {
       launch_pixel_nc<1>(a, matrix, s);
@@ -574,6 +973,10 @@ class MeanField {
       launch_pixel_nc<8>(a, matrix, s);
     } else {
       launch_pixel_nc<16>(a, matrix, s);
+    }
+    if (mode == kUpdate) {  // almost always an empty list: the kernel reads the count and exits
+      update_in_double_kernel<<<8, 128, 0, s>>>(a);
+      check_launch("update_in_double_kernel");
     }
   }
 
@@ -588,6 +991,8 @@ class MeanField {
   Workspace ws_;
   Workspace scratch_;
   Profiler profile_;
+  int* overflow_count_ = nullptr;     // pixels of the last update whose messages overflowed float32 ...
+  int32_t* overflow_list_ = nullptr;  // ... and which they are, [P]
   int32_t* status_ = nullptr;  // [0]: flags; then 2 * kMaxDim key bounds per term
   float* unary_ = nullptr;     // [P, S]
   float* q_ = nullptr;         // [P, S]
@@ -610,9 +1015,16 @@ void check_problem(const Problem& p) {
 
 }  // namespace
 
-void mean_field(const Problem& problem, int64_t iterations, float* q_out) {
+void mean_field(const Problem& problem, int64_t iterations, float* q_out, float* history) {
   check_problem(problem);
-  MeanField(problem).run(iterations, q_out);
+  MeanField(problem).run(iterations, q_out, history);
+}
+
+void mean_field_backward(const Problem& problem, int64_t iterations, const float* grad_q, const float* q,
+                         const float* history, const Gradients& grads) {
+  check_problem(problem);
+  if (problem.unary == nullptr) throw Error("dense_crf (CUDA): the backward needs the unary");
+  MeanField(problem).backward(iterations, grad_q, q, history, grads);
 }
 
 void pairwise_energy(const Problem& problem, float* out) {

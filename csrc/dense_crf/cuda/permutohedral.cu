@@ -594,10 +594,11 @@ void splat(const Lattice& lat, const float* values, const float* scale, int64_t 
   check_launch("splat_points_kernel");
 }
 
-float* blur(const Lattice& lat, float* a, float* b, int64_t stride, cudaStream_t stream) {
+float* blur(const Lattice& lat, float* a, float* b, int64_t stride, cudaStream_t stream, bool transpose) {
   const int lanes = static_cast<int>(stride % 4 == 0 ? stride / 4 : stride);
   const unsigned blocks = blocks_for(lat.points * lanes);
-  for (int j = 0; j <= lat.d; ++j) {
+  for (int step = 0; step <= lat.d; ++step) {
+    const int j = transpose ? lat.d - step : step;
     const int2* nb = lat.neighbours + j * lat.points;
     if (stride % 4 == 0) {
       blur_kernel<float4><<<blocks, kBlock, 0, stream>>>(nb, lat.points, stride, lanes, a, b);

@@ -87,8 +87,9 @@ void splat(const Lattice& lat, const float* values, const float* scale, int64_t 
            cudaStream_t stream);
 
 // Blur along the d+1 axes in turn, v <- v + (v[n1] + v[n2]) / 2 (missing neighbours are 0), ping-ponging between
-// a ([M, stride], holding the splat) and b. Returns the buffer holding the result.
-float* blur(const Lattice& lat, float* a, float* b, int64_t stride, cudaStream_t stream);
+// a ([M, stride], holding the splat) and b. Returns the buffer holding the result. With transpose the axes run in
+// reverse order: each axis blur is symmetric, so splat -> blur(transpose) -> slice is the transposed filter.
+float* blur(const Lattice& lat, float* a, float* b, int64_t stride, cudaStream_t stream, bool transpose = false);
 
 }  // namespace cuda
 }  // namespace dense_crf
