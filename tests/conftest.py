@@ -40,7 +40,9 @@ def densecrf_data() -> Path:
     return DATA
 
 
-CUDA_OPS = ("dense_crf", "dense_crf_features", "dense_crf_pairwise_energy", "atrous_conv2d", "atrous_conv2d_plan")
+# The ops with CUDA kernels (dense_crf is a composite of dense_crf_image_features and dense_crf_features).
+CUDA_OPS = ("dense_crf_features", "dense_crf_features_with_history", "dense_crf_features_backward",
+            "dense_crf_image_features", "dense_crf_pairwise_energy", "atrous_conv2d", "atrous_conv2d_plan")
 
 
 def pytest_configure(config):
