@@ -15,6 +15,9 @@ Subpackages:
 import torch  # noqa: F401  (loads libtorch before our extension)
 
 from . import _C  # noqa: F401  (registers torch.ops.deeplab_fast.*)
+from . import _env
+
+_env.check()  # the DEEPLAB_FAST_* switches: a bad value is a ValueError here, an unknown name a warning
 from . import ops, nn
 from . import models
 from .optimize import optimize

@@ -97,11 +97,15 @@ at::Tensor new_output(const at::Tensor& input, const ConvArgs& a) {
 }
 
 TapSkipping tap_skipping_mode() {
-  const char* v = std::getenv("DEEPLAB_FAST_TAP_SKIPPING");
-  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "auto") == 0) return TapSkipping::kAuto;
-  if (std::strcmp(v, "0") == 0 || std::strcmp(v, "off") == 0) return TapSkipping::kOff;
-  if (std::strcmp(v, "1") == 0 || std::strcmp(v, "on") == 0) return TapSkipping::kOn;
-  TORCH_CHECK(false, "DEEPLAB_FAST_TAP_SKIPPING must be 0/off, 1/on or auto, got '", v, "'");
+  try {
+    switch (env::tap_skipping()) {
+      case env::Mode::kOff: return TapSkipping::kOff;
+      case env::Mode::kOn: return TapSkipping::kOn;
+      default: return TapSkipping::kAuto;
+    }
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK(false, e.what());
+  }
 }
 
 std::vector<TapRegion> plan_regions(const ConvArgs& a, double* kept_fraction) {

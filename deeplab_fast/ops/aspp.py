@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 
 import torch
 
+from .._env import poison_outputs
 from ._common import register_no_backward
 
 __all__ = ["HAVE_TRITON", "aspp_project", "aspp_sum"]
@@ -30,7 +30,6 @@ try:
 except ImportError:  # triton is optional: the modules fall back to plain torch
     HAVE_TRITON = False
 
-_POISON = os.environ.get("DEEPLAB_FAST_POISON", "0") == "1"
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -40,7 +39,7 @@ def _new_output(like: torch.Tensor, shape) -> torch.Tensor:
     fmt = torch.channels_last if like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous() \
         else torch.contiguous_format
     out = torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
-    if _POISON:
+    if poison_outputs():
         out.fill_(math.nan)
     return out
 

@@ -14,6 +14,8 @@
 #include <mutex>
 #include <new>
 
+#include "common/env.h"
+
 namespace deeplab_fast {
 namespace dense_crf {
 namespace cpu {
@@ -70,10 +72,7 @@ class BlockPool {
  private:
   static constexpr size_t kMinPooled = size_t{1} << 20;
 
-  BlockPool() {
-    const char* env = std::getenv("DEEPLAB_FAST_CPU_CACHE_MB");
-    limit_ = (env != nullptr ? static_cast<size_t>(std::strtoull(env, nullptr, 10)) : size_t{1024}) << 20;
-  }
+  BlockPool() : limit_(static_cast<size_t>(env::cpu_cache_mb()) << 20) {}
 
   std::mutex mutex_;
   std::multimap<size_t, void*> free_;  // free blocks by capacity

@@ -1,7 +1,7 @@
 // The CPU registrations of the dense CRF ops (see dense_crf_cpu.h).
 #include "dense_crf_cpu.h"
 
-#include <ATen/Parallel.h>
+#include "common/parallel.h"
 
 #include <vector>
 
@@ -17,14 +17,17 @@ namespace {
 
 // Runs fn(b) for every image: across images when there are enough of them to keep every thread busy,
 // otherwise one image at a time with the parallelism inside. Either way each image's result is the same.
+// Interrupts (Ctrl-C) are checked between images and between iterations (parallel::check_interrupt).
 template <typename Fn>
 void for_each_image(int64_t batch, Fn fn) {
-  if (batch >= at::get_num_threads() && batch > 1) {
-    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) fn(b);
-    });
+  if (batch >= parallel::num_threads() && batch > 1) {
+    parallel::for_each(batch, [&](int64_t b) { fn(b); });
+    parallel::check_interrupt();
   } else {
-    for (int64_t b = 0; b < batch; ++b) fn(b);
+    for (int64_t b = 0; b < batch; ++b) {
+      parallel::check_interrupt();
+      fn(b);
+    }
   }
 }
 
@@ -177,7 +180,7 @@ std::tuple<at::Tensor, at::Tensor> dense_crf_image_features(const at::Tensor& im
   const uint8_t* px = image.data_ptr<uint8_t>();
   float* g = gaussian.data_ptr<float>();
   float* f = bilateral.data_ptr<float>();
-  at::parallel_for(0, B * H, 64, [&](int64_t begin, int64_t end) {
+  parallel::for_range(0, B * H, 64, [&](int64_t begin, int64_t end) {
     for (int64_t by = begin; by < end; ++by) {
       const int64_t b = by / H, y = by % H;
       for (int64_t x = 0; x < W; ++x) {

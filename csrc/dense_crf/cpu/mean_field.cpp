@@ -11,7 +11,7 @@
 // computed by one thread in a fixed order, so results are bitwise identical for any thread count.
 //
 // Per-stage timings go to stderr with DEEPLAB_FAST_PROFILE=1.
-#include <ATen/Parallel.h>
+#include "common/parallel.h"
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -495,6 +495,7 @@ class MeanField {
     }
     const T* q = q0;
     for (int64_t it = 0; it < iterations; ++it) {
+      parallel::check_interrupt();
       T* next = history != nullptr && it + 1 < iterations ? history + (it + 1) * N_ * S_ : q_.data();
       filter_all(q, /*transpose=*/false);
       pixel_pass(/*with_pairwise=*/true, nullptr, next);
@@ -542,7 +543,7 @@ class MeanField {
     // gx_T and du = -gx_T (or, with no iteration and q_init, dL/dq_init = grad_q).
     {
       StageTimer timer("backward: softmax");
-      at::parallel_for(0, N_, kPixelGrain, [&](int64_t begin, int64_t end) {
+      parallel::for_range(0, N_, kPixelGrain, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
           if (iterations == 0 && from_q_init) {
             std::copy(g.data() + i * S_, g.data() + (i + 1) * S_, gqi.data() + i * S_);
@@ -564,6 +565,7 @@ class MeanField {
       partial_ptr[k] = partial[k].data();
     }
     for (int64_t t = iterations; t >= 1; --t) {
+      parallel::check_interrupt();
       const T* q_prev = history + (t - 1) * NS;
       filter_all(gx.data(), /*transpose=*/true);
       for (size_t k = 0; k < terms_.size(); ++k)
@@ -573,7 +575,7 @@ class MeanField {
                                  (t == 1 && from_q_init) ? gqi.data() : nullptr, partial_ptr, L_, S_, seq_};
       {
         StageTimer timer("backward: slice+compat+softmax");
-        at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+        parallel::for_range(0, blocks, 1, [&](int64_t b0, int64_t b1) {
           std::vector<T> scratch(static_cast<size_t>(3 * S_));
           for (int64_t b = b0; b < b1; ++b)
             backward_pixels(pass, scratch.data(), b, b * kGradBlock, std::min(N_, (b + 1) * kGradBlock));
@@ -621,7 +623,7 @@ class MeanField {
       std::vector<T> ones(static_cast<size_t>(N_), T(1)), lattice_values(static_cast<size_t>(M));
       const T* blurred = t.lattice->splat_blur(ones.data(), static_cast<const T*>(nullptr), 1, lattice_values.data());
       std::vector<T> norm(static_cast<size_t>(N_));
-      at::parallel_for(0, N_, kPixelGrain, [&](int64_t begin, int64_t end) {
+      parallel::for_range(0, N_, kPixelGrain, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
           T k1;
           t.lattice->template slice_pixel</*kSequentialOrder=*/true>(blurred, 1, i, &k1);
@@ -651,7 +653,7 @@ class MeanField {
   int to_pixel_major(const T* src, T* dst, T pad, bool check) const {
     StageTimer timer("transpose in");
     std::atomic<int> bad{0};
-    at::parallel_for(0, N_, kPixelGrain, [&](int64_t begin, int64_t end) {
+    parallel::for_range(0, N_, kPixelGrain, [&](int64_t begin, int64_t end) {
       bad.fetch_or(transpose_in(src, dst, L_, N_, S_, pad, check, begin, end));
     });
     return bad.load();
@@ -660,7 +662,7 @@ class MeanField {
   // [N, S] -> [L, N]
   void to_label_major(const T* src, T* dst) const {
     StageTimer timer("transpose out");
-    at::parallel_for(0, N_, kPixelGrain,
+    parallel::for_range(0, N_, kPixelGrain,
                      [&](int64_t begin, int64_t end) { transpose_out(src, dst, L_, N_, S_, begin, end); });
   }
 
@@ -687,7 +689,7 @@ class MeanField {
     StageTimer timer(with_pairwise ? "slice+compat+softmax" : "softmax");
     const PixelPass<T> pass{terms_.data(), terms_.size(), unary_.data(), q_out, energy_out, L_, S_, seq_,
                             with_pairwise};
-    at::parallel_for(0, N_, kPixelGrain, [&](int64_t begin, int64_t end) {
+    parallel::for_range(0, N_, kPixelGrain, [&](int64_t begin, int64_t end) {
       std::vector<T> scratch(static_cast<size_t>(4 * S_));
       pixel_range(pass, scratch.data(), begin, end);
     });

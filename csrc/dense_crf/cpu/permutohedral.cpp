@@ -1,6 +1,6 @@
 #include "permutohedral.h"
 
-#include <ATen/Parallel.h>
+#include "common/parallel.h"
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -284,7 +284,7 @@ class PackedKeyTable {
 int packed_key_bits(const float* features, int d, int64_t n, const float* scale) {
   const int bits = std::min(32, 64 / d);
   std::vector<double> chunk_max(static_cast<size_t>((n + kPixelGrain - 1) / kPixelGrain), 0.0);
-  at::parallel_for(0, n, kPixelGrain, [&](int64_t begin, int64_t end) {
+  parallel::for_range(0, n, kPixelGrain, [&](int64_t begin, int64_t end) {
     double worst = 0.0;
     for (int64_t i = begin; i < end; ++i) {
       double sum = 0.0, largest = 0.0;
@@ -554,7 +554,7 @@ void PermutohedralLattice::build(MakeTable make_table, const float* features, co
   //      global first-appearance numbering, whatever the number of ranges.
   vertex_.reset(static_cast<size_t>(n_ * dp1));
   weight_.reset(static_cast<size_t>(n_ * dp1));
-  const int64_t ranges = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_ / 16384));
+  const int64_t ranges = std::max<int64_t>(1, std::min<int64_t>(parallel::num_threads(), n_ / 16384));
   using Table = decltype(make_table(int64_t{0}));
   struct Local {
     Table table;
@@ -570,7 +570,7 @@ void PermutohedralLattice::build(MakeTable make_table, const float* features, co
   auto range_begin = [&](int64_t t) { return n_ * t / ranges; };
   {
     StageTimer timer("lattice: embed + hash");
-    at::parallel_for(0, ranges, 1, [&](int64_t t0, int64_t t1) {
+    parallel::for_range(0, ranges, 1, [&](int64_t t0, int64_t t1) {
       constexpr int64_t kBlock = 4096;
       std::vector<int32_t> keys(static_cast<size_t>(kBlock * dp1 * d));
       for (int64_t t = t0; t < t1; ++t) {
@@ -614,7 +614,7 @@ void PermutohedralLattice::build(MakeTable make_table, const float* features, co
       const int64_t count = static_cast<int64_t>(local.first.size());
       std::vector<int32_t>& map = to_global[t];
       map.resize(static_cast<size_t>(count));
-      at::parallel_for(0, count, kPointGrain,
+      parallel::for_range(0, count, kPointGrain,
                        [&](int64_t v0, int64_t v1) { table.find_many(local.table, v0, v1, map.data() + v0); });
       const int64_t before = table.size();
       int64_t next_id = before;
@@ -624,7 +624,7 @@ void PermutohedralLattice::build(MakeTable make_table, const float* features, co
       first_pixel_.resize(static_cast<size_t>(next_id));
       last_pixel_.resize(static_cast<size_t>(next_id));
       entries_.resize(static_cast<size_t>(next_id), 0);
-      at::parallel_for(0, count, kPointGrain, [&](int64_t v0, int64_t v1) {
+      parallel::for_range(0, count, kPointGrain, [&](int64_t v0, int64_t v1) {
         for (int64_t v = v0; v < v1; ++v) {
           int32_t g = map[v];
           if (g < -1) {
@@ -638,7 +638,7 @@ void PermutohedralLattice::build(MakeTable make_table, const float* features, co
         }
       });
     }
-    at::parallel_for(1, ranges, 1, [&](int64_t t0, int64_t t1) {
+    parallel::for_range(1, ranges, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t)
         for (int64_t e = range_begin(t) * dp1; e < range_begin(t + 1) * dp1; ++e) vertex_[e] = to_global[t][vertex_[e]];
     });
@@ -675,20 +675,20 @@ void PermutohedralLattice::build(MakeTable make_table, const float* features, co
     std::vector<uint8_t> has_prev(static_cast<size_t>(m_));
     for (int j = 0; j <= d; ++j) {
       // One lookup per point: its successor n1. A point with a successor and no predecessor starts a chain.
-      at::parallel_for(0, m_, kPointGrain, [&](int64_t begin, int64_t end) {
+      parallel::for_range(0, m_, kPointGrain, [&](int64_t begin, int64_t end) {
         table.successors(begin, end, j, next.data() + begin);
       });
       // Mark the points that have a predecessor (concurrent stores of the same byte value, done atomically),
       // then collect the chain starts in increasing order: counted per block, then written per block.
       std::fill(has_prev.begin(), has_prev.end(), 0);
-      at::parallel_for(0, m_, kPointGrain, [&](int64_t begin, int64_t end) {
+      parallel::for_range(0, m_, kPointGrain, [&](int64_t begin, int64_t end) {
         for (int64_t p = begin; p < end; ++p)
           if (next[p] >= 0) __atomic_store_n(&has_prev[next[p]], static_cast<uint8_t>(1), __ATOMIC_RELAXED);
       });
       const int64_t blocks = (m_ + kPointGrain - 1) / kPointGrain;
       std::vector<int64_t> block_starts(static_cast<size_t>(blocks + 1), 0);
       auto is_start = [&](int64_t p) { return next[p] >= 0 && !has_prev[p]; };
-      at::parallel_for(0, blocks, 1, [&](int64_t k0, int64_t k1) {
+      parallel::for_range(0, blocks, 1, [&](int64_t k0, int64_t k1) {
         for (int64_t k = k0; k < k1; ++k) {
           int64_t count = 0;
           for (int64_t p = k * kPointGrain; p < std::min(m_, (k + 1) * kPointGrain); ++p) count += is_start(p);
@@ -697,7 +697,7 @@ void PermutohedralLattice::build(MakeTable make_table, const float* features, co
       });
       for (int64_t k = 0; k < blocks; ++k) block_starts[k + 1] += block_starts[k];
       std::vector<int32_t> starts(static_cast<size_t>(block_starts[blocks]));
-      at::parallel_for(0, blocks, 1, [&](int64_t k0, int64_t k1) {
+      parallel::for_range(0, blocks, 1, [&](int64_t k0, int64_t k1) {
         for (int64_t k = k0; k < k1; ++k) {
           int64_t slot = block_starts[k];
           for (int64_t p = k * kPointGrain; p < std::min(m_, (k + 1) * kPointGrain); ++p)
@@ -706,7 +706,7 @@ void PermutohedralLattice::build(MakeTable make_table, const float* features, co
       });
       std::vector<int64_t>& begin_j = chain_begin_[j];
       begin_j.assign(starts.size() + 1, 0);
-      at::parallel_for(0, static_cast<int64_t>(starts.size()), kPointGrain, [&](int64_t c0, int64_t c1) {
+      parallel::for_range(0, static_cast<int64_t>(starts.size()), kPointGrain, [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c) {
           int64_t length = 0;
           for (int32_t p = starts[c]; p >= 0; p = next[p]) ++length;
@@ -716,7 +716,7 @@ void PermutohedralLattice::build(MakeTable make_table, const float* features, co
       for (size_t c = 0; c < starts.size(); ++c) begin_j[c + 1] += begin_j[c];
       std::vector<int32_t>& points_j = chain_points_[j];
       points_j.resize(static_cast<size_t>(begin_j.back()));
-      at::parallel_for(0, static_cast<int64_t>(starts.size()), kPointGrain, [&](int64_t c0, int64_t c1) {
+      parallel::for_range(0, static_cast<int64_t>(starts.size()), kPointGrain, [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c) {
           int64_t slot = begin_j[c];
           for (int32_t p = starts[c]; p >= 0; p = next[p]) points_j[slot++] = p;
@@ -761,8 +761,8 @@ template <typename T>
 T* PermutohedralLattice::splat_blur(const T* values, const T* scale, int64_t stride, T* out, bool transpose) const {
   {
     StageTimer timer("splat");
-    const std::vector<SplatPart>& parts = splat_parts(at::get_num_threads());
-    at::parallel_for(0, static_cast<int64_t>(parts.size()), 1, [&](int64_t k0, int64_t k1) {
+    const std::vector<SplatPart>& parts = splat_parts(parallel::num_threads());
+    parallel::for_range(0, static_cast<int64_t>(parts.size()), 1, [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k) {
         const SplatPart& part = parts[k];
         splat_range(vertex_.data(), weight_.data(), d_ + 1, values, scale, stride, out, part.p0, part.p1,
@@ -777,7 +777,7 @@ T* PermutohedralLattice::splat_blur(const T* values, const T* scale, int64_t str
     const int j = transpose ? d_ - step : step;
     const std::vector<int64_t>& begin_j = chain_begin_[j];
     const int64_t chains = static_cast<int64_t>(begin_j.size()) - 1;
-    at::parallel_for(0, chains, kChainGrain, [&](int64_t c0, int64_t c1) {
+    parallel::for_range(0, chains, kChainGrain, [&](int64_t c0, int64_t c1) {
       std::vector<T> scratch(static_cast<size_t>(2 * stride));
       blur_chains(begin_j.data(), chain_points_[j].data(), out, stride, scratch.data(), c0, c1);
     });

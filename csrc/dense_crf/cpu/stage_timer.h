@@ -5,17 +5,13 @@
 #include <cstdio>
 #include <cstdlib>
 
+#include "common/env.h"
+
 namespace deeplab_fast {
 namespace dense_crf {
 namespace cpu {
 
-inline bool profiling_enabled() {
-  static const bool on = [] {
-    const char* v = std::getenv("DEEPLAB_FAST_PROFILE");
-    return v != nullptr && v[0] == '1';
-  }();
-  return on;
-}
+inline bool profiling_enabled() { return env::profiling(); }
 
 class StageTimer {
  public:

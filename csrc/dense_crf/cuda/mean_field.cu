@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "../lattice_math.h"
+#include "common/env.h"
 #include "dense_crf_cuda.h"
 #include "permutohedral.cuh"
 
@@ -39,12 +40,6 @@ namespace {
 
 constexpr int kPixelBlock = 128;
 constexpr float kInf = std::numeric_limits<float>::infinity();
-
-bool env_flag(const char* name, bool fallback) {
-  const char* v = std::getenv(name);
-  if (v == nullptr || v[0] == '\0') return fallback;
-  return v[0] == '1';
-}
 
 // One term as the fused pixel kernel reads it (an array of these lives on the device).
 struct TermArgs {
@@ -651,7 +646,7 @@ class MeanField {
         S_(label_stride(p.num_labels)),
         ws_{p.allocator},
         scratch_{p.scratch != nullptr ? p.scratch : p.allocator},
-        profile_(env_flag("DEEPLAB_FAST_PROFILE", false), p.stream) {
+        profile_(env::profiling(), p.stream) {
     if (L_ > kMaxLabels) {
       throw Error("dense_crf: the CUDA kernels take at most " + std::to_string(kMaxLabels) + " labels, got L = " +
                   std::to_string(L_));
@@ -867,7 +862,7 @@ class MeanField {
       }
     };
     if (iterations > 0 && !p_.terms.empty()) {
-      const bool graph = env_flag("DEEPLAB_FAST_CUDA_GRAPH", true) && !env_flag("DEEPLAB_FAST_PROFILE", false);
+      const bool graph = env::cuda_graph() && !env::profiling();
       if (graph) {
         run_as_graph(s, graph_kind, body);
       } else {
