@@ -72,9 +72,10 @@ at::Tensor new_output(const at::Tensor& like, at::IntArrayRef sizes) {
 }
 
 void check_value_tensor(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() || t.device().is_cuda(), "dense_crf: ", name,
+  // meta: shapes only (the composite dense_crf runs this on meta tensors before the fake kernels).
+  TORCH_CHECK(t.device().is_cpu() || t.device().is_cuda() || t.device().is_meta(), "dense_crf: ", name,
               " must be a CPU or CUDA tensor, got ", t.device());
-  const bool ok = t.scalar_type() == at::kFloat || (t.scalar_type() == at::kDouble && t.device().is_cpu());
+  const bool ok = t.scalar_type() == at::kFloat || (t.scalar_type() == at::kDouble && !t.device().is_cuda());
   TORCH_CHECK(ok, "dense_crf: ", name, " must be ", dtype_rule(t), ", got ", t.scalar_type());
 }
 
@@ -106,7 +107,8 @@ std::pair<CompatKind, at::Tensor> prepare_compat(const at::Tensor& compat, int64
   TORCH_CHECK(c.size(0) == L && c.size(1) == L, "dense_crf: ", name,
               " must be a scalar (Potts weight), a vector [L] or a matrix [L, L] with L = ", L, ", got shape ",
               c.sizes());
-  return {lattice::kMatrix, ((c + c.t()) * 0.5).contiguous()};
+  // 0.5 M + 0.5 M^T: the same value as pydensecrf's 0.5 (M + M^T) (halving is exact), without overflowing.
+  return {lattice::kMatrix, (c * 0.5 + c.t() * 0.5).contiguous()};
 }
 
 int64_t check_iterations(int64_t iterations) {
