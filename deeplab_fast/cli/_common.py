@@ -86,6 +86,13 @@ def finite_float(text: str) -> float:
     return value
 
 
+def nonnegative_float(text: str) -> float:
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
+
+
 def positive_float(text: str) -> float:
     value = finite_float(text)
     if value <= 0:

@@ -3,7 +3,9 @@
     deeplab-fast train (--model NAME | --recipe NAME) --data ROOT [--out DIR] [--steps N] [--batch-size N] [--lr LR]
                        [--crop-size PX] [--mode caffe|torchvision] [--amp] [--init NAME|FILE|URL] [--resume FILE]
     torchrun --nproc_per_node=G -m deeplab_fast train ...      the same on G GPUs (DistributedDataParallel)
-    deeplab-fast eval --weights NAME|FILE|URL --data ROOT [--model NAME] [--split val] [--crf PRESET]
+    deeplab-fast train --crf-rnn PRESET --init OUT/last.pth --data ROOT [--crf-compat potts|matrix] [--crf-lr LR]
+                       [--crf-iterations N] [--crf-checkpoint] ...   the CRF-as-RNN stage
+    deeplab-fast eval --weights NAME|FILE|URL --data ROOT [--model NAME] [--split val] [--crf PRESET | --trained-crf]
                       [--scales 0.5,0.75,1] [--flip] [--num-classes N]
 
 ``train`` builds a :class:`deeplab_fast.train.TrainConfig` and runs :func:`deeplab_fast.train.train`. Defaults
@@ -26,8 +28,8 @@ import sys
 from pathlib import Path
 
 from ._common import (CLIError, crf_preset_parent, data_parent, device_parent, finite_float, library_errors,
-                      load_model, model_names, model_options_parent, nonnegative_int, positive_float, positive_int,
-                      resolve_device, scales, threads_parent)
+                      load_model, model_names, model_options_parent, nonnegative_float, nonnegative_int,
+                      positive_float, positive_int, resolve_device, scales, threads_parent)
 
 __all__ = ["add_parsers", "run_train", "run_eval"]
 
@@ -75,29 +77,75 @@ def _check_model_options(name: str, num_classes: int, kwargs: dict) -> None:
         raise CLIError(f"--model {name} with {kwargs}: {exc}") from None
 
 
+def _init_checkpoint_args(init) -> dict:
+    """The ``"args"`` of a ``deeplab-fast train`` checkpoint given to --init ({} for anything else)."""
+    from ..train import read_training_checkpoint
+
+    if init is None or not os.path.isfile(init):
+        return {}
+    with library_errors(f"--init {init!r}: "):
+        ckpt = read_training_checkpoint(init)
+    return dict(ckpt["args"]) if ckpt is not None else {}
+
+
+def _crf_stage(args, resumed: dict):
+    """(the CRF-as-RNN stage or None, its learning rate) from --crf-rnn and its options; a resumed CRF-as-RNN run
+    keeps its stage when --crf-rnn is not given."""
+    from ..train import CRFasRNNStage
+
+    options = [name for name, value in (("--crf-compat", args.crf_compat), ("--crf-lr", args.crf_lr),
+                                        ("--crf-iterations", args.crf_iterations),
+                                        ("--crf-checkpoint", args.crf_checkpoint or None)) if value is not None]
+    if args.crf_rnn is None:
+        saved = resumed.get("crf_rnn")
+        if saved:
+            if options:
+                raise CLIError(f"{options[0]} with --resume of a CRF-as-RNN run: give --crf-rnn too, or leave the "
+                               "CRF options to the checkpoint")
+            return CRFasRNNStage(**saved), resumed.get("extra_head_lr")
+        if options:
+            raise CLIError(f"{options[0]} is an option of the CRF-as-RNN stage: give --crf-rnn PRESET too")
+        return None, None
+    stage = CRFasRNNStage(preset=args.crf_rnn, compat=args.crf_compat or "potts", iterations=args.crf_iterations,
+                          checkpoint=args.crf_checkpoint)
+    return stage, args.crf_lr
+
+
 def run_train(args) -> int:
     from .. import models
     from ..train import RECIPES, TrainConfig, load_training_checkpoint, recipe_for_family, resolve_mode, train
 
     recipe = RECIPES[args.recipe] if args.recipe else None
-    args.model = args.model or (recipe.model if recipe else None)
+    # A 'deeplab-fast train' checkpoint as --init (e.g. the CRF-as-RNN stage's starting point) names its model,
+    # options, classes and normalisation: they are the defaults.
+    from_init = _init_checkpoint_args(args.init) if recipe is None else {}
+    if from_init and args.model not in (None, from_init.get("model")):
+        from_init = {}  # another architecture: only tensors that match by name and shape are loaded
+    args.model = args.model or (recipe.model if recipe else None) or from_init.get("model")
     if args.model is None:
         raise CLIError("give --model NAME or --recipe NAME (see --help)")
+    if args.num_classes is None:
+        args.num_classes = int(from_init.get("num_classes") or 21)
     family = models.model_entry(args.model).family
     if recipe is not None and recipe.family != family:
         raise CLIError(f"--recipe {recipe.name} is for {recipe.model} ({recipe.family}), not --model {args.model}")
     defaults = recipe or recipe_for_family(family)
     _check_data(args.data)
+    resumed = {}
     if args.resume is not None:
         if not Path(args.resume).is_file():
             raise CLIError(f"--resume {args.resume!r}: no such file")
         with library_errors(f"--resume {args.resume!r}: "):
-            load_training_checkpoint(args.resume)
-    kwargs = dict(recipe.model_kwargs if recipe else defaults.family_model_kwargs)
+            resumed = load_training_checkpoint(args.resume)["args"]
+    stage, crf_lr = _crf_stage(args, resumed)
+    if recipe is not None:
+        kwargs = dict(recipe.model_kwargs)
+    else:
+        kwargs = dict(from_init["model_kwargs"] if "model_kwargs" in from_init else defaults.family_model_kwargs)
     kwargs.update(_model_kwargs(args, family))
     _check_model_options(args.model, args.num_classes, kwargs)
     init = args.init or (recipe.init if recipe else None)
-    mode = args.mode
+    mode = args.mode or from_init.get("mode")
     if init is not None and args.resume is None:  # read (or downloaded) now, so that a bad file is one clear line
         mode = mode or resolve_mode(args.model, None, init)
         with library_errors(f"--init {init!r}: "):
@@ -116,18 +164,38 @@ def run_train(args) -> int:
         log_every=args.log_every, model_kwargs=kwargs, seed=args.seed, val_every=args.val_every,
         workers=args.workers, progress=sys.stderr.isatty() and not args.no_progress, ckpt_every=args.ckpt_every,
         shuffle=not args.no_shuffle, scale_range=scale_range, flip=not args.no_augment, augmented=args.augmented,
-        stop_at=args.stop_at)
+        stop_at=args.stop_at, extra_head=stage, extra_head_lr=crf_lr)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     with library_errors():
         result = train(config)
     if rank0:
-        print(f"trained {args.model} to step {result['step']} on {result['world_size']} process(es) in "
-              f"{result['seconds']:.1f} s; last loss {result['loss']:.4f}")
+        print(f"trained {args.model}{' + CRF-as-RNN' if stage else ''} to step {result['step']} on "
+              f"{result['world_size']} process(es) in {result['seconds']:.1f} s; last loss {result['loss']:.4f}")
         if "val" in result:
             v = result["val"]
-            print(f"val: mIoU {100 * v['miou']:.2f}, pixel accuracy {100 * v['pixel_accuracy']:.2f}")
+            print(f"val: mIoU {100 * v['miou']:.2f}, pixel accuracy {100 * v['pixel_accuracy']:.2f}"
+                  + (f"; with the trained CRF: mIoU {100 * v['crf']['miou']:.2f}" if v.get("crf") else ""))
+        if stage is not None:
+            _print_learned_crf(result["checkpoint"])
         print(f"checkpoint: {result['checkpoint']}\nlog: {result['log']}")
     return 0
+
+
+def _print_learned_crf(checkpoint) -> None:
+    import torch
+
+    from ..train import load_trained_crf
+
+    crf = load_trained_crf(checkpoint)
+    for name in crf.trained:
+        value = getattr(crf, name).detach()
+        if value.dim() == 0:
+            print(f"learned {name}: {float(value):.4g} (preset {crf.config()[name]:g})")
+        else:
+            diag = value.diagonal()
+            print(f"learned {name}: {tuple(value.shape)} matrix, diagonal {float(diag.min()):.3g} .. "
+                  f"{float(diag.max()):.3g} (preset {-crf.config()[name]:g}), off-diagonal |max| "
+                  f"{float((value - torch.diag(diag)).abs().max()):.3g}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -135,11 +203,11 @@ def run_train(args) -> int:
 
 
 def _load_eval_model(args):
-    """(model name, model, the input normalisation, the training args or {}) for ``eval``."""
+    """(model name, model, the input normalisation, the training checkpoint or None) for ``eval``."""
     from .. import models
     from ..train import read_training_checkpoint
 
-    saved = {}
+    saved, ckpt = {}, None
     if os.path.exists(args.weights):
         with library_errors(f"--weights {args.weights!r}: "):
             ckpt = read_training_checkpoint(args.weights)
@@ -157,7 +225,7 @@ def _load_eval_model(args):
     kwargs.update(_model_kwargs(args, family))
     model, weights = load_model(name, args.weights, args.num_classes or saved.get("num_classes"), **kwargs)
     mode = args.mode or saved.get("mode") or weights.meta["normalization"]["mode"]
-    return name, model, mode
+    return name, model, mode, ckpt
 
 
 def _fmt(v: float) -> str:
@@ -172,31 +240,49 @@ def run_eval(args) -> int:
         raise CLIError("--weights is required: evaluation needs trained weights (a 'deeplab-fast train' "
                        "checkpoint such as OUT/last.pth, or see 'deeplab-fast segment --help')")
     _check_data(args.data)
+    if args.trained_crf and args.crf:
+        raise CLIError("--crf PRESET and --trained-crf: choose one (run eval twice to compare them)")
+    if args.crf_iterations is not None and not args.trained_crf:
+        raise CLIError("--crf-iterations is for --trained-crf (a preset has its own)")
     device = resolve_device(args.device)
-    name, model, mode = _load_eval_model(args)
+    name, model, mode, ckpt = _load_eval_model(args)
     num_classes = model.num_classes
+    crf, crf_name = args.crf, args.crf
+    if args.trained_crf:
+        from ..train import load_trained_crf
+
+        if ckpt is None:
+            raise CLIError(f"--trained-crf: --weights {args.weights!r} is not a 'deeplab-fast train' checkpoint")
+        with library_errors("--trained-crf: "):
+            crf = load_trained_crf(ckpt, iterations=args.crf_iterations)
+        crf_name = f"trained, {ckpt['args']['crf_rnn']['preset']}"
     with library_errors():
-        result = evaluate(model, args.data, split=args.split, num_classes=num_classes, mode=mode, crf=args.crf,
+        result = evaluate(model, args.data, split=args.split, num_classes=num_classes, mode=mode, crf=crf,
                           scales=args.scales, flip=args.flip, device=device,
                           progress=sys.stderr.isatty() and not args.no_progress, workers=args.workers)
     names = VOC_CLASSES if num_classes == len(VOC_CLASSES) else tuple(f"class {i}" for i in range(num_classes))
-    crf = result["crf"]
     print(f"{name} on {args.data} [{args.split}], {result['num_images']} images, mode {mode}, scales "
           f"{','.join(f'{s:g}' for s in args.scales)}{', flip' if args.flip else ''}")
-    header = f"{'':<16}{'no CRF':>8}" + (f"{'CRF (' + args.crf + ')':>24}" if crf else "")
-    print(header)
-    print(f"{'mIoU':<16}{_fmt(result['miou']):>8}" + (f"{_fmt(crf['miou']):>24}" if crf else ""))
+    if args.trained_crf:
+        print(f"trained CRF: {crf!r}")
+    crf = result["crf"]
+    title = f"CRF ({crf_name})" if crf else ""
+    wide = max(24, len(title) + 2)
+    print(f"{'':<16}{'no CRF':>8}" + (f"{title:>{wide}}" if crf else ""))
+    print(f"{'mIoU':<16}{_fmt(result['miou']):>8}" + (f"{_fmt(crf['miou']):>{wide}}" if crf else ""))
     print(f"{'pixel accuracy':<16}{_fmt(result['pixel_accuracy']):>8}"
-          + (f"{_fmt(crf['pixel_accuracy']):>24}" if crf else ""))
+          + (f"{_fmt(crf['pixel_accuracy']):>{wide}}" if crf else ""))
     print("per-class IoU:")
     for i, cls in enumerate(names):
         print(f"  {cls:<14}{_fmt(result['per_class_iou'][i]):>8}"
-              + (f"{_fmt(crf['per_class_iou'][i]):>24}" if crf else ""))
+              + (f"{_fmt(crf['per_class_iou'][i]):>{wide}}" if crf else ""))
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
         record = dict(model=name, weights=args.weights, data=args.data, split=args.split, mode=mode,
                       scales=list(args.scales), flip=args.flip, **result)
+        if args.trained_crf:
+            record["crf_preset"] = crf_name
         path.write_text(json.dumps(record, indent=1, allow_nan=True))
         print(f"written: {path}")
     return 0
@@ -226,7 +312,10 @@ def _train_description() -> str:
         "The loss: v1/v2 cross-entropy at 1/8 against downsampled labels (v2 --model-kwargs '{\"msc\": true}': the",
         "MSC loss); v3 cross-entropy on the upsampled logits (+0.4 x aux with '{\"aux_loss\": true}').",
         "--batch-size is per process; under 'torchrun --nproc_per_node=G -m deeplab_fast train ...' (DDP: NCCL on",
-        "CUDA, gloo on the CPU) the effective batch is G x batch-size. Writes OUT/last.pth and OUT/log.jsonl."]
+        "CUDA, gloo on the CPU) the effective batch is G x batch-size. Writes OUT/last.pth and OUT/log.jsonl.",
+        "CRF-as-RNN stage: --crf-rnn PRESET --init OUT/last.pth fine-tunes a trained model with a trainable dense",
+        "CRF on top (the model, classes, options and --mode default to the --init checkpoint's); 'eval",
+        "--trained-crf' evaluates with the learned CRF."]
     return "\n".join(lines)
 
 
@@ -248,6 +337,8 @@ def _init_help() -> str:
 
 def add_parsers(sub) -> None:
     """Adds the ``train`` and ``eval`` commands to the ``deeplab-fast`` parser."""
+    from ..nn import PRESETS
+    from ..nn.crf import COMPAT_FORMS
     from ..train import RECIPES
 
     names = model_names()
@@ -262,7 +353,8 @@ def add_parsers(sub) -> None:
     tr.add_argument("--recipe", default=None, choices=sorted(RECIPES),
                     help="a paper recipe: model, options, --init and hyperparameters (the explicit options win)")
     tr.add_argument("--out", metavar="DIR", default=None, help="output folder (default runs/MODEL)")
-    tr.add_argument("--num-classes", type=positive_int, default=21, metavar="N", help="classes (default 21)")
+    tr.add_argument("--num-classes", type=positive_int, default=None, metavar="N",
+                    help="classes (default: an --init training checkpoint's, else 21)")
     tr.add_argument("--steps", type=positive_int, default=None, metavar="N", help="iterations (default: recipe)")
     tr.add_argument("--batch-size", type=positive_int, default=None, metavar="N",
                     help="images per step and process (default: recipe)")
@@ -295,6 +387,23 @@ def add_parsers(sub) -> None:
     tr.add_argument("--stop-at", type=positive_int, default=None, metavar="N",
                     help="stop after step N (checkpoint written), to continue later with --resume")
     tr.add_argument("--workers", type=nonnegative_int, default=4, metavar="N", help="data loader workers (default 4)")
+    crf = tr.add_argument_group(
+        "CRF-as-RNN stage", "fine-tune a trained model (--init OUT/last.pth) end to end with a trainable dense CRF "
+        "on its scores; the loss is the CRF marginals' negative log-likelihood at full resolution")
+    crf.add_argument("--crf-rnn", metavar="PRESET", choices=sorted(PRESETS), default=None,
+                     help=f"train with the CRF on top, its kernels and initial weights from PRESET "
+                          f"({' or '.join(sorted(PRESETS))})")
+    crf.add_argument("--crf-compat", choices=COMPAT_FORMS, default=None,
+                     help="what the CRF learns: 'potts' (a weight per kernel, default) or 'matrix' (an L x L "
+                          "compatibility per kernel, initialised to -weight x identity)")
+    crf.add_argument("--crf-lr", type=nonnegative_float, default=None, metavar="LR",
+                     help="the CRF's learning rate, no weight decay (default: --lr; 0 keeps the preset's weights: "
+                          "the network alone is fine-tuned through the fixed CRF)")
+    crf.add_argument("--crf-iterations", type=positive_int, default=None, metavar="N",
+                     help="mean-field iterations in training (default: the preset's 10; CRF-as-RNN trains with 5)")
+    crf.add_argument("--crf-checkpoint", action="store_true",
+                     help="recompute the mean-field iterations in the backward instead of keeping them "
+                          "(B x iterations x H x W x L floats, e.g. 250 MB per 512x512 image with 21 classes)")
     tr.set_defaults(run=run_train)
 
     ev = sub.add_parser("eval", help="mIoU of a DeepLab model on a VOC split, with and without the dense CRF",
@@ -313,4 +422,9 @@ def add_parsers(sub) -> None:
                     help="input normalisation (default: the training checkpoint's, else the weights')")
     ev.add_argument("--workers", type=nonnegative_int, default=2, metavar="N", help="data loader workers")
     ev.add_argument("--json", metavar="FILE", default=None, help="also write the metrics as JSON")
+    ev.add_argument("--trained-crf", action="store_true",
+                    help="also report the results after the CRF a 'train --crf-rnn' run learned (read from the "
+                         "--weights checkpoint), instead of a --crf preset")
+    ev.add_argument("--crf-iterations", type=positive_int, default=None, metavar="N",
+                    help="with --trained-crf: mean-field iterations (default: those it was trained with)")
     ev.set_defaults(run=run_eval)

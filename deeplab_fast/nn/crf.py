@@ -1,7 +1,11 @@
-"""``DenseCRF``: the fully connected CRF as a post-processing layer for segmentation logits."""
+"""``DenseCRF``: the fully connected CRF as a post-processing layer for segmentation logits, or, with
+``trainable=True``, as a CRF-as-RNN head whose compatibilities are learned end to end."""
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -9,7 +13,7 @@ from torch import nn
 
 from ..ops.dense_crf import dense_crf
 
-__all__ = ["DenseCRF", "CRFPreset", "PRESETS"]
+__all__ = ["DenseCRF", "CRFPreset", "PRESETS", "TRAINABLE_TERMS", "COMPAT_FORMS"]
 
 
 @dataclass(frozen=True)
@@ -37,13 +41,44 @@ PRESETS = {
 }
 
 
+# The compatibilities a trainable layer can learn, and the kernel settings it cannot (the op has no gradient for
+# them).
+TRAINABLE_TERMS = ("gaussian_compat", "bilateral_compat")
+_BANDWIDTHS = ("gaussian_sxy", "bilateral_sxy", "bilateral_srgb")
+COMPAT_FORMS = ("potts", "matrix")
+
+
+def _trained_terms(trainable) -> tuple:
+    """``trainable`` (a bool, a term name or a sequence of them) as a tuple of term names, checked."""
+    if isinstance(trainable, bool):
+        return TRAINABLE_TERMS if trainable else ()
+    names = (trainable,) if isinstance(trainable, str) else trainable
+    try:
+        names = tuple(names)
+    except TypeError:
+        raise ValueError(f"DenseCRF: trainable must be a bool or term names from {TRAINABLE_TERMS}, got "
+                         f"{trainable!r}") from None
+    for name in names:
+        if name in _BANDWIDTHS:
+            raise NotImplementedError(
+                f"DenseCRF: learning {name} (a kernel bandwidth) is not implemented: the dense CRF op has no "
+                f"gradient with respect to the kernel features; only {' and '.join(TRAINABLE_TERMS)} can be trained")
+        if name not in TRAINABLE_TERMS:
+            raise ValueError(f"DenseCRF: trainable names must be among {TRAINABLE_TERMS} (iterations is an integer; "
+                             f"the bandwidths have no gradient), got {name!r}")
+    return tuple(t for t in TRAINABLE_TERMS if t in names)
+
+
 class DenseCRF(nn.Module):
     """Fully connected CRF refinement of segmentation logits (Krähenbühl & Koltun, NIPS 2011), as used by
-    DeepLab v1/v2 (Chen et al., ICLR 2015, sec. 4; TPAMI 2017, sec. 3.3).
+    DeepLab v1/v2 (Chen et al., ICLR 2015, sec. 4; TPAMI 2017, sec. 3.3), and, with ``trainable=True``, as a
+    CRF-as-RNN head trained end to end with the network (Zheng et al., "Conditional Random Fields as Recurrent
+    Neural Networks", ICCV 2015).
 
     The unary is ``-log_softmax(logits)``; logits smaller than the image (e.g. DeepLab's 1/8-resolution output)
     are first upsampled bilinearly (``align_corners=False``) to the image size. Mean-field inference runs on
-    the permutohedral lattice through :func:`deeplab_fast.ops.dense_crf`, on the logits' device.
+    the permutohedral lattice through :func:`deeplab_fast.ops.dense_crf`, on the logits' device, in float32
+    (autocast is turned off inside the layer).
 
     Args:
         iterations (int): mean-field steps (default 10).
@@ -52,44 +87,129 @@ class DenseCRF(nn.Module):
         bilateral_sxy (float): appearance kernel spatial standard deviation, pixels (default 80).
         bilateral_srgb (float): its colour standard deviation, 8-bit levels (default 13).
         bilateral_compat (float): its Potts weight (default 10).
+        trainable (bool | str | sequence of str): learn the compatibilities (keyword only; default False).
+            ``True`` learns both, or name them: ``"gaussian_compat"``, ``"bilateral_compat"``. The bandwidths
+            (``gaussian_sxy``, ``bilateral_sxy``, ``bilateral_srgb``) cannot be learned: naming one raises
+            ``NotImplementedError``.
+        compat (str): the form of the learned compatibilities: ``"potts"`` (one weight per term, a 0-d
+            parameter) or ``"matrix"`` (a full ``[L, L]`` label compatibility per term, as CRF-as-RNN learns).
+        num_classes (int): L, needed for ``compat="matrix"``.
+        checkpoint (bool): in training, keep only the inputs between forward and backward and recompute the
+            iterations in the backward (see Memory).
 
-    Defaults are pydensecrf's; ``DenseCRF.from_preset("deeplab_v2_voc")`` gives DeepLab-v2's VOC kernels.
+    Defaults are pydensecrf's; ``DenseCRF.from_preset("deeplab_v2_voc")`` gives DeepLab-v2's VOC kernels, and
+    ``DenseCRF.from_preset("deeplab_v2_voc", trainable=True, compat="matrix", num_classes=21)`` a CRF-as-RNN
+    head initialised from them.
+
+    What is learned (``trainable``): each trained term's compatibility becomes an ``nn.Parameter`` of the same
+    name, initialised from the given (preset) weight. With the op's convention (pydensecrf's) the mean-field
+    update is ``Q <- softmax(-unary - sum_k C_k(K_k Q))`` and a Potts weight ``w`` means ``C(x) = -w x``:
+    ``"potts"`` learns ``w`` (positive: neighbours agree); ``"matrix"`` learns ``W`` with ``C(x) = W x``,
+    initialised to ``-w * I`` (which gives exactly the Potts layer's output). The op uses ``(W + W^T) / 2``, so
+    the gradient of ``W`` is symmetric and ``W`` stays symmetric; a negative ``W[i, j]`` makes label ``j``
+    around a pixel favour label ``i`` there (CRF-as-RNN's compatibility transform, its sign as pydensecrf's
+    ``MatrixCompatibility``). The kernel bandwidths and the number of iterations stay fixed; CRF-as-RNN
+    trains with 5 iterations and tests with 10, which ``iterations`` allows. Gradients flow to the logits too
+    (exact, through every mean-field step: the op's backward), so the network below the layer trains with it.
+
+    Memory (training, ``checkpoint=False``): the op keeps every iteration's marginals for the backward,
+    ``B * iterations * H * W * S`` float32 values, S being L rounded up to 8 on the CPU (for L > 2) and to 4 on
+    CUDA: 252 MB for one 512x512 image with 21 labels (S = 24) and 10 iterations, plus the upsampled unary and
+    the output (2 * 22 MB there). ``checkpoint=True`` keeps only the inputs until the backward, which reruns
+    the iterations (one more forward's time) and holds the history only while it runs. In inference (no
+    gradient needed) nothing is kept.
 
     Shape:
         - logits (Tensor[B, L, h, w], floating point), with h <= H and w <= W;
         - image (Tensor[B, 3, H, W], uint8 RGB) on the same device;
-        - output (Tensor[B, L, H, W], float32): the CRF marginals (probabilities summing to 1 over L).
+        - output (Tensor[B, L, H, W], float32): the CRF marginals (probabilities summing to 1 over L). To train
+          with a cross-entropy, use ``log(Q + eps)`` as the scores (``deeplab_fast.train.CRFasRNNHead`` does).
 
     Raises:
-        ValueError: non-tensor inputs, non-floating logits, logits larger than the image, or a non-4-D input.
+        ValueError: non-tensor inputs, non-floating logits, logits larger than the image, a non-4-D input; bad
+            constructor arguments (``compat``, ``num_classes``, ``trainable`` names), logits with another number
+            of classes than a ``"matrix"`` layer's ``num_classes``.
+        NotImplementedError: ``trainable`` naming a bandwidth.
         RuntimeError: the errors of :func:`deeplab_fast.ops.dense_crf` (dtype, batch size, channels, NaN...).
 
-    The layer has no parameters and is not differentiable (it is post-processing).
+    With ``trainable=False`` (the default) the layer has no parameters and is post-processing: it runs under
+    ``no_grad``. A trainable layer works inside a model's ``forward`` and under ``torch.compile(fullgraph=True)``,
+    moves with ``.to(device)``, and its ``state_dict`` holds the learned compatibilities.
     """
 
     def __init__(self, iterations: int = 10, gaussian_sxy: float = 3.0, gaussian_compat: float = 3.0,
-                 bilateral_sxy: float = 80.0, bilateral_srgb: float = 13.0, bilateral_compat: float = 10.0):
+                 bilateral_sxy: float = 80.0, bilateral_srgb: float = 13.0, bilateral_compat: float = 10.0, *,
+                 trainable=False, compat: str = "potts", num_classes: Optional[int] = None,
+                 checkpoint: bool = False):
         super().__init__()
+        trained = _trained_terms(trainable)
+        if compat not in COMPAT_FORMS:
+            raise ValueError(f"DenseCRF: compat must be one of {COMPAT_FORMS}, got {compat!r}")
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                        or num_classes < 1):
+            raise ValueError(f"DenseCRF: num_classes must be a positive int, got {num_classes!r}")
+        if compat == "matrix":
+            if not trained:
+                raise ValueError("DenseCRF: compat='matrix' is the form of the learned compatibilities; it needs "
+                                 "trainable=True")
+            if num_classes is None:
+                raise ValueError("DenseCRF: compat='matrix' needs num_classes (the [L, L] matrices' size)")
         self.iterations = iterations
         self.gaussian_sxy = gaussian_sxy
-        self.gaussian_compat = gaussian_compat
         self.bilateral_sxy = bilateral_sxy
         self.bilateral_srgb = bilateral_srgb
-        self.bilateral_compat = bilateral_compat
+        self.trained = trained
+        self.compat = compat
+        self.num_classes = num_classes
+        self.checkpoint = bool(checkpoint)
+        self._init_compat = dict(gaussian_compat=gaussian_compat, bilateral_compat=bilateral_compat)
+        for name, value in self._init_compat.items():
+            if name not in trained:
+                setattr(self, name, value)
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"DenseCRF: the initial {name} of a trainable layer must be a finite number (a "
+                                 f"Potts weight), got {value!r}")
+            w = torch.tensor(float(value), dtype=torch.float32)
+            setattr(self, name, nn.Parameter(w if compat == "potts" else -w * torch.eye(num_classes)))
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "DenseCRF":
-        """A ``DenseCRF`` with the named kernel settings (see ``PRESETS``), optionally overriding some."""
+        """A ``DenseCRF`` with the named kernel settings (see ``PRESETS``), optionally overriding some or passing
+        ``trainable``, ``compat``, ``num_classes``, ``checkpoint``."""
         if name not in PRESETS:
             raise ValueError(f"unknown DenseCRF preset {name!r}; choose one of {sorted(PRESETS)}")
         kwargs = {k: v for k, v in asdict(PRESETS[name]).items() if k != "source"}
         kwargs.update(overrides)
         return cls(**kwargs)
 
+    @property
+    def trainable(self) -> bool:
+        """Whether the layer learns any compatibility."""
+        return bool(self.trained)
+
+    def config(self) -> dict:
+        """The constructor's arguments (``DenseCRF(**crf.config())`` is the same layer before training; the learned
+        values are in the ``state_dict``)."""
+        return dict(iterations=self.iterations, gaussian_sxy=self.gaussian_sxy, bilateral_sxy=self.bilateral_sxy,
+                    bilateral_srgb=self.bilateral_srgb, **self._init_compat, trainable=list(self.trained),
+                    compat=self.compat, num_classes=self.num_classes, checkpoint=self.checkpoint)
+
+    def _compat_repr(self, name: str) -> str:
+        value = getattr(self, name)
+        if not isinstance(value, torch.Tensor):
+            return f"{name}={value}"
+        if value.dim() == 0:
+            return f"{name}={float(value.detach()):.6g} (learned)"
+        return f"{name}=matrix{list(value.shape)} (learned, initial Potts {self._init_compat[name]})"
+
     def extra_repr(self) -> str:
         return (f"iterations={self.iterations}, gaussian_sxy={self.gaussian_sxy}, "
-                f"gaussian_compat={self.gaussian_compat}, bilateral_sxy={self.bilateral_sxy}, "
-                f"bilateral_srgb={self.bilateral_srgb}, bilateral_compat={self.bilateral_compat}")
+                f"{self._compat_repr('gaussian_compat')}, bilateral_sxy={self.bilateral_sxy}, "
+                f"bilateral_srgb={self.bilateral_srgb}, {self._compat_repr('bilateral_compat')}"
+                + (f", compat={self.compat!r}" if self.trained else "")
+                + (f", num_classes={self.num_classes}" if self.num_classes is not None else "")
+                + (", checkpoint=True" if self.checkpoint else ""))
 
     def unary(self, logits: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         """The unary energies ``-log_softmax`` of the logits at image resolution, Tensor[B, L, H, W] float32."""
@@ -109,9 +229,20 @@ class DenseCRF(nn.Module):
             logits = F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
         return -F.log_softmax(logits, dim=1)
 
+    def _infer(self, logits: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        return dense_crf(self.unary(logits, image), image, iterations=self.iterations,
+                         gaussian_sxy=self.gaussian_sxy, gaussian_compat=self.gaussian_compat,
+                         bilateral_sxy=self.bilateral_sxy, bilateral_srgb=self.bilateral_srgb,
+                         bilateral_compat=self.bilateral_compat, checkpoint=self.checkpoint)
+
     def forward(self, logits: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return dense_crf(self.unary(logits, image), image, iterations=self.iterations,
-                             gaussian_sxy=self.gaussian_sxy, gaussian_compat=self.gaussian_compat,
-                             bilateral_sxy=self.bilateral_sxy, bilateral_srgb=self.bilateral_srgb,
-                             bilateral_compat=self.bilateral_compat)
+        if not self.trained:
+            with torch.no_grad():
+                return self._infer(logits, image)
+        if self.compat == "matrix" and isinstance(logits, torch.Tensor) and logits.dim() == 4 \
+                and logits.shape[1] != self.num_classes:
+            raise ValueError(f"DenseCRF: the logits have {logits.shape[1]} classes, the layer's compatibility "
+                             f"matrices {self.num_classes}")
+        device_type = logits.device.type if isinstance(logits, torch.Tensor) else "cpu"
+        with torch.autocast(device_type=device_type, enabled=False):
+            return self._infer(logits, image)

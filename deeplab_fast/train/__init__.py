@@ -9,13 +9,17 @@ training configuration, the paper recipes and the loops.
 - ``metrics``: ``ConfusionMatrix`` (exact int64 counts; mean IoU, pixel and mean class accuracy;
   ``all_reduce`` across processes).
 - ``config``: ``TrainConfig``, a run's settings; ``recipes``: ``RECIPES``, the papers' recipes as data.
+- ``crf_rnn``: the CRF-as-RNN stage: ``CRFasRNNStage`` (``TrainConfig(extra_head=CRFasRNNStage(...))``), the
+  ``CRFasRNNHead`` it builds (a trainable ``DenseCRF`` on the network's scores) and ``denormalize``.
 - ``engine``: ``train(config)``, ``train_one_epoch``, ``evaluate``, ``build_training``, the checkpoint functions
+  (``load_trained_crf``: the CRF a CRF-as-RNN run trained)
   and ``init_weights``.
 """
 from .config import TrainConfig
+from .crf_rnn import CRFasRNNHead, CRFasRNNStage, denormalize
 from .engine import (CHECKPOINT_KEYS, TrainState, build_training, compute_loss, default_mode, evaluate, init_weights,
-                     load_training_checkpoint, model_family, read_training_checkpoint, resolve_mode, save_checkpoint,
-                     train, train_one_epoch)
+                     load_trained_crf, load_training_checkpoint, model_family, read_training_checkpoint, resolve_mode,
+                     save_checkpoint, train, train_one_epoch)
 from .losses import downsampled_cross_entropy, msc_loss, upsampled_cross_entropy
 from .lr import HEAD_ATTRIBUTES, param_groups, poly_lr
 from .metrics import ConfusionMatrix
@@ -26,6 +30,7 @@ __all__ = [
     "poly_lr", "param_groups", "HEAD_ATTRIBUTES",
     "ConfusionMatrix",
     "TrainConfig", "RECIPES", "Recipe", "recipe_for_family", "recipes_table",
+    "CRFasRNNStage", "CRFasRNNHead", "denormalize", "load_trained_crf",
     "train", "train_one_epoch", "evaluate", "build_training", "TrainState", "compute_loss", "save_checkpoint",
     "load_training_checkpoint", "read_training_checkpoint", "CHECKPOINT_KEYS", "init_weights", "resolve_mode",
     "default_mode", "model_family",

@@ -35,9 +35,12 @@ class TrainConfig:
 
     Extra head (for stages that train a head on top of the network, e.g. a CRF-as-RNN layer): ``extra_head`` is
     a module factory ``f(model) -> nn.Module`` whose module is called as ``head(output, image)`` on the network's
-    training output and the input batch, and returns an output of the same form for the loss; its parameters
-    form their own group at ``extra_head_lr`` (default ``lr``), without weight decay unless
-    ``extra_head_weight_decay`` is given. It is saved in the checkpoint as ``"extra_head"``.
+    training output and the (normalised) input batch, and returns an output of the same form for the loss; its
+    parameters form their own group at ``extra_head_lr`` (default ``lr``; 0 keeps them fixed), without weight
+    decay unless ``extra_head_weight_decay`` is given. It is saved in the checkpoint as ``"extra_head"``.
+    The CRF-as-RNN stage is ``extra_head=CRFasRNNStage(preset, compat=...)``
+    (:mod:`deeplab_fast.train.crf_rnn`): the engine gives it the run's ``mode`` to undo, and the checkpoint's
+    ``"args"`` record it as ``"crf_rnn"`` (``eval`` rebuilds the trained CRF from them).
     """
 
     model: str
@@ -92,4 +95,13 @@ class TrainConfig:
                     crop_size=self.crop_size, mode=self.mode, momentum=self.momentum,
                     weight_decay=self.weight_decay, power=self.power, amp=bool(self.amp), seed=self.seed,
                     model_kwargs=self.model_kwargs, shuffle=self.shuffle, scale_range=list(self.scale_range),
-                    flip=self.flip, augmented=self.augmented, head_lr_mult=self.head_lr_mult)
+                    flip=self.flip, augmented=self.augmented, head_lr_mult=self.head_lr_mult,
+                    crf_rnn=self._crf_rnn_args(), extra_head_lr=self.extra_head_lr)
+
+    def _crf_rnn_args(self) -> Optional[dict]:
+        from .crf_rnn import CRFasRNNStage
+
+        if not isinstance(self.extra_head, CRFasRNNStage):
+            return None
+        stage = self.extra_head  # train() has resolved self.mode by now; the engine gives it to the stage too
+        return (stage if stage.mode is not None else stage.replace(mode=self.mode)).to_dict()

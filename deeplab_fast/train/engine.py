@@ -16,6 +16,13 @@ validation (:func:`evaluate`) between steps. The loss follows the model's family
 * v3: cross-entropy on the logits upsampled to the crop (``upsampled_cross_entropy``), plus 0.4 x the auxiliary
   head's loss with ``aux_loss=True`` (torchvision's reference recipe).
 
+The CRF-as-RNN stage (``TrainConfig(extra_head=CRFasRNNStage(...))``, ``train --crf-rnn``) puts a trainable
+:class:`deeplab_fast.nn.DenseCRF` on those scores (:class:`~deeplab_fast.train.crf_rnn.CRFasRNNHead`: the input's
+normalisation undone for the CRF's uint8 image, ``log(Q + eps)`` at the crop size in place of the final scores),
+so the same family loss becomes the CRF marginals' negative log-likelihood at full resolution and the network
+trains through the CRF; the CRF's compatibilities are their own parameter group. Validation then also reports
+the mIoU after the CRF being trained.
+
 Under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is initialised (NCCL on CUDA, gloo on the CPU), the
 model is wrapped in ``DistributedDataParallel`` and the data split by ``DistributedSampler``; ``batch_size``
 is per process (torchvision's convention), so the effective batch is ``batch_size x WORLD_SIZE``. Only rank 0
@@ -23,7 +30,9 @@ writes the checkpoint and the log and shows the progress bar.
 
 Checkpoint ``out_dir/last.pth``: a dict ``{"model", "optimizer", "scheduler", "scaler", "step", "args",
 "rng"}`` (``model`` is the plain model's state dict, so ``models.load_checkpoint`` and ``deeplab-fast
-segment/eval --weights`` read it), written atomically every ``ckpt_every`` steps and at the end.
+segment/eval --weights`` read it; a run with an extra head adds ``"extra_head"``, and :func:`load_trained_crf`
+rebuilds a CRF-as-RNN run's CRF from it and ``args["crf_rnn"]``), written atomically every ``ckpt_every`` steps
+and at the end.
 ``resume=path`` restores all of it and continues from the saved step (up to ``steps``; a larger ``steps`` than
 the checkpoint's extends the poly schedule, recomputed in closed form at the saved step) with the same data
 order, augmentation and dropout draws as an uninterrupted run.
@@ -41,7 +50,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -50,10 +59,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TrainConfig
+from .crf_rnn import CRFasRNNHead, CRFasRNNStage
 
 __all__ = ["train", "train_one_epoch", "evaluate", "build_training", "TrainState", "compute_loss",
-           "save_checkpoint", "load_training_checkpoint", "read_training_checkpoint", "init_weights",
-           "resolve_mode", "default_mode", "model_family", "CHECKPOINT_KEYS"]
+           "save_checkpoint", "load_training_checkpoint", "read_training_checkpoint", "load_trained_crf",
+           "init_weights", "resolve_mode", "default_mode", "model_family", "CHECKPOINT_KEYS"]
 
 # What a training checkpoint holds ("scaler" and "rng" may be empty).
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "step", "args", "rng")
@@ -76,10 +86,18 @@ def default_mode(model_name: str) -> str:
 
 
 def resolve_mode(model_name: str, mode: Optional[str] = None, init=None) -> str:
-    """``mode`` if given; else the normalisation of the ``init`` weights (registered weights, or a file named as
-    one, say theirs); else the model's default."""
+    """``mode`` if given; else the normalisation of the ``init`` weights (a ``deeplab-fast train`` checkpoint says
+    which it was trained with; registered weights, or a file named as one, say theirs); else the model's
+    default."""
     if mode is not None:
         return mode
+    if isinstance(init, (str, os.PathLike)) and os.path.isfile(init):
+        try:
+            saved = read_training_checkpoint(init)
+        except (ValueError, OSError):
+            saved = None
+        if saved is not None and saved["args"].get("mode") is not None:
+            return saved["args"]["mode"]
     if init is not None and not isinstance(init, dict):
         from ..models import resolve_weights
 
@@ -259,6 +277,31 @@ def load_training_checkpoint(path) -> dict:
     return ckpt
 
 
+def load_trained_crf(checkpoint, iterations: Optional[int] = None) -> nn.Module:
+    """The CRF a CRF-as-RNN run trained, from its ``deeplab-fast train`` checkpoint (a path or the loaded dict):
+    a :class:`deeplab_fast.nn.DenseCRF` with the learned compatibilities (still ``trainable``; under ``no_grad``
+    it runs as the plain layer), with the run's iterations or ``iterations``. ValueError when the checkpoint
+    holds no trained CRF."""
+    ckpt = checkpoint if isinstance(checkpoint, dict) else read_training_checkpoint(checkpoint)
+    where = "the checkpoint" if isinstance(checkpoint, dict) else f"'{os.fspath(checkpoint)}'"
+    spec = (ckpt or {}).get("args", {}).get("crf_rnn")
+    state = (ckpt or {}).get("extra_head")
+    if not isinstance(spec, dict) or not isinstance(state, dict):
+        raise ValueError(f"{where} holds no trained CRF (it was not written by a 'deeplab-fast train --crf-rnn' "
+                         "run)")
+    known = {f.name for f in fields(CRFasRNNStage)}
+    stage = CRFasRNNStage(**{k: v for k, v in spec.items() if k in known})
+    if iterations is not None:
+        stage = stage.replace(iterations=iterations)
+    crf = stage.build_crf(int(ckpt["args"]["num_classes"]))
+    prefix = "crf."
+    try:
+        crf.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    except RuntimeError as exc:
+        raise ValueError(f"{where}: its CRF does not fit {stage}: {str(exc).splitlines()[0]}") from None
+    return crf
+
+
 # ---------------------------------------------------------------------------------------------------------
 # training
 
@@ -308,8 +351,12 @@ def build_training(cfg: TrainConfig, rank: int = 0, world: int = 1, device: Opti
     groups = param_groups(model, cfg.lr, weight_decay=cfg.weight_decay, head_lr_mult=cfg.head_lr_mult)
     extra_head = None
     if cfg.extra_head is not None:
-        extra_head = cfg.extra_head(model).to(dev)
-        groups.append(dict(params=list(extra_head.parameters()), lr=cfg.extra_head_lr or cfg.lr,
+        factory = cfg.extra_head
+        if isinstance(factory, CRFasRNNStage) and factory.mode is None:  # it undoes the run's normalisation
+            factory = factory.replace(mode=cfg.mode or resolve_mode(cfg.model, None, cfg.init))
+        extra_head = factory(model).to(dev)
+        groups.append(dict(params=list(extra_head.parameters()),
+                           lr=cfg.lr if cfg.extra_head_lr is None else cfg.extra_head_lr,
                            weight_decay=cfg.extra_head_weight_decay))
     optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=bool(cfg.amp) and dev.type == "cuda")
@@ -471,8 +518,10 @@ def train(config, data_root=None, out_dir=None, **kwargs) -> dict:
             if cfg.ckpt_every and s.step % cfg.ckpt_every == 0 and s.step != end and is_main:
                 save_checkpoint(ckpt_path, s, args)
             if cfg.val_every and s.step % cfg.val_every == 0:
+                crf = s.extra_head.crf if isinstance(s.extra_head, CRFasRNNHead) else None  # the CRF being trained
                 result_val = evaluate(s.model, cfg.data_root, split="val", num_classes=cfg.num_classes,
-                                      mode=cfg.mode, device=dev, progress=False, ignore_index=cfg.ignore_index)
+                                      mode=cfg.mode, device=dev, progress=False, ignore_index=cfg.ignore_index,
+                                      crf=crf)
                 log(dict(step=s.step, val=_brief(result_val)))
                 _set_train_mode(s.model, s.family)
 
@@ -511,7 +560,10 @@ def _to_float(out):
 
 
 def _brief(metrics: dict) -> dict:
-    return {k: metrics[k] for k in ("miou", "pixel_accuracy", "per_class_iou") if k in metrics}
+    brief = {k: metrics[k] for k in ("miou", "pixel_accuracy", "per_class_iou") if k in metrics}
+    if metrics.get("crf"):
+        brief["crf"] = _brief(metrics["crf"])
+    return brief
 
 
 # ---------------------------------------------------------------------------------------------------------
