@@ -54,19 +54,19 @@ def gpu_description(device=None) -> str:
 
 def record(benchmark, group: str, impl: str, threads: int | None = None, *, device: str | None = None,
            backend: str = "cpu", times_s: list | None = None, batch: int = 1, target_ms: float | None = None,
-           **info):
+           timer: str | None = None, **info):
     """Stores a finished benchmark's median and minimum under RESULTS[group][impl].
 
     device: what ran it (default: this CPU). backend: "cpu" or "cuda". times_s: per-call times in seconds
-    measured by the test (CUDA events); they replace pytest-benchmark's wall-clock statistics, which are kept as
-    wall_median_s. batch: images per call (fps counts images). target_ms: the target for one call, if any.
+    measured by the test (CUDA events, or a wall clock the test ran itself: say which in ``timer``); they replace
+    pytest-benchmark's wall-clock statistics, which are kept as wall_median_s. batch: images per call (fps counts images). target_ms: the target for one call, if any.
     Anything else (info) goes to the JSON row's "extra" and to pytest-benchmark's extra_info.
     """
     stats = getattr(benchmark, "stats", None)
-    timed = stats is not None and not getattr(benchmark, "disabled", False)
+    timed = (stats is not None or bool(times_s)) and not getattr(benchmark, "disabled", False)
     device = device or device_description()
-    timer = "cuda events" if times_s is not None else "wall clock"
-    wall_median = stats.stats.median if timed else None
+    timer = timer or ("cuda events" if times_s is not None else "wall clock")
+    wall_median = stats.stats.median if timed and stats is not None else None
     if timed and times_s:
         median, best = statistics.median(times_s), min(times_s)
     elif timed and times_s is None:
