@@ -8,7 +8,7 @@ smoke runs.
 - ``make_synthetic_voc(root, ...)``: writes coloured shapes on textured backgrounds in the VOC layout.
 """
 from .synthetic import make_synthetic_voc
-from .transforms import EvalTransform, TrainTransform, normalize
+from .transforms import EvalTransform, TrainTransform, denormalize, normalize
 from .voc import VOC_CLASSES, VOCSegmentation, colorize, find_voc_root, voc_palette
 
-__all__ = ["VOCSegmentation", "VOC_CLASSES", "voc_palette", "colorize", "find_voc_root", "TrainTransform", "EvalTransform", "normalize", "make_synthetic_voc"]
+__all__ = ["VOCSegmentation", "VOC_CLASSES", "voc_palette", "colorize", "find_voc_root", "TrainTransform", "EvalTransform", "normalize", "denormalize", "make_synthetic_voc"]

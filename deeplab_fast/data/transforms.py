@@ -22,7 +22,7 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-__all__ = ["TrainTransform", "EvalTransform", "normalize", "MODES", "IMAGENET_MEAN", "IMAGENET_STD", "CAFFE_MEAN_BGR"]
+__all__ = ["TrainTransform", "EvalTransform", "normalize", "denormalize", "MODES", "IMAGENET_MEAN", "IMAGENET_STD", "CAFFE_MEAN_BGR"]
 
 # ImageNet normalisation (torchvision's DeepLabV3 weights) and the Caffe DeepLab v1/v2 preprocessing
 # (BGR, 0-255, mean subtracted), as kazuto1011/deeplab-pytorch feeds its converted Caffe weights.
@@ -69,6 +69,27 @@ def normalize(image: torch.Tensor, mode: str = "torchvision") -> torch.Tensor:
         std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=x.device).view(3, 1, 1)
         return (x / 255.0 - mean) / std
     return x.flip(-3) - torch.tensor(CAFFE_MEAN_BGR, dtype=torch.float32, device=x.device).view(3, 1, 1)
+
+
+def denormalize(x: torch.Tensor, mode: str) -> torch.Tensor:
+    """The inverse of :func:`normalize`: float Tensor[..., 3, H, W] normalised with ``mode``
+    ("torchvision": RGB, ImageNet mean / std; "caffe": BGR minus the Caffe mean, 0-255) -> uint8
+    Tensor[..., 3, H, W] RGB, rounded to the nearest level and clamped to [0, 255]. ``denormalize(normalize(img,
+    mode), mode)`` is ``img`` exactly; a training crop's rescaled pixels become the nearest levels of their
+    interpolated colour, its padding (0, the mean colour) the mean colour. ValueError for another mode or a
+    non-floating input."""
+    _check_mode(mode, "denormalize")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 3 or x.shape[-3] != 3:
+        got = f"{x.dtype} with shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"denormalize: x must be a floating-point Tensor[..., 3, H, W], got {got}")
+    x = x.detach().float()
+    if mode == "torchvision":
+        mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=x.device).view(3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=x.device).view(3, 1, 1)
+        rgb = (x * std + mean) * 255.0
+    else:
+        rgb = (x + torch.tensor(CAFFE_MEAN_BGR, dtype=torch.float32, device=x.device).view(3, 1, 1)).flip(-3)
+    return rgb.round().clamp(0, 255).to(torch.uint8)
 
 
 def _pair(v, name: str, owner: str) -> Tuple[int, int]:

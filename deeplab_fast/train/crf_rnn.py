@@ -22,36 +22,14 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..data.transforms import denormalize
+
 __all__ = ["CRFasRNNStage", "CRFasRNNHead", "denormalize", "LOG_EPS"]
 
 # Added to the marginals before the log: float32 marginals can underflow to 0 for a confident wrong label, whose
 # loss is then log(1 / eps) (~13.8) instead of infinite. The gradient stays bounded: d loss / d Q_t = -1 / (Q_t +
 # eps), multiplied by the softmax's Q_t in the op's backward.
 LOG_EPS = 1e-6
-
-
-def denormalize(x: torch.Tensor, mode: str) -> torch.Tensor:
-    """The inverse of :func:`deeplab_fast.data.normalize`: float Tensor[..., 3, H, W] normalised with ``mode``
-    ("torchvision": RGB, ImageNet mean / std; "caffe": BGR minus the Caffe mean, 0-255) -> uint8
-    Tensor[..., 3, H, W] RGB, rounded to the nearest level and clamped to [0, 255]. ``denormalize(normalize(img,
-    mode), mode)`` is ``img`` exactly; a training crop's rescaled pixels become the nearest levels of their
-    interpolated colour, its padding (0, the mean colour) the mean colour. ValueError for another mode or a
-    non-floating input."""
-    from ..data.transforms import CAFFE_MEAN_BGR, IMAGENET_MEAN, IMAGENET_STD, MODES
-
-    if mode not in MODES:
-        raise ValueError(f"denormalize: mode must be one of {MODES}, got {mode!r}")
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 3 or x.shape[-3] != 3:
-        got = f"{x.dtype} with shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"denormalize: x must be a floating-point Tensor[..., 3, H, W], got {got}")
-    x = x.detach().float()
-    if mode == "torchvision":
-        mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=x.device).view(3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=x.device).view(3, 1, 1)
-        rgb = (x * std + mean) * 255.0
-    else:
-        rgb = (x + torch.tensor(CAFFE_MEAN_BGR, dtype=torch.float32, device=x.device).view(3, 1, 1)).flip(-3)
-    return rgb.round().clamp(0, 255).to(torch.uint8)
 
 
 class CRFasRNNHead(nn.Module):
