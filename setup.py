@@ -3,19 +3,31 @@
 Environment:
   FORCE_CUDA=1   build the CUDA kernels even when torch or this machine has no CUDA (needs nvcc).
   DEBUG=1        build with -O0 -g and assertions.
+  SANITIZE=1     build the C++ (host) code with AddressSanitizer and UndefinedBehaviorSanitizer
+                 (-fsanitize=address,undefined -fno-omit-frame-pointer, -O1 -g unless DEBUG=1; linked with them
+                 too). CUDA kernels are not instrumented (use compute-sanitizer). Load it with
+                 LD_PRELOAD="$(gcc -print-file-name=libasan.so)" ASAN_OPTIONS=detect_leaks=0.
+  CUDA_HOME      the CUDA toolkit (torch's guess when unset: CUDA_PATH, else the folder above the nvcc on PATH,
+                 else /usr/local/cuda). See find_cuda_toolkit() for what is tried when it has no headers.
   CUTLASS_PATH   a CUTLASS checkout (its include/ is used); default: the headers of the nvidia-cutlass wheel
                  (`pip install nvidia-cutlass`, found through its cutlass_library package).
-CUDA sources (csrc/**/cuda/*.cu) are compiled only when torch is a CUDA build and nvcc is found, or with
+CUDA sources (csrc/**/cuda/*.cu) are compiled only when torch is a CUDA build and a CUDA toolkit is found, or with
 FORCE_CUDA=1; otherwise the build is CPU-only and says so. The CUDA build needs the CUTLASS headers.
 """
 import glob
 import os
+import re
+import shutil
+import subprocess
 
 import torch
+import torch.utils.cpp_extension as cpp_extension
 from setuptools import setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# Where a CUDA toolkit lives when nothing else says so (tried last, in this order).
+STANDARD_CUDA_HOMES = ("/usr/local/cuda",)
 
 
 def _sources(pattern):
@@ -36,19 +48,160 @@ def cutlass_include_dir():
     return inc if os.path.isfile(os.path.join(inc, "cutlass", "cutlass.h")) else None
 
 
+# ---- the CUDA toolkit ----
+
+
+def is_cuda_toolkit(home):
+    """A CUDA toolkit: <home>/include/cuda_runtime.h and an executable <home>/bin/nvcc."""
+    return bool(home) and os.path.isfile(os.path.join(home, "include", "cuda_runtime.h")) and os.access(
+        os.path.join(home, "bin", "nvcc"), os.X_OK)
+
+
+def _wrapped_nvccs(path):
+    """The absolute paths of an nvcc named inside a small text file (a wrapper script: `exec /x/bin/nvcc "$@"`)."""
+    try:
+        if os.path.getsize(path) > 64 * 1024:
+            return []
+        with open(path, "rb") as f:
+            text = f.read()
+    except OSError:
+        return []
+    if not text.startswith(b"#!") or b"\0" in text:
+        return []
+    return [m.decode() for m in re.findall(rb"(/[^\s'\"`;|&<>()$]*/nvcc)(?![\w.-])", text)]
+
+
+def _nvcc_homes(nvcc, notes, depth=0):
+    """Toolkit candidates for one nvcc: its folder's parent, the same after following links, those of the nvccs a
+    wrapper script runs, and the toolkit nvcc itself reports (`nvcc --dryrun`: TOP=<home>/bin/..)."""
+    homes = [os.path.dirname(os.path.dirname(nvcc))]
+    real = os.path.realpath(nvcc)
+    if real != nvcc:
+        notes.append(f"{nvcc} is a link to {real}")
+        homes.append(os.path.dirname(os.path.dirname(real)))
+    if depth < 4:
+        for inner in _wrapped_nvccs(real):
+            if os.path.realpath(inner) != real:
+                notes.append(f"{real} is a wrapper script that runs {inner}")
+                homes += _nvcc_homes(inner, notes, depth + 1)
+    if depth == 0:
+        try:
+            out = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-E", os.devnull, "-o", os.devnull],
+                                 capture_output=True, text=True, timeout=60).stderr
+        except (OSError, subprocess.SubprocessError) as e:
+            notes.append(f"`{nvcc} --dryrun` failed: {e}")
+            out = ""
+        m = re.search(r"^#\$ TOP=(.+)$", out, re.M)
+        if m:
+            top = os.path.normpath(m.group(1).strip())
+            notes.append(f"`{nvcc} --dryrun` says TOP={top}")
+            homes.append(top)
+    return homes
+
+
+def find_cuda_toolkit(cuda_home, which_nvcc=shutil.which, standard=None, cuda_version=None):
+    """The CUDA toolkit to build with, as (home, how it was found, notes), or (None, None, notes).
+
+    In order: cuda_home (torch's CUDA_HOME); the real nvcc behind $CUDA_HOME/bin/nvcc and behind the nvcc on PATH
+    (links followed, wrapper scripts read, and nvcc asked: a wrapper such as /usr/local/bin/nvcc makes torch guess
+    /usr/local, which has no headers); then the standard locations (/usr/local/cuda, /usr/local/cuda-<torch's
+    CUDA version>; standard: default STANDARD_CUDA_HOMES). A toolkit is a folder with include/cuda_runtime.h and
+    bin/nvcc. notes says what was tried.
+    """
+    standard = STANDARD_CUDA_HOMES if standard is None else standard
+    notes = []
+    tried = []
+
+    def candidate(home, how):
+        home = os.path.normpath(home)
+        if home in tried:
+            return None
+        tried.append(home)
+        if is_cuda_toolkit(home):
+            return home, how
+        notes.append(f"{home} ({how}): no include/cuda_runtime.h or bin/nvcc")
+        return None
+
+    if cuda_home:
+        found = candidate(cuda_home, "torch's CUDA_HOME")
+        if found:
+            return found + (notes,)
+    nvccs = []
+    if cuda_home and os.access(os.path.join(cuda_home, "bin", "nvcc"), os.X_OK):
+        nvccs.append((os.path.join(cuda_home, "bin", "nvcc"), "CUDA_HOME's bin/nvcc"))
+    on_path = which_nvcc("nvcc")
+    if on_path:
+        nvccs.append((os.path.abspath(on_path), "the nvcc on PATH"))
+    else:
+        notes.append("no nvcc on PATH")
+    seen = set()
+    for nvcc, what in nvccs:
+        if os.path.realpath(nvcc) in seen:
+            continue
+        seen.add(os.path.realpath(nvcc))
+        for home in _nvcc_homes(nvcc, notes):
+            found = candidate(home, f"from {what}, {nvcc}")
+            if found:
+                return found + (notes,)
+    homes = list(standard) + ([f"{h}-{cuda_version}" for h in standard] if cuda_version else [])
+    for home in homes:
+        if not os.path.isdir(home):
+            notes.append(f"{home} (a standard location): not there")
+            continue
+        found = candidate(home, "a standard location")
+        if found:
+            return found + (notes,)
+    return None, None, notes
+
+
+def nvcc_version(home):
+    try:
+        out = subprocess.run([os.path.join(home, "bin", "nvcc"), "--version"], capture_output=True, text=True,
+                             timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    m = re.search(r"release (\S+?),", out)
+    return m.group(1) if m else "?"
+
+
+def use_cuda_toolkit(home):
+    """Points torch.utils.cpp_extension (which read CUDA_HOME once, at import) and the compiler processes at home."""
+    cpp_extension.CUDA_HOME = home
+    os.environ["CUDA_HOME"] = home
+
+
 def _extension():
     debug = os.environ.get("DEBUG", "0") == "1"
+    sanitize = os.environ.get("SANITIZE", "0") == "1"
     force_cuda = os.environ.get("FORCE_CUDA", "0") == "1"
     cpu_sources = [s for s in _sources("csrc/**/*.cpp") if os.sep + "cuda" + os.sep not in s]
     cuda_sources = _sources("csrc/**/cuda/*.cu") + _sources("csrc/**/cuda/*.cpp")
-    with_cuda = force_cuda or (torch.version.cuda is not None and CUDA_HOME is not None)
+    torch_cuda_home = cpp_extension.CUDA_HOME
+    with_cuda = force_cuda or (torch.version.cuda is not None and torch_cuda_home is not None)
+    toolkit = ""
+    if with_cuda:
+        home, how, notes = find_cuda_toolkit(torch_cuda_home, cuda_version=torch.version.cuda)
+        if home is None:
+            tried = "\n  ".join(notes) or "nothing"
+            raise RuntimeError(
+                "deeplab_fast: the CUDA build needs a CUDA toolkit (include/cuda_runtime.h and bin/nvcc), and none "
+                f"was found. CUDA_HOME={os.environ.get('CUDA_HOME', '(unset)')!r} (torch's CUDA_HOME: "
+                f"{torch_cuda_home!r}). Tried:\n  {tried}\n"
+                "Set CUDA_HOME to the toolkit's folder (the one with include/cuda_runtime.h, e.g. /usr/local/cuda), "
+                "or build CPU-only with a CPU build of torch.")
+        if home != torch_cuda_home:
+            print(f"deeplab_fast: torch's CUDA_HOME {torch_cuda_home!r} has no CUDA headers; using the toolkit in "
+                  f"{home} ({how})" + "".join(f"\n  {n}" for n in notes))
+        use_cuda_toolkit(home)
+        toolkit = f"CUDA toolkit {home} (nvcc {nvcc_version(home)}; {how}); "
     cutlass = cutlass_include_dir() if with_cuda else None
     if with_cuda and cutlass is None:
         raise RuntimeError("deeplab_fast: the CUDA build needs the CUTLASS headers: pip install nvidia-cutlass, "
                            "or set CUTLASS_PATH to a CUTLASS checkout")
 
     cxx = ["-std=c++17", "-fopenmp", "-ffp-contract=off", "-fdiagnostics-color=always"]
-    cxx += ["-O0", "-g"] if debug else ["-O3", "-DNDEBUG"]
+    cxx += ["-O0", "-g"] if debug else (["-O1", "-g"] if sanitize else ["-O3", "-DNDEBUG"])
+    sanitizers = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"] if sanitize else []
     # SASS for A100 (sm_80) and H100/H200 (sm_90), plus compute_90 PTX that newer GPUs JIT-compile.
     # torch adds -D__CUDA_NO_HALF_OPERATORS__ and friends; CUTLASS's half / bfloat16 types need them undone.
     nvcc = ["-std=c++17", "--fmad=false", "--expt-relaxed-constexpr", "-gencode=arch=compute_80,code=sm_80",
@@ -61,19 +214,23 @@ def _extension():
         sources=cpu_sources + (cuda_sources if with_cuda else []),
         include_dirs=[os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")]
         + ([cutlass] if cutlass else []),
-        extra_compile_args={"cxx": cxx + (["-DWITH_CUDA"] if with_cuda else []), "nvcc": nvcc},
-        extra_link_args=["-fopenmp"],
+        extra_compile_args={"cxx": cxx + sanitizers + (["-DWITH_CUDA"] if with_cuda else []), "nvcc": nvcc},
+        extra_link_args=["-fopenmp"] + sanitizers,
     )
     kind = "CUDA + CPU" if with_cuda else "CPU-only"
     why = ("FORCE_CUDA=1" if force_cuda else "torch has CUDA and nvcc was found") if with_cuda else (
         "torch has no CUDA" if torch.version.cuda is None else "nvcc (CUDA_HOME) not found")
-    print(f"deeplab_fast: building {kind} extension ({why}); {'debug' if debug else 'release'} build; "
+    build = "debug" if debug else ("-O1 -g" if sanitize else "release")
+    if sanitize:
+        build += " + ASan/UBSan (SANITIZE=1)"
+    print(f"deeplab_fast: building {kind} extension ({why}); {toolkit}{build} build; "
           f"{'CUTLASS ' + cutlass + '; ' if cutlass else ''}{len(kwargs['sources'])} sources: "
           f"{', '.join(kwargs['sources'])}")
     return (CUDAExtension if with_cuda else CppExtension)(**kwargs)
 
 
-setup(
-    ext_modules=[_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)},
-)
+if __name__ == "__main__":  # also under pip (setuptools' build backend runs this file as __main__)
+    setup(
+        ext_modules=[_extension()],
+        cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)},
+    )

@@ -7,15 +7,16 @@
 #               reports the Python packages still missing (pydensecrf2, pytest-benchmark, scikit-image)
 #   build       pip install --no-build-isolation -v -e . ; the log must say "building CUDA + CPU extension",
 #               and the ops must have CUDA kernels
-#   cuda-tests  pytest tests/test_dense_crf_cuda.py tests/test_atrous_conv_cuda.py tests/test_aspp_cuda.py
-#               (some test must pass: all-skipped is a failure)
+#   cuda-tests  pytest -k cuda over tests/test_{dense_crf,atrous_conv,aspp}*.py (the *_cuda.py files, or tests
+#               with "cuda" in their ids; some test must pass: all-skipped is a failure)
 #   tests       the full pytest
 #   sanitize    compute-sanitizer memcheck (PYTORCH_NO_CUDA_MEMORY_CACHING=1) and racecheck on
 #               tests/cuda/sanitize_dense_crf.py and tests/cuda/sanitize_atrous_conv.py; initcheck and synccheck
 #               too, reported but never failing
 #   bench       DEEPLAB_FAST_BENCH_NAME=gpu-<device> pytest benchmarks -k "cuda or gpu": the JSON goes to
 #               benchmarks/results/ and is copied beside the logs
-# A device call runs at most 10 minutes: split the steps over two calls if needed, e.g.
+# A device call runs at most 10 minutes: split the steps over two calls if needed (or use .ci/gpu_quick.sh, the
+# quick form that fits one call), e.g.
 #   bash .ci/gpu_checks.sh build cuda-tests sanitize      then      bash .ci/gpu_checks.sh build tests bench
 # (a second build on a machine still warm is incremental).
 #
@@ -126,28 +127,9 @@ sanitizer_bin() {
   return 1
 }
 
-# pydensecrf2 1.1's setup.py asks for cython==0.29.36 (setup_requires), which pip cannot fetch offline: drop that
-# line, then build with the Cython there, or else from the pre-generated .cpp files (Cython hidden).
+# pydensecrf2 from a carried sdist: .ci/build_pydensecrf.sh (shared with .ci/gpu_quick.sh).
 build_pydensecrf() {
-  local src="${TMPDIR:-/tmp}/deeplab_fast-pydensecrf-src" sdist
-  sdist="$(ls "$CARRY"/pydensecrf2-*.tar.gz | head -n 1)"
-  echo "building pydensecrf2 from $sdist"
-  rm -rf "$src" && mkdir -p "$src" && tar -xzf "$sdist" -C "$src" --strip-components 1 || return 1
-  sed -i '/setup_requires/d' "$src/setup.py"
-  rm -f "$src/pyproject.toml"  # its build-system table pins Cython==0.29.36 too
-  if "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --target "$SITE" "$src"; then
-    pyok "import pydensecrf.densecrf" && { echo "pydensecrf2 built (Cython)"; return 0; }
-  fi
-  local nocython="${TMPDIR:-/tmp}/deeplab_fast-nocython"
-  mkdir -p "$nocython/Cython" && echo 'raise ImportError("hidden: build from the pre-generated .cpp")' \
-    >"$nocython/Cython/__init__.py"
-  if PYTHONPATH="$nocython:$PYTHONPATH" "$PY" -m pip install -q --no-index --no-deps --no-build-isolation \
-    --target "$SITE" --upgrade "$src" && pyok "import pydensecrf.densecrf"; then
-    echo "pydensecrf2 built (pre-generated .cpp)"
-    return 0
-  fi
-  echo "pydensecrf2 could not be built"
-  return 1
+  bash .ci/build_pydensecrf.sh "$(ls "$CARRY"/pydensecrf2-*.tar.gz | head -n 1)" "$SITE" "$PY"
 }
 
 # ---- build ----
@@ -161,11 +143,7 @@ step_build() {
     end build FAIL "pip exit $rc, see build.log"
   elif ! grep -q "building CUDA + CPU extension" "$LOGS/build.log"; then
     end build FAIL "the build log does not say 'building CUDA + CPU extension'"
-  elif ! "$PY" -c 'import torch, deeplab_fast, sys
-ops = ("dense_crf", "dense_crf_features", "dense_crf_pairwise_energy", "atrous_conv2d", "atrous_conv2d_plan")
-missing = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key("deeplab_fast::" + op, "CUDA")]
-print("CUDA kernels:", "all ops" if not missing else "MISSING for " + ", ".join(missing))
-sys.exit(1 if missing else 0)' 2>&1 | tee -a "$LOGS/build.log"; then
+  elif ! "$PY" .ci/check_cuda_build.py 2>&1 | tee -a "$LOGS/build.log"; then
     end build FAIL "ops without CUDA kernels"
   else
     end build PASS
@@ -190,9 +168,10 @@ run_pytest() {
 }
 
 step_cuda_tests() {
-  begin "cuda-tests: pytest tests/test_*_cuda.py"
-  run_pytest cuda-tests tests/test_dense_crf_cuda.py tests/test_atrous_conv_cuda.py tests/test_aspp_cuda.py -q -rfEs \
-    --durations=10
+  begin "cuda-tests: pytest -k cuda tests/test_{dense_crf,atrous_conv,aspp}*.py"
+  local files
+  mapfile -t files < <(ls tests/test_dense_crf*.py tests/test_atrous_conv*.py tests/test_aspp*.py)
+  run_pytest cuda-tests "${files[@]}" -k cuda -q -rfEs --durations=10
 }
 
 step_tests() {

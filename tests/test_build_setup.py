@@ -1,0 +1,159 @@
+"""setup.py without building: how it finds the CUDA toolkit, its summary line, and its SANITIZE=1 flags.
+
+setup.py is loaded as a module (its setup() call runs only as __main__), and its toolkit search is run against
+fake toolkits in tmp_path: a folder with include/cuda_runtime.h and an executable bin/nvcc.
+"""
+import importlib.util
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import torch.utils.cpp_extension as cpp_extension
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def setup_py():
+    spec = importlib.util.spec_from_file_location("deeplab_fast_setup", ROOT / "setup.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def script(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return path
+
+
+def toolkit(path: Path, release: str = "13.0") -> Path:
+    """A fake CUDA toolkit: the header torch's build looks for and an nvcc that tells its version."""
+    (path / "include").mkdir(parents=True)
+    (path / "include" / "cuda_runtime.h").write_text("// fake\n")
+    script(path / "bin" / "nvcc", f'#!/bin/sh\necho "Cuda compilation tools, release {release}, V{release}.1"\n')
+    return path
+
+
+def no_nvcc(name):
+    return None
+
+
+@pytest.fixture
+def isolated_env(monkeypatch, tmp_path):
+    """No CUDA_HOME, FORCE_CUDA or SANITIZE from outside; CUDA_HOME restored after setup.py sets it."""
+    for var in ("FORCE_CUDA", "SANITIZE", "DEBUG", "CUTLASS_PATH", "CUDA_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("CUDA_HOME", "unset-by-test")
+    monkeypatch.delenv("CUDA_HOME")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)
+    return monkeypatch
+
+
+def test_cuda_home_with_headers_is_used(setup_py, tmp_path):
+    tk = toolkit(tmp_path / "cuda")
+    home, how, notes = setup_py.find_cuda_toolkit(str(tk), which_nvcc=no_nvcc, standard=())
+    assert (home, how) == (str(tk), "torch's CUDA_HOME")
+
+
+def test_wrapper_script_is_followed(setup_py, tmp_path):
+    """/usr/local/bin/nvcc as `exec /usr/local/cuda-13.0/bin/nvcc "$@"`: torch guesses /usr/local, no headers."""
+    tk = toolkit(tmp_path / "cuda-13.0")
+    wrapper = script(tmp_path / "local" / "bin" / "nvcc", f'#!/bin/sh\nexec {tk}/bin/nvcc "$@"\n')
+    home, how, notes = setup_py.find_cuda_toolkit(str(tmp_path / "local"), which_nvcc=no_nvcc, standard=())
+    assert home == str(tk)
+    assert str(wrapper) in how
+    assert any("wrapper script" in n for n in notes)
+    assert any("no include/cuda_runtime.h" in n for n in notes)  # the rejected CUDA_HOME is reported
+
+
+def test_symlinked_nvcc_on_path_is_followed(setup_py, tmp_path):
+    tk = toolkit(tmp_path / "cuda")
+    link = tmp_path / "bin" / "nvcc"
+    link.parent.mkdir()
+    link.symlink_to(tk / "bin" / "nvcc")
+    home, how, notes = setup_py.find_cuda_toolkit(None, which_nvcc=lambda name: str(link), standard=())
+    assert home == str(tk)
+    assert "the nvcc on PATH" in how
+    assert any("is a link to" in n for n in notes)
+
+
+def test_nvcc_is_asked_where_its_toolkit_is(setup_py, tmp_path):
+    """A wrapper that names no path: `nvcc --dryrun` reports TOP=<toolkit>/bin/.."""
+    tk = toolkit(tmp_path / "hidden" / "cuda")
+    (tmp_path / "where").write_text(str(tk))
+    wrapper = script(tmp_path / "opaque" / "bin" / "nvcc",
+                     f'#!/bin/sh\necho "#\\$ TOP=$(cat {tmp_path}/where)/bin/.." >&2\n')
+    home, how, notes = setup_py.find_cuda_toolkit(None, which_nvcc=lambda name: str(wrapper), standard=())
+    assert home == str(tk)
+    assert any("--dryrun` says TOP=" in n for n in notes)
+
+
+def test_standard_locations_come_last(setup_py, tmp_path):
+    tk = toolkit(tmp_path / "cuda-12.8")
+    home, how, _ = setup_py.find_cuda_toolkit(str(tmp_path / "empty"), which_nvcc=no_nvcc,
+                                              standard=(str(tmp_path / "cuda"),), cuda_version="12.8")
+    assert (home, how) == (str(tk), "a standard location")
+
+
+def test_nothing_found_says_what_was_tried(setup_py, tmp_path):
+    home, how, notes = setup_py.find_cuda_toolkit(str(tmp_path), which_nvcc=no_nvcc,
+                                                  standard=(str(tmp_path / "nowhere"),))
+    assert home is None and how is None
+    text = "\n".join(notes)
+    assert str(tmp_path) in text and "no nvcc on PATH" in text and "nowhere" in text
+
+
+def test_build_fails_clearly_without_a_toolkit(setup_py, isolated_env, tmp_path):
+    """CUDA_HOME at a folder without the headers, no nvcc anywhere: a RuntimeError naming CUDA_HOME."""
+    empty = tmp_path / "no-headers"
+    (empty / "include").mkdir(parents=True)
+    isolated_env.setenv("CUDA_HOME", str(empty))
+    isolated_env.setenv("FORCE_CUDA", "1")
+    isolated_env.setenv("PATH", str(tmp_path / "no-bin"))
+    isolated_env.setattr(cpp_extension, "CUDA_HOME", str(empty))
+    isolated_env.setattr(setup_py, "STANDARD_CUDA_HOMES", (str(tmp_path / "no-standard"),))
+    with pytest.raises(RuntimeError) as info:
+        setup_py._extension()
+    msg = str(info.value)
+    assert f"CUDA_HOME={str(empty)!r}" in msg
+    assert "Tried:" in msg and "no nvcc on PATH" in msg and "no-standard" in msg
+
+
+def test_summary_line_names_the_toolkit(setup_py, isolated_env, tmp_path, capsys):
+    tk = toolkit(tmp_path / "cuda-13.0")
+    script(tmp_path / "local" / "bin" / "nvcc", f'#!/bin/sh\nexec {tk}/bin/nvcc "$@"\n')
+    cutlass = tmp_path / "cutlass"
+    (cutlass / "include" / "cutlass").mkdir(parents=True)
+    (cutlass / "include" / "cutlass" / "cutlass.h").write_text("// fake\n")
+    isolated_env.setenv("FORCE_CUDA", "1")
+    isolated_env.setenv("CUTLASS_PATH", str(cutlass))
+    isolated_env.setenv("CUDA_HOME", str(tmp_path / "local"))
+    isolated_env.setattr(cpp_extension, "CUDA_HOME", str(tmp_path / "local"))
+    ext = setup_py._extension()
+    out = capsys.readouterr().out
+    assert "building CUDA + CPU extension" in out
+    assert f"CUDA toolkit {tk} (nvcc 13.0; from" in out
+    assert f"torch's CUDA_HOME '{tmp_path / 'local'}' has no CUDA headers; using the toolkit in {tk}" in out
+    assert cpp_extension.CUDA_HOME == str(tk) and os.environ["CUDA_HOME"] == str(tk)
+    assert any(s.endswith(".cu") for s in ext.sources)
+
+
+def test_sanitize_flags(setup_py, isolated_env, capsys):
+    isolated_env.setenv("SANITIZE", "1")
+    ext = setup_py._extension()
+    cxx = ext.extra_compile_args["cxx"]
+    assert "-fsanitize=address,undefined" in cxx and "-fno-omit-frame-pointer" in cxx
+    assert "-O1" in cxx and "-g" in cxx and "-O3" not in cxx
+    assert "-ffp-contract=off" in cxx  # the CPU CRF's bit-exactness rule holds in every build
+    assert "-fsanitize=address,undefined" in ext.extra_link_args
+    assert "ASan/UBSan (SANITIZE=1)" in capsys.readouterr().out
+
+
+def test_release_flags_have_no_sanitizer(setup_py, isolated_env, capsys):
+    ext = setup_py._extension()
+    assert "-O3" in ext.extra_compile_args["cxx"]
+    assert not any("sanitize" in f for f in ext.extra_compile_args["cxx"] + ext.extra_link_args)
+    assert "building CPU-only extension" in capsys.readouterr().out
