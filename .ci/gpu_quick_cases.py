@@ -53,7 +53,24 @@ def case_crf(gen) -> bool:
     ok = finite and diff <= 1e-4
     log(f"{'ok  ' if ok else 'FAIL'} crf: dense_crf 1x21x37x29 it=3 default, graph "
         f"{os.environ.get('DEEPLAB_FAST_CUDA_GRAPH', '1')}: max |dQ| {diff:.3g}")
-    return ok
+    # The backward (kept history, a matrix and a Potts compatibility) against the CPU op's.
+    grads = {}
+    for device in ("cuda", "cpu"):
+        u = unary.to(device).requires_grad_(True)
+        m = (-3.0 * torch.eye(21) + 0.1 * torch.randn(21, 21, generator=torch.Generator().manual_seed(1)))
+        m = m.to(device).requires_grad_(True)
+        w = torch.tensor(10.0, device=device, requires_grad=True)
+        q = dense_crf(u, image.to(device), iterations=3, gaussian_compat=m, bilateral_compat=w)
+        weights = torch.arange(21, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        (q * weights).sum().backward()
+        grads[device] = [u.grad.cpu(), m.grad.cpu(), w.grad.cpu()]
+    rel = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+              for a, b in zip(grads["cuda"], grads["cpu"]))
+    finite = all(bool(torch.isfinite(g).all()) for g in grads["cuda"])
+    ok_grad = finite and rel <= 1e-3
+    log(f"{'ok  ' if ok_grad else 'FAIL'} crf: backward 1x21x37x29 it=3 (matrix + Potts): max relative "
+        f"difference to the CPU op {rel:.3g}")
+    return ok and ok_grad
 
 
 def case_conv(gen) -> bool:
