@@ -5,6 +5,9 @@
 #include <cstring>
 #include <limits>
 #include <sstream>
+#include <string>
+
+#include <c10/util/safe_numerics.h>
 
 #include "common/env.h"
 
@@ -13,9 +16,22 @@ namespace atrous_conv {
 
 namespace {
 
-void check_pair(at::IntArrayRef v, const char* name, int64_t min, const char* expected) {
+// stride, dilation in [1, kMaxParam] and padding in [0, kMaxParam]: 32-bit values, as the CUDA kernels take them.
+constexpr int64_t kMaxParam = std::numeric_limits<int32_t>::max();
+// The padded input extent (H + 2 pad, W + 2 pad) is at most 2^62, so that the output-size and tap-band
+// arithmetic (tap_regions.h), which stays below extent + stride, never overflows int64.
+constexpr int64_t kMaxExtent = int64_t{1} << 62;
+
+void check_pair(at::IntArrayRef v, const char* name, int64_t min, const char* note) {
   TORCH_CHECK(v.size() == 2, "atrous_conv2d: ", name, " must have 2 values (height, width), got ", v.size());
-  TORCH_CHECK(v[0] >= min && v[1] >= min, "atrous_conv2d: ", name, " must be ", expected, ", got ", v);
+  TORCH_CHECK(v[0] >= min && v[0] <= kMaxParam && v[1] >= min && v[1] <= kMaxParam, "atrous_conv2d: ", name,
+              " must be >= ", min, " and <= ", kMaxParam, note, ", got ", v);
+}
+
+void check_same_device(const c10::optional<at::Tensor>& t, const at::Tensor& input, const char* name) {
+  if (!t.has_value() || !t->defined()) return;
+  TORCH_CHECK(t->device() == input.device(), "atrous_conv2d: ", name, " is on ", t->device(),
+              " but the input is on ", input.device());
 }
 
 void check_vector(const c10::optional<at::Tensor>& t, const at::Tensor& input, int64_t K, const char* name) {
@@ -24,8 +40,23 @@ void check_vector(const c10::optional<at::Tensor>& t, const at::Tensor& input, i
               " must be a 1-D tensor of one value per output channel ([", K, "]), got shape ", t->sizes());
   TORCH_CHECK(t->scalar_type() == input.scalar_type(), "atrous_conv2d: ", name, " must have the input's dtype (",
               input.scalar_type(), "), got ", t->scalar_type());
-  TORCH_CHECK(t->device() == input.device(), "atrous_conv2d: ", name, " is on ", t->device(),
-              " but the input is on ", input.device());
+}
+
+// (taps - 1) * dilation + 1, the dilated filter's extent, as text ("> 2^63 - 1" where it overflows int64).
+std::string dilated_extent(int64_t taps, int64_t dilation) {
+  int64_t span = 0;
+  if (c10::mul_overflows(taps - 1, dilation, &span) || c10::add_overflows(span, int64_t{1}, &span)) {
+    return "more than 2^63 - 1";
+  }
+  return std::to_string(span);
+}
+
+// One axis's output size; the padded extent in + 2 pad is checked against kMaxExtent first (pad <= 2^31 - 1).
+int64_t output_size(int64_t in, int64_t taps, int64_t stride, int64_t pad, int64_t dilation, const char* axis,
+                    at::IntArrayRef padding) {
+  TORCH_CHECK(in <= kMaxExtent - 2 * pad, "atrous_conv2d: the padded input ", axis, " (input ", axis, " ", in,
+              " + 2 x padding ", pad, ") exceeds 2^62; lower the padding ", padding);
+  return conv_output_size(in, taps, stride, pad, dilation);
 }
 
 }  // namespace
@@ -34,6 +65,13 @@ ConvArgs check_args(const at::Tensor& input, const at::Tensor& weight, const c10
                     const c10::optional<at::Tensor>& scale, at::IntArrayRef stride, at::IntArrayRef padding,
                     at::IntArrayRef dilation, bool relu) {
   TORCH_CHECK(input.defined() && weight.defined(), "atrous_conv2d: input and weight must be defined tensors");
+  // Devices first, so that a meta (or misplaced) tensor in any position is refused before anything reads it.
+  TORCH_CHECK(input.device().is_cpu() || input.device().is_cuda(),
+              "atrous_conv2d: input must be a CPU or CUDA tensor, got ", input.device());
+  TORCH_CHECK(weight.device() == input.device(), "atrous_conv2d: weight is on ", weight.device(),
+              " but the input is on ", input.device());
+  check_same_device(bias, input, "bias");
+  check_same_device(scale, input, "scale");
   TORCH_CHECK(input.dim() == 4, "atrous_conv2d: input must be 4-D [N, C, H, W], got ", input.dim(),
               "-D with shape ", input.sizes());
   TORCH_CHECK(weight.dim() == 4, "atrous_conv2d: weight must be 4-D [K, C, R, S], got ", weight.dim(),
@@ -43,10 +81,6 @@ ConvArgs check_args(const at::Tensor& input, const at::Tensor& weight, const c10
               "atrous_conv2d: input must be float32, float64, bfloat16 or float16, got ", dtype);
   TORCH_CHECK(weight.scalar_type() == dtype, "atrous_conv2d: weight must have the input's dtype (", dtype,
               "), got ", weight.scalar_type());
-  TORCH_CHECK(input.device().is_cpu() || input.device().is_cuda(),
-              "atrous_conv2d: input must be a CPU or CUDA tensor, got ", input.device());
-  TORCH_CHECK(weight.device() == input.device(), "atrous_conv2d: weight is on ", weight.device(),
-              " but the input is on ", input.device());
   TORCH_CHECK(input.size(0) > 0, "atrous_conv2d: input has an empty batch (N = 0)");
   TORCH_CHECK(input.size(1) > 0 && input.size(2) > 0 && input.size(3) > 0,
               "atrous_conv2d: input must have C, H, W > 0, got shape ", input.sizes());
@@ -54,9 +88,9 @@ ConvArgs check_args(const at::Tensor& input, const at::Tensor& weight, const c10
               "atrous_conv2d: weight must have K, R, S > 0, got shape ", weight.sizes());
   TORCH_CHECK(weight.size(1) == input.size(1), "atrous_conv2d: weight has ", weight.size(1),
               " input channels (dim 1) but the input has ", input.size(1), " (only groups = 1 is supported)");
-  check_pair(stride, "stride", 1, ">= 1");
-  check_pair(padding, "padding", 0, ">= 0");
-  check_pair(dilation, "dilation", 1, ">= 1 (the atrous rate)");
+  check_pair(stride, "stride", 1, "");
+  check_pair(padding, "padding", 0, "");
+  check_pair(dilation, "dilation", 1, " (the atrous rate)");
   const int64_t K = weight.size(0);
   check_vector(bias, input, K, "bias");
   check_vector(scale, input, K, "scale");
@@ -75,12 +109,18 @@ ConvArgs check_args(const at::Tensor& input, const at::Tensor& weight, const c10
   a.pad_w = padding[1];
   a.dilation_h = dilation[0];
   a.dilation_w = dilation[1];
-  a.P = conv_output_size(a.H, a.R, a.stride_h, a.pad_h, a.dilation_h);
-  a.Q = conv_output_size(a.W, a.S, a.stride_w, a.pad_w, a.dilation_w);
+  a.P = output_size(a.H, a.R, a.stride_h, a.pad_h, a.dilation_h, "height", padding);
+  a.Q = output_size(a.W, a.S, a.stride_w, a.pad_w, a.dilation_w, "width", padding);
   TORCH_CHECK(a.P > 0 && a.Q > 0, "atrous_conv2d: the output would be empty: input ", a.H, "x", a.W,
               " with a ", a.R, "x", a.S, " filter, padding ", padding, " and dilation ", dilation,
-              " (the dilated filter spans ", (a.R - 1) * a.dilation_h + 1, "x", (a.S - 1) * a.dilation_w + 1,
-              "); pad the input or lower the dilation");
+              " (the dilated filter spans ", dilated_extent(a.R, a.dilation_h), "x",
+              dilated_extent(a.S, a.dilation_w), "); pad the input or lower the dilation");
+  int64_t bytes = a.N;
+  const bool too_big = c10::mul_overflows(bytes, a.K, &bytes) || c10::mul_overflows(bytes, a.P, &bytes) ||
+                       c10::mul_overflows(bytes, a.Q, &bytes) ||
+                       c10::mul_overflows(bytes, static_cast<int64_t>(input.element_size()), &bytes);
+  TORCH_CHECK(!too_big, "atrous_conv2d: the output [N, K, P, Q] = [", a.N, ", ", a.K, ", ", a.P, ", ", a.Q,
+              "] would take more than 2^63 - 1 bytes; lower the padding ", padding, " or raise the stride ", stride);
   a.relu = relu;
   a.has_bias = bias.has_value() && bias->defined();
   a.has_scale = scale.has_value() && scale->defined();
@@ -111,9 +151,17 @@ TapSkipping tap_skipping_mode() {
 std::vector<TapRegion> plan_regions(const ConvArgs& a, double* kept_fraction) {
   std::vector<TapRegion> regions =
       tap_regions(a.H, a.W, a.R, a.S, a.stride_h, a.stride_w, a.pad_h, a.pad_w, a.dilation_h, a.dilation_w);
-  int64_t with = 0, without = 0;
-  tap_work(regions, a.R, a.S, &with, &without);
-  *kept_fraction = without > 0 ? static_cast<double>(with) / static_cast<double>(without) : 1.0;
+  // Multiply-accumulates with and without skipping, in double: P Q R S can pass 2^63 (tap_work's int64) when
+  // the padding is large, and the fraction needs no more than double's precision.
+  double with = 0, without = 0;
+  for (const TapRegion& g : regions) {
+    const double pixels = static_cast<double>(g.rows()) * static_cast<double>(g.cols());
+    with += g.empty_taps() ? 0.0
+                          : pixels * static_cast<double>(g.r_end - g.r_begin) *
+                                static_cast<double>(g.s_end - g.s_begin);
+    without += pixels * static_cast<double>(a.R) * static_cast<double>(a.S);
+  }
+  *kept_fraction = without > 0 ? with / without : 1.0;
   return regions;
 }
 

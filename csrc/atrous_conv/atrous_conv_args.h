@@ -22,8 +22,10 @@ struct ConvArgs {
   at::MemoryFormat memory_format;  // of the output: channels_last iff the input is
 };
 
-// Checks every argument (dtype, dims, sizes, devices, stride/padding/dilation) and throws c10::Error
-// (RuntimeError) naming the argument and what was expected.
+// Checks every argument (devices first: weight, bias and scale on the input's device, which is the CPU or CUDA;
+// then dims, dtypes, sizes, stride/padding/dilation) and throws c10::Error (RuntimeError) naming the argument
+// and what was expected. Ranges: stride and dilation in [1, 2^31 - 1], padding in [0, 2^31 - 1], the padded
+// input (H + 2 pad_h, W + 2 pad_w) at most 2^62, a non-empty output whose size in bytes fits in int64.
 ConvArgs check_args(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                     const c10::optional<at::Tensor>& scale, at::IntArrayRef stride, at::IntArrayRef padding,
                     at::IntArrayRef dilation, bool relu);

@@ -41,10 +41,14 @@ struct TapBand {
   int64_t tap_begin, tap_end;   // in-bounds taps, half-open (tap_begin >= tap_end: none)
 };
 
-// Output size of one axis: floor((in + 2 pad - dilation (taps - 1) - 1) / stride) + 1 (may be <= 0).
+// Output size of one axis: floor((in + 2 pad - dilation (taps - 1) - 1) / stride) + 1, or 0 when the dilated
+// filter does not fit in the padded input. No intermediate overflows int64 for in >= 0, taps >= 1, stride and
+// dilation >= 1 and in + 2 pad < 2^63 (check_args bounds in + 2 pad by 2^62): dilation (taps - 1) is only formed
+// once it is known to be <= in + 2 pad - 1.
 inline int64_t conv_output_size(int64_t in, int64_t taps, int64_t stride, int64_t pad, int64_t dilation) {
-  const int64_t span = in + 2 * pad - dilation * (taps - 1) - 1;
-  return span < 0 ? 0 : span / stride + 1;
+  const int64_t reach = in + 2 * pad - 1;  // last padded input index
+  if (reach < 0 || taps - 1 > reach / dilation) return 0;
+  return (reach - dilation * (taps - 1)) / stride + 1;
 }
 
 namespace detail {

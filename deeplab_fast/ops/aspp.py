@@ -67,6 +67,35 @@ def _check_vector(v: torch.Tensor, name: str, op: str, n: int, ref: torch.Tensor
                          f"{v.dtype} on {v.device}")
 
 
+def _check_project(b0, b1, b2, b3, weight, pool_bias, scale, shift):
+    """aspp_project's argument checks, shared by the kernel and the fake kernel: every tensor on branch 0's
+    device, then shapes and dtypes. Returns the (possibly re-strided) branches and C_out."""
+    op = "aspp_project"
+    branches = _check_branches([b0, b1, b2, b3], op)
+    b0 = branches[0]
+    n, cb, h, w = b0.shape
+    if weight.dim() != 2 or weight.shape[1] < 4 * cb or weight.dtype != b0.dtype or weight.device != b0.device:
+        raise ValueError(f"{op}: weight must be [C_out, >= 4 * {cb}] {b0.dtype} on {b0.device} (the "
+                         f"projection's input columns of the four spatial branches), got {tuple(weight.shape)} "
+                         f"{weight.dtype} on {weight.device}")
+    cout = weight.shape[0]
+    if pool_bias.shape != (n, cout) or pool_bias.dtype != torch.float32 or pool_bias.device != b0.device:
+        raise ValueError(f"{op}: pool_bias must be [{n}, {cout}] float32 on {b0.device}, got "
+                         f"{tuple(pool_bias.shape)} {pool_bias.dtype} on {pool_bias.device}")
+    _check_vector(scale, "scale", op, cout, b0)
+    _check_vector(shift, "shift", op, cout, b0)
+    if cout == 0:
+        raise ValueError(f"{op}: weight has no output channel (C_out = 0)")
+    return branches, cout
+
+
+def _check_sum(b0, b1, b2, b3, bias):
+    """aspp_sum's argument checks, shared by the kernel and the fake kernel."""
+    branches = _check_branches([b0, b1, b2, b3], "aspp_sum")
+    _check_vector(bias, "bias", "aspp_sum", branches[0].shape[1], branches[0])
+    return branches
+
+
 def _precision(dtype: torch.dtype) -> str:
     """tl.dot's input precision: float32 follows torch.backends.cudnn.allow_tf32, as the 1x1 convolution this
     GEMM replaces (and deeplab_fast's atrous conv) does; 16-bit inputs ignore it."""
@@ -85,20 +114,9 @@ if HAVE_TRITON:
     @torch.library.triton_op("deeplab_fast::aspp_project", mutates_args=())
     def _aspp_project(b0: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor, b3: torch.Tensor, weight: torch.Tensor,
                       pool_bias: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        op = "aspp_project"
-        b0, b1, b2, b3 = _check_branches([b0, b1, b2, b3], op)
+        (b0, b1, b2, b3), cout = _check_project(b0, b1, b2, b3, weight, pool_bias, scale, shift)
         n, cb, h, w = b0.shape
-        if weight.dim() != 2 or weight.shape[1] < 4 * cb or weight.dtype != b0.dtype or weight.device != b0.device:
-            raise ValueError(f"{op}: weight must be [C_out, >= 4 * {cb}] {b0.dtype} on {b0.device} (the "
-                             f"projection's input columns of the four spatial branches), got {tuple(weight.shape)} "
-                             f"{weight.dtype} on {weight.device}")
-        cout = weight.shape[0]
-        if pool_bias.shape != (n, cout) or pool_bias.dtype != torch.float32 or pool_bias.device != b0.device:
-            raise ValueError(f"{op}: pool_bias must be [{n}, {cout}] float32 on {b0.device}, got "
-                             f"{tuple(pool_bias.shape)} {pool_bias.dtype} on {pool_bias.device}")
         pool_bias = pool_bias.contiguous()
-        _check_vector(scale, "scale", op, cout, b0)
-        _check_vector(shift, "shift", op, cout, b0)
         out = _new_output(b0, (n, cout, h, w))
         m = n * h * w
 
@@ -118,10 +136,8 @@ if HAVE_TRITON:
     @torch.library.triton_op("deeplab_fast::aspp_sum", mutates_args=())
     def _aspp_sum(b0: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor, b3: torch.Tensor,
                   bias: torch.Tensor) -> torch.Tensor:
-        op = "aspp_sum"
-        b0, b1, b2, b3 = _check_branches([b0, b1, b2, b3], op)
+        b0, b1, b2, b3 = _check_sum(b0, b1, b2, b3, bias)
         n, c, h, w = b0.shape
-        _check_vector(bias, "bias", op, c, b0)
         out = _new_output(b0, (n, c, h, w))
         total = b0.numel()
         block = 1024
@@ -141,17 +157,17 @@ if HAVE_TRITON:
                     out.stride(0), out.stride(1), out.stride(2), out.stride(3), BLOCK=block)
         return out
 
-    # Fake kernels: shapes, dtypes and strides only (FakeTensor, torch.compile), without running a kernel.
+    # Fake kernels: the kernels' checks (devices included, so a meta or misplaced argument is refused), then the
+    # output's shape, dtype and strides (FakeTensor, torch.compile), without running a kernel.
     @torch.library.register_fake("deeplab_fast::aspp_project")
     def _aspp_project_fake(b0, b1, b2, b3, weight, pool_bias, scale, shift):
-        b0, b1, b2, b3 = _check_branches([b0, b1, b2, b3], "aspp_project")
-        torch._check(weight.dim() == 2, lambda: "aspp_project: weight must be 2-D [C_out, >= 4 CB]")
+        (b0, _, _, _), cout = _check_project(b0, b1, b2, b3, weight, pool_bias, scale, shift)
         n, _, h, w = b0.shape
-        return _new_output(b0, (n, weight.shape[0], h, w))
+        return _new_output(b0, (n, cout, h, w))
 
     @torch.library.register_fake("deeplab_fast::aspp_sum")
     def _aspp_sum_fake(b0, b1, b2, b3, bias):
-        b0, b1, b2, b3 = _check_branches([b0, b1, b2, b3], "aspp_sum")
+        b0, _, _, _ = _check_sum(b0, b1, b2, b3, bias)
         return _new_output(b0, tuple(b0.shape))
 
     for _name in ("aspp_project", "aspp_sum"):
@@ -164,6 +180,22 @@ if HAVE_TRITON:
 def _require_triton(op: str):
     if not HAVE_TRITON:
         raise RuntimeError(f"{op} needs triton (pip install triton); the ASPP modules work without it")
+
+
+def _check_call(op: str, branches, count: str, **tensors) -> list:
+    """The wrappers' type checks: ``branches`` a sequence of exactly 4 tensors, every other argument a tensor."""
+    if isinstance(branches, (str, bytes)) or not hasattr(branches, "__len__") or not hasattr(branches, "__getitem__"):
+        raise ValueError(f"{op}: branches must be a sequence of 4 tensors, got {type(branches).__name__}")
+    if len(branches) != 4:
+        raise ValueError(f"{op}: needs exactly 4 {count}branches, got {len(branches)}")
+    branches = list(branches)
+    for i, b in enumerate(branches):
+        if not isinstance(b, torch.Tensor):
+            raise ValueError(f"{op}: branch {i} must be a torch.Tensor, got {type(b).__name__}")
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    return branches
 
 
 def aspp_project(branches, weight: torch.Tensor, pool_bias: torch.Tensor, scale: torch.Tensor,
@@ -187,11 +219,13 @@ def aspp_project(branches, weight: torch.Tensor, pool_bias: torch.Tensor, scale:
         (float32 inputs use TF32 when ``torch.backends.cudnn.allow_tf32`` is set, as for the 1x1 conv it
         replaces).
 
-    Raises ValueError on mismatched shapes, dtypes or devices; RuntimeError without triton.
+    Raises ValueError on a non-tensor argument, mismatched shapes, dtypes or devices (every tensor on the
+    branches' device; a meta tensor among real ones is refused, and the fake kernel runs the same checks), or
+    C_out = 0; RuntimeError without triton.
     """
     _require_triton("aspp_project")
-    if len(branches) != 4:
-        raise ValueError(f"aspp_project: needs exactly 4 spatial branches, got {len(branches)}")
+    branches = _check_call("aspp_project", branches, "spatial ", weight=weight, pool_bias=pool_bias, scale=scale,
+                           shift=shift)
     return torch.ops.deeplab_fast.aspp_project(*branches, weight, pool_bias, scale, shift)
 
 
@@ -204,9 +238,9 @@ def aspp_sum(branches, bias: torch.Tensor) -> torch.Tensor:
 
     Returns:
         Tensor[N, C, H, W], the branches' dtype, channels_last when they are, summed in float32.
-    Raises ValueError on mismatched shapes, dtypes or devices; RuntimeError without triton.
+    Raises ValueError on a non-tensor argument, mismatched shapes, dtypes or devices (every tensor on the
+    branches' device; the fake kernel runs the same checks); RuntimeError without triton.
     """
     _require_triton("aspp_sum")
-    if len(branches) != 4:
-        raise ValueError(f"aspp_sum: needs exactly 4 branches, got {len(branches)}")
+    branches = _check_call("aspp_sum", branches, "", bias=bias)
     return torch.ops.deeplab_fast.aspp_sum(*branches, bias)

@@ -21,20 +21,35 @@ from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
+from ._common import check_device
+
 __all__ = ["atrous_conv2d", "atrous_conv2d_plan", "tap_skipping"]
 
 IntPair = Union[int, Sequence[int]]
 
 
+# stride and dilation in [1, MAX_PARAM], padding in [0, MAX_PARAM] (the C++ op's bounds too: check_args).
+MAX_PARAM = 2**31 - 1
+# The padded input extent, H + 2 pad_h and W + 2 pad_w, is at most MAX_EXTENT (the C++ op's bound).
+MAX_EXTENT = 2**62
+_LOWEST = {"stride": 1, "padding": 0, "dilation": 1}
+
+
 def _pair(v: IntPair, name: str) -> list[int]:
+    """``v`` as [height, width]. Values that are not 32-bit ints raise ValueError here (they cannot be in range,
+    and the largest do not fit the op's int64); the op checks the lower bound (RuntimeError), as documented."""
     if isinstance(v, bool):
         raise ValueError(f"atrous_conv2d: {name} must be an int or a pair of ints, got bool")
     if isinstance(v, numbers.Integral):
-        return [int(v), int(v)]
-    if isinstance(v, (tuple, list)) and len(v) == 2 and all(
+        pair = [int(v), int(v)]
+    elif isinstance(v, (tuple, list)) and len(v) == 2 and all(
             isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in v):
-        return [int(v[0]), int(v[1])]
-    raise ValueError(f"atrous_conv2d: {name} must be an int or a pair of ints (height, width), got {v!r}")
+        pair = [int(v[0]), int(v[1])]
+    else:
+        raise ValueError(f"atrous_conv2d: {name} must be an int or a pair of ints (height, width), got {v!r}")
+    if any(not -MAX_PARAM - 1 <= x <= MAX_PARAM for x in pair):
+        raise ValueError(f"atrous_conv2d: {name} must be in [{_LOWEST[name]}, {MAX_PARAM}], got {v!r}")
+    return pair
 
 
 def _check_tensor(x, name: str, optional: bool = False) -> Optional[torch.Tensor]:
@@ -48,8 +63,19 @@ def _check_tensor(x, name: str, optional: bool = False) -> Optional[torch.Tensor
 
 def _check_finite(tensors) -> None:
     for name, t in tensors:
-        if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        # A meta tensor has no values to check: the op refuses it (device), so skip it here.
+        if t is not None and t.device.type != "meta" and t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ValueError(f"atrous_conv2d: {name} holds NaN or Inf")
+
+
+def _check_python_args(input, weight, bias, scale, relu) -> None:
+    """The wrappers' type checks (the op's schema would accept relu=1 and raise TypeError on a non-tensor)."""
+    _check_tensor(input, "input")
+    _check_tensor(weight, "weight")
+    _check_tensor(bias, "bias", optional=True)
+    _check_tensor(scale, "scale", optional=True)
+    if not isinstance(relu, bool):
+        raise ValueError(f"atrous_conv2d: relu must be a bool, got {type(relu).__name__}")
 
 
 def atrous_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -66,7 +92,8 @@ def atrous_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
             ``scale = gamma / sqrt(var + eps)`` and ``bias = beta - mean * scale``, an eval-mode BatchNorm.
             Default: none (1).
         stride, padding, dilation (int or (int, int)): as ``F.conv2d``; dilation is the atrous rate.
-            Defaults 1, 0, 1.
+            Defaults 1, 0, 1. Ranges: stride and dilation in [1, 2^31 - 1], padding in [0, 2^31 - 1], and the
+            padded input (H + 2 pad_h, W + 2 pad_w) at most 2^62.
         relu (bool): apply ReLU last. Default False.
         check_finite (bool): raise ``ValueError`` when any tensor argument holds NaN or Inf. Default False,
             because it costs an extra read of every argument and, on CUDA, a host synchronisation; without it
@@ -77,20 +104,18 @@ def atrous_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         ``P = (H + 2 pad_h - dilation_h (R - 1) - 1) // stride_h + 1``, Q likewise.
 
     Raises:
-        ValueError: a non-tensor argument, a malformed stride / padding / dilation, or (``check_finite``) NaN
-            or Inf in an argument.
-        RuntimeError: wrong dims, dtype or device, channel mismatch (weight dim 1 vs input dim 1), bias or
-            scale not ``[K]``, an empty batch, an empty output, stride < 1, padding < 0, dilation < 1.
+        ValueError: a non-tensor argument, a malformed stride / padding / dilation or one outside the 32-bit
+            ints, or (``check_finite``) NaN or Inf in an argument.
+        RuntimeError: wrong dims, dtype or device (every tensor on the input's device, the CPU or CUDA; a meta
+            tensor is refused, as in the fake kernel, which runs the same checks), channel mismatch (weight dim 1
+            vs input dim 1), bias or scale not ``[K]``, an empty batch, an empty output, stride or dilation not
+            in [1, 2^31 - 1], padding not in [0, 2^31 - 1], a padded input over 2^62, or an output of more than
+            2^63 - 1 bytes.
 
     Gradients flow to input, weight, bias and scale (through ATen's convolution backward; the ReLU mask is
     taken from the output).
     """
-    input = _check_tensor(input, "input")
-    weight = _check_tensor(weight, "weight")
-    bias = _check_tensor(bias, "bias", optional=True)
-    scale = _check_tensor(scale, "scale", optional=True)
-    if not isinstance(relu, bool):
-        raise ValueError(f"atrous_conv2d: relu must be a bool, got {type(relu).__name__}")
+    _check_python_args(input, weight, bias, scale, relu)
     if check_finite:
         _check_finite([("input", input), ("weight", weight), ("bias", bias), ("scale", scale)])
     return torch.ops.deeplab_fast.atrous_conv2d(input, weight, bias, scale, _pair(stride, "stride"),
@@ -108,8 +133,9 @@ def atrous_conv2d_plan(input: torch.Tensor, weight: torch.Tensor, bias: Optional
         kept by tap skipping, 1.0 when there is nothing to skip), ``regions`` (each with ``rows``, ``cols``,
         ``tap_rows``, ``tap_cols``: half-open ranges of output rows / columns and of in-bounds filter taps),
         and on CUDA ``tile`` (the CUTLASS threadblock tile) and ``split_k``.
-    The arguments are checked as by ``atrous_conv2d``.
+    The arguments are checked as by ``atrous_conv2d``. A fake or meta tensor has no plan: RuntimeError.
     """
+    _check_python_args(input, weight, bias, scale, relu)
     return json.loads(torch.ops.deeplab_fast.atrous_conv2d_plan(
         input, weight, bias, scale, _pair(stride, "stride"), _pair(padding, "padding"),
         _pair(dilation, "dilation"), relu))
@@ -139,34 +165,99 @@ def tap_skipping(mode: Union[bool, str]) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Fake (meta) kernel: the output's shape, dtype and memory format, so torch.compile traces through the op.
+# Fake (meta) kernels: the C++ argument checks (atrous_conv_args.cpp: same order, same messages, RuntimeError
+# through torch._check), then the output's shape, dtype and memory format, so that torch.compile traces through
+# the op and a meta or misplaced argument is refused as by the real kernels.
+
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-def _out_size(size: int, taps: int, stride: int, pad: int, dilation: int) -> int:
-    return (size + 2 * pad - dilation * (taps - 1) - 1) // stride + 1
+def _dtype_name(dtype: torch.dtype) -> str:
+    """The dtype as c10 prints it in the C++ messages ("Float", "BFloat16", "Int")."""
+    try:
+        return torch.empty(0, dtype=dtype).type().rpartition(".")[2].removesuffix("Tensor")
+    except (RuntimeError, TypeError):
+        return str(dtype)
+
+
+def _check(cond, msg) -> None:
+    torch._check(cond, lambda: f"atrous_conv2d: {msg()}")
+
+
+def _check_pair(v, name: str, note: str = "") -> None:
+    _check(len(v) == 2, lambda: f"{name} must have 2 values (height, width), got {len(v)}")
+    low = _LOWEST[name]
+    _check(all(low <= x <= MAX_PARAM for x in v), lambda: f"{name} must be >= {low} and <= {MAX_PARAM}{note}, "
+                                                          f"got {list(v)}")
+
+
+def _check_vector(t, input, k: int, name: str) -> None:
+    if t is None:
+        return
+    _check(t.dim() == 1 and t.shape[0] == k, lambda: f"{name} must be a 1-D tensor of one value per output channel "
+                                                     f"([{k}]), got shape {list(t.shape)}")
+    _check(t.dtype == input.dtype, lambda: f"{name} must have the input's dtype ({_dtype_name(input.dtype)}), got "
+                                           f"{_dtype_name(t.dtype)}")
+
+
+def _out_size(size: int, taps: int, stride: int, pad: int, dilation: int, axis: str, padding) -> int:
+    _check(size + 2 * pad <= MAX_EXTENT, lambda: f"the padded input {axis} (input {axis} {size} + 2 x padding "
+                                                 f"{pad}) exceeds 2^62; lower the padding {list(padding)}")
+    span = size + 2 * pad - dilation * (taps - 1) - 1  # Python ints: no overflow
+    return span // stride + 1 if span >= 0 else 0
+
+
+def _check_conv_args(input, weight, bias, scale, stride, padding, dilation):
+    """check_args of atrous_conv_args.cpp; returns the output's shape [N, K, P, Q]."""
+    op = "atrous_conv2d"
+    for t, name in ((weight, "weight"), (bias, "bias"), (scale, "scale")):
+        if t is not None:
+            check_device(t, input, op, name, "input")
+    _check(input.dim() == 4, lambda: f"input must be 4-D [N, C, H, W], got {input.dim()}-D with shape "
+                                      f"{list(input.shape)}")
+    _check(weight.dim() == 4, lambda: f"weight must be 4-D [K, C, R, S], got {weight.dim()}-D with shape "
+                                       f"{list(weight.shape)}")
+    _check(input.dtype in _DTYPES, lambda: f"input must be float32, float64, bfloat16 or float16, got "
+                                           f"{_dtype_name(input.dtype)}")
+    _check(weight.dtype == input.dtype, lambda: f"weight must have the input's dtype ({_dtype_name(input.dtype)}), "
+                                                f"got {_dtype_name(weight.dtype)}")
+    n, c, h, w = input.shape
+    k, c_w, r, s = weight.shape
+    _check(n > 0, lambda: "input has an empty batch (N = 0)")
+    _check(c > 0 and h > 0 and w > 0, lambda: f"input must have C, H, W > 0, got shape {list(input.shape)}")
+    _check(k > 0 and r > 0 and s > 0, lambda: f"weight must have K, R, S > 0, got shape {list(weight.shape)}")
+    _check(c_w == c, lambda: f"weight has {c_w} input channels (dim 1) but the input has {c} (only groups = 1 is "
+                             "supported)")
+    _check_pair(stride, "stride")
+    _check_pair(padding, "padding")
+    _check_pair(dilation, "dilation", " (the atrous rate)")
+    _check_vector(bias, input, k, "bias")
+    _check_vector(scale, input, k, "scale")
+    p = _out_size(h, r, stride[0], padding[0], dilation[0], "height", padding)
+    q = _out_size(w, s, stride[1], padding[1], dilation[1], "width", padding)
+    _check(p > 0 and q > 0, lambda: f"the output would be empty: input {h}x{w} with a {r}x{s} filter, padding "
+                                    f"{list(padding)} and dilation {list(dilation)} (the dilated filter spans "
+                                    f"{(r - 1) * dilation[0] + 1}x{(s - 1) * dilation[1] + 1}); pad the input or "
+                                    "lower the dilation")
+    _check(n * k * p * q * input.element_size() <= 2**63 - 1,
+           lambda: f"the output [N, K, P, Q] = [{n}, {k}, {p}, {q}] would take more than 2^63 - 1 bytes; lower the "
+                   f"padding {list(padding)} or raise the stride {list(stride)}")
+    return n, k, p, q
 
 
 @torch.library.register_fake("deeplab_fast::atrous_conv2d")
 def _atrous_conv2d_fake(input, weight, bias, scale, stride, padding, dilation, relu):
-    torch._check(input.dim() == 4, lambda: f"atrous_conv2d: input must be 4-D [N, C, H, W], got {input.dim()}-D")
-    torch._check(weight.dim() == 4, lambda: f"atrous_conv2d: weight must be 4-D [K, C, R, S], got {weight.dim()}-D")
-    torch._check(weight.dtype == input.dtype, lambda: "atrous_conv2d: weight must have the input's dtype")
-    torch._check(weight.shape[1] == input.shape[1],
-                 lambda: f"atrous_conv2d: weight has {weight.shape[1]} input channels but the input has "
-                         f"{input.shape[1]}")
-    n, _, h, w = input.shape
-    k, _, r, s = weight.shape
-    p = _out_size(h, r, stride[0], padding[0], dilation[0])
-    q = _out_size(w, s, stride[1], padding[1], dilation[1])
-    torch._check(p > 0 and q > 0, lambda: "atrous_conv2d: the output would be empty")
-    channels_last = input.dim() == 4 and torch._prims_common.suggest_memory_format(input) == torch.channels_last
-    return input.new_empty((n, k, p, q)).contiguous(
+    shape = _check_conv_args(input, weight, bias, scale, stride, padding, dilation)
+    channels_last = torch._prims_common.suggest_memory_format(input) == torch.channels_last
+    return input.new_empty(shape).contiguous(
         memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 @torch.library.register_fake("deeplab_fast::atrous_conv2d_plan")
 def _atrous_conv2d_plan_fake(input, weight, bias, scale, stride, padding, dilation, relu):
-    raise RuntimeError("atrous_conv2d_plan is a debug query of concrete tensors; it cannot be traced")
+    _check_conv_args(input, weight, bias, scale, stride, padding, dilation)
+    raise RuntimeError(f"atrous_conv2d_plan is a debug query of concrete tensors; it cannot be traced (the input is "
+                       f"a fake or meta tensor on {input.device})")
 
 
 # ---------------------------------------------------------------------------------------------------------
