@@ -20,8 +20,7 @@ Time: the profile below (``derandomize=True``: the same examples on every run, s
 whole file under about a minute on a 2-core machine. ``DEEPLAB_FAST_FUZZ_SCALE=10 pytest tests/test_fuzz_ops.py``
 runs ten times the examples (and ``DEEPLAB_FAST_FUZZ_RANDOM=1`` fresh random ones) for a longer local hunt.
 
-Known bugs in code this file does not own are reproduced minimally in the ``xfail(strict=True)`` tests at the
-end, and the fuzzers steer clear of those inputs (so the rest stays fuzzed), as noted where they do.
+The bugs the fuzzers found are fixed; their minimal reproductions are regression tests at the end.
 """
 from __future__ import annotations
 
@@ -632,12 +631,11 @@ def test_fuzz_dense_crf(data):
     sd_bad = draw(st.sampled_from(["gaussian_sxy", "bilateral_sxy", "bilateral_srgb"])) if f == "sd" else None
     compat_bad = draw(st.sampled_from(["gaussian_compat", "bilateral_compat"])) if f == "compat" else None
     meta = draw(st.integers(0, 9)) == 0
-    # No NaN inside compat arrays: the op names them compat[k] (test_dense_crf_nan_compat_named).
     kwargs = dict(iterations=iterations_value(draw, f == "iterations", meta),
                   checkpoint=draw(st.booleans()),
                   **{name: sd_value(draw, sd_bad == name) for name in ("gaussian_sxy", "bilateral_sxy",
                                                                         "bilateral_srgb")},
-                  **{name: compat_value(draw, l, compat_bad == name, special=False)
+                  **{name: compat_value(draw, l, compat_bad == name)
                      for name in ("gaussian_compat", "bilateral_compat")})
     args = [unary, image]
     if meta:  # all on meta
@@ -647,9 +645,7 @@ def test_fuzz_dense_crf(data):
         args[odd] = (unary, image)[odd] if meta else args[odd].to("meta")
     elif f == "nontensor":
         args[draw(st.integers(0, 1))] = draw(st.sampled_from([None, 1.0, np.zeros((1, 2, 2, 2), np.float32)]))
-    # Not the training path with a mismatched image: it names features[0] (test_dense_crf_grad_image_mismatch_named).
-    grad = (draw(st.integers(0, 3)) == 0 and isinstance(args[0], torch.Tensor) and args[0].is_floating_point()
-            and f != "image")
+    grad = draw(st.integers(0, 3)) == 0 and isinstance(args[0], torch.Tensor) and args[0].is_floating_point()
     if grad:
         args[0] = args[0].detach().requires_grad_()
     q, err = outcome(lambda: dense_crf(*args, **kwargs), CRF_NAMES)
@@ -732,9 +728,7 @@ def _feature_call(draw, energy: bool):
 def test_fuzz_dense_crf_features(data):
     args, kwargs, f = _feature_call(data.draw, energy=False)
     unary = args[0]
-    # Not without pairwise terms: that backward fails (test_dense_crf_features_grad_without_terms).
-    grad = (data.draw(st.integers(0, 3)) == 0 and isinstance(unary, torch.Tensor) and unary.is_floating_point()
-            and isinstance(args[1], list) and len(args[1]) > 0)
+    grad = data.draw(st.integers(0, 3)) == 0 and isinstance(unary, torch.Tensor) and unary.is_floating_point()
     if grad:
         args[0] = unary = unary.detach().requires_grad_()
     q, err = outcome(lambda: dense_crf_features(*args, **kwargs), FEATURES_NAMES)
@@ -768,8 +762,7 @@ DROPIN_FAULTS = ("size", "unary", "features", "sd", "rgbim", "compat", "kernel",
 
 
 def np_array(draw, shape, dtype=None):
-    """An array argument: mostly a float32 numpy array, else float64, a (CPU) torch tensor or nested lists (a
-    meta tensor is refused with an unnamed error: test_dropin_meta_tensor_named)."""
+    """An array argument: mostly a float32 numpy array, else float64, a (CPU) torch tensor or nested lists."""
     t = make_tensor(draw, shape, dtype or draw(st.sampled_from([torch.float32] * 4 + [torch.float64])), scale=2.0)
     form = draw(st.integers(0, 9))
     return t if form == 0 else t.tolist() if form == 1 else t.numpy()
@@ -783,8 +776,8 @@ def test_fuzz_densecrf_dropin(data):
     note(f"fault: {f}")
     generic = draw(st.booleans())
     sizes = [draw(st.integers(1, 4)), draw(st.integers(1, 4)), draw(st.integers(1, 4))]
-    if f == "size":  # not 2**63: test_dropin_huge_sizes_named
-        sizes[draw(st.integers(0, 2))] = draw(st.sampled_from([0, -1, True, 2.0, None, -2**63]))
+    if f == "size":
+        sizes[draw(st.integers(0, 2))] = draw(st.sampled_from([0, -1, True, 2.0, None, -2**63, 2**31, 2**63]))
     w, h, labels = sizes
     crf, err = outcome(lambda: dcrf.DenseCRF(w, labels) if generic else dcrf.DenseCRF2D(w, h, labels),
                        DROPIN_NAMES)
@@ -843,8 +836,8 @@ def test_fuzz_densecrf_dropin(data):
             assert bad is not None, f"a valid step failed: {err!r}"
         elif step in ("unary", "unary_obj"):
             unary_finite = bool(np.isfinite(np.asarray(u, dtype=np.float64)).all())
-    # niter: pydensecrf raises TypeError for a non-int (documented); 2^31 and more: test_dropin_huge_niter_named.
-    niter = draw(st.integers(-2, 3)) if f != "niter" else draw(st.sampled_from([True, 1.5, None, "2"]))
+    # niter: pydensecrf raises TypeError for a non-int (documented), we add ValueError for 2^31 and more.
+    niter = draw(st.integers(-2, 3)) if f != "niter" else draw(st.sampled_from([True, 1.5, None, "2", 2**31]))
     q, err = outcome(lambda: crf.inference(niter), DROPIN_NAMES, errors=(ValueError, RuntimeError, TypeError))
     if isinstance(err, TypeError):
         assert f == "niter" and "niter" in str(err)
@@ -867,13 +860,8 @@ def test_fuzz_densecrf_dropin(data):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Bugs the fuzzers found in code this file's owner does not own: minimal reproductions, strict xfails (they
-# fail the suite once fixed, so the fuzzers above can then stop steering clear of them).
+# Bugs the fuzzers found (now fixed): their minimal reproductions, kept as regression tests.
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "dense_crf's training path (unary requiring grad; deeplab_fast/ops/dense_crf.py) does not check the image "
-    "against the unary: a batch or size mismatch surfaces as 'features[0] must have shape ...', an internal "
-    "argument, where the inference path says 'image batch size 2 does not match the unary batch size 1'"))
 @pytest.mark.parametrize("image_shape", [(2, 3, 3, 3), (1, 3, 2, 3)], ids=["batch", "size"])
 def test_dense_crf_grad_image_mismatch_named(image_shape):
     unary = torch.randn(1, 2, 3, 3, requires_grad=True)
@@ -883,11 +871,6 @@ def test_dense_crf_grad_image_mismatch_named(image_shape):
     assert "image" in str(info.value), str(info.value)
 
 
-@pytest.mark.xfail(strict=True, raises=(AssertionError, TypeError), reason=(
-    "the drop-in (deeplab_fast/densecrf) accepts sizes that no tensor can have (positive_int has no upper "
-    "bound): DenseCRF(2**63, 2).inference(1) raises TypeError 'Overflow when unpacking long long' from "
-    "torch.zeros, and DenseCRF2D(2**63, 1, 2).addPairwiseGaussian raises numpy's ValueError 'Maximum allowed "
-    "dimension exceeded'; neither names nvar / w"))
 @pytest.mark.parametrize("call", ["nvar", "nlabels", "w"])
 def test_dropin_huge_sizes_named(call):
     with pytest.raises((ValueError, RuntimeError)) as info:
@@ -900,9 +883,6 @@ def test_dropin_huge_sizes_named(call):
     assert _names(str(info.value), (call,)), str(info.value)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "the drop-in copies tensor arguments with .cpu() unchecked: a meta tensor as compat, unary or features "
-    "raises NotImplementedError 'Cannot copy out of meta tensor; no data!', naming no argument"))
 @pytest.mark.parametrize("arg", ["compat", "u", "features"])
 def test_dropin_meta_tensor_named(arg):
     crf = dcrf.DenseCRF2D(2, 2, 2)
@@ -917,19 +897,12 @@ def test_dropin_meta_tensor_named(arg):
     assert _names(str(info.value), (arg,)), str(info.value)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "DenseCRF.inference(niter) passes niter >= 2^31 to the op, whose ValueError names the op's argument "
-    "('iterations must be in [0, 2147483647]'), not the drop-in's (niter)"))
 def test_dropin_huge_niter_named():
     with pytest.raises(ValueError) as info:
         dcrf.DenseCRF2D(2, 2, 2).inference(2**31)
     assert "niter" in str(info.value), str(info.value)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "dense_crf with a NaN (or Inf) inside a compatibility tensor / array names the op's internal compat[0] / "
-    "compat[1] ('dense_crf: compat[1] must be finite in float32'), not gaussian_compat / bilateral_compat; a "
-    "NaN float is named right (the Python check)"))
 @pytest.mark.parametrize("arg", ["gaussian_compat", "bilateral_compat"])
 @pytest.mark.parametrize("form", ["tensor", "numpy"])
 def test_dense_crf_nan_compat_named(arg, form):
@@ -940,10 +913,6 @@ def test_dense_crf_nan_compat_named(arg, form):
     assert arg in str(info.value), str(info.value)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "dense_crf_features with no pairwise term (features = compat = normalization = []) and a unary that requires "
-    "grad: the forward runs, the backward raises 'Expected the return from backward to be of the same structure "
-    "as the inputs' (deeplab_fast/ops/dense_crf.py _backward returns None for the empty normalization list)"))
 @pytest.mark.parametrize("checkpoint", [False, True])
 def test_dense_crf_features_grad_without_terms(checkpoint):
     unary = torch.randn(1, 2, 3, requires_grad=True)

@@ -11,8 +11,9 @@
 //   deeplab_fast::dense_crf_image_features(image[B,3,H,W] u8, gaussian_sxy, bilateral_sxy, bilateral_srgb)
 //       -> (gaussian[B,2,N], bilateral[B,5,N]): pydensecrf DenseCRF2D's features
 //   deeplab_fast::dense_crf(unary[B,L,H,W], image[B,3,H,W] u8, iterations, gaussian_sxy, gaussian_compat,
-//       bilateral_sxy, bilateral_srgb, bilateral_compat) -> Q[B,L,H,W]: a composite of the two ops above, with
-//       NORMALIZE_SYMMETRIC terms (pydensecrf's DenseCRF2D defaults)
+//       bilateral_sxy, bilateral_srgb, bilateral_compat, checkpoint=False) -> Q[B,L,H,W]: a composite of the ops
+//       above, with NORMALIZE_SYMMETRIC terms (pydensecrf's DenseCRF2D defaults); when a gradient is wanted, the
+//       history-keeping forward unless checkpoint
 //   deeplab_fast::dense_crf_pairwise_energy(q[B,L,N], features[], compat[], normalization[]) -> [B,L,N]
 //
 // A compat tensor is 0-d (Potts weight w), [L] (diagonal) or [L, L] (matrix, symmetrised), as pydensecrf's
@@ -20,6 +21,9 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
+
+#include <string>
+#include <utility>
 
 #include <vector>
 
@@ -37,22 +41,54 @@ c10::TypedOperatorHandle<Signature> op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
-// dense_crf = dense_crf_image_features + dense_crf_features, for every backend and under autograd (the
-// features op carries the gradient). Sizes are symbolic, so it traces with dynamic shapes.
+// dense_crf = dense_crf_image_features + dense_crf_features, for every backend and under autograd (the features op
+// carries the gradient): when a gradient is wanted and checkpoint is false, through the history-keeping forward.
+// Errors of the inner op name the image op's arguments. Sizes are symbolic, so it traces with dynamic shapes.
 at::Tensor dense_crf_composite(const at::Tensor& unary, const at::Tensor& image, int64_t iterations,
                                double gaussian_sxy, const at::Tensor& gaussian_compat, double bilateral_sxy,
-                               double bilateral_srgb, const at::Tensor& bilateral_compat) {
+                               double bilateral_srgb, const at::Tensor& bilateral_compat, bool checkpoint) {
   check_image_args(unary, image, gaussian_sxy, bilateral_sxy, bilateral_srgb);
   static const auto features_of = op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, double, double, double)>(
       "deeplab_fast::dense_crf_image_features");
-  static const auto mean_field =
-      op<at::Tensor(const at::Tensor&, at::TensorList, at::TensorList, at::IntArrayRef, int64_t,
-                    const c10::optional<at::Tensor>&)>("deeplab_fast::dense_crf_features");
+  using Forward = at::Tensor(const at::Tensor&, at::TensorList, at::TensorList, at::IntArrayRef, int64_t,
+                             const c10::optional<at::Tensor>&);
+  using ForwardWithHistory = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, at::TensorList, at::TensorList,
+                                                                at::IntArrayRef, int64_t,
+                                                                const c10::optional<at::Tensor>&);
+  static const auto mean_field = op<Forward>("deeplab_fast::dense_crf_features");
+  static const auto mean_field_with_history = op<ForwardWithHistory>("deeplab_fast::dense_crf_features_with_history");
   const auto [gaussian, bilateral] = features_of.call(image, gaussian_sxy, bilateral_sxy, bilateral_srgb);
   const c10::SymInt B = unary.sym_size(0), L = unary.sym_size(1), H = unary.sym_size(2), W = unary.sym_size(3);
   const std::vector<int64_t> normalization{lattice::kNormalizeSymmetric, lattice::kNormalizeSymmetric};
-  const at::Tensor q = mean_field.call(unary.reshape_symint({B, L, H * W}), {gaussian, bilateral},
-                                       {gaussian_compat, bilateral_compat}, normalization, iterations, c10::nullopt);
+  const bool keep_history = !checkpoint && at::GradMode::is_enabled() &&
+                            (unary.requires_grad() || gaussian_compat.requires_grad() ||
+                             bilateral_compat.requires_grad());
+  const at::Tensor u = unary.reshape_symint({B, L, H * W});
+  at::Tensor q;
+  try {
+    q = keep_history ? std::get<0>(mean_field_with_history.call(u, {gaussian, bilateral},
+                                                               {gaussian_compat, bilateral_compat}, normalization,
+                                                               iterations, c10::nullopt))
+                     : mean_field.call(u, {gaussian, bilateral}, {gaussian_compat, bilateral_compat}, normalization,
+                                       iterations, c10::nullopt);
+  } catch (const std::exception& e) {
+    // A C++ error, or the Python exception of an autograd or fake kernel registered from Python. Anything that
+    // does not name a compat argument (an interrupt, say) goes on unchanged.
+    const auto* error = dynamic_cast<const c10::Error*>(&e);
+    std::string message = error != nullptr ? error->what_without_backtrace() : e.what();
+    if (message.find("compat[") == std::string::npos) throw;
+    if (error == nullptr) {  // a Python exception's text: "RuntimeError: <message>\n\nAt: <traceback>"
+      message = message.substr(0, message.find('\n'));
+      const size_t colon = message.find("Error: ");
+      if (colon != std::string::npos) message = message.substr(colon + 7);
+    }
+    for (const auto& [inner, outer] : {std::pair<std::string, std::string>{"compat[0]", "gaussian_compat"},
+                                       {"compat[1]", "bilateral_compat"}}) {
+      for (size_t at = message.find(inner); at != std::string::npos; at = message.find(inner, at + outer.size()))
+        message.replace(at, inner.size(), outer);
+    }
+    TORCH_CHECK(false, message);
+  }
   return q.view_symint({B, L, H, W});
 }
 
@@ -74,7 +110,7 @@ TORCH_LIBRARY_FRAGMENT(deeplab_fast, m) {
   const std::vector<at::Tag> tags = cudagraph_unsafe<at::Tag>(0);
   m.def(
       "dense_crf(Tensor unary, Tensor image, int iterations, float gaussian_sxy, Tensor gaussian_compat, "
-      "float bilateral_sxy, float bilateral_srgb, Tensor bilateral_compat) -> Tensor",
+      "float bilateral_sxy, float bilateral_srgb, Tensor bilateral_compat, bool checkpoint=False) -> Tensor",
       tags);
   m.def(
       "dense_crf_features(Tensor unary, Tensor[] features, Tensor[] compat, int[] normalization, int iterations, "

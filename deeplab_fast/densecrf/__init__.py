@@ -43,7 +43,7 @@ import numbers
 import numpy as np
 import torch
 
-from .._validation import positive_int
+from .._validation import MAX_INT32, host_array, positive_int
 from ..ops.dense_crf import dense_crf_features, dense_crf_pairwise_energy
 
 __all__ = [
@@ -108,9 +108,7 @@ def _enum_value(x, enum_cls, name: str) -> int:
 
 def _float_matrix(a, name: str) -> np.ndarray:
     """``a`` as a fresh C-contiguous float32 2-D array; a ValueError naming ``name`` if it is not a 2-D float array."""
-    if isinstance(a, torch.Tensor):
-        a = a.detach().cpu().numpy()
-    arr = np.asarray(a)
+    arr = np.asarray(host_array(a, name))
     if arr.dtype.kind != "f":
         raise ValueError(f"{name} must be a float array (float32 like pydensecrf), got dtype {arr.dtype}")
     if arr.ndim != 2:
@@ -128,8 +126,7 @@ def _compat_tensor(compat, nlabels: int) -> torch.Tensor:
         if not np.isfinite(w):
             raise ValueError(f"compat must be finite, got {compat}")
         return torch.tensor(w, dtype=torch.float32)
-    if isinstance(compat, torch.Tensor):
-        compat = compat.detach().cpu().numpy()
+    compat = host_array(compat, "compat")
     try:
         arr = np.asarray(compat)
     except Exception as e:  # pragma: no cover - exotic objects
@@ -150,8 +147,7 @@ def _compat_tensor(compat, nlabels: int) -> torch.Tensor:
 
 def _per_axis(s, n: int, name: str) -> tuple:
     """A standard deviation given as a scalar (all axes) or a sequence of ``n`` values, as float32 values."""
-    if isinstance(s, torch.Tensor):
-        s = s.detach().cpu().numpy()
+    s = host_array(s, name)
     if isinstance(s, numbers.Real) or (isinstance(s, np.ndarray) and s.ndim == 0):
         vals = [s] * n
     else:
@@ -359,6 +355,8 @@ class DenseCRF:
         if isinstance(niter, bool) or not isinstance(niter, numbers.Integral):
             raise TypeError(f"niter must be an int, got {type(niter).__name__}")
         n = max(int(niter), 0)
+        if n > MAX_INT32:
+            raise ValueError(f"niter must be at most {MAX_INT32}, got {niter}")
         if n == 0:  # no lattice needed
             q = dense_crf_features(self._unary_tensor(), [], [], [], iterations=0)
         else:

@@ -144,16 +144,9 @@ def dense_crf(
         _require_positive(bilateral_srgb, "bilateral_srgb"),
         _as_compat(bilateral_compat, "bilateral_compat"),
     )
-    if checkpoint or not _wants_grad(unary, args[2], args[5]):
-        return torch.ops.deeplab_fast.dense_crf(unary, image, *args)
-    # Training: the same composite as the op, through the forward that keeps every iteration's marginals.
-    its, gsxy, gcompat, bsxy, bsrgb, bcompat = args
-    gaussian, bilateral = torch.ops.deeplab_fast.dense_crf_image_features(image, gsxy, bsxy, bsrgb)
-    b, l, h, w = unary.shape
-    q, _ = torch.ops.deeplab_fast.dense_crf_features_with_history(
-        unary.reshape(b, l, h * w), [gaussian, bilateral], [gcompat, bcompat],
-        [NORMALIZE_SYMMETRIC, NORMALIZE_SYMMETRIC], its, None)
-    return q.view(b, l, h, w)
+    if not isinstance(checkpoint, bool):
+        raise ValueError(f"checkpoint must be a bool, got {type(checkpoint).__name__}")
+    return torch.ops.deeplab_fast.dense_crf(unary, image, *args, checkpoint)
 
 
 def _check_terms(features, compat, normalization):
@@ -424,7 +417,10 @@ def _backward(ctx, grad_q, *unused):
         grad_q.contiguous(), q, history if ctx.has_history else None, unary, features, compat, ctx.normalization,
         ctx.iterations, q_init if ctx.has_q_init else None, ctx.compat_need_grad)
     grad_compat = [g if needed else None for g, needed in zip(grad_compat, ctx.compat_need_grad)]
-    return (grad_unary, [None] * ctx.num_terms, grad_compat, None, None, grad_q_init if ctx.has_q_init else None)
+    # torch's structure check takes a non-empty int list as one leaf but an empty one as a list.
+    grad_normalization = None if ctx.normalization else []
+    return (grad_unary, [None] * ctx.num_terms, grad_compat, grad_normalization, None,
+            grad_q_init if ctx.has_q_init else None)
 
 
 for _name in ("dense_crf_features", "dense_crf_features_with_history"):

@@ -22,7 +22,7 @@ namespace deeplab_fast {
 namespace detail {
 
 using DenseCrfSignature = at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, double, const at::Tensor&,
-                                     double, double, const at::Tensor&);
+                                     double, double, const at::Tensor&, bool);
 
 // The typed handle of deeplab_fast::dense_crf, looked up once. Throws c10::Error when the op library is not
 // loaded (the lookup is retried on the next call, so loading the library later works).
@@ -66,7 +66,7 @@ inline at::Tensor dense_crf(const at::Tensor& unary, const at::Tensor& image, in
                             double gaussian_sxy, const at::Tensor& gaussian_compat, double bilateral_sxy,
                             double bilateral_srgb, const at::Tensor& bilateral_compat) {
   return detail::dense_crf_op().call(unary, image, iterations, gaussian_sxy, gaussian_compat, bilateral_sxy,
-                                     bilateral_srgb, bilateral_compat);
+                                     bilateral_srgb, bilateral_compat, /*checkpoint=*/false);
 }
 
 // The same with Potts compatibilities (the defaults are those of deeplab_fast.ops.dense_crf in Python and of
