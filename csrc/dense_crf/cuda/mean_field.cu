@@ -123,6 +123,92 @@ __global__ void update_in_double_kernel(PixelArgs a) {
   }
 }
 
+// One pixel group's view of the pixel kernels' layout: thread `lane` of pixel g's group of T threads holds the
+// label chunks lane, lane + T, ... (NC of them; 4 labels each) of the [P, S] rows.
+struct Group {
+  int64_t g;
+  int lane, T;
+  bool active;
+};
+
+// s = factor[g] * sum_r alpha w_r lattice[vertex_r] (the slice of pixel g, scaled by factor when it is not null).
+template <int NC>
+__device__ __forceinline__ void slice_group(const TermArgs& term, const Group& p, int S, int C4, const float* factor,
+                                            float4 (&s)[NC]) {
+#pragma unroll
+  for (int n = 0; n < NC; ++n) s[n] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  if (!p.active) return;
+  for (int r = 0; r < term.dp1; ++r) {
+    const int64_t e = p.g * term.dp1 + r;
+    const float w = term.weight[e] * term.alpha;
+    const float* v = term.blurred + static_cast<int64_t>(term.vertex_point[e]) * S;
+#pragma unroll
+    for (int n = 0; n < NC; ++n) {
+      const int c = p.lane + n * p.T;
+      if (c < C4) {
+        const float4 x = ld4(v + 4 * c);
+        s[n] = make_float4(s[n].x + w * x.x, s[n].y + w * x.y, s[n].z + w * x.z, s[n].w + w * x.w);
+      }
+    }
+  }
+  if (factor != nullptr) {
+    const float f = factor[p.g];
+#pragma unroll
+    for (int n = 0; n < NC; ++n) s[n] = make_float4(f * s[n].x, f * s[n].y, f * s[n].z, f * s[n].w);
+  }
+}
+
+// acc += sign * compat(s), with compat(s) = -w s (Potts), diag(c) s or W s (W symmetric: its rows are its columns;
+// the group's s goes through shared memory, `smem`: one [S] row per group of the block). Every thread of the warp
+// must call it (__syncwarp).
+template <int NC, bool kMatrix>
+__device__ __forceinline__ void add_compat(const TermArgs& term, const Group& p, int L, int S, int C4, float* smem,
+                                           const float4 (&s)[NC], float sign, float4 (&acc)[NC]) {
+  if (kMatrix && term.kind == lattice::kMatrix) {
+    float* sh = smem + static_cast<int64_t>(threadIdx.x / p.T) * S;
+    __syncwarp();
+#pragma unroll
+    for (int n = 0; n < NC; ++n) {
+      const int c = p.lane + n * p.T;
+      if (c < C4) st4(sh + 4 * c, s[n]);
+    }
+    __syncwarp();
+#pragma unroll
+    for (int n = 0; n < NC; ++n) {
+      const int c = p.lane + n * p.T;
+      if (!(p.active && c < C4)) continue;
+      float mixed[4];
+      for (int q = 0; q < 4; ++q) {
+        const int l = 4 * c + q;
+        float m_acc = 0.0f;
+        if (l < L) {
+          const float* wrow = term.compat + static_cast<int64_t>(l) * L;
+          for (int m = 0; m < L; ++m) m_acc += wrow[m] * sh[m];
+        }
+        mixed[q] = m_acc;
+      }
+      acc[n] = make_float4(acc[n].x + sign * mixed[0], acc[n].y + sign * mixed[1], acc[n].z + sign * mixed[2],
+                           acc[n].w + sign * mixed[3]);
+    }
+  } else if (term.kind == lattice::kDiagonal) {
+#pragma unroll
+    for (int n = 0; n < NC; ++n) {
+      const int c = p.lane + n * p.T;
+      if (!(p.active && c < C4)) continue;
+      const float4 w = ld4(term.compat + 4 * c);
+      acc[n] = make_float4(acc[n].x + sign * (w.x * s[n].x), acc[n].y + sign * (w.y * s[n].y),
+                           acc[n].z + sign * (w.z * s[n].z), acc[n].w + sign * (w.w * s[n].w));
+    }
+  } else {
+    const float nw = -term.potts;
+#pragma unroll
+    for (int n = 0; n < NC; ++n) {
+      acc[n] = make_float4(acc[n].x + sign * (nw * s[n].x), acc[n].y + sign * (nw * s[n].y),
+                           acc[n].z + sign * (nw * s[n].z), acc[n].w + sign * (nw * s[n].w));
+    }
+  }
+}
+
 // The fused per-pixel step. Thread `lane` of pixel g's group of T threads holds the label chunks
 // lane, lane + T, ... (NC of them; 4 labels each). Every thread of a warp runs every shuffle and __syncwarp:
 // threads past the last pixel or chunk just carry -inf / 0.
@@ -151,75 +237,12 @@ __global__ void __launch_bounds__(kPixelBlock) pixel_kernel(PixelArgs a) {
 
   if (a.mode == kUpdate || a.mode == kEnergy) {
     const float sign = a.mode == kEnergy ? 1.0f : -1.0f;  // energy adds compat(filtered), the update subtracts it
+    const Group p{g, lane, T, active};
     for (int t = 0; t < a.num_terms; ++t) {
       const TermArgs& term = a.terms[t];
       float4 s[NC];
-#pragma unroll
-      for (int n = 0; n < NC; ++n) s[n] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      if (active) {
-        for (int r = 0; r < term.dp1; ++r) {
-          const int64_t e = g * term.dp1 + r;
-          const float w = term.weight[e] * term.alpha;
-          const float* v = term.blurred + static_cast<int64_t>(term.vertex_point[e]) * a.S;
-#pragma unroll
-          for (int n = 0; n < NC; ++n) {
-            const int c = lane + n * T;
-            if (c < a.C4) {
-              const float4 x = ld4(v + 4 * c);
-              s[n] = make_float4(s[n].x + w * x.x, s[n].y + w * x.y, s[n].z + w * x.z, s[n].w + w * x.w);
-            }
-          }
-        }
-        if (term.post != nullptr) {
-          const float f = term.post[g];
-#pragma unroll
-          for (int n = 0; n < NC; ++n) s[n] = make_float4(f * s[n].x, f * s[n].y, f * s[n].z, f * s[n].w);
-        }
-      }
-      // mixed = compat(s): -w s (Potts), diag(c) s, or W s; then msg += sign * mixed.
-      if (kMatrix && term.kind == lattice::kMatrix) {
-        float* sh = smem + static_cast<int64_t>(threadIdx.x / T) * a.S;
-        __syncwarp();
-#pragma unroll
-        for (int n = 0; n < NC; ++n) {
-          const int c = lane + n * T;
-          if (c < a.C4) st4(sh + 4 * c, s[n]);
-        }
-        __syncwarp();
-#pragma unroll
-        for (int n = 0; n < NC; ++n) {
-          const int c = lane + n * T;
-          if (!(active && c < a.C4)) continue;
-          float mixed[4];
-          for (int q = 0; q < 4; ++q) {
-            const int l = 4 * c + q;
-            float acc = 0.0f;
-            if (l < a.L) {
-              const float* wrow = term.compat + static_cast<int64_t>(l) * a.L;  // symmetric: row l == column l
-              for (int m = 0; m < a.L; ++m) acc += wrow[m] * sh[m];
-            }
-            mixed[q] = acc;
-          }
-          msg[n] = make_float4(msg[n].x + sign * mixed[0], msg[n].y + sign * mixed[1], msg[n].z + sign * mixed[2],
-                               msg[n].w + sign * mixed[3]);
-        }
-      } else if (term.kind == lattice::kDiagonal) {
-#pragma unroll
-        for (int n = 0; n < NC; ++n) {
-          const int c = lane + n * T;
-          if (!(active && c < a.C4)) continue;
-          const float4 w = ld4(term.compat + 4 * c);
-          msg[n] = make_float4(msg[n].x + sign * (w.x * s[n].x), msg[n].y + sign * (w.y * s[n].y),
-                               msg[n].z + sign * (w.z * s[n].z), msg[n].w + sign * (w.w * s[n].w));
-        }
-      } else {
-        const float nw = -term.potts;
-#pragma unroll
-        for (int n = 0; n < NC; ++n) {
-          msg[n] = make_float4(msg[n].x + sign * (nw * s[n].x), msg[n].y + sign * (nw * s[n].y),
-                               msg[n].z + sign * (nw * s[n].z), msg[n].w + sign * (nw * s[n].w));
-        }
-      }
+      slice_group<NC>(term, p, a.S, a.C4, term.post, s);
+      add_compat<NC, kMatrix>(term, p, a.L, a.S, a.C4, smem, s, sign, msg);
     }
   }
 
@@ -299,9 +322,6 @@ struct BackwardArgs {
   int mode;
 };
 
-__device__ __forceinline__ float4 fma4(float w, float4 x, float4 acc) {
-  return make_float4(acc.x + w * x.x, acc.y + w * x.y, acc.z + w * x.z, acc.w + w * x.w);
-}
 __device__ __forceinline__ float dot4(float4 a, float4 b) { return (a.x * b.x + a.y * b.y) + (a.z * b.z + a.w * b.w); }
 
 template <int NC, bool kMatrix>
@@ -321,76 +341,20 @@ __global__ void __launch_bounds__(kPixelBlock) backward_kernel(BackwardArgs a) {
     grad[n] = (a.mode == kBwdInit && active && c < a.C4) ? ld4(a.g_in + row + 4 * c) : zero;
   }
   if (a.mode == kBwdStep) {
+    const Group p{g, lane, T, active};
     for (int t = 0; t < a.num_terms; ++t) {
       const TermArgs& term = a.terms[t];
       float4 h[NC];
+      slice_group<NC>(term, p, a.S, a.C4, term.pre, h);  // the transposed filter: pre after the slice
+      float* h_out = a.h_out != nullptr ? a.h_out[t] : nullptr;
+      if (h_out != nullptr && active) {
 #pragma unroll
-      for (int n = 0; n < NC; ++n) h[n] = zero;
-      if (active) {
-        for (int r = 0; r < term.dp1; ++r) {
-          const int64_t e = g * term.dp1 + r;
-          const float w = term.weight[e] * term.alpha;
-          const float* v = term.blurred + static_cast<int64_t>(term.vertex_point[e]) * a.S;
-#pragma unroll
-          for (int n = 0; n < NC; ++n) {
-            const int c = lane + n * T;
-            if (c < a.C4) h[n] = fma4(w, ld4(v + 4 * c), h[n]);
-          }
-        }
-        if (term.pre != nullptr) {
-          const float f = term.pre[g];
-#pragma unroll
-          for (int n = 0; n < NC; ++n) h[n] = make_float4(f * h[n].x, f * h[n].y, f * h[n].z, f * h[n].w);
-        }
-        float* h_out = a.h_out != nullptr ? a.h_out[t] : nullptr;
-        if (h_out != nullptr) {
-#pragma unroll
-          for (int n = 0; n < NC; ++n) {
-            const int c = lane + n * T;
-            if (c < a.C4) st4(h_out + row + 4 * c, h[n]);
-          }
+        for (int n = 0; n < NC; ++n) {
+          const int c = lane + n * T;
+          if (c < a.C4) st4(h_out + row + 4 * c, h[n]);
         }
       }
-      // g -= compat(h): Potts -w h, diag(c) h, or W h.
-      if (kMatrix && term.kind == lattice::kMatrix) {
-        float* sh = smem + static_cast<int64_t>(threadIdx.x / T) * a.S;
-        __syncwarp();
-#pragma unroll
-        for (int n = 0; n < NC; ++n) {
-          const int c = lane + n * T;
-          if (c < a.C4) st4(sh + 4 * c, h[n]);
-        }
-        __syncwarp();
-#pragma unroll
-        for (int n = 0; n < NC; ++n) {
-          const int c = lane + n * T;
-          if (!(active && c < a.C4)) continue;
-          float mixed[4];
-          for (int q = 0; q < 4; ++q) {
-            const int l = 4 * c + q;
-            float acc = 0.0f;
-            if (l < a.L) {
-              const float* wrow = term.compat + static_cast<int64_t>(l) * a.L;  // symmetric
-              for (int m = 0; m < a.L; ++m) acc += wrow[m] * sh[m];
-            }
-            mixed[q] = acc;
-          }
-          grad[n] = make_float4(grad[n].x - mixed[0], grad[n].y - mixed[1], grad[n].z - mixed[2],
-                                grad[n].w - mixed[3]);
-        }
-      } else if (term.kind == lattice::kDiagonal) {
-#pragma unroll
-        for (int n = 0; n < NC; ++n) {
-          const int c = lane + n * T;
-          if (!(active && c < a.C4)) continue;
-          const float4 w = ld4(term.compat + 4 * c);
-          grad[n] = make_float4(grad[n].x - w.x * h[n].x, grad[n].y - w.y * h[n].y, grad[n].z - w.z * h[n].z,
-                                grad[n].w - w.w * h[n].w);
-        }
-      } else {
-#pragma unroll
-        for (int n = 0; n < NC; ++n) grad[n] = fma4(term.potts, h[n], grad[n]);
-      }
+      add_compat<NC, kMatrix>(term, p, a.L, a.S, a.C4, smem, h, -1.0f, grad);  // g -= compat(h)
     }
   }
   if (a.g_q_init != nullptr) {
