@@ -3,7 +3,9 @@ reading test photos, and the device parametrisation (``cpu_and_cuda()``, ``on_cu
 
 Imported as ``from helpers import ...`` (pytest puts tests/ on sys.path, as for conftest.py).
 """
+import importlib.util
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -91,3 +93,12 @@ def on_cuda(*values, id=None):
 def cpu_and_cuda():
     """The ``device`` values of a test that runs on both: "cpu", and "cuda" where a GPU is available."""
     return ("cpu", on_cuda("cuda"))
+
+
+def load_setup_py():
+    """The repository's setup.py as a fresh module (its setup() call runs only as __main__), for testing its
+    toolkit search and flags without building."""
+    spec = importlib.util.spec_from_file_location("deeplab_fast_setup", Path(__file__).resolve().parents[1] / "setup.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -3,23 +3,19 @@
 setup.py is loaded as a module (its setup() call runs only as __main__), and its toolkit search is run against
 fake toolkits in tmp_path: a folder with include/cuda_runtime.h and an executable bin/nvcc.
 """
-import importlib.util
 import os
 import stat
 from pathlib import Path
 
 import pytest
 import torch.utils.cpp_extension as cpp_extension
+from helpers import load_setup_py
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 def setup_py():
-    spec = importlib.util.spec_from_file_location("deeplab_fast_setup", ROOT / "setup.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_setup_py()
 
 
 def script(path: Path, text: str) -> Path:
