@@ -56,6 +56,16 @@ struct Term {
   const T* blurred = nullptr;
 };
 
+// out[0..S) = pixel i's slice of the term's blurred lattice values, in pydensecrf's order for this label count.
+template <typename T>
+DLF_INLINE void slice_term(const Term<T>& term, bool sequential, int64_t S, int64_t i, T* __restrict out) {
+  if (sequential) {
+    term.lattice->template slice_pixel<true>(term.blurred, S, i, out);
+  } else {
+    term.lattice->template slice_pixel<false>(term.blurred, S, i, out);
+  }
+}
+
 // mixed = W x for a symmetric matrix W given as padded rows [L, S]: one vector accumulator per 8 labels, the rows
 // added in order m = 0..L-1, so each lane rounds exactly as the scalar loop in apply_compat; padding lanes 0.
 template <int C>
@@ -227,11 +237,7 @@ DLF_INLINE void pixel_range_any(const PixelPass<T>& a, T* scratch, int64_t begin
     if (a.with_pairwise) {
       for (size_t t = 0; t < a.num_terms; ++t) {
         const Term<T>& term = a.terms[t];
-        if (a.sequential_slice) {
-          term.lattice->template slice_pixel<true>(term.blurred, S, i, sliced);
-        } else {
-          term.lattice->template slice_pixel<false>(term.blurred, S, i, sliced);
-        }
+        slice_term(term, a.sequential_slice, S, i, sliced);
         const T* __restrict f = sliced;
         if (!term.post.empty()) {
           for (int64_t k = 0; k < S; ++k) filtered[k] = term.post[i] * sliced[k];
@@ -451,11 +457,7 @@ DLF_INLINE void backward_range(const BackwardPass<T>& a, T* scratch, int64_t blo
     for (int64_t k = 0; k < S; ++k) g[k] = T(0);
     for (size_t t = 0; t < a.num_terms; ++t) {
       const Term<T>& term = a.terms[t];
-      if (a.sequential_slice) {
-        term.lattice->template slice_pixel<true>(term.blurred, S, i, h);
-      } else {
-        term.lattice->template slice_pixel<false>(term.blurred, S, i, h);
-      }
+      slice_term(term, a.sequential_slice, S, i, h);
       if (!term.pre.empty())
         for (int64_t k = 0; k < S; ++k) h[k] = term.pre[i] * h[k];
       apply_compat(term, L, S, h, mixed);
