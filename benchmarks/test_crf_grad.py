@@ -305,7 +305,9 @@ def _probe_main(spec: dict) -> dict:
 
 
 def _run_probe(spec: dict) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]))
+    here = str(Path(__file__).parent)  # conftest's folder, on the path even under PYTHONSAFEPATH (as in CI)
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]),
+               PYTHONPATH=os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])))
     r = subprocess.run([sys.executable, __file__, "--probe", json.dumps(spec)], capture_output=True, text=True,
                        env=env, cwd=Path(__file__).parent, timeout=900)
     assert r.returncode == 0, f"memory probe failed ({r.returncode}): {r.stderr[-2000:]}"

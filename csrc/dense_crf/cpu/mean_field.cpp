@@ -51,16 +51,42 @@ struct Term {
   std::unique_ptr<PermutohedralLattice> lattice;
   std::vector<T> pre;     // per-pixel factor applied before filtering (empty: none)
   std::vector<T> post;    // per-pixel factor applied after filtering (empty: none)
-  std::vector<T> compat_padded;  // diagonal compatibility padded to the label stride with zeros
+  std::vector<T> compat_padded;  // diagonal: [S]; matrix: [L, S] (rows padded with zeros); else empty
   Buffer<T> lattice_values;  // [M, S]; every row is written by the splat before it is read
   const T* blurred = nullptr;
 };
 
+// out[0..S) = pixel i's slice of the term's blurred lattice values, in pydensecrf's order for this label count.
+template <typename T>
+DLF_INLINE void slice_term(const Term<T>& term, bool sequential, int64_t S, int64_t i, T* __restrict out) {
+  if (sequential) {
+    term.lattice->template slice_pixel<true>(term.blurred, S, i, out);
+  } else {
+    term.lattice->template slice_pixel<false>(term.blurred, S, i, out);
+  }
+}
+
+// mixed = W x for a symmetric matrix W given as padded rows [L, S]: one vector accumulator per 8 labels, the rows
+// added in order m = 0..L-1, so each lane rounds exactly as the scalar loop in apply_compat; padding lanes 0.
+template <int C>
+DLF_INLINE void matrix_compat8(const float* __restrict rows, int64_t L, const float* __restrict x,
+                               float* __restrict mixed) {
+  vec8 acc[C];
+  for (int c = 0; c < C; ++c) acc[c] = splat8(0.0f);
+  for (int64_t m = 0; m < L; ++m) {
+    const float xm = x[m];
+    const float* __restrict row = rows + m * 8 * C;
+    for (int c = 0; c < C; ++c) acc[c] += load8(row + 8 * c) * xm;
+  }
+  for (int c = 0; c < C; ++c) store8(mixed + 8 * c, acc[c]);
+}
+
 // mixed = compat(filtered), pydensecrf's LabelCompatibility::apply: -w x (Potts), diag(w) x, or W x (W
 // symmetric); padding lanes 0.
 template <typename T>
-DLF_INLINE void apply_compat(const PairwiseTerm<T>& spec, int64_t L, int64_t S, const T* __restrict filtered,
+DLF_INLINE void apply_compat(const Term<T>& term, int64_t L, int64_t S, const T* __restrict filtered,
                              T* __restrict mixed) {
+  const PairwiseTerm<T>& spec = *term.spec;
   const T* c = spec.compat;
   if (spec.compat_kind == lattice::kPotts) {
     if constexpr (std::is_same<T, float>::value) {
@@ -72,6 +98,25 @@ DLF_INLINE void apply_compat(const PairwiseTerm<T>& spec, int64_t L, int64_t S, 
     for (int64_t k = 0; k < L; ++k) mixed[k] = c[k] * filtered[k];
     for (int64_t k = L; k < S; ++k) mixed[k] = T(0);
   } else {
+    if constexpr (std::is_same<T, float>::value) {
+      const float* rows = term.compat_padded.data();
+      bool done = true;
+      switch (S % 8 == 0 ? S / 8 : 0) {
+        case 1: matrix_compat8<1>(rows, L, filtered, mixed); break;
+        case 2: matrix_compat8<2>(rows, L, filtered, mixed); break;
+        case 3: matrix_compat8<3>(rows, L, filtered, mixed); break;
+        case 4: matrix_compat8<4>(rows, L, filtered, mixed); break;
+        case 5: matrix_compat8<5>(rows, L, filtered, mixed); break;
+        case 6: matrix_compat8<6>(rows, L, filtered, mixed); break;
+        case 7: matrix_compat8<7>(rows, L, filtered, mixed); break;
+        case 8: matrix_compat8<8>(rows, L, filtered, mixed); break;
+        default: done = false; break;
+      }
+      if (done) {
+        for (int64_t k = L; k < S; ++k) mixed[k] = 0.0f;  // 0 * x is NaN where x is not finite
+        return;
+      }
+    }
     for (int64_t k = 0; k < S; ++k) mixed[k] = T(0);
     for (int64_t m = 0; m < L; ++m) {
       const T x = filtered[m];
@@ -84,9 +129,9 @@ DLF_INLINE void apply_compat(const PairwiseTerm<T>& spec, int64_t L, int64_t S, 
 // msg -= compat(filtered) (mean-field update) or msg += compat(filtered) (energy). Each product is rounded
 // before it is added, as pydensecrf's separate `tmp2 = compat(out); tmp1 -= tmp2` does.
 template <typename T>
-DLF_INLINE void accumulate_compat(const PairwiseTerm<T>& spec, int64_t L, int64_t S, const T* __restrict filtered,
+DLF_INLINE void accumulate_compat(const Term<T>& term, int64_t L, int64_t S, const T* __restrict filtered,
                                   T* __restrict mixed, T* __restrict msg, bool add) {
-  apply_compat(spec, L, S, filtered, mixed);
+  apply_compat(term, L, S, filtered, mixed);
   if constexpr (std::is_same<T, float>::value) {
     if (S % 8 == 0) {
       for (int64_t k = 0; k < S; k += 8)
@@ -192,17 +237,13 @@ DLF_INLINE void pixel_range_any(const PixelPass<T>& a, T* scratch, int64_t begin
     if (a.with_pairwise) {
       for (size_t t = 0; t < a.num_terms; ++t) {
         const Term<T>& term = a.terms[t];
-        if (a.sequential_slice) {
-          term.lattice->template slice_pixel<true>(term.blurred, S, i, sliced);
-        } else {
-          term.lattice->template slice_pixel<false>(term.blurred, S, i, sliced);
-        }
+        slice_term(term, a.sequential_slice, S, i, sliced);
         const T* __restrict f = sliced;
         if (!term.post.empty()) {
           for (int64_t k = 0; k < S; ++k) filtered[k] = term.post[i] * sliced[k];
           f = filtered;
         }
-        accumulate_compat(*term.spec, L, S, f, mixed, msg, a.energy_out != nullptr);
+        accumulate_compat(term, L, S, f, mixed, msg, a.energy_out != nullptr);
       }
     }
     if (a.energy_out != nullptr) {
@@ -216,7 +257,7 @@ DLF_INLINE void pixel_range_any(const PixelPass<T>& a, T* scratch, int64_t begin
   }
 }
 
-// The same step for a label stride of exactly 8 C, with Potts or diagonal compatibilities, keeping each
+// The same step for a label stride of exactly 8 C, keeping each
 // pixel's labels in C vector registers throughout. Padding lanes of the unary are +inf, so the message is
 // -inf there and the max and the sum can run over whole vectors.
 template <int C>
@@ -248,8 +289,13 @@ DLF_INLINE void pixel_range_vec(const PixelPass<float>& a, float* scratch, int64
       if (term.spec->compat_kind == lattice::kPotts) {
         const float nw = -term.spec->compat[0];
         for (int c = 0; c < C; ++c) msg[c] = msg[c] - nw * s[c];
-      } else {  // diagonal, padded with zeros
+      } else if (term.spec->compat_kind == lattice::kDiagonal) {  // padded with zeros
         for (int c = 0; c < C; ++c) msg[c] = msg[c] - load8(term.compat_padded.data() + 8 * c) * s[c];
+      } else {  // matrix: padded rows; the padding lanes stay -inf (0 * finite)
+        float x[8 * C], mixed[8 * C];
+        for (int c = 0; c < C; ++c) store8(x + 8 * c, s[c]);
+        matrix_compat8<C>(term.compat_padded.data(), L, x, mixed);
+        for (int c = 0; c < C; ++c) msg[c] = msg[c] - load8(mixed + 8 * c);
       }
     }
     // Softmax as pydensecrf's expAndNormalize evaluates it (see softmax()); padding lanes are -inf.
@@ -267,8 +313,7 @@ DLF_INLINE void pixel_range_vec(const PixelPass<float>& a, float* scratch, int64
 }
 
 DLF_CPU_KERNEL void pixel_range(const PixelPass<float>& a, float* scratch, int64_t begin, int64_t end) {
-  bool vectorisable = a.S % 8 == 0 && a.S <= 64 && a.energy_out == nullptr;
-  for (size_t t = 0; t < a.num_terms; ++t) vectorisable &= a.terms[t].spec->compat_kind != lattice::kMatrix;
+  const bool vectorisable = a.S % 8 == 0 && a.S <= 64 && a.energy_out == nullptr;
   switch (vectorisable ? a.S / 8 : 0) {
     case 1: pixel_range_vec<1>(a, scratch, begin, end); break;
     case 2: pixel_range_vec<2>(a, scratch, begin, end); break;
@@ -412,14 +457,10 @@ DLF_INLINE void backward_range(const BackwardPass<T>& a, T* scratch, int64_t blo
     for (int64_t k = 0; k < S; ++k) g[k] = T(0);
     for (size_t t = 0; t < a.num_terms; ++t) {
       const Term<T>& term = a.terms[t];
-      if (a.sequential_slice) {
-        term.lattice->template slice_pixel<true>(term.blurred, S, i, h);
-      } else {
-        term.lattice->template slice_pixel<false>(term.blurred, S, i, h);
-      }
+      slice_term(term, a.sequential_slice, S, i, h);
       if (!term.pre.empty())
         for (int64_t k = 0; k < S; ++k) h[k] = term.pre[i] * h[k];
-      apply_compat(*term.spec, L, S, h, mixed);
+      apply_compat(term, L, S, h, mixed);
       for (int64_t k = 0; k < S; ++k) g[k] -= mixed[k];
       T* acc = a.compat_partial[t];
       if (acc == nullptr) continue;
@@ -457,9 +498,94 @@ DLF_INLINE void backward_range(const BackwardPass<T>& a, T* scratch, int64_t blo
   }
 }
 
+// backward_range for a label stride of exactly 8 C (float): each pixel's vectors in registers. Elementwise steps
+// are the scalar loop's, lane by lane, and the sums over labels (the Potts contraction, the softmax VJP's dot)
+// run in the same sequential order, so the results are bitwise those of backward_range.
+template <int C>
+DLF_INLINE void backward_range_vec(const BackwardPass<float>& a, int64_t block, int64_t begin, int64_t end) {
+  constexpr int64_t S = 8 * C;
+  const int64_t L = a.L;
+  alignas(32) float h[S], mixed[S], g[S];
+  for (int64_t i = begin; i < end; ++i) {
+    const float* __restrict q = a.q_prev + i * S;
+    vec8 gv[C];
+    for (int c = 0; c < C; ++c) gv[c] = splat8(0.0f);
+    for (size_t t = 0; t < a.num_terms; ++t) {
+      const Term<float>& term = a.terms[t];
+      const PermutohedralLattice& lat = *term.lattice;
+      const int32_t* vert = lat.vertices(i);
+      const float* w = lat.weights(i);
+      vec8 hv[C];
+      for (int c = 0; c < C; ++c) hv[c] = splat8(0.0f);
+      for (int r = 0; r <= lat.dim(); ++r) {  // slice_pixel<false>
+        const float wa = w[r] * lat.alpha();
+        const float* __restrict v = term.blurred + static_cast<int64_t>(vert[r]) * S;
+        for (int c = 0; c < C; ++c) hv[c] = hv[c] + wa * load8(v + 8 * c);
+      }
+      if (!term.pre.empty()) {
+        const float pre = term.pre[i];
+        for (int c = 0; c < C; ++c) hv[c] = pre * hv[c];
+      }
+      for (int c = 0; c < C; ++c) store8(h + 8 * c, hv[c]);
+      apply_compat(term, L, S, h, mixed);
+      for (int c = 0; c < C; ++c) gv[c] = gv[c] - load8(mixed + 8 * c);
+      float* acc = a.compat_partial[t];
+      if (acc == nullptr) continue;
+      switch (term.spec->compat_kind) {
+        case lattice::kPotts: {
+          float s = 0;
+          for (int64_t k = 0; k < S; ++k) s += h[k] * q[k];
+          acc[block] += s;
+          break;
+        }
+        case lattice::kDiagonal: {
+          float* row = acc + block * S;
+          for (int c = 0; c < C; ++c) store8(row + 8 * c, load8(row + 8 * c) - hv[c] * load8(q + 8 * c));
+          break;
+        }
+        default: {
+          vec8 qv[C];
+          for (int c = 0; c < C; ++c) qv[c] = load8(q + 8 * c);
+          float* mat = acc + block * L * S;
+          for (int64_t l = 0; l < L; ++l) {
+            const float hl = h[l];
+            float* __restrict row = mat + l * S;
+            for (int c = 0; c < C; ++c) store8(row + 8 * c, load8(row + 8 * c) - hl * qv[c]);
+          }
+          break;
+        }
+      }
+    }
+    if (a.g_q_init != nullptr) {
+      for (int c = 0; c < C; ++c) store8(a.g_q_init + i * S + 8 * c, gv[c]);
+      continue;
+    }
+    for (int c = 0; c < C; ++c) store8(g + 8 * c, gv[c]);
+    float dot = 0;
+    for (int64_t k = 0; k < S; ++k) dot += g[k] * q[k];
+    float* __restrict gx = a.gx + i * S;
+    float* __restrict gu = a.gu + i * S;
+    for (int c = 0; c < C; ++c) {
+      const vec8 x = load8(q + 8 * c) * (gv[c] - dot);
+      store8(gx + 8 * c, x);
+      store8(gu + 8 * c, load8(gu + 8 * c) - x);
+    }
+  }
+}
+
 DLF_CPU_KERNEL void backward_pixels(const BackwardPass<float>& a, float* scratch, int64_t block, int64_t begin,
                                     int64_t end) {
-  backward_range(a, scratch, block, begin, end);
+  switch (a.S % 8 == 0 && !a.sequential_slice ? a.S / 8 : 0) {
+    case 1: backward_range_vec<1>(a, block, begin, end); break;
+    case 2: backward_range_vec<2>(a, block, begin, end); break;
+    case 3: backward_range_vec<3>(a, block, begin, end); break;
+    case 4: backward_range_vec<4>(a, block, begin, end); break;
+    case 5: backward_range_vec<5>(a, block, begin, end); break;
+    case 6: backward_range_vec<6>(a, block, begin, end); break;
+    case 7: backward_range_vec<7>(a, block, begin, end); break;
+    case 8: backward_range_vec<8>(a, block, begin, end); break;
+    default: backward_range(a, scratch, block, begin, end); break;
+  }
 }
 
 DLF_CPU_KERNEL void backward_pixels(const BackwardPass<double>& a, double* scratch, int64_t block, int64_t begin,
@@ -643,6 +769,9 @@ class MeanField {
     if (spec.compat_kind == lattice::kDiagonal) {
       t.compat_padded.assign(static_cast<size_t>(S_), T(0));
       std::copy(spec.compat, spec.compat + L_, t.compat_padded.begin());
+    } else if (spec.compat_kind == lattice::kMatrix) {
+      t.compat_padded.assign(static_cast<size_t>(L_ * S_), T(0));
+      for (int64_t m = 0; m < L_; ++m) std::copy(spec.compat + m * L_, spec.compat + (m + 1) * L_, &t.compat_padded[m * S_]);
     }
     t.lattice_values.reset(static_cast<size_t>(M * S_));
     return t;

@@ -573,30 +573,30 @@ void run_as_graph(cudaStream_t stream, int kind, const std::function<void(cudaSt
   check_cuda(cudaGraphLaunch(cache.exec, stream), "cudaGraphLaunch");
 }
 
-template <int NC>
-void launch_pixel_nc(const PixelArgs& a, bool matrix, cudaStream_t stream) {
-  const int64_t threads = a.pixels * a.T;
-  const unsigned blocks = static_cast<unsigned>((threads + kPixelBlock - 1) / kPixelBlock);
-  if (matrix) {
-    const size_t smem = static_cast<size_t>(kPixelBlock / a.T) * a.S * sizeof(float);
-    pixel_kernel<NC, true><<<blocks, kPixelBlock, smem, stream>>>(a);
-  } else {
-    pixel_kernel<NC, false><<<blocks, kPixelBlock, 0, stream>>>(a);
-  }
-  check_launch("pixel_kernel");
-}
+// The per-pixel kernels by label-chunk count NC (1, 2, 4, 8, 16) and matrix variant.
+template <typename Args>
+using PixelKernelFn = void (*)(Args);
 
-template <int NC>
-void launch_backward_nc(const BackwardArgs& a, bool matrix, cudaStream_t stream) {
+const PixelKernelFn<PixelArgs> kPixelKernels[5][2] = {
+    {pixel_kernel<1, false>, pixel_kernel<1, true>},   {pixel_kernel<2, false>, pixel_kernel<2, true>},
+    {pixel_kernel<4, false>, pixel_kernel<4, true>},   {pixel_kernel<8, false>, pixel_kernel<8, true>},
+    {pixel_kernel<16, false>, pixel_kernel<16, true>}};
+const PixelKernelFn<BackwardArgs> kBackwardKernels[5][2] = {
+    {backward_kernel<1, false>, backward_kernel<1, true>},   {backward_kernel<2, false>, backward_kernel<2, true>},
+    {backward_kernel<4, false>, backward_kernel<4, true>},   {backward_kernel<8, false>, backward_kernel<8, true>},
+    {backward_kernel<16, false>, backward_kernel<16, true>}};
+
+// One launch of a per-pixel kernel: the smallest NC >= nc; the matrix variant gets one [S] shared-memory row
+// per pixel group of the block.
+template <typename Args>
+void launch_per_pixel(const PixelKernelFn<Args> (&kernels)[5][2], const Args& a, int nc, bool matrix,
+                      cudaStream_t stream, const char* name) {
+  const int which = nc <= 1 ? 0 : nc <= 2 ? 1 : nc <= 4 ? 2 : nc <= 8 ? 3 : 4;
   const int64_t threads = a.pixels * a.T;
   const unsigned blocks = static_cast<unsigned>((threads + kPixelBlock - 1) / kPixelBlock);
-  if (matrix) {
-    const size_t smem = static_cast<size_t>(kPixelBlock / a.T) * a.S * sizeof(float);
-    backward_kernel<NC, true><<<blocks, kPixelBlock, smem, stream>>>(a);
-  } else {
-    backward_kernel<NC, false><<<blocks, kPixelBlock, 0, stream>>>(a);
-  }
-  check_launch("backward_kernel");
+  const size_t smem = matrix ? static_cast<size_t>(kPixelBlock / a.T) * a.S * sizeof(float) : 0;
+  kernels[which][matrix ? 1 : 0]<<<blocks, kPixelBlock, smem, stream>>>(a);
+  check_launch(name);
 }
 
 class MeanField {
@@ -864,15 +864,10 @@ class MeanField {
     check_launch("to_pixel_major_kernel");
   }
 
-  void backward_pass(int mode, const float* g_in, const float* q, float* gx, float* gu, float* g_q_init,
-                     float* const* h_out, cudaStream_t s) {
-    BackwardArgs a;
-    a.g_in = g_in;
-    a.q = q;
-    a.gx = gx;
-    a.gu = gu;
-    a.g_q_init = g_q_init;
-    a.h_out = h_out;
+  // The fields PixelArgs and BackwardArgs share: the terms, the pixel and label geometry, the mode.
+  template <typename Args>
+  Args per_pixel_args(int mode) const {
+    Args a;
     a.terms = term_args_;
     a.num_terms = static_cast<int>(terms_.size());
     a.pixels = P_;
@@ -881,18 +876,20 @@ class MeanField {
     a.C4 = static_cast<int>(S_ / 4);
     a.T = T_;
     a.mode = mode;
+    return a;
+  }
+
+  void backward_pass(int mode, const float* g_in, const float* q, float* gx, float* gu, float* g_q_init,
+                     float* const* h_out, cudaStream_t s) {
+    BackwardArgs a = per_pixel_args<BackwardArgs>(mode);
+    a.g_in = g_in;
+    a.q = q;
+    a.gx = gx;
+    a.gu = gu;
+    a.g_q_init = g_q_init;
+    a.h_out = h_out;
     const bool matrix = matrix_ && mode == kBwdStep;
-    if (NC_ <= 1) {
-      launch_backward_nc<1>(a, matrix, s);
-    } else if (NC_ <= 2) {
-      launch_backward_nc<2>(a, matrix, s);
-    } else if (NC_ <= 4) {
-      launch_backward_nc<4>(a, matrix, s);
-    } else if (NC_ <= 8) {
-      launch_backward_nc<8>(a, matrix, s);
-    } else {
-      launch_backward_nc<16>(a, matrix, s);
-    }
+    launch_per_pixel(kBackwardKernels, a, NC_, matrix, s, "backward_kernel");
   }
 
   void filter_all(cudaStream_t s) {
@@ -906,33 +903,15 @@ class MeanField {
   }
 
   void pixel_pass(int mode, float* out, cudaStream_t s) {
-    PixelArgs a;
+    PixelArgs a = per_pixel_args<PixelArgs>(mode);
     a.unary = unary_;
     a.out = out;
-    a.terms = term_args_;
-    a.num_terms = static_cast<int>(terms_.size());
-    a.pixels = P_;
-    a.L = static_cast<int>(L_);
-    a.S = static_cast<int>(S_);
-    a.C4 = static_cast<int>(S_ / 4);
-    a.T = T_;
-    a.mode = mode;
     a.flags = status_;
     a.overflow_count = overflow_count_;
     a.overflow_list = overflow_list_;
     if (mode == kUpdate) check_cuda(cudaMemsetAsync(overflow_count_, 0, sizeof(int), s), "clear overflow count");
     const bool matrix = matrix_ && (mode == kUpdate || mode == kEnergy);
-    if (NC_ <= 1) {
-      launch_pixel_nc<1>(a, matrix, s);
-    } else if (NC_ <= 2) {
-      launch_pixel_nc<2>(a, matrix, s);
-    } else if (NC_ <= 4) {
-      launch_pixel_nc<4>(a, matrix, s);
-    } else if (NC_ <= 8) {
-      launch_pixel_nc<8>(a, matrix, s);
-    } else {
-      launch_pixel_nc<16>(a, matrix, s);
-    }
+    launch_per_pixel(kPixelKernels, a, NC_, matrix, s, "pixel_kernel");
     if (mode == kUpdate) {  // almost always an empty list: the kernel reads the count and exits
       update_in_double_kernel<<<8, 128, 0, s>>>(a);
       check_launch("update_in_double_kernel");
