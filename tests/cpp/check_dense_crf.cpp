@@ -144,14 +144,20 @@ int main(int argc, char** argv) {
   }
   std::printf("check_dense_crf: torch threads = %d\n", at::get_num_threads());
 
-  check("op registered with a CPU kernel", [] {
+  check("dense_crf registered as a composite over dense_crf_features, which has a CPU kernel", [] {
     auto op = c10::Dispatcher::singleton().findSchema({"deeplab_fast::dense_crf", ""});
     if (!op.has_value()) return std::string("deeplab_fast::dense_crf not in the dispatcher (library not loaded?)");
-    if (!op->hasKernelForDispatchKey(c10::DispatchKey::CPU)) return std::string("no CPU kernel");
+    if (!op->hasKernelForDispatchKey(c10::DispatchKey::CompositeImplicitAutograd))
+      return std::string("dense_crf: no CompositeImplicitAutograd kernel");
+    auto features = c10::Dispatcher::singleton().findSchema({"deeplab_fast::dense_crf_features", ""});
+    if (!features.has_value()) return std::string("deeplab_fast::dense_crf_features not in the dispatcher");
+    if (!features->hasKernelForDispatchKey(c10::DispatchKey::CPU))
+      return std::string("dense_crf_features: no CPU kernel");
     const std::string schema = c10::toString(op->schema());
     const std::string want =
         "deeplab_fast::dense_crf(Tensor unary, Tensor image, int iterations, float gaussian_sxy, Tensor "
-        "gaussian_compat, float bilateral_sxy, float bilateral_srgb, Tensor bilateral_compat) -> Tensor";
+        "gaussian_compat, float bilateral_sxy, float bilateral_srgb, Tensor bilateral_compat, bool "
+        "checkpoint=False) -> Tensor";
     if (schema != want) return "unexpected schema: " + schema;
     return std::string();
   });
