@@ -66,6 +66,25 @@ DLF_INLINE void slice_term(const Term<T>& term, bool sequential, int64_t S, int6
   }
 }
 
+// The same slice for a label stride of exactly 8 C, into C vectors (slice_pixel<false>'s order, lane by lane),
+// times scale[i] when a per-pixel normalisation factor is given (post in the forward, pre in the backward).
+template <int C>
+DLF_INLINE void slice_term8(const Term<float>& term, int64_t i, const std::vector<float>& scale, vec8* __restrict s) {
+  const PermutohedralLattice& lat = *term.lattice;
+  const int32_t* vert = lat.vertices(i);
+  const float* w = lat.weights(i);
+  for (int c = 0; c < C; ++c) s[c] = splat8(0.0f);
+  for (int r = 0; r <= lat.dim(); ++r) {
+    const float wa = w[r] * lat.alpha();
+    const float* __restrict v = term.blurred + static_cast<int64_t>(vert[r]) * 8 * C;
+    for (int c = 0; c < C; ++c) s[c] += wa * load8(v + 8 * c);
+  }
+  if (!scale.empty()) {
+    const float f = scale[i];
+    for (int c = 0; c < C; ++c) s[c] = f * s[c];
+  }
+}
+
 // mixed = W x for a symmetric matrix W given as padded rows [L, S]: one vector accumulator per 8 labels, the rows
 // added in order m = 0..L-1, so each lane rounds exactly as the scalar loop in apply_compat; padding lanes 0.
 template <int C>
@@ -272,20 +291,8 @@ DLF_INLINE void pixel_range_vec(const PixelPass<float>& a, float* scratch, int64
     for (int c = 0; c < C; ++c) msg[c] = -load8(a.unary + i * S + 8 * c);
     for (size_t t = 0; t < (a.with_pairwise ? a.num_terms : 0); ++t) {
       const Term<float>& term = a.terms[t];
-      const PermutohedralLattice& lat = *term.lattice;
-      const int32_t* vert = lat.vertices(i);
-      const float* w = lat.weights(i);
       vec8 s[C];
-      for (int c = 0; c < C; ++c) s[c] = splat8(0.0f);
-      for (int r = 0; r <= lat.dim(); ++r) {
-        const float wa = w[r] * lat.alpha();
-        const float* __restrict v = term.blurred + static_cast<int64_t>(vert[r]) * S;
-        for (int c = 0; c < C; ++c) s[c] += wa * load8(v + 8 * c);
-      }
-      if (!term.post.empty()) {
-        const float post = term.post[i];
-        for (int c = 0; c < C; ++c) s[c] = post * s[c];
-      }
+      slice_term8<C>(term, i, term.post, s);
       if (term.spec->compat_kind == lattice::kPotts) {
         const float nw = -term.spec->compat[0];
         for (int c = 0; c < C; ++c) msg[c] = msg[c] - nw * s[c];
@@ -512,20 +519,8 @@ DLF_INLINE void backward_range_vec(const BackwardPass<float>& a, int64_t block, 
     for (int c = 0; c < C; ++c) gv[c] = splat8(0.0f);
     for (size_t t = 0; t < a.num_terms; ++t) {
       const Term<float>& term = a.terms[t];
-      const PermutohedralLattice& lat = *term.lattice;
-      const int32_t* vert = lat.vertices(i);
-      const float* w = lat.weights(i);
       vec8 hv[C];
-      for (int c = 0; c < C; ++c) hv[c] = splat8(0.0f);
-      for (int r = 0; r <= lat.dim(); ++r) {  // slice_pixel<false>
-        const float wa = w[r] * lat.alpha();
-        const float* __restrict v = term.blurred + static_cast<int64_t>(vert[r]) * S;
-        for (int c = 0; c < C; ++c) hv[c] = hv[c] + wa * load8(v + 8 * c);
-      }
-      if (!term.pre.empty()) {
-        const float pre = term.pre[i];
-        for (int c = 0; c < C; ++c) hv[c] = pre * hv[c];
-      }
+      slice_term8<C>(term, i, term.pre, hv);
       for (int c = 0; c < C; ++c) store8(h + 8 * c, hv[c]);
       apply_compat(term, L, S, h, mixed);
       for (int c = 0; c < C; ++c) gv[c] = gv[c] - load8(mixed + 8 * c);
