@@ -36,13 +36,9 @@
 set -u
 set -o pipefail
 
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$REPO"
-PY="${PYTHON:-python3}"
+# shellcheck source=.ci/gpu_common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_common.sh" deeplab_fast-gpu-checks-site
 LOGS="${GPU_CHECKS_OUT:-${OUT:-$REPO/gpu-checks}}"
-CARRY="${CARRY_DIR:-.whl}"
-SITE="${TMPDIR:-/tmp}/deeplab_fast-gpu-checks-site"
-export PYTHONUNBUFFERED=1
 export MAX_JOBS="${MAX_JOBS:-$(nproc 2>/dev/null || echo 8)}"
 mkdir -p "$LOGS"
 
@@ -64,38 +60,22 @@ end() {
   NAMES+=("$1") STATUS+=("$2") TIMES+=("$((SECONDS - START))") NOTES+=("${3:-}")
   echo "=== [gpu] $1: $2${3:+ ($3)}"
 }
-pyok() { "$PY" -c "$1" >/dev/null 2>&1; }
 
 # ---- env: the machine, carried packages and data, what is missing ----
 step_env() {
   begin "env"
   local missing=() note=""
-  {
-    echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC'), host $(hostname), $(nproc) cores, commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
-    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 || echo "nvidia-smi failed"
-    "$PY" -c 'import sys, torch; print("python", sys.version.split()[0], "| torch", torch.__version__, "| CUDA", torch.version.cuda, "| available", torch.cuda.is_available(), "| devices", torch.cuda.device_count())'
-    echo "nvcc: $( (command -v nvcc && nvcc --version | tail -n 1) 2>&1 | tr '\n' ' ')"
-    echo "compute-sanitizer: $(sanitizer_bin || echo 'not found')"
-  } 2>&1 | tee "$LOGS/env.log"
+  machine_report 2>&1 | tee "$LOGS/env.log"
 
   # Carried wheels, then a pydensecrf2 source package, into a private folder on PYTHONPATH.
-  mkdir -p "$SITE"
-  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-  if compgen -G "$CARRY/*.whl" >/dev/null; then
-    echo "installing carried wheels: $(cd "$CARRY" && ls ./*.whl | tr '\n' ' ')" | tee -a "$LOGS/env.log"
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$CARRY"/*.whl \
-      2>&1 | tee -a "$LOGS/env.log" || note="carried wheels failed to install"
-  fi
-  if ! pyok "import pydensecrf.densecrf" && compgen -G "$CARRY/pydensecrf2-*.tar.gz" >/dev/null; then
-    build_pydensecrf 2>&1 | tee -a "$LOGS/env.log"
+  install_carried_wheels > >(tee -a "$LOGS/env.log") 2>&1 || note="carried wheels failed to install"
+  if sdist="$(pydensecrf_sdist)"; then
+    bash .ci/build_pydensecrf.sh "$sdist" "$SITE" "$PY" 2>&1 | tee -a "$LOGS/env.log"
   fi
 
   # The tests' shared photos (tests/conftest.py looks in ../shared/data/densecrf).
-  local data="$REPO/../shared/data/densecrf"
-  if [[ ! -e "$data/im1.png" && -e "$CARRY/densecrf/im1.png" ]]; then
-    mkdir -p "$(dirname "$data")" && cp -r "$CARRY/densecrf" "$data" && echo "shared photos: copied $CARRY/densecrf to $data"
-  fi
-  [[ -e "$data/im1.png" ]] || missing+=("the shared photos ($data; carry them as $CARRY/densecrf): photo tests skip")
+  copy_carried_photos 2>&1 | tee -a "$LOGS/env.log"
+  [[ -e "$DATA/im1.png" ]] || missing+=("the shared photos ($DATA; carry them as $CARRY/densecrf): photo tests skip")
 
   pyok "import torch; assert torch.cuda.is_available()" || missing+=("a CUDA GPU visible to torch")
   pyok "import pytest" || missing+=("pytest")
@@ -116,20 +96,6 @@ step_env() {
   else
     end env PASS
   fi
-}
-
-sanitizer_bin() {
-  local c
-  for c in "$(command -v compute-sanitizer)" "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" \
-    /usr/local/cuda/bin/compute-sanitizer; do
-    if [[ -n "$c" && -x "$c" ]]; then echo "$c"; return 0; fi
-  done
-  return 1
-}
-
-# pydensecrf2 from a carried sdist: .ci/build_pydensecrf.sh (shared with .ci/gpu_quick.sh).
-build_pydensecrf() {
-  bash .ci/build_pydensecrf.sh "$(ls "$CARRY"/pydensecrf2-*.tar.gz | head -n 1)" "$SITE" "$PY"
 }
 
 # ---- build ----

@@ -44,8 +44,8 @@
 set -u
 set -o pipefail
 
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$REPO"
+# shellcheck source=.ci/gpu_common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_common.sh" deeplab_fast-gpu-quick-site
 DRY="${GPU_QUICK_DRY_RUN:-0}"
 for arg in "$@"; do
   case "$arg" in
@@ -54,15 +54,11 @@ for arg in "$@"; do
     *) echo "unknown argument '$arg' (usage: bash .ci/gpu_quick.sh [--dry-run])" >&2; exit 2 ;;
   esac
 done
-PY="${PYTHON:-python3}"
 LOGS="${GPU_QUICK_OUT:-${OUT:-$REPO/gpu-quick}}"
-CARRY="${CARRY_DIR:-.whl}"
 BUDGET="${GPU_QUICK_BUDGET:-450}"
 PER_TEST="${GPU_QUICK_PER_TEST:-60}"
 RESERVE="${GPU_QUICK_RESERVE:-8}"     # seconds kept back for the summary
 MIN_STEP="${GPU_QUICK_MIN_STEP:-15}"  # a step that would get less is skipped
-SITE="${TMPDIR:-/tmp}/deeplab_fast-gpu-quick-site"
-export PYTHONUNBUFFERED=1
 export MAX_JOBS="${MAX_JOBS:-16}"
 export DEEPLAB_FAST_POISON=1
 mkdir -p "$LOGS"
@@ -188,15 +184,6 @@ judge_pytest() {
   fi
 }
 
-sanitizer_bin() {
-  local c
-  for c in "$(command -v compute-sanitizer)" "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" \
-    /usr/local/cuda/bin/compute-sanitizer; do
-    if [[ -n "$c" && -x "$c" ]]; then echo "$c"; return 0; fi
-  done
-  return 1
-}
-
 # The tests of the three ops (file names survive the planned merge of *_cuda.py into the CPU files).
 mapfile -t TEST_FILES < <(ls tests/test_dense_crf*.py tests/test_atrous_conv*.py tests/test_aspp*.py 2>/dev/null)
 PYTEST_COMMON=(-p no:cacheprovider -rfEs -o "faulthandler_timeout=$PER_TEST")
@@ -282,41 +269,25 @@ else
   CURRENT="env" CURRENT_LIMIT=${CAP[env]}
   write_summary
   {
-    echo "date: $STARTED, host $(hostname), $(nproc) cores, commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
-    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 || echo "nvidia-smi failed"
-    timeout 30 "$PY" -c 'import sys, torch; print("python", sys.version.split()[0], "| torch", torch.__version__, "| CUDA", torch.version.cuda, "| available", torch.cuda.is_available(), "| devices", torch.cuda.device_count())' 2>&1
-    echo "nvcc: $( (command -v nvcc && nvcc --version | tail -n 1) 2>&1 | tr '\n' ' ')"
-    echo "compute-sanitizer: $(sanitizer_bin || echo 'not found')"
+    machine_report
     echo "MAX_JOBS=$MAX_JOBS; per-test timeout ${PER_TEST}s ($("$PY" -c 'import pytest_timeout' 2>/dev/null && echo 'pytest-timeout' || echo 'faulthandler_timeout only'))"
   } 2>&1 | tee -a "$LOGS/setup.log"
   GPU_LINE="$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -n 1)"
   GPU_LINE="gpu: ${GPU_LINE:-none}"
   env_note=""
-  mkdir -p "$SITE"
-  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-  if compgen -G "$CARRY/*.whl" >/dev/null; then
-    echo "installing carried wheels: $(cd "$CARRY" && ls ./*.whl | tr '\n' ' ')" | tee -a "$LOGS/setup.log"
-    timeout 60 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
-      "$CARRY"/*.whl >>"$LOGS/setup.log" 2>&1 || env_note="carried wheels failed to install; "
-  fi
+  install_carried_wheels >>"$LOGS/setup.log" 2>&1 || env_note="carried wheels failed to install; "
   # pydensecrf2 (the CRF tests' reference): no wheel for the GPU machine's Python, so a carried sdist is built in
-  # the background while the extension builds (gpu_checks.sh knows how).
+  # the background while the extension builds.
   PYDENSECRF_PID=""
-  if ! "$PY" -c 'import pydensecrf.densecrf' >/dev/null 2>&1 && compgen -G "$CARRY/pydensecrf2-*.tar.gz" >/dev/null; then
-    timeout 200 bash .ci/build_pydensecrf.sh "$(ls "$CARRY"/pydensecrf2-*.tar.gz | head -n 1)" "$SITE" "$PY" \
+  if sdist="$(pydensecrf_sdist)"; then
+    timeout 200 bash .ci/build_pydensecrf.sh "$sdist" "$SITE" "$PY" \
       >"${TMPDIR:-/tmp}/deeplab_fast-gpu-quick-pydensecrf.log" 2>&1 &
     PYDENSECRF_PID=$!
   fi
-  data="$REPO/../shared/data/densecrf"
-  for src in "$CARRY/densecrf" "$REPO/shared/data/densecrf"; do
-    if [[ ! -e "$data/im1.png" && -e "$src/im1.png" ]]; then
-      mkdir -p "$(dirname "$data")" 2>/dev/null && cp -r "$src" "$data" 2>/dev/null &&
-        echo "photos: copied $src to $data" | tee -a "$LOGS/setup.log"
-    fi
-  done
-  [[ -e "$data/im1.png" ]] || env_note+="no photos (carry $CARRY/densecrf): photo tests skip; "
-  "$PY" -c 'import cutlass_library' >/dev/null 2>&1 || env_note+="no nvidia-cutlass (carry its wheel); "
-  "$PY" -c 'import pytest_benchmark' >/dev/null 2>&1 || env_note+="no pytest-benchmark; "
+  copy_carried_photos 2>&1 | tee -a "$LOGS/setup.log"
+  [[ -e "$DATA/im1.png" ]] || env_note+="no photos (carry $CARRY/densecrf): photo tests skip; "
+  pyok 'import cutlass_library' || env_note+="no nvidia-cutlass (carry its wheel); "
+  pyok 'import pytest_benchmark' || env_note+="no pytest-benchmark; "
   sanitizer_bin >/dev/null || env_note+="no compute-sanitizer; "
   if ! timeout 30 "$PY" -c 'import torch; assert torch.cuda.is_available()' >/dev/null 2>&1; then
     record env FAIL "no CUDA GPU visible to torch"

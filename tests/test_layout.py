@@ -120,3 +120,29 @@ def test_readme_recipe_table_is_generated_from_the_recipes():
     start = readme.index("\n", start) + 1
     end = readme.index("<!-- end of recipes table -->")
     assert readme[start:end] == recipes_table(), "README's recipe table is stale: paste recipes_table()"
+
+
+def test_cpp_includes_run_down_into_device_folders_only():
+    """csrc/: a file shared by the devices (csrc/common/, csrc/<op>/*) includes nothing from a cpu/ or cuda/ folder,
+    and a device folder nothing from the other device's: the include graph runs from the device folders to the
+    shared files, never back up."""
+    import re
+
+    csrc = ROOT / "csrc"
+    offenders = []
+    for path in sorted(csrc.rglob("*")):
+        if path.suffix not in (".h", ".cpp", ".cu", ".cuh"):
+            continue
+        folder = path.parent.name
+        for line in path.read_text().splitlines():
+            m = re.match(r'\s*#\s*include\s+"([^"]+)"', line)
+            if not m:
+                continue
+            target = (path.parent / m.group(1)).resolve()
+            if not target.exists():
+                target = (csrc / m.group(1)).resolve()
+            parts = target.relative_to(csrc).parts[:-1]
+            device = next((p for p in parts if p in ("cpu", "cuda")), None)
+            if device is not None and device != folder:
+                offenders.append(f"{path.relative_to(ROOT)} includes {m.group(1)}")
+    assert not offenders, "includes running up into a device folder:\n" + "\n".join(offenders)

@@ -130,7 +130,8 @@ class DenseCRF(nn.Module):
             constructor arguments (``compat``, ``num_classes``, ``trainable`` names), logits with another number
             of classes than a ``"matrix"`` layer's ``num_classes``.
         NotImplementedError: ``trainable`` naming a bandwidth.
-        RuntimeError: the errors of :func:`deeplab_fast.ops.dense_crf` (dtype, batch size, channels, NaN...).
+        ValueError, RuntimeError: those of :func:`deeplab_fast.ops.dense_crf` (dtype, batch size, channels...;
+            NaN in the unary).
 
     With ``trainable=False`` (the default) the layer has no parameters and is post-processing: it runs under
     ``no_grad``. A trainable layer works inside a model's ``forward`` and under ``torch.compile(fullgraph=True)``,
