@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 __all__ = ["Sample", "BadCall", "crf_problem", "DEFAULT_KERNELS", "DEEPLAB_V2_KERNELS", "atrous_conv2d_inputs",
            "dense_crf_inputs", "dense_crf_features_inputs", "dense_crf_pairwise_energy_inputs",
-           "dense_crf_image_features_inputs", "INPUTS", "reference", "atrous_conv2d_errors", "dense_crf_errors",
+           "dense_crf_image_features_inputs", "INPUTS", "reference", "conv_reference", "atrous_conv2d_errors", "dense_crf_errors",
            "ERRORS", "prefix", "on_device"]
 
 # pydensecrf's example kernels and DeepLab v2's: (gaussian_sxy, gaussian_compat, bilateral_sxy, bilateral_srgb,
@@ -243,14 +243,18 @@ def reference(op: str, sample: Sample):
     the dense CRF ops' CPU kernels (themselves bit-exact with pydensecrf2, tests/test_dense_crf.py)."""
     args = [on_device(a, "cpu") for a in sample.args]
     if op == "atrous_conv2d":
-        x, w, b, s, stride, padding, dilation, relu = args
-        y = F.conv2d(x.double(), w.double(), None, stride, padding, dilation)
-        if s is not None:
-            y = y * s.double().view(1, -1, 1, 1)
-        if b is not None:
-            y = y + b.double().view(1, -1, 1, 1)
-        return y.relu() if relu else y
+        return conv_reference(*args)
     return getattr(torch.ops.deeplab_fast, op)(*args)
+
+
+def conv_reference(x, w, b, s, stride, padding, dilation, relu):
+    """relu?(conv2d(x, w) * s + b) in float64 (F.conv2d; s and b may be None), on x's device."""
+    y = F.conv2d(x.double(), w.double(), None, stride, padding, dilation)
+    if s is not None:
+        y = y * s.double().view(1, -1, 1, 1)
+    if b is not None:
+        y = y + b.double().view(1, -1, 1, 1)
+    return y.relu() if relu else y
 
 
 # ----------------------------------------------------------------------------------------------------------

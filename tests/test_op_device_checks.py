@@ -20,7 +20,7 @@ from deeplab_fast.ops import (atrous_conv2d, atrous_conv2d_plan, dense_crf, dens
                               dense_crf_pairwise_energy)
 from deeplab_fast.ops.aspp import HAVE_TRITON
 from helpers import CUDA_MARKS, seeded
-from samples import ERRORS, INPUTS, atrous_conv2d_inputs, prefix
+from samples import ERRORS, INPUTS, atrous_conv2d_inputs, conv_reference, prefix
 
 CONV_OP = torch.ops.deeplab_fast.atrous_conv2d
 PLAN_OP = torch.ops.deeplab_fast.atrous_conv2d_plan
@@ -50,12 +50,6 @@ CONV_NAMES = ("input", "weight", "bias", "scale")
 def _conv_args(dtype=torch.float32):
     """input, weight, bias and scale of the first atrous_conv2d sample (tests/samples.py)."""
     return [t.to(dtype) for t in atrous_conv2d_inputs("cpu")[0].args[:4]]
-
-
-def _conv_reference(x, w, b, s, stride, padding, dilation, relu):
-    y = F.conv2d(x.double(), w.double(), None, stride, padding, dilation)
-    y = y * s.double().view(1, -1, 1, 1) + b.double().view(1, -1, 1, 1)
-    return y.relu() if relu else y
 
 
 @pytest.mark.parametrize("devices", [d for d in itertools.product(("cpu", "meta"), repeat=4)
@@ -104,9 +98,7 @@ def test_conv_all_meta_matches_cpu(channels_last, with_bias, with_scale):
         assert meta.is_contiguous(memory_format=torch.channels_last) == ref.is_contiguous(
             memory_format=torch.channels_last)
         assert meta.stride() == ref.stride()
-        ex = _conv_reference(x, w, b if b is not None else torch.zeros(w.shape[0]),
-                             s if s is not None else torch.ones(w.shape[0]),
-                             stride, padding, dilation, True)
+        ex = conv_reference(x, w, b, s, stride, padding, dilation, True)
         torch.testing.assert_close(ref.double(), ex, rtol=1e-4, atol=1e-4)
 
 

@@ -128,6 +128,15 @@ void check_unary_shape(const at::Tensor& unary) {
                     unary.sizes());
 }
 
+// A call on values [B, L, N]: its sizes.
+Call sized_call(const at::Tensor& values) {
+  Call c;
+  c.B = values.size(0);
+  c.L = values.size(1);
+  c.N = values.size(2);
+  return c;
+}
+
 // q_init (optional): the unary's dtype, device and shape, finite. Returns it contiguous (or undefined).
 at::Tensor check_q_init(const c10::optional<at::Tensor>& q_init_in, const at::Tensor& unary) {
   if (!q_init_in.has_value()) return at::Tensor();
@@ -196,10 +205,7 @@ Call check_call(const at::Tensor& unary, at::TensorList features, at::TensorList
                 at::IntArrayRef normalization, int64_t iterations, const c10::optional<at::Tensor>& q_init) {
   check_unary_shape(unary);
   check_iterations(iterations);
-  Call c;
-  c.B = unary.size(0);
-  c.L = unary.size(1);
-  c.N = unary.size(2);
+  Call c = sized_call(unary);
   c.unary = unary.contiguous();
   c.terms = check_terms(c.unary, c.B, c.L, c.N, features, compat, normalization);
   c.q_init = check_q_init(q_init, c.unary);
@@ -212,10 +218,7 @@ Call check_pairwise_energy_call(const at::Tensor& q, at::TensorList features, at
   TORCH_CHECK_VALUE(q.dim() == 3 && q.numel() > 0, "dense_crf: q must be a non-empty [B, L, N] tensor, got shape ",
                     q.sizes());
   TORCH_CHECK_VALUE(at::isfinite(q).all().item<bool>(), "dense_crf: q contains NaN or inf");
-  Call c;
-  c.B = q.size(0);
-  c.L = q.size(1);
-  c.N = q.size(2);
+  Call c = sized_call(q);
   c.q_init = q.contiguous();
   c.terms = check_terms(c.q_init, c.B, c.L, c.N, features, compat, normalization);
   return c;
