@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # GPU runbook for deeplab_fast, on a machine with an NVIDIA GPU (such as the lent H100 / H200: torch 2.11+cu130,
 # nvcc 13, compute-sanitizer, no internet). CI never runs this; it has no GPU.
+# The setup it shares with the other GPU script (carried wheels, photos, the machine report, the pytest
+# verdict) is .ci/gpu_common.sh, sourced.
 #
 # Usage: bash .ci/gpu_checks.sh [STEP ...]       (no step: all of them, in this order)
 #   env         always runs first: GPU, driver, torch, nvcc, compute-sanitizer; installs what CARRY_DIR holds;
@@ -122,15 +124,9 @@ run_pytest() {
   shift
   echo "\$ pytest $*" >>"$LOGS/tests.log"
   "$PY" -m pytest "$@" 2>&1 | tee -a "$LOGS/tests.log" || rc=$?
-  local last
-  last="$(grep -E '(passed|failed|skipped|deselected|error|no tests ran).* in [0-9.]+s' "$LOGS/tests.log" | tail -n 1)"
-  if [[ $rc -ne 0 ]]; then
-    end "$name" FAIL "pytest exit $rc: $last"
-  elif ! grep -qE '[0-9]+ passed' <<<"$last"; then
-    end "$name" FAIL "nothing passed: $last"
-  else
-    end "$name" PASS "$last"
-  fi
+  local verdict
+  verdict="$(pytest_verdict "$rc" <"$LOGS/tests.log")"
+  end "$name" "${verdict%% *}" "${verdict#* }"
 }
 
 step_cuda_tests() {

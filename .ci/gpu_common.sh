@@ -63,3 +63,18 @@ copy_carried_photos() {
   done
   [[ -e "$DATA/im1.png" ]]
 }
+
+# A pytest run's verdict from its output (stdin) and exit status: "PASS <its summary line>" when it exited 0 and
+# something passed, else "FAIL <why>".
+pytest_verdict() {
+  local rc="$1" last
+  last="$(grep -E '(passed|failed|skipped|deselected|error|no tests ran).* in [0-9.]+s' | tail -n 1 |
+    sed 's/=//g; s/^ *//; s/ *$//')"
+  if [[ $rc -ne 0 ]]; then
+    echo "FAIL pytest exit $rc: ${last:-no summary line}"
+  elif ! grep -qE '[0-9]+ passed' <<<"$last"; then
+    echo "FAIL nothing passed: ${last:-no summary line}"
+  else
+    echo "PASS $last"
+  fi
+}

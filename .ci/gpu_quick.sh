@@ -2,6 +2,8 @@
 # The GPU check that fits ONE device call: at most 8 minutes of wall time (GPU_QUICK_BUDGET, default 450 s,
 # leaves room for the call's own overhead), with a summary and at most 6 files under $OUT whatever happens.
 # The long form, with the full suite and four sanitizer tools, is .ci/gpu_checks.sh.
+# The setup it shares with the other GPU script (carried wheels, photos, the machine report, the pytest
+# verdict) is .ci/gpu_common.sh, sourced.
 #
 # Usage: bash .ci/gpu_quick.sh [--dry-run]
 #
@@ -171,17 +173,9 @@ run_step() {
 
 # judge_pytest STEP: PASS when pytest exited 0 and something passed (its summary line, in the step's part of the log).
 judge_pytest() {
-  local step="$1" last
-  last="$(tail -n +"$LOG_FROM" "$LOGS/${LOGOF[$step]}" |
-    grep -E '(passed|failed|skipped|deselected|error|no tests ran).* in [0-9.]+s' | tail -n 1 |
-    sed 's/=//g; s/^ *//; s/ *$//')"
-  if [[ $RC -ne 0 ]]; then
-    record "$step" FAIL "pytest exit $RC: ${last:-no summary line}"
-  elif ! grep -qE '[0-9]+ passed' <<<"$last"; then
-    record "$step" FAIL "nothing passed: ${last:-no summary line}"
-  else
-    record "$step" PASS "$last"
-  fi
+  local step="$1" verdict
+  verdict="$(tail -n +"$LOG_FROM" "$LOGS/${LOGOF[$step]}" | pytest_verdict "$RC")"
+  record "$step" "${verdict%% *}" "${verdict#* }"
 }
 
 # The tests of the three ops (file names survive the planned merge of *_cuda.py into the CPU files).

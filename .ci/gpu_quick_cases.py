@@ -55,7 +55,7 @@ def case_crf(gen) -> bool:
     for device in ("cuda", "cpu"):
         s = sample("dense_crf", "1x21x11x13_matrix_potts", device, requires_grad=True)
         q = op(*s.args)
-        weights = torch.arange(q.shape[1], dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        weights = torch.arange(q.shape[1], dtype=torch.float32, device=q.device).view(1, -1, 1, 1)
         (q * weights).sum().backward()
         grads[device] = [s.args[i].grad.cpu() for i in (0, 4, 7)]
     rel = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()

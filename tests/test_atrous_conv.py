@@ -716,6 +716,27 @@ def test_samples_match_reference(device, sample):
     assert_matches(out.double(), sample_reference("atrous_conv2d", s).to(out.device), F64, tol=tol, what=s.name)
 
 
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("name", ["f32_bias_scale_relu", "f32_channels_last_crop_rate12", "f64_stride2",
+                                  "cutlass_bf16_rate18_every_region"])
+def test_torch_compile_samples(device, name):
+    """torch.compile(fullgraph=True) through the fake kernel on samples (tests/samples.py): the same result, layout
+    and gradients as eager."""
+    s = next(s for s in atrous_conv2d_inputs(device, requires_grad=True) if s.name == name)
+
+    def f(*args):
+        return OP(*args) * 2.0
+
+    eager = f(*s.args)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(*s.args)
+    assert torch.equal(compiled, eager) and compiled.stride() == eager.stride()
+    leaves = [a for a in s.args[:4] if isinstance(a, torch.Tensor)]
+    g_eager = torch.autograd.grad(eager.sum(), leaves)
+    g_compiled = torch.autograd.grad(compiled.sum(), leaves)
+    for a, b in zip(g_compiled, g_eager):
+        assert torch.equal(a, b)
+
+
 def test_opcheck_plan_schema():
     x, w, b, s = random_args(1, 4, 4, 9, 9, seed=43)
     torch.library.opcheck(torch.ops.deeplab_fast.atrous_conv2d_plan.default, (x, w, b, s, [1, 1], [2, 2], [2, 2],

@@ -929,6 +929,25 @@ def test_samples_match_reference(device, name):
             assert_parity(got.float().numpy(), ref.numpy())
 
 
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("op,name", [("dense_crf", "1x21x11x13_matrix_potts"), ("dense_crf", "2x5x23x31"),
+                                     ("dense_crf_features", "D5_3_norm10_q_init")])
+def test_torch_compile_samples(device, op, name):
+    """torch.compile(fullgraph=True) through the composite and the fake kernels on samples (tests/samples.py),
+    with the gradient: bit for bit the eager result."""
+    sample = sample_of(op, name, device, requires_grad=True)
+    fn = getattr(torch.ops.deeplab_fast, op)
+
+    def f(*args):
+        return fn(*args) * 2.0
+
+    eager = f(*sample.args)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(*sample.args)
+    assert torch.equal(compiled, eager)
+    unary = sample.args[0]
+    assert torch.equal(torch.autograd.grad(compiled.sum(), unary)[0], torch.autograd.grad(eager.sum(), unary)[0])
+
+
 @pytest.mark.parametrize("device,backend", [("cpu", "aot_eager"), on_cuda("cuda", "aot_eager"),
                                             on_cuda("cuda", "inductor")])
 def test_torch_compile_fullgraph(device, backend):
