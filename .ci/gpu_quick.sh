@@ -16,8 +16,9 @@
 #   build        [200]  pip install --no-index --no-build-isolation -v -e . with MAX_JOBS=16; the log must say
 #                       "building CUDA + CPU extension"; .ci/check_cuda_build.py --triton (every op with a CPU
 #                       kernel has a CUDA kernel; the Triton ASPP module imports)
-#   tests        [120]  pytest -k "cuda and not compile" over tests/test_{dense_crf,atrous_conv,aspp}*.py (the
-#                       *_cuda.py files, or CUDA-parametrised tests with "cuda" in their ids), per-test timeout
+#   tests        [120]  pytest -k "cuda and not compile and not opcheck" over tests/test_{dense_crf,atrous_conv,
+#                       aspp}*.py (the *_cuda.py files, or CUDA-parametrised tests with "cuda" in their ids),
+#                       per-test timeout
 #   memcheck      [75]  compute-sanitizer memcheck (PYTORCH_NO_CUDA_MEMORY_CACHING=1) on one small case per op:
 #                       .ci/gpu_quick_cases.py small --ops crf,conv,aspp
 #   racecheck     [60]  compute-sanitizer racecheck on the CRF case with the CUDA graph off
@@ -28,7 +29,8 @@
 #                       (F.conv2d + ReLU, cudnn.benchmark), then the targets summary
 #   bench_aspp    [60]  benchmarks/test_aspp.py: the v3 heads (output stride 16 and 8, batch 1 and 16), ours
 #                       against torchvision's eager ASPP, then the targets summary
-#   tests_compile [75]  pytest -k "cuda and compile": the torch.compile cases, last (slow to compile)
+#   tests_compile [75]  pytest -k "cuda and (compile or opcheck)": the torch.compile and opcheck cases (opcheck on
+#                       every sample of tests/samples.py), last (slow to compile)
 # Files under $OUT (the run tool brings back at most 8): summary.txt (rewritten before and after every step, so
 # even a killed run leaves one), setup.log (env + build), tests.log, sanitizer.log, bench.log, bench.json (the
 # benchmark rows of the three files, merged).
@@ -182,8 +184,8 @@ judge_pytest() {
 mapfile -t TEST_FILES < <(ls tests/test_dense_crf*.py tests/test_atrous_conv*.py tests/test_aspp*.py 2>/dev/null)
 PYTEST_COMMON=(-p no:cacheprovider -rfEs -o "faulthandler_timeout=$PER_TEST")
 if "$PY" -c 'import pytest_timeout' >/dev/null 2>&1; then PYTEST_COMMON+=("--timeout=$PER_TEST"); fi
-SEL_TESTS="cuda and not compile"
-SEL_COMPILE="cuda and compile"
+SEL_TESTS="cuda and not compile and not opcheck"
+SEL_COMPILE="cuda and (compile or opcheck)"
 SEL_CRF="test_gpu_cuda and (500x375 or 16x512x512 or no_graph)"
 SEL_CONV="(test_cuda_atrous_conv and n1- and not cudnn_relu and not compile) or test_cuda_atrous_conv_targets"
 SEL_ASPP="(test_cuda_aspp and v3 and not compile) or test_cuda_aspp_targets"
