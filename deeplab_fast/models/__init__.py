@@ -9,7 +9,8 @@ returns logits at the input resolution: v1 and v2 as a Tensor (v2 with ``msc=Tru
 per-scale list), the v3 / v3+ / mobile models as torchvision's segmentation models do, an ``OrderedDict`` with
 ``"out"`` (and ``"aux"`` with ``aux_loss=True``). The public builders (``deeplab_v3_resnet50(*, weights=None,
 progress=True, num_classes=None, aux_loss=None, weights_backbone=None, **kwargs)``, ...) take torchvision's
-keyword arguments.
+keyword arguments; ``deeplabv3_resnet50``, ``deeplabv3_resnet101``, ``deeplabv3_mobilenet_v3_large`` and
+``lraspp_mobilenet_v3_large`` are also importable under torchvision's names.
 
 - ``list_models()``, ``get_model(name, *, weights=None, **kwargs)``, ``get_model_weights(name)``,
   ``get_weight("Enum.MEMBER")`` (``_api.py``; the entries are in ``zoo.py``). ``MODELS`` maps the names to
@@ -42,7 +43,8 @@ from .zoo import (COCO_STUFF_CLASSES, DeepLabV1_LargeFOV_Weights, DeepLabV1_MSC_
                   DeepLabV3Plus_ResNet101_Weights, LRASPP_MobileNet_V3_Large_Weights, deeplab_v1_largefov,
                   deeplab_v1_msc_largefov, deeplab_v2_resnet101, deeplab_v3_mobilenet_v3_large, deeplab_v3_resnet50,
                   deeplab_v3_resnet101, deeplab_v3plus_mobilenet_v2, deeplab_v3plus_resnet50,
-                  deeplab_v3plus_resnet101, lraspp_mobilenet_v3_large)
+                  deeplab_v3plus_resnet101, deeplabv3_mobilenet_v3_large, deeplabv3_resnet50, deeplabv3_resnet101,
+                  lraspp_mobilenet_v3_large)
 
 MODELS: Dict[str, Callable[..., nn.Module]] = {name: get_model_builder(name) for name in list_models()}
 
@@ -56,6 +58,7 @@ __all__ = [
     "deeplab_v3_mobilenet_v3_large", "lraspp_mobilenet_v3_large", "deeplab_v3plus_resnet50",
     "deeplab_v3plus_resnet101", "deeplab_v3plus_mobilenet_v2", "DeepLabV3Plus", "DeepLabV3MobileNetV3", "LRASPP",
     "MobileNetV2", "mobilenet_v3_large_features", "convert_smp_deeplabv3plus", "is_smp_deeplabv3plus",
+    "deeplabv3_resnet50", "deeplabv3_resnet101", "deeplabv3_mobilenet_v3_large",
     "SegmentationPreset", "preprocess",
     "deeplab_v1_largefov", "deeplab_v1_msc_largefov", "deeplab_v2_resnet101", "deeplab_v3_resnet50",
     "deeplab_v3_resnet101", "DeepLabV1", "DeepLabV2", "DeepLabV3", "check_rgb_input",

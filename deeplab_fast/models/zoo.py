@@ -39,7 +39,8 @@ __all__ = ["DeepLabV1_LargeFOV_Weights", "DeepLabV1_MSC_LargeFOV_Weights", "Deep
            "DeepLabV3Plus_MobileNet_V2_Weights", "COCO_STUFF_CLASSES", "deeplab_v1_largefov",
            "deeplab_v1_msc_largefov", "deeplab_v2_resnet101", "deeplab_v3_resnet50", "deeplab_v3_resnet101",
            "deeplab_v3_mobilenet_v3_large", "lraspp_mobilenet_v3_large", "deeplab_v3plus_resnet50",
-           "deeplab_v3plus_resnet101", "deeplab_v3plus_mobilenet_v2"]
+           "deeplab_v3plus_resnet101", "deeplab_v3plus_mobilenet_v2", "deeplabv3_resnet50", "deeplabv3_resnet101",
+           "deeplabv3_mobilenet_v3_large"]
 
 _TV = "https://download.pytorch.org/models/"
 _KAZUTO = "https://github.com/kazuto1011/deeplab-pytorch/releases/download/v1.0/"
@@ -282,6 +283,11 @@ deeplab_v3plus_resnet101 = _public("deeplab_v3plus_resnet101", """DeepLab v3+ Re
 deeplab_v3plus_mobilenet_v2 = _public("deeplab_v3plus_mobilenet_v2", """DeepLab v3+ MobileNetV2
     (``DeepLabV3Plus``): ``output_stride`` 16 (default) or 8, ``flavor`` "paper" (default) or "smp". Returns an
     ``OrderedDict`` with ``"out"``.""")
+
+# torchvision's names for the same builders, so torchvision's examples run with only the import changed.
+deeplabv3_resnet50 = deeplab_v3_resnet50
+deeplabv3_resnet101 = deeplab_v3_resnet101
+deeplabv3_mobilenet_v3_large = deeplab_v3_mobilenet_v3_large
 
 register_model("deeplab_v1_largefov", partial(DeepLabV1, msc=False), weights=DeepLabV1_LargeFOV_Weights,
                family="v1", default_mode="caffe", classifier_key=lambda **_: "fc8.weight",

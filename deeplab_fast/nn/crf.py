@@ -13,7 +13,16 @@ from torch import nn
 
 from ..ops.dense_crf import dense_crf
 
-__all__ = ["DenseCRF", "CRFPreset", "PRESETS", "TRAINABLE_TERMS", "COMPAT_FORMS"]
+__all__ = ["DenseCRF", "CRFPreset", "PRESETS", "TRAINABLE_TERMS", "COMPAT_FORMS", "ONNX_EXPORT_ERROR"]
+
+# What exporting a model with the CRF layer to ONNX raises (torch.export keeps the deeplab_fast ops, which run
+# wherever deeplab_fast is imported; ONNX has no permutohedral-lattice operator).
+ONNX_EXPORT_ERROR = (
+    "DenseCRF cannot be exported to ONNX: the dense CRF (deeplab_fast::dense_crf, a permutohedral-lattice mean-field "
+    "op) has no ONNX operator. Export the network without the CRF layer (torch.onnx.export(network, (x,), "
+    "dynamo=True)), run it in onnxruntime, and run the CRF on its logits in Python: "
+    "deeplab_fast.nn.DenseCRF(...)(torch.from_numpy(logits), image) or deeplab_fast.ops.dense_crf (on the CPU or "
+    "CUDA). torch.export keeps the CRF as a deeplab_fast op (the program runs where deeplab_fast is imported).")
 
 
 @dataclass(frozen=True)
@@ -236,6 +245,8 @@ class DenseCRF(nn.Module):
                          bilateral_compat=self.bilateral_compat, checkpoint=self.checkpoint)
 
     def forward(self, logits: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():
+            raise RuntimeError(ONNX_EXPORT_ERROR)
         if not self.trained:
             with torch.no_grad():
                 return self._infer(logits, image)
