@@ -58,12 +58,19 @@ def test_separable(device, dtype, depthwise_bn):
     _check(layer, _x(8, 15, 9, device), device, dtype, f"AtrousSeparableConv2d depthwise_bn={depthwise_bn}")
 
 
+# The Triton paths, on the CPU in triton's interpreter (TRITON_INTERPRET=1 from conftest.py). triton 3.9's
+# interpreter computes a bfloat16 tl.dot ~1e10 off (tests/test_aspp.py: interpreter_bf16_dot_ok), so the v3
+# kernel (a GEMM) is checked on the CPU under float16 autocast, the same cast policy; bfloat16 on CUDA.
 @pytest.mark.skipif(not aspp_ops.HAVE_TRITON, reason="triton is not installed")
-@pytest.mark.parametrize("device,dtype", CASES)
-def test_aspp_fused_paths(device, dtype):
-    """The Triton paths (on the CPU in triton's interpreter, TRITON_INTERPRET=1 from conftest.py)."""
+@pytest.mark.parametrize("device,dtype", [("cpu", torch.float16)] + CASES[1:])
+def test_aspp_fused_path(device, dtype):
     v3 = randomize_(ASPP(8, (1, 2, 3), 4), 5).eval().to(device)
     _check(v3, _x(8, 7, 6, device), device, dtype, "ASPP fused", call=v3.fused_forward)
+
+
+@pytest.mark.skipif(not aspp_ops.HAVE_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("device,dtype", [("cpu", torch.float16)] + CASES)
+def test_aspp_v2_fused_path(device, dtype):
     v2 = randomize_(ASPPv2(8, 3, (1, 2, 3, 4)), 6).eval().to(device)
     _check(v2, _x(8, 7, 6, device), device, dtype, "ASPPv2 fused", call=v2.fused_forward)
 
@@ -71,7 +78,8 @@ def test_aspp_fused_paths(device, dtype):
 @pytest.mark.parametrize("name", ["deeplab_v3plus_mobilenet_v2", "lraspp_mobilenet_v3_large"])
 @pytest.mark.parametrize("device,dtype", CASES)
 def test_models_after_optimize(name, device, dtype):
-    model = randomize_(models.get_model(name, num_classes=3), 7, gain=2.0, spread=0.2, var_low=0.5).eval()
+    # gain 1: a random MobileNet with He-scaled weights amplifies bfloat16 rounding to O(1) in eager torch too
+    model = randomize_(models.get_model(name, num_classes=3), 7).eval()
     model = optimize(model).to(device)
     x = _x(3, 65, 65, device)
     with torch.no_grad():

@@ -254,6 +254,10 @@ class ASPP(nn.Module):
                              "statistics")
         dtype = autocast_dtype(x) or x.dtype  # under autocast: the autocast dtype (deeplab_fast.nn.atrous)
         x = x.to(dtype).contiguous(memory_format=torch.channels_last)  # the fast layout of the convs and kernel
+        with torch.autocast(x.device.type, enabled=False):  # cast by hand above; the float32 parts stay so
+            return self._fused(x, dtype)
+
+    def _fused(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         # The four spatial branches, pre-activation (their ReLU is applied by the projection kernel on load).
         branches = []
         for i in range(4):
@@ -361,7 +365,8 @@ class ASPPv2(nn.Module):
         if len(self.atrous_rates) != 4:
             raise ValueError(f"ASPPv2.fused_forward: needs 4 branches, has {len(self.atrous_rates)}")
         x = x.to(autocast_dtype(x) or x.dtype).contiguous(memory_format=torch.channels_last)
-        outs = [atrous_conv2d(x, conv.weight.to(x.dtype), None, None, 1, r, r, relu=False)
-                for conv, r in zip(self.branches(), self.atrous_rates)]
-        bias = sum(conv.bias.float() for conv in self.branches())
-        return _aspp_ops.aspp_sum(outs, bias)
+        with torch.autocast(x.device.type, enabled=False):
+            outs = [atrous_conv2d(x, conv.weight.to(x.dtype), None, None, 1, r, r, relu=False)
+                    for conv, r in zip(self.branches(), self.atrous_rates)]
+            bias = sum(conv.bias.float() for conv in self.branches())
+            return _aspp_ops.aspp_sum(outs, bias)

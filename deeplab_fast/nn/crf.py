@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -23,6 +24,16 @@ ONNX_EXPORT_ERROR = (
     "dynamo=True)), run it in onnxruntime, and run the CRF on its logits in Python: "
     "deeplab_fast.nn.DenseCRF(...)(torch.from_numpy(logits), image) or deeplab_fast.ops.dense_crf (on the CPU or "
     "CUDA). torch.export keeps the CRF as a deeplab_fast op (the program runs where deeplab_fast is imported).")
+
+
+def _in_onnx_export() -> bool:
+    """Whether torch.onnx.export is capturing the model. Its second capture strategy (torch.export with
+    strict=True, i.e. dynamo) folds ``torch.onnx.is_in_onnx_export()`` to False, so the exporter's own flag is
+    read too (a module global, read at trace time)."""
+    if torch.onnx.is_in_onnx_export():
+        return True
+    flags = sys.modules.get("torch.onnx._internal.exporter._flags")
+    return bool(getattr(flags, "_is_onnx_exporting", False))
 
 
 @dataclass(frozen=True)
@@ -245,7 +256,7 @@ class DenseCRF(nn.Module):
                          bilateral_compat=self.bilateral_compat, checkpoint=self.checkpoint)
 
     def forward(self, logits: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        if torch.onnx.is_in_onnx_export():
+        if _in_onnx_export():
             raise RuntimeError(ONNX_EXPORT_ERROR)
         if not self.trained:
             with torch.no_grad():
