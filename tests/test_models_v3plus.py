@@ -120,9 +120,12 @@ def test_torchvision_mobile(name, tv_name, kwargs, tmp_path):
     ours = get_model(name, num_classes=7, **kwargs).eval()
     ours.load_state_dict(tv.state_dict(), strict=True)
     x = image(1, 161, 241, 2)
+    fast = optimize(ours)
     with torch.no_grad():
-        expected, out, fused = tv(x), ours(x), optimize(ours)(x)
+        expected, out, fused = tv(x), ours(x), fast(x)
     assert isinstance(out, OrderedDict) and list(out) == list(expected)
+    # every BN of the backbone folded (into the fused 1x1 convs, and into the depthwise convs by the grouped rule)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.backbone.modules())
     for k in expected:
         assert_matches(out[k], expected[k], TOL_BUILT, f"{name} {k}")
         assert_matches(fused[k], expected[k], TOL_OPT, f"{name} {k} after optimize")
