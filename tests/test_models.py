@@ -610,7 +610,7 @@ def test_load_checkpoint(tmp_path):
     fresh = deeplab_v3_resnet50(num_classes=3, head="paper").eval()
     load_weights(fresh, load_checkpoint(tmp_path / "plain.pth"))
     x = random_input(1, 41, 41, 91)
-    assert_matches(fresh(x), m(x), 0.0, "reloaded model")
+    assert_matches(fresh(x)["out"], m(x)["out"], 0.0, "reloaded model")
 
     missing = tmp_path / "nope" / "weights.pth"
     with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
