@@ -318,7 +318,9 @@ if os.environ.get("DEEPLAB_FAST_LARGE_SIZES") == "1":  # the docs' run: the offi
 @pytest.mark.parametrize("backbone,output_stride,size", PAPER_SIZES)
 def test_paper_flavor_matches_official_model(backbone, output_stride, size):
     torch.manual_seed(0)
-    ours = randomize_(get_model(V3PLUS[backbone], num_classes=6, output_stride=output_stride), 40).eval()
+    # running variances in [1, 2]: a deep random MobileNet with smaller ones amplifies float32 rounding to ~1e-5
+    model = get_model(V3PLUS[backbone], num_classes=6, output_stride=output_stride)
+    ours = _randomize_(model, 40, gain=2.0, spread=0.2, var_low=1.0).eval()
     rates = {16: (6, 12, 18), 8: (12, 24, 36)}[output_stride]
     assert ours.flavor == "paper" and ours.atrous_rates == rates
     x = image(1, *size, 3)
@@ -335,7 +337,7 @@ def test_paper_flavor_matches_official_model(backbone, output_stride, size):
                 return F.interpolate(t, size=tuple(s), mode="bilinear", align_corners=False)
             wrong = tf_deeplabv3plus(ours, x, backbone, output_stride, rates, resize=half_pixel)
             assert (wrong - expected).abs().max() > 1e-3 * expected.abs().max()
-            wrong = tf_deeplabv3plus(ours, x, backbone, output_stride, (6, 12, 24))
+            wrong = tf_deeplabv3plus(ours, x, backbone, output_stride, (4, 12, 18))
             assert (wrong - expected).abs().max() > 1e-3 * expected.abs().max()
 
 
