@@ -18,8 +18,8 @@ random inputs):
   restated, and in float64 any structural slip is an O(1) difference against float32 rounding (< 1e-5). The
   negative controls show the comparison sees a flip of one resize mode or one rate. The model is also run in
   float64 against the reference (1e-9): the architecture is the same to rounding. Sizes: odd, small enough for
-  a float64 reference on a 2-core CI machine (129x97, 97x65, 65x65; the 513x513 and 321x481 runs of the same
-  test are in docs/models-deeplabv3plus.md).
+  a float64 reference on a 2-core CI machine (129x97, 97x65, 65x65); DEEPLAB_FAST_LARGE_SIZES=1 runs the same
+  test at 513x513 and 321x481 (minutes per case on 2 cores: not in CI).
 
 Tolerance (``helpers.assert_matches``): per element ``|out - ref| <= tol * (max|ref| + |ref|)``; 1e-5 as built,
 1e-4 after ``optimize``.
