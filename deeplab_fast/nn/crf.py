@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -13,7 +14,26 @@ from torch import nn
 
 from ..ops.dense_crf import dense_crf
 
-__all__ = ["DenseCRF", "CRFPreset", "PRESETS", "TRAINABLE_TERMS", "COMPAT_FORMS"]
+__all__ = ["DenseCRF", "CRFPreset", "PRESETS", "TRAINABLE_TERMS", "COMPAT_FORMS", "ONNX_EXPORT_ERROR"]
+
+# What exporting a model with the CRF layer to ONNX raises (torch.export keeps the deeplab_fast ops, which run
+# wherever deeplab_fast is imported; ONNX has no permutohedral-lattice operator).
+ONNX_EXPORT_ERROR = (
+    "DenseCRF cannot be exported to ONNX: the dense CRF (deeplab_fast::dense_crf, a permutohedral-lattice mean-field "
+    "op) has no ONNX operator. Export the network without the CRF layer (torch.onnx.export(network, (x,), "
+    "dynamo=True)), run it in onnxruntime, and run the CRF on its logits in Python: "
+    "deeplab_fast.nn.DenseCRF(...)(torch.from_numpy(logits), image) or deeplab_fast.ops.dense_crf (on the CPU or "
+    "CUDA). torch.export keeps the CRF as a deeplab_fast op (the program runs where deeplab_fast is imported).")
+
+
+def _in_onnx_export() -> bool:
+    """Whether torch.onnx.export is capturing the model. Its second capture strategy (torch.export with
+    strict=True, i.e. dynamo) folds ``torch.onnx.is_in_onnx_export()`` to False, so the exporter's own flag is
+    read too (a module global, read at trace time)."""
+    if torch.onnx.is_in_onnx_export():
+        return True
+    flags = sys.modules.get("torch.onnx._internal.exporter._flags")
+    return bool(getattr(flags, "_is_onnx_exporting", False))
 
 
 @dataclass(frozen=True)
@@ -237,6 +257,8 @@ class DenseCRF(nn.Module):
                          bilateral_compat=self.bilateral_compat, checkpoint=self.checkpoint)
 
     def forward(self, logits: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        if _in_onnx_export():
+            raise RuntimeError(ONNX_EXPORT_ERROR)
         if not self.trained:
             with torch.no_grad():
                 return self._infer(logits, image)
