@@ -224,7 +224,7 @@ EOF
 # bench STEP FILE SELECTION NAME: one benchmark file's selected rows, the JSON merged into bench.json.
 bench() {
   local step="$1" file="$2" sel="$3" name="$4"
-  rm -f "benchmarks/results/$name.json"
+  rm -f "benchmarks/results/$name"-*.json
   if run_step "$step" env DEEPLAB_FAST_BENCH_NAME="$name" DEEPLAB_FAST_BENCH_NO_COMPILE=1 \
     "$PY" -m pytest "$file" -k "$sel" -q "${PYTEST_COMMON[@]}"; then
     merge_bench_json
