@@ -196,10 +196,10 @@ def test_progress_lines_go_to_the_log_and_the_terminal(setup_py, tmp_path, capsy
 
 
 TINY_SETUP = """
-import importlib.util, sys
-spec = importlib.util.spec_from_file_location("dlf_setup", sys.argv.pop(1))
-dlf = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(dlf)
+import sys
+sys.path.insert(0, sys.argv.pop(1))  # tests/, for helpers.load_setup_py
+from helpers import load_setup_py
+dlf = load_setup_py()
 from setuptools import Extension, setup
 dlf.BuildWithProgress.progress = dlf.Progress(tty_path="/nonexistent/tty")
 setup(name="tiny", ext_modules=[Extension("tiny_ext", ["a.cpp", "b.cpp"], language="c++")],
@@ -222,7 +222,7 @@ def test_build_prints_a_line_per_unit_the_link_and_the_total(setup_py, tmp_path,
                                     '"tiny_ext", 0, -1, 0};\nPyMODINIT_FUNC PyInit_tiny_ext(void) { return '
                                     'PyModule_Create(&m); }\n')
     (tmp_path / "setup_tiny.py").write_text(TINY_SETUP.replace("USE_NINJA", str(use_ninja)))
-    r = subprocess.run([sys.executable, "setup_tiny.py", str(Path(setup_py.__file__)), "build_ext", "--inplace"],
+    r = subprocess.run([sys.executable, "setup_tiny.py", str(Path(__file__).parent), "build_ext", "--inplace"],
                        cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     lines = [line for line in r.stdout.splitlines() if line.startswith("deeplab_fast: ")]
