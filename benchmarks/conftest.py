@@ -2,8 +2,8 @@
 
 Run:
 - ``pytest benchmarks/``: the headline run (the dense CRF against pydensecrf2, forward and forward + backward, the
-  fused layers, one model; CPU, and the GPU rows when there is a GPU): about 4 minutes on a 2-core machine.
-- ``pytest benchmarks/ --full``: every case of every file (the sweep; see docs/benchmarks.md for its duration).
+  fused layers, one model; CPU, and the GPU rows when there is a GPU): about 3 minutes on a 2-core machine.
+- ``pytest benchmarks/ --full``: every case of every file (the sweep): about 15 minutes on a 2-core machine.
   ``--full`` also sets ``DEEPLAB_FAST_BENCH_FULL=1``, which opt-in files read; setting that variable is the same
   as ``--full``. Cases that only the sweep runs carry the ``full`` mark (``pytest.param(..., marks=FULL)``).
 - ``pytest benchmarks/ --benchmark-disable``: the smoke test (CI): every case once, on reduced inputs where a file
