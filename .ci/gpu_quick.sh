@@ -244,7 +244,7 @@ if [[ $DRY == 1 ]]; then
   caps=0
   for s in "${STEPS[@]}"; do caps=$((caps + CAP[$s])); done
   compgen -G "$CARRY/nvidia_cutlass-*.whl" >/dev/null ||
-    echo "note: no $CARRY/nvidia_cutlass-*.whl here: carry it for the GPU run (see README)" | tee -a "$LOGS/setup.log"
+    echo "note: no $CARRY/nvidia_cutlass-*.whl here: carry it for the GPU run (see CONTRIBUTING.md)" | tee -a "$LOGS/setup.log"
   {
     echo "plan: ${#STEPS[@]} steps, caps summing to ${caps}s, cut to the ${BUDGET}s budget (steps get"
     echo "  min(cap, budget left - ${RESERVE}s)); test files: ${TEST_FILES[*]}"
