@@ -15,8 +15,8 @@
 #   sanitize    compute-sanitizer memcheck (PYTORCH_NO_CUDA_MEMORY_CACHING=1) and racecheck on
 #               tests/cuda/sanitize_dense_crf.py and tests/cuda/sanitize_atrous_conv.py; initcheck and synccheck
 #               too, reported but never failing
-#   bench       DEEPLAB_FAST_BENCH_NAME=gpu-<device> pytest benchmarks -k "cuda or gpu": the JSON goes to
-#               benchmarks/results/ and is copied beside the logs
+#   bench       DEEPLAB_FAST_BENCH_NAME=gpu-<device> pytest benchmarks --full -k "cuda or gpu": the JSON (one file
+#               per benchmark file, benchmarks/results/gpu-<device>-<file>.json) is copied beside the logs
 # A device call runs at most 10 minutes: split the steps over two calls if needed (or use .ci/gpu_quick.sh, the
 # quick form that fits one call), e.g.
 #   bash .ci/gpu_checks.sh build cuda-tests sanitize      then      bash .ci/gpu_checks.sh build tests bench
@@ -24,7 +24,7 @@
 #
 # Environment:
 #   GPU_CHECKS_OUT  folder for the logs (default: $OUT where set, else gpu-checks/ in the repository). At most 7
-#                   files: env.log build.log tests.log sanitizer.log bench.log <bench name>.json summary.txt
+#                   files: env.log build.log tests.log sanitizer.log bench.log <bench name>-<file>.json summary.txt
 #   CARRY_DIR       carried files (default: .whl): *.whl (nvidia_cutlass-*.whl: the CUTLASS headers the build
 #                   needs; pytest_benchmark, ...) are installed with pip --no-index into a private
 #                   folder put on PYTHONPATH; a pydensecrf2-*.tar.gz source is built (needs a compiler and
@@ -192,17 +192,19 @@ step_bench() {
   local slug name rc=0
   slug="$("$PY" -c 'import re, torch; print(re.sub("[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-"))')"
   name="${DEEPLAB_FAST_BENCH_NAME:-gpu-$slug}"
-  rm -f "benchmarks/results/$name.json"
+  rm -f "benchmarks/results/$name"-*.json
   # shellcheck disable=SC2086  # BENCH_ARGS is a list of words
-  DEEPLAB_FAST_BENCH_NAME="$name" "$PY" -m pytest benchmarks -k "cuda or gpu" -q -rfEs ${BENCH_ARGS:-} 2>&1 |
+  DEEPLAB_FAST_BENCH_NAME="$name" "$PY" -m pytest benchmarks --full -k "cuda or gpu" -q -rfEs ${BENCH_ARGS:-} 2>&1 |
     tee "$LOGS/bench.log" || rc=$?
-  if [[ -f "benchmarks/results/$name.json" ]]; then cp "benchmarks/results/$name.json" "$LOGS/"; fi
+  local written=()
+  mapfile -t written < <(compgen -G "benchmarks/results/$name-*.json" || true)
+  if [[ ${#written[@]} -gt 0 ]]; then cp "${written[@]}" "$LOGS/"; fi
   if [[ $rc -ne 0 ]]; then
     end bench FAIL "pytest exit $rc, see bench.log"
   elif ! grep -qE '[0-9]+ passed' "$LOGS/bench.log"; then
     end bench FAIL "no benchmark passed"
-  elif [[ -f "benchmarks/results/$name.json" ]]; then
-    end bench PASS "benchmarks/results/$name.json"
+  elif [[ ${#written[@]} -gt 0 ]]; then
+    end bench PASS "${written[*]}"
   else
     end bench PASS "not timed (no JSON)"
   fi

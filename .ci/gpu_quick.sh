@@ -207,7 +207,7 @@ EOF
 # bench STEP FILE SELECTION NAME: one benchmark file's selected rows, the JSON merged into bench.json.
 bench() {
   local step="$1" file="$2" sel="$3" name="$4"
-  rm -f "benchmarks/results/$name.json"
+  rm -f "benchmarks/results/$name"-*.json
   if run_step "$step" env DEEPLAB_FAST_BENCH_NAME="$name" DEEPLAB_FAST_BENCH_NO_COMPILE=1 \
     "$PY" -m pytest "$file" -k "$sel" -q "${PYTEST_COMMON[@]}"; then
     merge_bench_json
@@ -227,7 +227,7 @@ if [[ $DRY == 1 ]]; then
   caps=0
   for s in "${STEPS[@]}"; do caps=$((caps + CAP[$s])); done
   compgen -G "$CARRY/nvidia_cutlass-*.whl" >/dev/null ||
-    echo "note: no $CARRY/nvidia_cutlass-*.whl here: carry it for the GPU run (see README)" | tee -a "$LOGS/setup.log"
+    echo "note: no $CARRY/nvidia_cutlass-*.whl here: carry it for the GPU run (see CONTRIBUTING.md)" | tee -a "$LOGS/setup.log"
   {
     echo "plan: ${#STEPS[@]} steps, caps summing to ${caps}s, cut to the ${BUDGET}s budget (steps get"
     echo "  min(cap, budget left - ${RESERVE}s)); test files: ${TEST_FILES[*]}"

@@ -2,7 +2,7 @@
 
 ``optimize(model)`` walks any ``nn.Module`` and applies only rewrites whose dataflow it can prove:
 
-1. **Conv [+ BN] [+ ReLU] chains inside a chain container.** A chain container is a module whose forward
+1. **Conv (+ BN) (+ ReLU) chains inside a chain container.** A chain container is a module whose forward
    is known to feed each child's output to the next child: ``nn.Sequential`` and its subclasses that keep
    ``Sequential.forward`` (torchvision's ``DeepLabHead``, ``FCNHead``, ``ASPPConv``, ...), torchvision's
    ``ASPPPooling`` (children in order, then an upsampling) and torchvision's ``IntermediateLayerGetter``
@@ -128,7 +128,7 @@ class FusedResNetBlock(nn.Module):
 
 
 def optimize(model: nn.Module, inplace: bool = False, verbose: bool = False) -> nn.Module:
-    """Returns ``model`` with its Conv [+ BN] [+ ReLU] chains fused into ``AtrousConv2dReLU`` layers,
+    """Returns ``model`` with its Conv (+ BN) (+ ReLU) chains fused into ``AtrousConv2dReLU`` layers,
     torchvision ResNet blocks into ``FusedResNetBlock`` s and torchvision's ASPP swapped for
     ``deeplab_fast.nn.ASPP`` (the rules are in this module's docstring): the same outputs, faster.
 

@@ -112,14 +112,37 @@ def test_test_helpers_live_in_helpers_py():
         assert "spec_from_file_location" not in text, f"{path.name} loads a file as a module"
 
 
-def test_readme_recipe_table_is_generated_from_the_recipes():
+def _between(text: str, start_marker: str, end_marker: str) -> str:
+    start = text.index("\n", text.index(start_marker)) + 1
+    return text[start:text.index(end_marker)]
+
+
+def test_docs_recipe_table_is_generated_from_the_recipes():
     from deeplab_fast.train import recipes_table
 
+    page = (ROOT / "docs" / "guide" / "training.md").read_text()
+    assert _between(page, "<!-- recipes table:", "<!-- end of recipes table -->") == recipes_table(), (
+        "docs/guide/training.md's recipe table is stale: paste recipes_table()")
+
+
+def test_readme_headline_table_is_generated_from_the_benchmark_results():
+    """README's benchmark table is docs/hooks/benchmark_tables.py's headline_table(), made from
+    benchmarks/results/*.json (run the script's function and paste it after a benchmark run)."""
+    import runpy
+
+    tables = runpy.run_path(str(ROOT / "docs" / "hooks" / "benchmark_tables.py"))
     readme = (ROOT / "README.md").read_text()
-    start = readme.index("<!-- recipes table:")
-    start = readme.index("\n", start) + 1
-    end = readme.index("<!-- end of recipes table -->")
-    assert readme[start:end] == recipes_table(), "README's recipe table is stale: paste recipes_table()"
+    assert _between(readme, "<!-- headline table:", "<!-- end of headline table -->") == tables["headline_table"](), (
+        "README's headline table is stale: paste docs/hooks/benchmark_tables.py's headline_table()")
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    """.ci/run's step 3 runs the test command the README gives, character for character."""
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    command = ci[ci.index("  # README test command") + 1].strip()
+    readme = (ROOT / "README.md").read_text()
+    assert f"\n{command}\n" in readme, f"README.md does not give CI's test command {command!r}"
+    assert len(readme.splitlines()) <= 200, "README.md is the front page: at most ~200 lines, the rest in docs/"
 
 
 def test_cpp_includes_run_down_into_device_folders_only():

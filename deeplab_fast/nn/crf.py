@@ -12,9 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.dense_crf import dense_crf
+from ..ops.dense_crf import (NO_NORMALIZATION, NORMALIZE_AFTER, NORMALIZE_BEFORE, NORMALIZE_SYMMETRIC, dense_crf,
+                              dense_crf_features)
 
-__all__ = ["DenseCRF", "CRFPreset", "PRESETS", "TRAINABLE_TERMS", "COMPAT_FORMS", "ONNX_EXPORT_ERROR"]
+__all__ = ["DenseCRF", "CRFPreset", "PRESETS", "TRAINABLE_TERMS", "COMPAT_FORMS", "NORMALIZATIONS",
+           "ONNX_EXPORT_ERROR"]
 
 # What exporting a model with the CRF layer to ONNX raises (torch.export keeps the deeplab_fast ops, which run
 # wherever deeplab_fast is imported; ONNX has no permutohedral-lattice operator).
@@ -34,6 +36,11 @@ def _in_onnx_export() -> bool:
         return True
     flags = sys.modules.get("torch.onnx._internal.exporter._flags")
     return bool(getattr(flags, "_is_onnx_exporting", False))
+
+
+# The kernel normalisations, by name, with pydensecrf's NormalizationType numbers (which DenseCRF also takes).
+NORMALIZATIONS = {"none": NO_NORMALIZATION, "before": NORMALIZE_BEFORE, "after": NORMALIZE_AFTER,
+                  "symmetric": NORMALIZE_SYMMETRIC}
 
 
 @dataclass(frozen=True)
@@ -89,6 +96,20 @@ def _trained_terms(trainable) -> tuple:
     return tuple(t for t in TRAINABLE_TERMS if t in names)
 
 
+def _normalization_name(normalization) -> str:
+    """``normalization`` (a name of NORMALIZATIONS, or pydensecrf's number 0-3) as its name, checked."""
+    if isinstance(normalization, str):
+        if normalization in NORMALIZATIONS:
+            return normalization
+    elif isinstance(normalization, numbers.Integral) and not isinstance(normalization, bool):
+        for name, number in NORMALIZATIONS.items():
+            if int(normalization) == number:
+                return name
+    raise ValueError(f"DenseCRF: normalization must be one of {tuple(NORMALIZATIONS)} or pydensecrf's "
+                     f"NO_NORMALIZATION / NORMALIZE_BEFORE / NORMALIZE_AFTER / NORMALIZE_SYMMETRIC (0-3), got "
+                     f"{normalization!r}")
+
+
 class DenseCRF(nn.Module):
     """Fully connected CRF refinement of segmentation logits (Krähenbühl & Koltun, NIPS 2011), as used by
     DeepLab v1/v2 (Chen et al., ICLR 2015, sec. 4; TPAMI 2017, sec. 3.3), and, with ``trainable=True``, as a
@@ -116,10 +137,17 @@ class DenseCRF(nn.Module):
         num_classes (int): L, needed for ``compat="matrix"``.
         checkpoint (bool): in training, keep only the inputs between forward and backward and recompute the
             iterations in the backward (see Memory).
+        normalization (str | int): how both kernels are normalised (keyword only; default ``"symmetric"``),
+            pydensecrf's choices: ``"symmetric"`` (``NORMALIZE_SYMMETRIC``, 3: ``1 / sqrt(K 1)`` on both sides of the
+            filter; pydensecrf's ``DenseCRF2D`` default and DeepLab's), ``"after"`` (``NORMALIZE_AFTER``, 2:
+            ``1 / (K 1)`` after filtering, the NIPS 2011 paper's and CRF-as-RNN's model), ``"before"``
+            (``NORMALIZE_BEFORE``, 1) or ``"none"`` (``NO_NORMALIZATION``, 0). The numbers are pydensecrf's
+            ``NormalizationType`` (``deeplab_fast.ops.NORMALIZE_AFTER``, ``deeplab_fast.densecrf.NORMALIZE_AFTER``).
 
     Defaults are pydensecrf's; ``DenseCRF.from_preset("deeplab_v2_voc")`` gives DeepLab-v2's VOC kernels, and
     ``DenseCRF.from_preset("deeplab_v2_voc", trainable=True, compat="matrix", num_classes=21)`` a CRF-as-RNN
-    head initialised from them.
+    head initialised from them. CRF-as-RNN (Zheng et al., ICCV 2015; crfasrnn_pytorch) normalises each kernel
+    after filtering: ``DenseCRF(..., normalization="after")`` is its model.
 
     What is learned (``trainable``): each trained term's compatibility becomes an ``nn.Parameter`` of the same
     name, initialised from the given (preset) weight. With the op's convention (pydensecrf's) the mean-field
@@ -161,9 +189,10 @@ class DenseCRF(nn.Module):
     def __init__(self, iterations: int = 10, gaussian_sxy: float = 3.0, gaussian_compat: float = 3.0,
                  bilateral_sxy: float = 80.0, bilateral_srgb: float = 13.0, bilateral_compat: float = 10.0, *,
                  trainable=False, compat: str = "potts", num_classes: Optional[int] = None,
-                 checkpoint: bool = False):
+                 checkpoint: bool = False, normalization="symmetric"):
         super().__init__()
         trained = _trained_terms(trainable)
+        self.normalization = _normalization_name(normalization)
         if compat not in COMPAT_FORMS:
             raise ValueError(f"DenseCRF: compat must be one of {COMPAT_FORMS}, got {compat!r}")
         if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
@@ -197,7 +226,7 @@ class DenseCRF(nn.Module):
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "DenseCRF":
         """A ``DenseCRF`` with the named kernel settings (see ``PRESETS``), optionally overriding some or passing
-        ``trainable``, ``compat``, ``num_classes``, ``checkpoint``."""
+        ``trainable``, ``compat``, ``num_classes``, ``checkpoint``, ``normalization``."""
         if name not in PRESETS:
             raise ValueError(f"unknown DenseCRF preset {name!r}; choose one of {sorted(PRESETS)}")
         kwargs = {k: v for k, v in asdict(PRESETS[name]).items() if k != "source"}
@@ -214,7 +243,8 @@ class DenseCRF(nn.Module):
         values are in the ``state_dict``)."""
         return dict(iterations=self.iterations, gaussian_sxy=self.gaussian_sxy, bilateral_sxy=self.bilateral_sxy,
                     bilateral_srgb=self.bilateral_srgb, **self._init_compat, trainable=list(self.trained),
-                    compat=self.compat, num_classes=self.num_classes, checkpoint=self.checkpoint)
+                    compat=self.compat, num_classes=self.num_classes, checkpoint=self.checkpoint,
+                    normalization=self.normalization)
 
     def _compat_repr(self, name: str) -> str:
         value = getattr(self, name)
@@ -230,7 +260,8 @@ class DenseCRF(nn.Module):
                 f"bilateral_srgb={self.bilateral_srgb}, {self._compat_repr('bilateral_compat')}"
                 + (f", compat={self.compat!r}" if self.trained else "")
                 + (f", num_classes={self.num_classes}" if self.num_classes is not None else "")
-                + (", checkpoint=True" if self.checkpoint else ""))
+                + (", checkpoint=True" if self.checkpoint else "")
+                + (f", normalization={self.normalization!r}" if self.normalization != "symmetric" else ""))
 
     def unary(self, logits: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         """The unary energies ``-log_softmax`` of the logits at image resolution, Tensor[B, L, H, W] float32."""
@@ -251,10 +282,22 @@ class DenseCRF(nn.Module):
         return -F.log_softmax(logits, dim=1)
 
     def _infer(self, logits: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        return dense_crf(self.unary(logits, image), image, iterations=self.iterations,
-                         gaussian_sxy=self.gaussian_sxy, gaussian_compat=self.gaussian_compat,
-                         bilateral_sxy=self.bilateral_sxy, bilateral_srgb=self.bilateral_srgb,
-                         bilateral_compat=self.bilateral_compat, checkpoint=self.checkpoint)
+        unary = self.unary(logits, image)
+        if self.normalization == "symmetric":  # the image-level op: DenseCRF2D's defaults
+            return dense_crf(unary, image, iterations=self.iterations,
+                             gaussian_sxy=self.gaussian_sxy, gaussian_compat=self.gaussian_compat,
+                             bilateral_sxy=self.bilateral_sxy, bilateral_srgb=self.bilateral_srgb,
+                             bilateral_compat=self.bilateral_compat, checkpoint=self.checkpoint)
+        # The same kernels (the features the image-level op builds) with another normalisation.
+        features = torch.ops.deeplab_fast.dense_crf_image_features(image, float(self.gaussian_sxy),
+                                                                   float(self.bilateral_sxy),
+                                                                   float(self.bilateral_srgb))
+        B, L, H, W = unary.shape
+        norm = NORMALIZATIONS[self.normalization]
+        q = dense_crf_features(unary.reshape(B, L, H * W), list(features),
+                               [self.gaussian_compat, self.bilateral_compat], [norm, norm],
+                               iterations=self.iterations, checkpoint=self.checkpoint)
+        return q.reshape(B, L, H, W)
 
     def forward(self, logits: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         if _in_onnx_export():
