@@ -42,7 +42,7 @@ def per_axis(value, n: int, name: str, owner: str | None = None, what: str = "ax
     (and the offending entry) otherwise. ``what`` names the entries in the messages ("axis", "channel")."""
     value = host_array(value, name)
     if is_real(value) or (hasattr(value, "ndim") and getattr(value, "ndim") == 0 and not isinstance(value, str)):
-        values = [value.item() if hasattr(value, "item") else value] * n
+        return (positive_float(value.item() if hasattr(value, "item") else value, name, owner),) * n
     else:
         if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
             raise ValueError(f"{_prefix(owner)}{name} must be a number or a sequence of {n} numbers (one per "

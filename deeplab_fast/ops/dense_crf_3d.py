@@ -121,6 +121,21 @@ def _check_volume_args(unary: torch.Tensor, image: torch.Tensor, spacing, gaussi
     return spacing, gaussian_sigma, bilateral_sigma, intensity_sigma, normalization
 
 
+def _check_compat(compat: Compat, name: str, labels: int, device: torch.device) -> torch.Tensor:
+    """A compatibility as the op takes it (see ``dense_crf``), its shape checked against L and its device against
+    the unary's, so that errors name ``name``."""
+    c = _as_compat(compat, name)
+    if c.dim() != 0 and tuple(c.shape) not in ((labels,), (labels, labels)):
+        raise ValueError(f"dense_crf_3d: {name} must be a number (Potts weight), a vector [L] or a matrix [L, L] with "
+                         f"L = {labels}, got shape {tuple(c.shape)}")
+    if c.device.type not in ("cpu", device.type) or (c.device.type == device.type and c.device != device):
+        raise ValueError(f"dense_crf_3d: {name} is on {c.device}; it must be on the CPU or on the unary's device "
+                         f"({device})")
+    if not torch.compiler.is_compiling() and c.device.type != "meta" and not bool(torch.isfinite(c.detach()).all()):
+        raise ValueError(f"dense_crf_3d: {name} must be finite")
+    return c
+
+
 def _check_intensities(image: torch.Tensor, intensity_sigma: tuple) -> None:
     """The intensities must be finite and, divided by their standard deviations, fit the lattice. One pass over
     a floating-point image (none for integer ones); skipped while tracing (the op checks the features)."""
@@ -380,7 +395,8 @@ def dense_crf_3d(
     """
     spacing, gaussian_sigma, bilateral_sigma, intensity_sigma, normalization = _check_volume_args(
         unary, image, spacing, gaussian_sigma, bilateral_sigma, intensity_sigma, normalization)
-    compat = [_as_compat(gaussian_compat, "gaussian_compat"), _as_compat(bilateral_compat, "bilateral_compat")]
+    compat = [_check_compat(gaussian_compat, "gaussian_compat", unary.shape[1], unary.device),
+              _check_compat(bilateral_compat, "bilateral_compat", unary.shape[1], unary.device)]
     iterations = _require_int(iterations, "iterations")
     if q_init is not None:
         _require_tensor(q_init, "q_init")
