@@ -16,7 +16,7 @@ from deeplab_fast.ops import (NORMALIZE_AFTER, NORMALIZE_BEFORE, NORMALIZE_SYMME
                               dense_crf_3d_memory, dense_crf_features)
 from deeplab_fast.ops.dense_crf import label_stride
 
-from helpers import cpu_and_cuda, seeded
+from helpers import cpu_and_cuda, seeded, volume_features_numpy as numpy_features
 
 F32 = np.float32
 TOL = 1e-4
@@ -24,21 +24,6 @@ TOL = 1e-4
 
 def _dcrf():
     return pytest.importorskip("pydensecrf.densecrf")
-
-
-def numpy_features(image: np.ndarray, spacing, gaussian_sigma, bilateral_sigma, intensity_sigma):
-    """The features by the definition, with numpy: image [C, D, H, W] -> ([3, N], [3 + C, N]) float32."""
-    c, d, h, w = image.shape
-    per = lambda v, n: [v] * n if np.ndim(v) == 0 else list(v)  # noqa: E731
-    sp, gs, bs, isg = per(spacing, 3), per(gaussian_sigma, 3), per(bilateral_sigma, 3), per(intensity_sigma, c)
-    index = np.meshgrid(np.arange(d), np.arange(h), np.arange(w), indexing="ij")
-
-    def positions(sigmas):
-        return np.stack([(index[a].astype(np.float64) * np.float64(F32(sp[a])) / np.float64(F32(sigmas[a])))
-                         .astype(F32).reshape(-1) for a in range(3)])
-
-    intensities = np.stack([image[k].astype(F32).reshape(-1) / F32(isg[k]) for k in range(c)])
-    return positions(gs), np.concatenate([positions(bs), intensities]).astype(F32)
 
 
 def reference(unary: np.ndarray, image: np.ndarray, iterations=5, *, spacing=1.0, gaussian_sigma=3.0,
