@@ -6,10 +6,14 @@ compatibility form and normalisation. Gradients: gradcheck in float64, and bitwi
 dense_crf_features with the explicit features. Bad input: a clear error naming the argument; the memory check.
 """
 import importlib
+import math
+import re
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, note, settings
+from hypothesis import strategies as st
 
 from deeplab_fast.data import synthetic_volume
 from deeplab_fast.ops import (NORMALIZE_AFTER, NORMALIZE_BEFORE, NORMALIZE_SYMMETRIC, NO_NORMALIZATION, dense_crf_3d,
@@ -373,3 +377,84 @@ def test_memory_estimate():
         kw.update(bad)
         with pytest.raises(ValueError, match=match):
             dense_crf_3d_memory(**kw)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fuzzing (hypothesis): every input either works (finite marginals summing to 1) or raises a ValueError /
+# RuntimeError naming one of the function's arguments, never another exception.
+
+ARG_NAMES = ("unary", "image", "spacing", "gaussian_sigma", "gaussian_compat", "bilateral_sigma", "intensity_sigma",
+             "bilateral_compat", "iterations", "normalization", "q_init", "checkpoint")
+FAULTS = (None,) * 10 + ("unary_dtype", "unary_shape", "unary_values", "image_shape", "image_dtype", "channels",
+          "image_values", "spacing", "gaussian_sigma", "bilateral_sigma", "intensity_sigma", "compat", "iterations",
+          "normalization", "q_init", "meta_one", "nontensor")
+
+
+@settings(max_examples=100, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(data=st.data())
+def test_fuzz_dense_crf_3d(data):
+    draw = data.draw
+    f = draw(st.sampled_from(FAULTS))
+    note(f"fault: {f}")
+    b, l, c = draw(st.integers(1, 2)), draw(st.integers(1, 4)), draw(st.integers(1, 3))
+    d, h, w = (draw(st.integers(1, 4)) for _ in range(3))
+    g = seeded(draw(st.integers(0, 1000)))
+    dtype = draw(st.sampled_from([torch.float16, torch.int64, torch.bfloat16])) if f == "unary_dtype" else \
+        draw(st.sampled_from([torch.float32, torch.float64]))
+    ushape = [b, l, d, h, w]
+    if f == "unary_shape":
+        ushape = draw(st.sampled_from([[b, l, d, h], [b, 0, d, h, w], [0, l, d, h, w], [b, l, d, 0, w]]))
+    unary = (torch.rand(ushape, generator=g, dtype=torch.float64) * 4).to(dtype)
+    if f == "unary_values" and unary.numel():
+        unary.view(-1)[draw(st.integers(0, unary.numel() - 1))] = draw(st.sampled_from([math.nan, -math.inf]))
+    ishape = [b, c, d, h, w]
+    if f == "image_shape":
+        ishape = draw(st.sampled_from([[b + 1, c, d, h, w], [b, c, d + 1, h, w], [b, c, d, h], [b, c, d, h, w + 2]]))
+    if f == "channels":
+        ishape[1] = draw(st.sampled_from([0, 14]))
+    idtype = draw(st.sampled_from([torch.bool, torch.complex64])) if f == "image_dtype" else \
+        draw(st.sampled_from([torch.uint8, torch.float32, torch.int16, torch.float64]))
+    image = (torch.rand(ishape, generator=g) * 255).to(idtype)
+    if f == "image_values" and image.numel():
+        image = image.float()
+        image.view(-1)[0] = draw(st.sampled_from([math.nan, math.inf, 1e30]))
+    sigma = lambda n: draw(st.sampled_from([draw(st.floats(0.5, 20.0)), tuple(  # noqa: E731
+        draw(st.floats(0.5, 20.0)) for _ in range(n)), np.float32(3.0)]))
+    bad_sigma = lambda: draw(st.sampled_from([0.0, -1.0, math.nan, math.inf, 1e-45, "3", None,  # noqa: E731
+                                              (1.0, 2.0), [1.0] * 4, True]))
+    kwargs = dict(spacing=bad_sigma() if f == "spacing" else sigma(3),
+                  gaussian_sigma=bad_sigma() if f == "gaussian_sigma" else sigma(3),
+                  bilateral_sigma=bad_sigma() if f == "bilateral_sigma" else sigma(3),
+                  intensity_sigma=bad_sigma() if f == "intensity_sigma" else sigma(ishape[1] if len(ishape) > 1 else 1),
+                  iterations=draw(st.sampled_from([-1, 2.0, None, 2**31])) if f == "iterations" else
+                  draw(st.integers(0, 3)),
+                  normalization=draw(st.sampled_from([4, -1, 1.5, "3"])) if f == "normalization" else
+                  draw(st.integers(0, 3)),
+                  checkpoint=draw(st.booleans()))
+    for name in ("gaussian_compat", "bilateral_compat"):
+        good = draw(st.sampled_from([3.0, torch.tensor(2.0), torch.rand(l, generator=g), -torch.eye(l) * 2]))
+        kwargs[name] = draw(st.sampled_from([torch.ones(l + 1), math.nan, "3", torch.ones(l, dtype=torch.int64),
+                                             torch.ones(2, 2, 2)])) if f == "compat" else good
+    if f == "q_init":
+        kwargs["q_init"] = draw(st.sampled_from([torch.rand(b, l + 1, d, h, w), torch.rand(ushape).double()
+                                                 if dtype == torch.float32 else torch.rand(ushape).float(),
+                                                 np.ones(ushape, np.float32), torch.full(ushape, math.nan)]))
+    args = [unary, image]
+    if f == "meta_one":
+        args[draw(st.integers(0, 1))] = args[0].to("meta") if draw(st.booleans()) else args[1].to("meta")
+    if f == "nontensor":
+        args[draw(st.integers(0, 1))] = draw(st.sampled_from([None, 1.0, np.zeros((1, 1, 1, 1, 1), np.float32)]))
+    try:
+        q = dense_crf_3d(*args, **kwargs)
+    except (ValueError, RuntimeError) as exc:
+        assert f is not None, f"a valid call failed: {exc!r}"
+        assert any(re.search(rf"\b{n}\b", str(exc)) for n in ARG_NAMES), f"the error names no argument: {exc!r}"
+        return
+    # a fault may be harmless: a huge but finite intensity (1e30 / sigma is still in float32 range: refused only
+    # beyond the lattice's range, which the message names)
+    assert f is None, f"fault {f} was accepted: {kwargs}"
+    assert q.shape == unary.shape and q.dtype == unary.dtype
+    assert torch.isfinite(q).all()
+    torch.testing.assert_close(q.double().sum(1), torch.ones_like(q.double().sum(1)), rtol=0,
+                               atol=1e-5 if q.dtype == torch.float32 else 1e-12)
