@@ -96,6 +96,19 @@ def _compat_parameter(value, name: str, compat: str, num_classes, owner: str = "
     return nn.Parameter(w if compat == "potts" else -w * torch.eye(num_classes))
 
 
+def _check_layer_inputs(owner: str, logits, image, image_name: str, logits_layout: str, image_layout: str) -> None:
+    """The CRF layers' input checks: tensors, of the layouts' dimensions, floating-point logits."""
+    if not isinstance(logits, torch.Tensor) or not isinstance(image, torch.Tensor):
+        raise ValueError(f"{owner} expects tensors: logits {logits_layout} and {image_name} {image_layout}, got "
+                         f"{type(logits).__name__} and {type(image).__name__}")
+    dims = logits_layout.count(",") + 1
+    if logits.dim() != dims or image.dim() != dims:
+        raise ValueError(f"{owner} expects {dims}-D logits {logits_layout} and {image_name} {image_layout}, got "
+                         f"shapes {tuple(logits.shape)} and {tuple(image.shape)}")
+    if not logits.is_floating_point():
+        raise ValueError(f"{owner}: logits must be floating point, got {logits.dtype}")
+
+
 class DenseCRF(nn.Module):
     """Fully connected CRF refinement of segmentation logits (Krähenbühl & Koltun, NIPS 2011), as used by
     DeepLab v1/v2 (Chen et al., ICLR 2015, sec. 4; TPAMI 2017, sec. 3.3), and, with ``trainable=True``, as a
@@ -223,14 +236,7 @@ class DenseCRF(nn.Module):
 
     def unary(self, logits: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         """The unary energies ``-log_softmax`` of the logits at image resolution, Tensor[B, L, H, W] float32."""
-        if not isinstance(logits, torch.Tensor) or not isinstance(image, torch.Tensor):
-            raise ValueError("DenseCRF expects tensors: logits [B, L, h, w] and image [B, 3, H, W] uint8, got "
-                             f"{type(logits).__name__} and {type(image).__name__}")
-        if logits.dim() != 4 or image.dim() != 4:
-            raise ValueError(f"DenseCRF expects 4-D logits [B, L, h, w] and image [B, 3, H, W], got shapes "
-                             f"{tuple(logits.shape)} and {tuple(image.shape)}")
-        if not logits.is_floating_point():
-            raise ValueError(f"logits must be floating point, got {logits.dtype}")
+        _check_layer_inputs("DenseCRF", logits, image, "image", "[B, L, h, w]", "[B, 3, H, W] uint8")
         (h, w), (H, W) = logits.shape[-2:], image.shape[-2:]
         if h > H or w > W:
             raise ValueError(f"logits ({h}x{w}) are larger than the image ({H}x{W}); resize them first")

@@ -12,7 +12,7 @@ from torch import nn
 from .._validation import is_real, per_axis, positive_float
 from ..ops.dense_crf import NORMALIZE_AFTER, NORMALIZE_SYMMETRIC, _require_int, dense_crf_pairwise_energy
 from ..ops.dense_crf_3d import DEFAULTS_3D, _check_volume_args, _volume_features, dense_crf_3d
-from .crf import TRAINABLE_TERMS, _check_compat_form, _compat_parameter, _trained_terms
+from .crf import TRAINABLE_TERMS, _check_compat_form, _check_layer_inputs, _compat_parameter, _trained_terms
 
 __all__ = ["DenseCRF3d", "MONAI_DEFAULTS"]
 
@@ -179,14 +179,7 @@ class DenseCRF3d(nn.Module):
         return ", ".join(parts)
 
     def _check_inputs(self, logits, reference) -> None:
-        if not isinstance(logits, torch.Tensor) or not isinstance(reference, torch.Tensor):
-            raise ValueError("DenseCRF3d expects tensors: logits [B, L, D, H, W] and reference [B, C, D, H, W], got "
-                             f"{type(logits).__name__} and {type(reference).__name__}")
-        if logits.dim() != 5 or reference.dim() != 5:
-            raise ValueError(f"DenseCRF3d expects 5-D logits [B, L, D, H, W] and reference [B, C, D, H, W], got "
-                             f"shapes {tuple(logits.shape)} and {tuple(reference.shape)}")
-        if not logits.is_floating_point():
-            raise ValueError(f"DenseCRF3d: logits must be floating point, got {logits.dtype}")
+        _check_layer_inputs("DenseCRF3d", logits, reference, "reference", "[B, L, D, H, W]", "[B, C, D, H, W]")
         if logits.shape[0] != reference.shape[0] or logits.shape[2:] != reference.shape[2:]:
             raise ValueError(f"DenseCRF3d: logits {tuple(logits.shape)} and reference {tuple(reference.shape)} must "
                              "have the same batch size and volume shape")
