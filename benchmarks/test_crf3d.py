@@ -224,7 +224,9 @@ def test_crf3d_cpu(benchmark, shape, labels, impl, threads):
     ROWS[(shape_run, labels, impl, threads)] = row
     if record is not None:
         record(benchmark, f"crf3d {_shape(shape_run)} L={labels}", f"{impl} {threads}thr", threads,
-               ns_per_voxel_label_iteration=row.get("ns"), peak_mb=row.get("peak_mb"), iterations=ITERATIONS)
+               ns_per_voxel_label_iteration=row.get("ns"), cpu_s=row.get("cpu_s"),
+               cpu_ns_per_voxel_label_iteration=row.get("cpu_ns"), peak_mb=row.get("peak_mb"),
+               load_average_1min=row.get("load"), iterations=ITERATIONS)
 
 
 # ----------------------------------------------------------------------------------------------------------
