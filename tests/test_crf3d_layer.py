@@ -131,7 +131,8 @@ def test_monai_loop_and_op_agree_for_symmetric_matrices():
     layer = DenseCRF3d.monai(compatibility_matrix=torch.tensor([[1.0, 0.3, -0.2], [0.3, 0.5, 0.1],
                                                                 [-0.2, 0.1, 1.1]]))
     with torch.no_grad():
-        loop = layer._monai_loop(logits, reference, layer.spacing)
+        model = layer._model(3, logits.device)
+        loop = layer._monai_loop(logits, reference, layer.spacing, model.pop("matrix"), model)
     assert (layer(logits, reference) - loop).abs().max().item() < 2e-5
 
 
@@ -166,13 +167,26 @@ def test_monai_mode_errors():
         DenseCRF3d.monai(compatibility_matrix=torch.full((3, 3), float("nan")))
     with pytest.raises(ValueError, match="update_factor must be a finite number"):
         DenseCRF3d.monai(update_factor=float("inf"))
-    with pytest.raises(ValueError, match="bilateral_spatial_sigma|bilateral_sigma"):
+    with pytest.raises(ValueError, match="DenseCRF3d.monai: bilateral_spatial_sigma must be a finite number > 0"):
         DenseCRF3d.monai(bilateral_spatial_sigma=0.0)
+    with pytest.raises(ValueError, match="bilateral_color_sigma must be a number or a sequence"):
+        DenseCRF3d.monai(bilateral_color_sigma="0.5")
     with pytest.raises(ValueError, match=r"compatibility_matrix is \(2, 2\) but the logits have 3 classes"):
         DenseCRF3d.monai(compatibility_matrix=torch.eye(2))(logits, reference)
     asym = DenseCRF3d.monai(compatibility_matrix=torch.tensor([[1.0, 0.5, 0], [0, 1, 0], [0, 0, 1.0]]))
+    model = asym._model(3, logits.device)
     with pytest.raises(NotImplementedError, match="non-symmetric compatibility_matrix has no gradient"):
-        asym._monai_loop(logits.requires_grad_(), reference, 1.0)
+        asym._monai_loop(logits.requires_grad_(), reference, 1.0, model.pop("matrix"), model)
+
+
+def test_monai_attributes_changed_after_construction_take_effect():
+    """As with MONAI's module, whose forward reads its attributes."""
+    logits, reference = small_problem(shape=(4, 6, 5), seed=10)
+    layer = DenseCRF3d.monai()
+    layer.update_factor, layer.gaussian_spatial_sigma, layer.iterations = 1.0, 2.0, 3
+    fresh = DenseCRF3d.monai(iterations=3, gaussian_spatial_sigma=2.0, update_factor=1.0)
+    assert torch.equal(layer(logits, reference), fresh(logits, reference))
+    assert not torch.equal(layer(logits, reference), DenseCRF3d.monai()(logits, reference))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -142,6 +142,15 @@ class DenseCRF3d(nn.Module):
                                  f"{getattr(compatibility_matrix, 'shape', type(compatibility_matrix).__name__)}")
             if not bool(torch.isfinite(compatibility_matrix).all()):
                 raise ValueError(f"{owner}: compatibility_matrix must be finite")
+        for name, value in (("bilateral_spatial_sigma", bilateral_spatial_sigma),
+                            ("gaussian_spatial_sigma", gaussian_spatial_sigma)):
+            per_axis(value, 3, name, owner)
+        if is_real(bilateral_color_sigma):
+            positive_float(bilateral_color_sigma, "bilateral_color_sigma", owner)
+        else:
+            per_axis(bilateral_color_sigma, _length(bilateral_color_sigma, "bilateral_color_sigma", owner),
+                     "bilateral_color_sigma", owner, "channel")
+        # the native attributes mirror MONAI's (the forward reads MONAI's, see _model)
         layer = cls(iterations=iterations, gaussian_sigma=gaussian_spatial_sigma,
                     gaussian_compat=float(update_factor) * float(gaussian_weight),
                     bilateral_sigma=bilateral_spatial_sigma, intensity_sigma=bilateral_color_sigma,
@@ -187,59 +196,57 @@ class DenseCRF3d(nn.Module):
             raise ValueError(f"DenseCRF3d: the logits have {logits.shape[1]} classes, the layer's compatibility "
                              f"matrices {self.num_classes}")
 
-    def _compats(self, num_labels: int, device) -> tuple:
-        """The two terms' compatibilities as the op takes them (MONAI mode: from update_factor, the weights and M)."""
-        if self.mode != "monai" or self.compatibility_matrix is None:
-            return self.gaussian_compat, self.bilateral_compat
-        m = self.compatibility_matrix.to(device=device, dtype=torch.float32)
-        if m.shape[0] != num_labels:
-            raise ValueError(f"DenseCRF3d.monai: compatibility_matrix is {tuple(m.shape)} but the logits have "
-                             f"{num_labels} classes")
-        uf = self.update_factor
-        return -uf * self.gaussian_weight * m.t(), -uf * self.bilateral_weight * m.t()
-
-    def _monai_asymmetric(self) -> bool:
-        m = self.compatibility_matrix if self.mode == "monai" else None
-        return m is not None and not torch.equal(m, m.t())
+    def _model(self, num_labels: int, device) -> dict:
+        """The op's standard deviations and compatibilities for this layer; in MONAI mode read from MONAI's
+        attributes at every call (so that changing, e.g., ``crf.update_factor`` works as in MONAI)."""
+        if self.mode != "monai":
+            return dict(gaussian_sigma=self.gaussian_sigma, bilateral_sigma=self.bilateral_sigma,
+                        intensity_sigma=self.intensity_sigma, gaussian_compat=self.gaussian_compat,
+                        bilateral_compat=self.bilateral_compat)
+        uf, gw, bw = float(self.update_factor), float(self.gaussian_weight), float(self.bilateral_weight)
+        model = dict(gaussian_sigma=self.gaussian_spatial_sigma, bilateral_sigma=self.bilateral_spatial_sigma,
+                     intensity_sigma=self.bilateral_color_sigma, gaussian_compat=uf * gw, bilateral_compat=uf * bw)
+        if self.compatibility_matrix is not None:
+            m = self.compatibility_matrix.to(device=device, dtype=torch.float32)
+            if m.shape[0] != num_labels:
+                raise ValueError(f"DenseCRF3d.monai: compatibility_matrix is {tuple(m.shape)} but the logits have "
+                                 f"{num_labels} classes")
+            model.update(gaussian_compat=-uf * gw * m.t(), bilateral_compat=-uf * bw * m.t(), matrix=m)
+        return model
 
     def _infer(self, logits: torch.Tensor, reference: torch.Tensor, spacing) -> torch.Tensor:
         logits = logits.float()
         spacing = self.spacing if spacing is None else spacing
-        sigma = self.intensity_sigma
+        model = self._model(logits.shape[1], logits.device)
         if self.mode == "monai":
             unary = -logits  # MONAI's softmax(logits + ...): the unary energies are -logits
-            if self._monai_asymmetric():
-                return self._monai_loop(logits, reference, spacing)
+            m = model.pop("matrix", None)
+            if m is not None and not torch.equal(m, m.t()):
+                return self._monai_loop(logits, reference, spacing, m, model)
         else:
             unary = -F.log_softmax(logits, dim=1)
-        gaussian_compat, bilateral_compat = self._compats(logits.shape[1], logits.device)
-        return dense_crf_3d(unary, reference, spacing=spacing, gaussian_sigma=self.gaussian_sigma,
-                            gaussian_compat=gaussian_compat, bilateral_sigma=self.bilateral_sigma,
-                            intensity_sigma=sigma, bilateral_compat=bilateral_compat, iterations=self.iterations,
-                            normalization=self.normalization, checkpoint=self.checkpoint)
+        return dense_crf_3d(unary, reference, spacing=spacing, iterations=self.iterations,
+                            normalization=self.normalization, checkpoint=self.checkpoint, **model)
 
-    def _monai_loop(self, logits: torch.Tensor, reference: torch.Tensor, spacing) -> torch.Tensor:
-        """MONAI's mean-field loop for a non-symmetric compatibility matrix, each iteration's filtering on the op's
-        lattice (dense_crf_pairwise_energy with Potts weights -w gives w * K q / K 1)."""
+    def _monai_loop(self, logits: torch.Tensor, reference: torch.Tensor, spacing, m: torch.Tensor,
+                    model: dict) -> torch.Tensor:
+        """MONAI's mean-field loop for a non-symmetric compatibility matrix ``m``, each iteration's filtering on the
+        op's lattice (dense_crf_pairwise_energy with Potts weights -w gives w * K q / K 1)."""
         if torch.is_grad_enabled() and logits.requires_grad:
             raise NotImplementedError("DenseCRF3d.monai: a non-symmetric compatibility_matrix has no gradient (the "
                                       "op's compatibilities are symmetric); use a symmetric one, or run under "
                                       "torch.no_grad()")
         b, l = logits.shape[:2]
-        args = _check_volume_args(-logits, reference, spacing, self.gaussian_sigma, self.bilateral_sigma,
-                                  self.intensity_sigma, NORMALIZE_AFTER)
+        args = _check_volume_args(-logits, reference, spacing, model["gaussian_sigma"], model["bilateral_sigma"],
+                                  model["intensity_sigma"], NORMALIZE_AFTER)
         gaussian, bilateral = _volume_features(reference, *args[:4])
-        m = self.compatibility_matrix.to(device=logits.device, dtype=torch.float32)
-        if m.shape[0] != l:
-            raise ValueError(f"DenseCRF3d.monai: compatibility_matrix is {tuple(m.shape)} but the logits have {l} "
-                             "classes")
-        weights = [-self.bilateral_weight, -self.gaussian_weight]
+        weights = [-float(self.bilateral_weight), -float(self.gaussian_weight)]
         flat = logits.reshape(b, l, -1)
         q = torch.softmax(flat, dim=1)
         for _ in range(self.iterations):
             combined = dense_crf_pairwise_energy(q, [bilateral, gaussian], weights, [NORMALIZE_AFTER] * 2)
             combined = torch.matmul(combined.transpose(1, 2), m).transpose(1, 2)
-            q = torch.softmax(flat + self.update_factor * combined, dim=1)
+            q = torch.softmax(flat + float(self.update_factor) * combined, dim=1)
         return q.reshape(logits.shape)
 
     def forward(self, logits: torch.Tensor, reference: torch.Tensor, spacing: Sigma | None = None) -> torch.Tensor:

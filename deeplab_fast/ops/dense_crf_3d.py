@@ -143,8 +143,9 @@ def _check_intensities(image: torch.Tensor, intensity_sigma: tuple) -> None:
         return
     if image.dtype == torch.uint8:
         largest = [255.0] * image.shape[1]
-    else:
-        largest = image.detach().abs().amax(dim=(0, 2, 3, 4)).double().cpu().tolist()
+    else:  # two reductions, no temporary copy of the image
+        x = image.detach()
+        largest = torch.maximum(x.amax(dim=(0, 2, 3, 4)).double(), -x.amin(dim=(0, 2, 3, 4)).double()).cpu().tolist()
     for ch, (m, s) in enumerate(zip(largest, intensity_sigma)):
         if not math.isfinite(m):
             raise ValueError(f"dense_crf_3d: image channel {ch} contains NaN or inf")
@@ -193,10 +194,6 @@ def _volume_features(image: torch.Tensor, spacing: tuple, gaussian_sigma: tuple,
 # capped at d + 1, every voxel in a simplex of its own. Each point holds S values and about 12 (d + 2) bytes of
 # bookkeeping (keys, hash table, blur chains; measured).
 _GAUSSIAN_POINTS_PER_CELL = 1.3
-
-
-def _points_per_voxel(d: int, cells: float) -> float:
-    return min(float(d + 1), cells)
 
 
 def dense_crf_3d_memory(shape: Sequence[int], labels: int, channels: int = 1, *, batch: int = 1,
@@ -261,9 +258,8 @@ def dense_crf_3d_memory(shape: Sequence[int], labels: int, channels: int = 1, *,
     else:
         in_flight = 1
     per_volume = 8 * s  # unary and marginals, [N, S]
-    for d, points in ((3, _points_per_voxel(3, _GAUSSIAN_POINTS_PER_CELL * cells)),
-                      (3 + channels, _points_per_voxel(3 + channels, 0.5 * 4.0 ** (channels - 1)))):
-        per_volume += 8 * (d + 1) + 8 + points * (4 * s + 12 * (d + 2))
+    for d, points in ((3, _GAUSSIAN_POINTS_PER_CELL * cells), (3 + channels, 0.5 * 4.0 ** (channels - 1))):
+        per_volume += 8 * (d + 1) + 8 + min(d + 1.0, points) * (4 * s + 12 * (d + 2))
     total = n * (batch * 4 * (6 + channels + labels) + in_flight * per_volume)
     if history:
         total += n * batch * 4 * iterations * s
