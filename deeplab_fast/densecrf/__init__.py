@@ -122,10 +122,10 @@ def _compat_tensor(compat, nlabels: int) -> torch.Tensor:
     if isinstance(compat, bool):
         raise ValueError("compat must be a number or a float array, got bool")
     if isinstance(compat, numbers.Real):
-        w = float(compat)
-        if not np.isfinite(w):
-            raise ValueError(f"compat must be finite, got {compat}")
-        return torch.tensor(w, dtype=torch.float32)
+        w = torch.tensor(float(compat), dtype=torch.float32)  # a finite double may overflow to inf here
+        if not torch.isfinite(w):
+            raise ValueError(f"compat must be finite in float32 (|value| <= 3.4e38), got {compat}")
+        return w
     compat = host_array(compat, "compat")
     try:
         arr = np.asarray(compat)
