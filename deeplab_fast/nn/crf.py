@@ -75,25 +75,65 @@ _BANDWIDTHS = ("gaussian_sxy", "bilateral_sxy", "bilateral_srgb")
 COMPAT_FORMS = ("potts", "matrix")
 
 
-def _trained_terms(trainable) -> tuple:
-    """``trainable`` (a bool, a term name or a sequence of them) as a tuple of term names, checked."""
+def _trained_terms(trainable, owner: str = "DenseCRF", terms: tuple = TRAINABLE_TERMS,
+                   bandwidths: tuple = _BANDWIDTHS) -> tuple:
+    """``trainable`` (a bool, a term name or a sequence of them) as a tuple of term names, checked. Shared by
+    the 2-D and 3-D layers (``owner`` names the layer in the messages, ``bandwidths`` its kernel widths)."""
     if isinstance(trainable, bool):
-        return TRAINABLE_TERMS if trainable else ()
+        return terms if trainable else ()
     names = (trainable,) if isinstance(trainable, str) else trainable
     try:
         names = tuple(names)
     except TypeError:
-        raise ValueError(f"DenseCRF: trainable must be a bool or term names from {TRAINABLE_TERMS}, got "
+        raise ValueError(f"{owner}: trainable must be a bool or term names from {terms}, got "
                          f"{trainable!r}") from None
     for name in names:
-        if name in _BANDWIDTHS:
+        if name in bandwidths:
             raise NotImplementedError(
-                f"DenseCRF: learning {name} (a kernel bandwidth) is not implemented: the dense CRF op has no "
-                f"gradient with respect to the kernel features; only {' and '.join(TRAINABLE_TERMS)} can be trained")
-        if name not in TRAINABLE_TERMS:
-            raise ValueError(f"DenseCRF: trainable names must be among {TRAINABLE_TERMS} (iterations is an integer; "
+                f"{owner}: learning {name} (a kernel bandwidth) is not implemented: the dense CRF op has no "
+                f"gradient with respect to the kernel features; only {' and '.join(terms)} can be trained")
+        if name not in terms:
+            raise ValueError(f"{owner}: trainable names must be among {terms} (iterations is an integer; "
                              f"the bandwidths have no gradient), got {name!r}")
-    return tuple(t for t in TRAINABLE_TERMS if t in names)
+    return tuple(t for t in terms if t in names)
+
+
+def _check_compat_form(compat: str, trained: tuple, num_classes, owner: str = "DenseCRF") -> None:
+    """The learned compatibilities' form (``compat``) and ``num_classes``, checked as the 2-D layer does."""
+    if compat not in COMPAT_FORMS:
+        raise ValueError(f"{owner}: compat must be one of {COMPAT_FORMS}, got {compat!r}")
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                    or num_classes < 1):
+        raise ValueError(f"{owner}: num_classes must be a positive int, got {num_classes!r}")
+    if compat == "matrix":
+        if not trained:
+            raise ValueError(f"{owner}: compat='matrix' is the form of the learned compatibilities; it needs "
+                             "trainable=True")
+        if num_classes is None:
+            raise ValueError(f"{owner}: compat='matrix' needs num_classes (the [L, L] matrices' size)")
+
+
+def _compat_parameter(value, name: str, compat: str, num_classes, owner: str = "DenseCRF") -> nn.Parameter:
+    """A learned compatibility initialised from a Potts weight: a 0-d parameter ``w`` ("potts") or ``-w * I``
+    ("matrix"), which give the same messages."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{owner}: the initial {name} of a trainable layer must be a finite number (a "
+                         f"Potts weight), got {value!r}")
+    w = torch.tensor(float(value), dtype=torch.float32)
+    return nn.Parameter(w if compat == "potts" else -w * torch.eye(num_classes))
+
+
+def _check_layer_inputs(owner: str, logits, image, image_name: str, logits_layout: str, image_layout: str) -> None:
+    """The CRF layers' input checks: tensors, of the layouts' dimensions, floating-point logits."""
+    if not isinstance(logits, torch.Tensor) or not isinstance(image, torch.Tensor):
+        raise ValueError(f"{owner} expects tensors: logits {logits_layout} and {image_name} {image_layout}, got "
+                         f"{type(logits).__name__} and {type(image).__name__}")
+    dims = logits_layout.count(",") + 1
+    if logits.dim() != dims or image.dim() != dims:
+        raise ValueError(f"{owner} expects {dims}-D logits {logits_layout} and {image_name} {image_layout}, got "
+                         f"shapes {tuple(logits.shape)} and {tuple(image.shape)}")
+    if not logits.is_floating_point():
+        raise ValueError(f"{owner}: logits must be floating point, got {logits.dtype}")
 
 
 def _normalization_name(normalization) -> str:
@@ -193,17 +233,7 @@ class DenseCRF(nn.Module):
         super().__init__()
         trained = _trained_terms(trainable)
         self.normalization = _normalization_name(normalization)
-        if compat not in COMPAT_FORMS:
-            raise ValueError(f"DenseCRF: compat must be one of {COMPAT_FORMS}, got {compat!r}")
-        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
-                                        or num_classes < 1):
-            raise ValueError(f"DenseCRF: num_classes must be a positive int, got {num_classes!r}")
-        if compat == "matrix":
-            if not trained:
-                raise ValueError("DenseCRF: compat='matrix' is the form of the learned compatibilities; it needs "
-                                 "trainable=True")
-            if num_classes is None:
-                raise ValueError("DenseCRF: compat='matrix' needs num_classes (the [L, L] matrices' size)")
+        _check_compat_form(compat, trained, num_classes)
         self.iterations = iterations
         self.gaussian_sxy = gaussian_sxy
         self.bilateral_sxy = bilateral_sxy
@@ -214,14 +244,7 @@ class DenseCRF(nn.Module):
         self.checkpoint = bool(checkpoint)
         self._init_compat = dict(gaussian_compat=gaussian_compat, bilateral_compat=bilateral_compat)
         for name, value in self._init_compat.items():
-            if name not in trained:
-                setattr(self, name, value)
-                continue
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-                raise ValueError(f"DenseCRF: the initial {name} of a trainable layer must be a finite number (a "
-                                 f"Potts weight), got {value!r}")
-            w = torch.tensor(float(value), dtype=torch.float32)
-            setattr(self, name, nn.Parameter(w if compat == "potts" else -w * torch.eye(num_classes)))
+            setattr(self, name, _compat_parameter(value, name, compat, num_classes) if name in trained else value)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "DenseCRF":
@@ -265,14 +288,7 @@ class DenseCRF(nn.Module):
 
     def unary(self, logits: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         """The unary energies ``-log_softmax`` of the logits at image resolution, Tensor[B, L, H, W] float32."""
-        if not isinstance(logits, torch.Tensor) or not isinstance(image, torch.Tensor):
-            raise ValueError("DenseCRF expects tensors: logits [B, L, h, w] and image [B, 3, H, W] uint8, got "
-                             f"{type(logits).__name__} and {type(image).__name__}")
-        if logits.dim() != 4 or image.dim() != 4:
-            raise ValueError(f"DenseCRF expects 4-D logits [B, L, h, w] and image [B, 3, H, W], got shapes "
-                             f"{tuple(logits.shape)} and {tuple(image.shape)}")
-        if not logits.is_floating_point():
-            raise ValueError(f"logits must be floating point, got {logits.dtype}")
+        _check_layer_inputs("DenseCRF", logits, image, "image", "[B, L, h, w]", "[B, 3, H, W] uint8")
         (h, w), (H, W) = logits.shape[-2:], image.shape[-2:]
         if h > H or w > W:
             raise ValueError(f"logits ({h}x{w}) are larger than the image ({H}x{W}); resize them first")
