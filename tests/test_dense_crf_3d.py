@@ -339,7 +339,7 @@ def test_op_errors_name_the_argument():
     u, i = good()
     with pytest.raises(RuntimeError, match="unary contains NaN"):
         dense_crf_3d(u.index_fill(2, torch.tensor([1]), float("nan")), i)
-    with pytest.raises(RuntimeError, match="q_init must have the unary's dtype"):
+    with pytest.raises(ValueError, match="q_init must have the unary's dtype"):
         dense_crf_3d(u, i, q_init=torch.rand(u.shape, dtype=torch.float64))
 
 
