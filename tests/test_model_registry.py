@@ -117,8 +117,8 @@ def test_list_models_and_weights_enums():
         for member in enum:
             meta = member.meta
             assert {"num_classes", "categories", "normalization", "source", "recipe"} <= set(meta)
-            assert meta["normalization"]["mode"] in ("caffe", "torchvision")
-            assert member.transforms().mode == meta["normalization"]["mode"]
+            assert meta["normalization"]["preprocessing"] in ("caffe", "torchvision")
+            assert member.transforms().preprocessing == meta["normalization"]["preprocessing"]
             if meta["categories"] is not None:
                 assert meta["num_classes"] == len(meta["categories"])
             assert models.get_weight(repr(member)) is member
@@ -127,14 +127,14 @@ def test_list_models_and_weights_enums():
     assert w.DEFAULT is w.COCO_WITH_VOC_LABELS_V1
     assert w.DEFAULT.url == "https://download.pytorch.org/models/deeplabv3_resnet101_coco-586e9e4e.pth"
     assert w.DEFAULT.meta["categories"] == VOC_CLASSES and len(VOC_CLASSES) == 21
-    assert w.DEFAULT.meta["normalization"]["mode"] == "torchvision"
+    assert w.DEFAULT.meta["normalization"]["preprocessing"] == "torchvision"
     assert w.DEFAULT.model_kwargs == {"num_classes": 21, "aux_loss": True}
     assert models.DeepLabV3_ResNet50_Weights.DEFAULT.url.endswith("deeplabv3_resnet50_coco-cd0a2569.pth")
     assert w.IMAGENET1K_BACKBONE.url.endswith("resnet101-63fe2227.pth") and w.IMAGENET1K_BACKBONE.backbone_only
     assert models.DeepLabV1_LargeFOV_Weights.IMAGENET1K_VGG16_BACKBONE.url.endswith("vgg16-397923af.pth")
     v2 = models.DeepLabV2_ResNet101_Weights
     assert v2.DEFAULT is v2.VOC_AUG_CAFFE_V1 and v2.DEFAULT.converter is models.convert_kazuto_deeplabv2
-    assert v2.DEFAULT.meta["normalization"]["mode"] == "caffe" and v2.DEFAULT.meta["num_classes"] == 21
+    assert v2.DEFAULT.meta["normalization"]["preprocessing"] == "caffe" and v2.DEFAULT.meta["num_classes"] == 21
     assert v2.COCO_STUFF164K_V1.meta["num_classes"] == 182 and not v2.DEFAULT.check_hash
     assert v2.COCO_INIT_CAFFE.url is None and v2.COCO_INIT_CAFFE.backbone_only
 
@@ -236,7 +236,7 @@ def test_file_url_and_path(hub, tmp_path):
     assert _same_weights(by_path, model) and _same_weights(by_url, model)
     assert (hub / "mine.pth").exists()  # URLs go through torch.hub's cache; paths are read in place
     # A path's normalisation is the model's default; registered file names get their entry's.
-    assert models.resolve_weights("deeplab_v1_largefov", str(path)).meta["normalization"]["mode"] == "caffe"
+    assert models.resolve_weights("deeplab_v1_largefov", str(path)).meta["normalization"]["preprocessing"] == "caffe"
     named = tmp_path / "deeplabv2_resnet101_msc-vocaug-20000.pth"
     named.write_bytes(data)
     resolved = models.resolve_weights("deeplab_v2_resnet101", str(named))

@@ -202,6 +202,28 @@ def model_options_parent() -> argparse.ArgumentParser:
     return p
 
 
+class _DeprecatedAlias(argparse.Action):
+    """An old option name kept working: stores into the new option's dest and says which name to use."""
+
+    def __init__(self, option_strings, dest, new_name: str = "", **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.new_name = new_name
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        warn(f"{option_string} is deprecated; use {self.new_name}")
+        setattr(namespace, self.dest, values)
+
+
+def add_preprocessing_option(parser, help_text: str) -> None:
+    """``--preprocessing caffe|torchvision`` (the input normalisation), and its old name ``--mode`` as a hidden,
+    deprecated alias."""
+    from ..data.transforms import PREPROCESSING_CHOICES
+
+    parser.add_argument("--preprocessing", choices=PREPROCESSING_CHOICES, default=None, help=help_text)
+    parser.add_argument("--mode", dest="preprocessing", choices=PREPROCESSING_CHOICES, default=None,
+                        action=_DeprecatedAlias, new_name="--preprocessing", help=argparse.SUPPRESS)
+
+
 def model_names() -> list:
     from ..models import list_models
 

@@ -1,7 +1,8 @@
 """``deeplab-fast train`` and ``deeplab-fast eval``: training and evaluating the DeepLab models on PASCAL VOC.
 
     deeplab-fast train (--model NAME | --recipe NAME) --data ROOT [--out DIR] [--steps N] [--batch-size N] [--lr LR]
-                       [--crop-size PX] [--mode caffe|torchvision] [--amp] [--init NAME|FILE|URL] [--resume FILE]
+                       [--crop-size PX] [--preprocessing caffe|torchvision] [--amp] [--init NAME|FILE|URL]
+                       [--resume FILE]
     torchrun --nproc_per_node=G -m deeplab_fast train ...      the same on G GPUs (DistributedDataParallel)
     deeplab-fast train --crf-rnn PRESET --init OUT/last.pth --data ROOT [--crf-compat potts|matrix] [--crf-lr LR]
                        [--crf-iterations N] [--crf-checkpoint] ...   the CRF-as-RNN stage
@@ -11,7 +12,7 @@
 ``train`` builds a :class:`deeplab_fast.train.TrainConfig` and runs :func:`deeplab_fast.train.train`. Defaults
 follow the model's family (its paper recipe, ``deeplab_fast.train.RECIPES``; the README's table is made from
 the same data); ``--recipe`` applies a whole recipe (model, model options, init weights, hyperparameters).
-``--mode`` defaults to the normalisation of the ``--init`` weights when they are registered, else to the
+``--preprocessing`` defaults to that of the ``--init`` weights when they are registered, else to the
 model's (caffe for v1/v2, torchvision for v3). ``--batch-size`` is per process: under ``torchrun`` the effective
 batch is batch-size x processes. ``train`` writes ``OUT/last.pth`` and ``OUT/log.jsonl``; ``eval --weights``
 and ``segment --weights`` read the checkpoint, ``--resume`` continues it.
@@ -27,9 +28,9 @@ import os
 import sys
 from pathlib import Path
 
-from ._common import (CLIError, crf_preset_parent, data_parent, device_parent, finite_float, library_errors,
-                      load_model, model_names, model_options_parent, nonnegative_float, nonnegative_int,
-                      positive_float, positive_int, resolve_device, scales, threads_parent)
+from ._common import (CLIError, add_preprocessing_option, crf_preset_parent, data_parent, device_parent,
+                      finite_float, library_errors, load_model, model_names, model_options_parent, nonnegative_float,
+                      nonnegative_int, positive_float, positive_int, resolve_device, scales, threads_parent)
 
 __all__ = ["add_parsers", "run_train", "run_eval"]
 
@@ -113,7 +114,7 @@ def _crf_stage(args, resumed: dict):
 
 def run_train(args) -> int:
     from .. import models
-    from ..train import RECIPES, TrainConfig, load_training_checkpoint, recipe_for_family, resolve_mode, train
+    from ..train import RECIPES, TrainConfig, load_training_checkpoint, recipe_for_family, resolve_preprocessing, train
 
     recipe = RECIPES[args.recipe] if args.recipe else None
     # A 'deeplab-fast train' checkpoint as --init (e.g. the CRF-as-RNN stage's starting point) names its model,
@@ -145,9 +146,9 @@ def run_train(args) -> int:
     kwargs.update(_model_kwargs(args, family))
     _check_model_options(args.model, args.num_classes, kwargs)
     init = args.init or (recipe.init if recipe else None)
-    mode = args.mode or from_init.get("mode")
+    preprocessing = args.preprocessing or from_init.get("preprocessing")
     if init is not None and args.resume is None:  # read (or downloaded) now, so that a bad file is one clear line
-        mode = mode or resolve_mode(args.model, None, init)
+        preprocessing = preprocessing or resolve_preprocessing(args.model, None, init)
         with library_errors(f"--init {init!r}: "):
             init = models.load_weights_state_dict(models.resolve_weights(args.model, init))
     scale_range = (1.0, 1.0) if args.no_augment else (args.scale_min, args.scale_max)
@@ -158,7 +159,7 @@ def run_train(args) -> int:
         model=args.model, data_root=args.data, out_dir=args.out or os.path.join("runs", args.model),
         num_classes=args.num_classes, steps=args.steps or defaults.steps,
         batch_size=args.batch_size or defaults.batch_size, lr=args.lr or defaults.lr,
-        crop_size=args.crop_size or defaults.crop_size, mode=mode, momentum=args.momentum,
+        crop_size=args.crop_size or defaults.crop_size, preprocessing=preprocessing, momentum=args.momentum,
         weight_decay=args.weight_decay, power=args.power, amp=args.amp,
         device=args.device, resume=args.resume, init=init,
         log_every=args.log_every, model_kwargs=kwargs, seed=args.seed, val_every=args.val_every,
@@ -224,8 +225,8 @@ def _load_eval_model(args):
     args.model = name
     kwargs.update(_model_kwargs(args, family))
     model, weights = load_model(name, args.weights, args.num_classes or saved.get("num_classes"), **kwargs)
-    mode = args.mode or saved.get("mode") or weights.meta["normalization"]["mode"]
-    return name, model, mode, ckpt
+    preprocessing = args.preprocessing or saved.get("preprocessing") or weights.meta["normalization"]["preprocessing"]
+    return name, model, preprocessing, ckpt
 
 
 def _fmt(v: float) -> str:
@@ -245,7 +246,7 @@ def run_eval(args) -> int:
     if args.crf_iterations is not None and not args.trained_crf:
         raise CLIError("--crf-iterations is for --trained-crf (a preset has its own)")
     device = resolve_device(args.device)
-    name, model, mode, ckpt = _load_eval_model(args)
+    name, model, preprocessing, ckpt = _load_eval_model(args)
     num_classes = model.num_classes
     crf, crf_name = args.crf, args.crf
     if args.trained_crf:
@@ -257,11 +258,12 @@ def run_eval(args) -> int:
             crf = load_trained_crf(ckpt, iterations=args.crf_iterations)
         crf_name = f"trained, {ckpt['args']['crf_rnn']['preset']}"
     with library_errors():
-        result = evaluate(model, args.data, split=args.split, num_classes=num_classes, mode=mode, crf=crf,
-                          scales=args.scales, flip=args.flip, device=device,
+        result = evaluate(model, args.data, split=args.split, num_classes=num_classes, preprocessing=preprocessing,
+                          crf=crf, scales=args.scales, flip=args.flip, device=device,
                           progress=sys.stderr.isatty() and not args.no_progress, workers=args.workers)
     names = VOC_CLASSES if num_classes == len(VOC_CLASSES) else tuple(f"class {i}" for i in range(num_classes))
-    print(f"{name} on {args.data} [{args.split}], {result['num_images']} images, mode {mode}, scales "
+    print(f"{name} on {args.data} [{args.split}], {result['num_images']} images, preprocessing {preprocessing}, "
+          f"scales "
           f"{','.join(f'{s:g}' for s in args.scales)}{', flip' if args.flip else ''}")
     if args.trained_crf:
         print(f"trained CRF: {crf!r}")
@@ -279,7 +281,7 @@ def run_eval(args) -> int:
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        record = dict(model=name, weights=args.weights, data=args.data, split=args.split, mode=mode,
+        record = dict(model=name, weights=args.weights, data=args.data, split=args.split, preprocessing=preprocessing,
                       scales=list(args.scales), flip=args.flip, **result)
         if args.trained_crf:
             record["crf_preset"] = crf_name
@@ -314,7 +316,7 @@ def _train_description() -> str:
         "--batch-size is per process; under 'torchrun --nproc_per_node=G -m deeplab_fast train ...' (DDP: NCCL on",
         "CUDA, gloo on the CPU) the effective batch is G x batch-size. Writes OUT/last.pth and OUT/log.jsonl.",
         "CRF-as-RNN stage: --crf-rnn PRESET --init OUT/last.pth fine-tunes a trained model with a trainable dense",
-        "CRF on top (the model, classes, options and --mode default to the --init checkpoint's); 'eval",
+        "CRF on top (the model, classes, options and --preprocessing default to the --init checkpoint's); 'eval",
         "--trained-crf' evaluates with the learned CRF."]
     return "\n".join(lines)
 
@@ -323,7 +325,7 @@ _EVAL_DESCRIPTION = """\
 Evaluate a DeepLab model on a VOC split: mIoU, pixel accuracy and per-class IoU (the VOC devkit's measures),
 from the softmax probabilities averaged over --scales (and mirrored inputs with --flip), and with --crf also
 after the dense CRF on those probabilities. --weights: a 'deeplab-fast train' checkpoint (OUT/last.pth; its
-model, options and --mode are read from it) or any weights 'deeplab-fast segment' loads (a registered name, a
+model, options and --preprocessing are read from it) or any weights 'deeplab-fast segment' loads (a registered name, a
 file or a URL)."""
 
 
@@ -362,9 +364,8 @@ def add_parsers(sub) -> None:
                     "recipe; the classifier gets 10x)")
     tr.add_argument("--crop-size", type=positive_int, default=None, metavar="PX", help="training crop side "
                     "(default: 321 for v1/v2, 513 for v3)")
-    tr.add_argument("--mode", choices=("caffe", "torchvision"), default=None,
-                    help="input normalisation (default: the --init weights', else caffe for v1/v2, torchvision "
-                         "for v3)")
+    add_preprocessing_option(tr, "input normalisation (default: the --init weights', else caffe for v1/v2, "
+                                 "torchvision for v3)")
     tr.add_argument("--augmented", action="store_true",
                     help="train on train_aug (SegmentationClassAug, the SBD-augmented 10,582 images)")
     tr.add_argument("--amp", action="store_true", help="mixed precision (float16 + GradScaler on CUDA, bfloat16 "
@@ -418,8 +419,7 @@ def add_parsers(sub) -> None:
     ev.add_argument("--scales", type=scales, default=(1.0,), metavar="S,S,...",
                     help="input scales whose probabilities are averaged, e.g. 0.5,0.75,1.0 (default 1.0)")
     ev.add_argument("--flip", action="store_true", help="also average the mirrored inputs")
-    ev.add_argument("--mode", choices=("caffe", "torchvision"), default=None,
-                    help="input normalisation (default: the training checkpoint's, else the weights')")
+    add_preprocessing_option(ev, "input normalisation (default: the training checkpoint's, else the weights')")
     ev.add_argument("--workers", type=nonnegative_int, default=2, metavar="N", help="data loader workers")
     ev.add_argument("--json", metavar="FILE", default=None, help="also write the metrics as JSON")
     ev.add_argument("--trained-crf", action="store_true",

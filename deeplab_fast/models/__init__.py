@@ -10,7 +10,7 @@ input resolution (bilinear, ``align_corners=False``); DeepLab v3 with ``aux_loss
 - ``list_models()``, ``get_model(name, *, weights=None, **kwargs)``, ``get_model_weights(name)``,
   ``get_weight("Enum.MEMBER")`` (``_api.py``; the entries are in ``zoo.py``). ``MODELS`` maps the names to
   their builders.
-- ``weights.transforms()`` / ``SegmentationPreset(mode)``: the input normalisation the weights expect.
+- ``weights.transforms()`` / ``SegmentationPreset(preprocessing)``: the input preprocessing the weights expect.
 - ``load_checkpoint``, ``load_weights`` and the key maps (``weights.py``).
 """
 from __future__ import annotations

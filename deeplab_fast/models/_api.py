@@ -113,7 +113,7 @@ class WeightsEnum(enum.Enum):
 @dataclass(frozen=True)
 class ModelEntry:
     """A registered model: its builder, weights enum, family (``"v1"``, ``"v2"``, ``"v3"``: the training loss
-    and BN handling follow it), default input normalisation (``"caffe"`` or ``"torchvision"``) for weights that
+    and BN handling follow it), default input preprocessing (``"caffe"`` or ``"torchvision"``) for weights that
     do not say, and ``classifier_key(**kwargs)``: the state-dict key of the classifier's weight for a model built
     with ``kwargs`` (the class count is its first dimension)."""
 
@@ -121,7 +121,7 @@ class ModelEntry:
     builder: Callable[..., nn.Module]
     weights: Type[WeightsEnum]
     family: str
-    default_mode: str
+    default_preprocessing: str
     classifier_key: Callable[..., str]
 
 
@@ -129,11 +129,11 @@ _REGISTRY: "OrderedDict[str, ModelEntry]" = OrderedDict()
 
 
 def register_model(name: str, builder: Callable[..., nn.Module], *, weights: Type[WeightsEnum], family: str,
-                   default_mode: str, classifier_key: Callable[..., str]) -> ModelEntry:
+                   default_preprocessing: str, classifier_key: Callable[..., str]) -> ModelEntry:
     """Adds a model to the registry (ValueError for a name that is taken); returns its entry."""
     if name in _REGISTRY:
         raise ValueError(f"register_model: {name!r} is already registered")
-    entry = ModelEntry(name, builder, weights, family, default_mode, classifier_key)
+    entry = ModelEntry(name, builder, weights, family, default_preprocessing, classifier_key)
     _REGISTRY[name] = entry
     return entry
 
@@ -194,9 +194,9 @@ def _registered_by_file_name(entry: ModelEntry, file_name: str) -> Optional[Weig
 def _default_weights(entry: ModelEntry, location: str) -> Weights:
     from .transforms import SegmentationPreset, normalization_meta
 
-    return Weights(url=location, transforms=lambda: SegmentationPreset(entry.default_mode),
+    return Weights(url=location, transforms=lambda: SegmentationPreset(entry.default_preprocessing),
                    meta={"num_classes": None, "categories": None,
-                         "normalization": normalization_meta(entry.default_mode), "source": location,
+                         "normalization": normalization_meta(entry.default_preprocessing), "source": location,
                          "recipe": None}, check_hash=True)
 
 
@@ -365,9 +365,11 @@ def _drop_unused(model: nn.Module, state: Mapping) -> Mapping:
     return state
 
 
-def preprocess(images, mode: str):
-    """``SegmentationPreset(mode)(images)``: uint8 RGB images as the model input; ``mode`` is "caffe",
-    "torchvision", or a registered model name for that model's default normalisation."""
-    from .transforms import MODES, SegmentationPreset
+def preprocess(images, preprocessing: str):
+    """``SegmentationPreset(preprocessing)(images)``: uint8 RGB images as the model input; ``preprocessing`` is
+    "caffe", "torchvision", or a registered model name for that model's default preprocessing."""
+    from .transforms import PREPROCESSING_CHOICES, SegmentationPreset
 
-    return SegmentationPreset(mode if mode in MODES else model_entry(mode).default_mode)(images)
+    if preprocessing not in PREPROCESSING_CHOICES:
+        preprocessing = model_entry(preprocessing).default_preprocessing
+    return SegmentationPreset(preprocessing)(images)

@@ -56,11 +56,11 @@ COCO_STUFF_CLASSES = (
 )
 
 
-def _weights(url, mode: str, *, categories=None, source: str, recipe=None, **kw) -> Weights:
+def _weights(url, preprocessing: str, *, categories=None, source: str, recipe=None, **kw) -> Weights:
     meta = dict(kw.pop("meta", {}))
     meta.update(num_classes=len(categories) if categories else None, categories=categories,
-                normalization=normalization_meta(mode), source=source, recipe=recipe)
-    return Weights(url=url, transforms=partial(SegmentationPreset, mode), meta=meta, **kw)
+                normalization=normalization_meta(preprocessing), source=source, recipe=recipe)
+    return Weights(url=url, transforms=partial(SegmentationPreset, preprocessing), meta=meta, **kw)
 
 
 def _tv_deeplabv3(depth: int, file_hash: str, miou: float, pixel_acc: float) -> Weights:
@@ -146,12 +146,12 @@ def _v3_classifier(head: str = "torchvision", **_) -> str:
 
 
 register_model("deeplab_v1_largefov", deeplab_v1_largefov, weights=DeepLabV1_LargeFOV_Weights, family="v1",
-               default_mode="caffe", classifier_key=lambda **_: "fc8.weight")
+               default_preprocessing="caffe", classifier_key=lambda **_: "fc8.weight")
 register_model("deeplab_v1_msc_largefov", deeplab_v1_msc_largefov, weights=DeepLabV1_MSC_LargeFOV_Weights,
-               family="v1", default_mode="caffe", classifier_key=lambda **_: "fc8.weight")
+               family="v1", default_preprocessing="caffe", classifier_key=lambda **_: "fc8.weight")
 register_model("deeplab_v2_resnet101", deeplab_v2_resnet101, weights=DeepLabV2_ResNet101_Weights, family="v2",
-               default_mode="caffe", classifier_key=lambda **_: "aspp.c0.weight")
+               default_preprocessing="caffe", classifier_key=lambda **_: "aspp.c0.weight")
 register_model("deeplab_v3_resnet50", deeplab_v3_resnet50, weights=DeepLabV3_ResNet50_Weights, family="v3",
-               default_mode="torchvision", classifier_key=_v3_classifier)
+               default_preprocessing="torchvision", classifier_key=_v3_classifier)
 register_model("deeplab_v3_resnet101", deeplab_v3_resnet101, weights=DeepLabV3_ResNet101_Weights, family="v3",
-               default_mode="torchvision", classifier_key=_v3_classifier)
+               default_preprocessing="torchvision", classifier_key=_v3_classifier)

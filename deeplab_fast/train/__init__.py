@@ -17,9 +17,9 @@ training configuration, the paper recipes and the loops.
 """
 from .config import TrainConfig
 from .crf_rnn import CRFasRNNHead, CRFasRNNStage, denormalize
-from .engine import (CHECKPOINT_KEYS, TrainState, build_training, compute_loss, default_mode, evaluate, init_weights,
-                     load_trained_crf, load_training_checkpoint, model_family, read_training_checkpoint, resolve_mode,
-                     save_checkpoint, train, train_one_epoch)
+from .engine import (CHECKPOINT_KEYS, TrainState, build_training, compute_loss, default_preprocessing, evaluate,
+                     init_weights, load_trained_crf, load_training_checkpoint, model_family, read_training_checkpoint,
+                     resolve_preprocessing, save_checkpoint, train, train_one_epoch, upgrade_args)
 from .losses import downsampled_cross_entropy, msc_loss, upsampled_cross_entropy
 from .lr import HEAD_ATTRIBUTES, param_groups, poly_lr
 from .metrics import ConfusionMatrix
@@ -32,6 +32,6 @@ __all__ = [
     "TrainConfig", "RECIPES", "Recipe", "recipe_for_family", "recipes_table",
     "CRFasRNNStage", "CRFasRNNHead", "denormalize", "load_trained_crf",
     "train", "train_one_epoch", "evaluate", "build_training", "TrainState", "compute_loss", "save_checkpoint",
-    "load_training_checkpoint", "read_training_checkpoint", "CHECKPOINT_KEYS", "init_weights", "resolve_mode",
-    "default_mode", "model_family",
+    "load_training_checkpoint", "read_training_checkpoint", "CHECKPOINT_KEYS", "init_weights", "resolve_preprocessing",
+    "default_preprocessing", "model_family", "upgrade_args",
 ]

@@ -63,7 +63,8 @@ from .crf_rnn import CRFasRNNHead, CRFasRNNStage
 
 __all__ = ["train", "train_one_epoch", "evaluate", "build_training", "TrainState", "compute_loss",
            "save_checkpoint", "load_training_checkpoint", "read_training_checkpoint", "load_trained_crf",
-           "init_weights", "resolve_mode", "default_mode", "model_family", "CHECKPOINT_KEYS"]
+           "init_weights", "resolve_preprocessing", "default_preprocessing", "model_family", "CHECKPOINT_KEYS",
+           "upgrade_args"]
 
 # What a training checkpoint holds ("scaler" and "rng" may be empty).
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "step", "args", "rng")
@@ -77,35 +78,35 @@ def model_family(model_name: str) -> str:
     return model_entry(model_name).family
 
 
-def default_mode(model_name: str) -> str:
+def default_preprocessing(model_name: str) -> str:
     """The input normalisation a registered model's weights expect when they do not say: "caffe" (BGR, 0-255,
     mean subtracted) for v1/v2, "torchvision" (RGB in [0, 1], ImageNet mean/std) for v3."""
     from ..models import model_entry
 
-    return model_entry(model_name).default_mode
+    return model_entry(model_name).default_preprocessing
 
 
-def resolve_mode(model_name: str, mode: Optional[str] = None, init=None) -> str:
-    """``mode`` if given; else the normalisation of the ``init`` weights (a ``deeplab-fast train`` checkpoint says
+def resolve_preprocessing(model_name: str, preprocessing: Optional[str] = None, init=None) -> str:
+    """``preprocessing`` if given; else that of the ``init`` weights (a ``deeplab-fast train`` checkpoint says
     which it was trained with; registered weights, or a file named as one, say theirs); else the model's
     default."""
-    if mode is not None:
-        return mode
+    if preprocessing is not None:
+        return preprocessing
     if isinstance(init, (str, os.PathLike)) and os.path.isfile(init):
         try:
             saved = read_training_checkpoint(init)
         except (ValueError, OSError):
             saved = None
-        if saved is not None and saved["args"].get("mode") is not None:
-            return saved["args"]["mode"]
+        if saved is not None and saved["args"].get("preprocessing") is not None:
+            return saved["args"]["preprocessing"]
     if init is not None and not isinstance(init, dict):
         from ..models import resolve_weights
 
         try:
-            return resolve_weights(model_name, init).meta["normalization"]["mode"]
+            return resolve_weights(model_name, init).meta["normalization"]["preprocessing"]
         except (ValueError, OSError, KeyError, TypeError):
             pass
-    return default_mode(model_name)
+    return default_preprocessing(model_name)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -254,8 +255,24 @@ def read_training_checkpoint(path) -> Optional[dict]:
         load_checkpoint(path)  # raises its ValueError (or FileNotFoundError / a directory's ValueError)
         raise ValueError(f"cannot read '{path}'") from None  # not reached: load_checkpoint raised
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and isinstance(obj.get("args"), dict):
+        obj["args"] = upgrade_args(obj["args"])
         return obj
     return None
+
+
+def upgrade_args(args: dict) -> dict:
+    """A checkpoint's ``"args"`` in today's names: checkpoints written before the input preprocessing was called
+    so stored it as ``"mode"`` (in ``"crf_rnn"`` too)."""
+    args = dict(args)
+    if "mode" in args:
+        args.setdefault("preprocessing", args["mode"])
+        del args["mode"]
+    stage = args.get("crf_rnn")
+    if isinstance(stage, dict) and "mode" in stage:
+        stage = dict(stage)
+        stage.setdefault("preprocessing", stage.pop("mode"))
+        args["crf_rnn"] = stage
+    return args
 
 
 def load_training_checkpoint(path) -> dict:
@@ -284,7 +301,7 @@ def load_trained_crf(checkpoint, iterations: Optional[int] = None) -> nn.Module:
     holds no trained CRF."""
     ckpt = checkpoint if isinstance(checkpoint, dict) else read_training_checkpoint(checkpoint)
     where = "the checkpoint" if isinstance(checkpoint, dict) else f"'{os.fspath(checkpoint)}'"
-    spec = (ckpt or {}).get("args", {}).get("crf_rnn")
+    spec = upgrade_args((ckpt or {}).get("args") or {}).get("crf_rnn")
     state = (ckpt or {}).get("extra_head")
     if not isinstance(spec, dict) or not isinstance(state, dict):
         raise ValueError(f"{where} holds no trained CRF (it was not written by a 'deeplab-fast train --crf-rnn' "
@@ -352,8 +369,9 @@ def build_training(cfg: TrainConfig, rank: int = 0, world: int = 1, device: Opti
     extra_head = None
     if cfg.extra_head is not None:
         factory = cfg.extra_head
-        if isinstance(factory, CRFasRNNStage) and factory.mode is None:  # it undoes the run's normalisation
-            factory = factory.replace(mode=cfg.mode or resolve_mode(cfg.model, None, cfg.init))
+        if isinstance(factory, CRFasRNNStage) and factory.preprocessing is None:  # it undoes the run's preprocessing
+            factory = factory.replace(
+                preprocessing=cfg.preprocessing or resolve_preprocessing(cfg.model, None, cfg.init))
         extra_head = factory(model).to(dev)
         groups.append(dict(params=list(extra_head.parameters()),
                            lr=cfg.lr if cfg.extra_head_lr is None else cfg.extra_head_lr,
@@ -476,10 +494,11 @@ def train(config, data_root=None, out_dir=None, **kwargs) -> dict:
 
     cfg = _config(config, data_root, out_dir, kwargs)
     ckpt = load_training_checkpoint(cfg.resume) if cfg.resume is not None else None
-    if ckpt is not None:  # a resumed run keeps its normalisation
-        cfg = cfg.replace(mode=cfg.mode or ckpt["args"].get("mode") or resolve_mode(cfg.model))
+    if ckpt is not None:  # a resumed run keeps its preprocessing
+        cfg = cfg.replace(preprocessing=cfg.preprocessing or ckpt["args"].get("preprocessing")
+                          or resolve_preprocessing(cfg.model))
     else:
-        cfg = cfg.replace(mode=resolve_mode(cfg.model, cfg.mode, cfg.init))
+        cfg = cfg.replace(preprocessing=resolve_preprocessing(cfg.model, cfg.preprocessing, cfg.init))
     rank, world, local_rank, created_group = _init_distributed(str(cfg.device))
     try:
         dev = _resolve_device(cfg.device, local_rank)
@@ -489,7 +508,7 @@ def train(config, data_root=None, out_dir=None, **kwargs) -> dict:
         state = build_training(cfg, rank, world, dev, checkpoint=ckpt)
 
         transform = TrainTransform(crop_size=cfg.crop_size, scale_range=cfg.scale_range, flip=cfg.flip,
-                                   mode=cfg.mode, ignore_index=cfg.ignore_index)
+                                   preprocessing=cfg.preprocessing, ignore_index=cfg.ignore_index)
         dataset = VOCSegmentation(cfg.data_root, split="train", augmented=cfg.augmented, transform=transform)
         sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=cfg.shuffle, seed=cfg.seed,
                                      drop_last=True)
@@ -520,8 +539,8 @@ def train(config, data_root=None, out_dir=None, **kwargs) -> dict:
             if cfg.val_every and s.step % cfg.val_every == 0:
                 crf = s.extra_head.crf if isinstance(s.extra_head, CRFasRNNHead) else None  # the CRF being trained
                 result_val = evaluate(s.model, cfg.data_root, split="val", num_classes=cfg.num_classes,
-                                      mode=cfg.mode, device=dev, progress=False, ignore_index=cfg.ignore_index,
-                                      crf=crf)
+                                      preprocessing=cfg.preprocessing, device=dev, progress=False,
+                                      ignore_index=cfg.ignore_index, crf=crf)
                 log(dict(step=s.step, val=_brief(result_val)))
                 _set_train_mode(s.model, s.family)
 
@@ -580,12 +599,13 @@ def _metrics(cm) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data_root, *, split: str = "val", num_classes: int, mode: str, crf=None,
+def evaluate(model: nn.Module, data_root, *, split: str = "val", num_classes: int, preprocessing: str, crf=None,
              scales: Sequence[float] = (1.0,), flip: bool = False, device="auto", progress: bool = True,
              ignore_index: int = 255, workers: int = 0) -> dict:
     """mIoU, pixel accuracy and per-class IoU of ``model`` on ``VOCSegmentation(data_root, split)``.
 
-    Each image is normalised by ``EvalTransform(mode)`` and run whole (batch 1) at every scale in ``scales``
+    Each image is normalised by ``EvalTransform(preprocessing)`` and run whole (batch 1) at every scale in
+    ``scales``
     (bilinear resize, ``align_corners=False``), and mirrored too with ``flip``; the softmax probabilities,
     upsampled to the image size, are averaged. ``crf`` (a :data:`deeplab_fast.nn.PRESETS` name, or a
     ``DenseCRF``) refines those averaged probabilities (their log as logits) with the uint8 image, on the
@@ -610,7 +630,7 @@ def evaluate(model: nn.Module, data_root, *, split: str = "val", num_classes: in
     dev = _resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
     crf_layer = DenseCRF.from_preset(crf) if isinstance(crf, str) else crf
     dataset = VOCSegmentation(data_root, split=split, transform=None)
-    transform = EvalTransform(mode=mode)
+    transform = EvalTransform(preprocessing=preprocessing)
     d = _dist()
     sampler = DistributedSampler(dataset, shuffle=False) if d is not None else None
     loader = DataLoader(dataset, batch_size=1, sampler=sampler, num_workers=workers)
