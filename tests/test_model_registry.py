@@ -16,7 +16,7 @@ import torch
 
 from deeplab_fast import models
 from deeplab_fast.cli import main
-from deeplab_fast.data import VOC_CLASSES
+from deeplab_fast.models import VOC_CLASSES
 
 TINY = {"width_divisor": 8}
 

@@ -14,7 +14,8 @@ import torch
 from deeplab_fast.cli import main
 from deeplab_fast.data import make_synthetic_voc
 from deeplab_fast.models import get_model
-from deeplab_fast.train import evaluate, train
+from deeplab_fast.data import VOCSegmentation, normalize
+from deeplab_fast.train import evaluate, evaluation_loader, train
 
 NUM_CLASSES = 4
 MODEL = "deeplab_v1_largefov"
@@ -66,8 +67,9 @@ def test_training_learns(voc, trained):
     assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10
     assert log[0]["lr"] == pytest.approx(0.02) and log[-1]["lr"] < 1e-3  # poly schedule, base group
 
-    before = evaluate(_tiny_model(), voc, num_classes=NUM_CLASSES, preprocessing="torchvision", progress=False)
-    after = evaluate(_load(out / "last.pth"), voc, num_classes=NUM_CLASSES, preprocessing="torchvision", progress=False)
+    val = evaluation_loader(VOCSegmentation(voc, split="val"))
+    before = evaluate(_tiny_model(), val, num_classes=NUM_CLASSES, preprocessing="torchvision", progress=False)
+    after = evaluate(_load(out / "last.pth"), val, num_classes=NUM_CLASSES, preprocessing="torchvision", progress=False)
     assert after["num_images"] == 16 and len(after["per_class_iou"]) == NUM_CLASSES
     # Uniform guessing gives a mIoU of ~0.09 here, always predicting the background (87% of the pixels) ~0.22.
     # Training must find shapes: ~0.43 after these steps (red circles and green rectangles; the small blue
@@ -95,7 +97,8 @@ def test_eval_cli_crf_scales_flip(voc, trained, tmp_path, capsys):
     for m in (record, record["crf"]):
         assert 0.0 <= m["miou"] <= 1.0 and 0.0 <= m["pixel_accuracy"] <= 1.0 and len(m["per_class_iou"]) == 4
     # The same numbers as evaluate() without the CRF.
-    direct = evaluate(_load(ckpt), voc, num_classes=NUM_CLASSES, preprocessing="torchvision", progress=False)
+    direct = evaluate(_load(ckpt), evaluation_loader(VOCSegmentation(voc, split="val")), num_classes=NUM_CLASSES,
+                      preprocessing="torchvision", progress=False)
     assert record["miou"] == pytest.approx(direct["miou"])
 
     code = main(["eval", "--model", MODEL, "--weights", ckpt, "--data", str(voc), "--scales", "0.5,1.0", "--flip",
@@ -337,3 +340,45 @@ def test_checkpoints_that_say_mode_and_the_mode_option_still_work(voc, trained, 
     assert repr(load_trained_crf(ckpt)) == repr(crf)
     torch.save(ckpt, tmp_path / "crf_old.pth")
     assert read_training_checkpoint(tmp_path / "crf_old.pth")["args"]["crf_rnn"]["preprocessing"] == "caffe"
+
+
+def test_evaluate_takes_any_loader():
+    """evaluate() takes a loader (as torchvision's): here a list of pairs whose labels are the model's own argmax
+    on the preprocessed image (mIoU 1) and their complement in two classes (mIoU 0), in batches of two."""
+    model = _tiny_model().eval()
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (4, 3, 40, 48), dtype=torch.uint8, generator=g)
+    with torch.no_grad():
+        own = model(normalize(images, "caffe")).argmax(1)
+    assert len(own.unique()) > 1  # a meaningful case: several classes present
+    loader = torch.utils.data.DataLoader(list(zip(images, own)), batch_size=2)
+    result = evaluate(model, loader, num_classes=NUM_CLASSES, preprocessing="caffe", progress=False)
+    assert result["num_images"] == 4 and result["miou"] == 1.0 and result["pixel_accuracy"] == 1.0
+    wrong = torch.utils.data.DataLoader(list(zip(images, (own + 1) % NUM_CLASSES)), batch_size=2)
+    result = evaluate(model, wrong, num_classes=NUM_CLASSES, preprocessing="caffe", progress=False)
+    assert result["pixel_accuracy"] == 0.0 and result["miou"] == 0.0
+
+
+def test_training_settings_take_the_recipes_and_the_init_checkpoint():
+    from deeplab_fast.train import RECIPES, recipe_for_family, training_settings
+
+    v3 = training_settings(recipe="v3_os16")
+    r = RECIPES["v3_os16"]
+    assert (v3["model"], v3["model_kwargs"], v3["init"]) == (r.model, dict(r.model_kwargs), r.init)
+    assert (v3["steps"], v3["batch_size"], v3["lr"], v3["crop_size"]) == (r.steps, r.batch_size, r.lr, r.crop_size)
+    assert v3["num_classes"] == 21 and v3["preprocessing"] is None
+    mine = training_settings(recipe="v3_os16", steps=5, lr=0.5, model_kwargs={"aux_loss": True})
+    assert mine["steps"] == 5 and mine["lr"] == 0.5 and mine["model_kwargs"] == {**r.model_kwargs, "aux_loss": True}
+    v1 = training_settings(model=MODEL)
+    family = recipe_for_family("v1")
+    assert v1["steps"] == family.steps and v1["model_kwargs"] == dict(family.family_model_kwargs)
+    saved = dict(model=MODEL, model_kwargs=TINY, num_classes=NUM_CLASSES, preprocessing="torchvision")
+    stage = training_settings(init_args=saved, init="OUT/last.pth")
+    assert (stage["model"], stage["model_kwargs"], stage["num_classes"], stage["preprocessing"]) == (
+        MODEL, TINY, NUM_CLASSES, "torchvision")
+    other = training_settings(model="deeplab_v3_resnet50", init_args=saved)  # another model: the checkpoint's
+    assert other["num_classes"] == 21 and other["preprocessing"] is None  # options do not apply
+    with pytest.raises(ValueError, match="is for deeplab_v3_resnet101"):
+        training_settings(model=MODEL, recipe="v3_os16")
+    with pytest.raises(ValueError, match="give a model or a recipe"):
+        training_settings()

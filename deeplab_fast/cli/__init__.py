@@ -22,7 +22,11 @@ import argparse
 import sys
 from typing import Sequence
 
+import torch
+
+from .. import __version__
 from ..densecrf.refine import CrfParams, make_overlay, refine_annotation
+from . import crf, segment, train
 from ._common import EXIT_INTERRUPTED, EXIT_USAGE, PROG, CLIError
 
 __all__ = ["main", "build_parser", "CLIError", "CrfParams", "refine_annotation", "make_overlay"]
@@ -31,9 +35,6 @@ COMMANDS = ("crf", "demo", "segment", "bench", "train", "eval")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
-    from . import crf, segment, train
-
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="deeplab_fast command-line tool: DeepLab segmentation and dense CRF refinement.",
@@ -60,8 +61,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\n{PROG}: error: a command is required ({', '.join(COMMANDS[:-1])} or {COMMANDS[-1]})",
               file=sys.stderr)
         return EXIT_USAGE
-
-    import torch
 
     previous_threads = torch.get_num_threads()
     try:

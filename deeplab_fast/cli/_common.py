@@ -10,6 +10,14 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
+import torch
+from PIL import Image
+
+from .. import models
+from ..data.transforms import PREPROCESSING_CHOICES
+from ..io import LOSSY_EXTS, same_file
+from ..models import CheckpointError
+from ..nn import PRESETS
 
 PROG = "deeplab-fast"
 
@@ -36,8 +44,6 @@ def library_errors(prefix: str = "", code: int = EXIT_USAGE, failed: tuple = ())
     CLIError ``prefix + message`` with exit status ``code``; checkpoint errors (``models.CheckpointError``: a
     file that is not a usable checkpoint), failed downloads and the exception types in ``failed`` exit with
     ``EXIT_FAILED`` instead."""
-    from ..models import CheckpointError
-
     try:
         yield
     except CLIError:
@@ -53,8 +59,6 @@ def load_model(name: str, weights, num_classes: int | None = None, option: str =
     """``(model in eval mode, its resolved weights)`` for ``get_model(name, weights=weights, ...)``, with the
     library's errors as one-line CLIErrors naming ``option``: a missing file or an unknown name exit 2, an
     unreadable file or a failed download exit 1, weights that do not fit the model exit 2."""
-    from .. import models
-
     with library_errors(f"{option} {str(weights)!r}: "):
         resolved = models.resolve_weights(name, weights)
         state = models.load_weights_state_dict(resolved)
@@ -177,8 +181,6 @@ def device_parent(help_text: str = "where to run (default: cuda when available)"
 
 
 def crf_preset_parent(help_text: str) -> argparse.ArgumentParser:
-    from ..nn import PRESETS
-
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--crf", metavar="PRESET", choices=sorted(PRESETS), default=None,
                    help=f"{help_text}: {' or '.join(sorted(PRESETS))}")
@@ -217,23 +219,17 @@ class _DeprecatedAlias(argparse.Action):
 def add_preprocessing_option(parser, help_text: str) -> None:
     """``--preprocessing caffe|torchvision`` (the input normalisation), and its old name ``--mode`` as a hidden,
     deprecated alias."""
-    from ..data.transforms import PREPROCESSING_CHOICES
-
     parser.add_argument("--preprocessing", choices=PREPROCESSING_CHOICES, default=None, help=help_text)
     parser.add_argument("--mode", dest="preprocessing", choices=PREPROCESSING_CHOICES, default=None,
                         action=_DeprecatedAlias, new_name="--preprocessing", help=argparse.SUPPRESS)
 
 
 def model_names() -> list:
-    from ..models import list_models
-
-    return list_models()
+    return models.list_models()
 
 
 def resolve_device(name: str):
     """``--device``: "auto" is cuda when available; CLIError for cuda without a device."""
-    import torch
-
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -244,10 +240,6 @@ def resolve_device(name: str):
 def check_output_path(path: Path, what: str, inputs: Sequence[Path]) -> None:
     """CLIError unless ``path`` can take an image: a known, writable extension, an existing folder, not a folder
     itself and not one of the inputs; a warning for lossy formats."""
-    from PIL import Image
-
-    from ..io import LOSSY_EXTS, same_file
-
     Image.init()
     ext = path.suffix.lower()
     if not ext:

@@ -16,10 +16,12 @@ import argparse
 import dataclasses
 import sys
 import time
+from importlib import resources
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from ..densecrf.refine import CrfParams, RefineResult, make_overlay, refine_annotation, std_dev_problems
 from ..io import ANNO_EXTS, IMAGE_EXTS, list_images, load_annotation, load_photo, same_file, save_image
@@ -102,11 +104,6 @@ def _run_crf_file(args, params: CrfParams) -> int:
     return 0
 
 
-def list_images(folder: Path, exts: Sequence[str]) -> list[Path]:
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in exts)
-
-
 def _names(paths: Sequence[Path], limit: int = 10) -> str:
     names = [p.name for p in paths]
     more = f" and {len(names) - limit} more" if len(names) > limit else ""
@@ -114,8 +111,6 @@ def _names(paths: Sequence[Path], limit: int = 10) -> str:
 
 
 def _run_crf_folder(args, params: CrfParams) -> int:
-    from tqdm import tqdm
-
     image_dir, anno_dir, out_dir = Path(args.image), Path(args.anno), Path(args.out)
     if not anno_dir.exists():
         raise CLIError(f"ANNO {args.anno!r}: no such folder")
@@ -210,8 +205,6 @@ def run_crf(args) -> int:
 
 
 def run_demo(args) -> int:
-    from importlib import resources
-
     params = CrfParams()
     assets = resources.files("deeplab_fast.assets")
     start = time.perf_counter()

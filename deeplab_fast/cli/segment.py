@@ -23,8 +23,14 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
+from tqdm import tqdm
 
+from .. import models, optimize
+from ..benchmark import bench_rows, device_name, logits_of
+from ..data.voc import colorize, voc_palette
 from ..io import IMAGE_EXTS, list_images, load_photo, save_image, save_palette_png
+from ..nn import DenseCRF
 from ._common import (EXIT_FAILED, CLIError, check_output_path, crf_preset_parent, device_parent, library_errors,
                       load_model, model_names, positive_int, resolve_device, threads_parent)
 
@@ -33,8 +39,6 @@ __all__ = ["add_parsers", "run_segment", "run_bench", "weights_help"]
 
 def weights_help() -> str:
     """What ``--weights`` takes, with the registered names of every model."""
-    from .. import models
-
     lines = ["--weights takes a registered weights name, a checkpoint file or an http(s):// / file:// URL "
              "(downloads go to torch.hub's cache). Registered:"]
     for name in models.list_models():
@@ -64,13 +68,6 @@ def _collect_images(inputs: Sequence[str]) -> list[Path]:
 
 
 def run_segment(args) -> int:
-    import torch
-    from tqdm import tqdm
-
-    from ..benchmark import logits_of
-    from ..data.voc import colorize, voc_palette
-    from ..nn import DenseCRF
-
     if args.weights is None:
         raise CLIError(f"--weights is required: segmentation needs trained weights.\n{weights_help()}")
     paths = _collect_images(args.images)
@@ -81,7 +78,6 @@ def run_segment(args) -> int:
     model, weights = load_model(args.model, args.weights, args.num_classes)
     preprocess = weights.transforms()
     if args.optimize:
-        from .. import optimize
         model = optimize(model, inplace=True)
     model = model.to(device)
     crf = DenseCRF.from_preset(args.crf) if args.crf else None
@@ -147,11 +143,6 @@ def run_segment(args) -> int:
 
 
 def run_bench(args) -> int:
-    import torch
-
-    from .. import models
-    from ..benchmark import bench_rows, device_name
-
     names = args.models or models.list_models()
     device = resolve_device(args.device)
     if args.dtype is None:

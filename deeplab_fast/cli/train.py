@@ -28,6 +28,16 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+
+from .. import models
+from ..data import VOCSegmentation
+from ..models import VOC_CLASSES
+from ..nn import PRESETS
+from ..nn.crf import COMPAT_FORMS
+from ..train import (RECIPES, CRFasRNNStage, TrainConfig, evaluate, evaluation_loader, load_trained_crf,
+                     load_training_checkpoint, read_training_checkpoint, resolve_preprocessing, train,
+                     training_settings)
 from ._common import (CLIError, add_preprocessing_option, crf_preset_parent, data_parent, device_parent,
                       finite_float, library_errors, load_model, model_names, model_options_parent, nonnegative_float,
                       nonnegative_int, positive_float, positive_int, resolve_device, scales, threads_parent)
@@ -67,10 +77,6 @@ def _check_data(root: str) -> None:
 
 def _check_model_options(name: str, num_classes: int, kwargs: dict) -> None:
     """Bad model options are reported before any data or weights are read (built on the meta device: free)."""
-    import torch
-
-    from .. import models
-
     try:
         with torch.device("meta"):
             models.get_model(name, num_classes=num_classes, **kwargs)
@@ -80,8 +86,6 @@ def _check_model_options(name: str, num_classes: int, kwargs: dict) -> None:
 
 def _init_checkpoint_args(init) -> dict:
     """The ``"args"`` of a ``deeplab-fast train`` checkpoint given to --init ({} for anything else)."""
-    from ..train import read_training_checkpoint
-
     if init is None or not os.path.isfile(init):
         return {}
     with library_errors(f"--init {init!r}: "):
@@ -92,8 +96,6 @@ def _init_checkpoint_args(init) -> dict:
 def _crf_stage(args, resumed: dict):
     """(the CRF-as-RNN stage or None, its learning rate) from --crf-rnn and its options; a resumed CRF-as-RNN run
     keeps its stage when --crf-rnn is not given."""
-    from ..train import CRFasRNNStage
-
     options = [name for name, value in (("--crf-compat", args.crf_compat), ("--crf-lr", args.crf_lr),
                                         ("--crf-iterations", args.crf_iterations),
                                         ("--crf-checkpoint", args.crf_checkpoint or None)) if value is not None]
@@ -113,24 +115,19 @@ def _crf_stage(args, resumed: dict):
 
 
 def run_train(args) -> int:
-    from .. import models
-    from ..train import RECIPES, TrainConfig, load_training_checkpoint, recipe_for_family, resolve_preprocessing, train
-
-    recipe = RECIPES[args.recipe] if args.recipe else None
     # A 'deeplab-fast train' checkpoint as --init (e.g. the CRF-as-RNN stage's starting point) names its model,
-    # options, classes and normalisation: they are the defaults.
-    from_init = _init_checkpoint_args(args.init) if recipe is None else {}
-    if from_init and args.model not in (None, from_init.get("model")):
-        from_init = {}  # another architecture: only tensors that match by name and shape are loaded
-    args.model = args.model or (recipe.model if recipe else None) or from_init.get("model")
-    if args.model is None:
+    # options, classes and preprocessing: they are the defaults (training_settings).
+    init_args = _init_checkpoint_args(args.init) if args.recipe is None else {}
+    if args.model is None and args.recipe is None and not init_args.get("model"):
         raise CLIError("give --model NAME or --recipe NAME (see --help)")
-    if args.num_classes is None:
-        args.num_classes = int(from_init.get("num_classes") or 21)
-    family = models.model_entry(args.model).family
-    if recipe is not None and recipe.family != family:
-        raise CLIError(f"--recipe {recipe.name} is for {recipe.model} ({recipe.family}), not --model {args.model}")
-    defaults = recipe or recipe_for_family(family)
+    try:
+        settings = training_settings(model=args.model, recipe=args.recipe, init_args=init_args,
+                                     num_classes=args.num_classes, init=args.init, preprocessing=args.preprocessing,
+                                     steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                     crop_size=args.crop_size)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    args.model = settings["model"]
     _check_data(args.data)
     resumed = {}
     if args.resume is not None:
@@ -139,30 +136,21 @@ def run_train(args) -> int:
         with library_errors(f"--resume {args.resume!r}: "):
             resumed = load_training_checkpoint(args.resume)["args"]
     stage, crf_lr = _crf_stage(args, resumed)
-    if recipe is not None:
-        kwargs = dict(recipe.model_kwargs)
-    else:
-        kwargs = dict(from_init["model_kwargs"] if "model_kwargs" in from_init else defaults.family_model_kwargs)
-    kwargs.update(_model_kwargs(args, family))
-    _check_model_options(args.model, args.num_classes, kwargs)
-    init = args.init or (recipe.init if recipe else None)
-    preprocessing = args.preprocessing or from_init.get("preprocessing")
+    settings["model_kwargs"].update(_model_kwargs(args, models.model_entry(args.model).family))
+    _check_model_options(args.model, settings["num_classes"], settings["model_kwargs"])
+    init = settings["init"]
     if init is not None and args.resume is None:  # read (or downloaded) now, so that a bad file is one clear line
-        preprocessing = preprocessing or resolve_preprocessing(args.model, None, init)
+        settings["preprocessing"] = resolve_preprocessing(args.model, settings["preprocessing"], init)
         with library_errors(f"--init {init!r}: "):
-            init = models.load_weights_state_dict(models.resolve_weights(args.model, init))
+            settings["init"] = models.load_weights_state_dict(models.resolve_weights(args.model, init))
     scale_range = (1.0, 1.0) if args.no_augment else (args.scale_min, args.scale_max)
     if scale_range[0] > scale_range[1]:
         raise CLIError(f"--scale-min {args.scale_min} is larger than --scale-max {args.scale_max}")
     resolve_device(args.device)  # a clear error for cuda without a GPU
     config = TrainConfig(
-        model=args.model, data_root=args.data, out_dir=args.out or os.path.join("runs", args.model),
-        num_classes=args.num_classes, steps=args.steps or defaults.steps,
-        batch_size=args.batch_size or defaults.batch_size, lr=args.lr or defaults.lr,
-        crop_size=args.crop_size or defaults.crop_size, preprocessing=preprocessing, momentum=args.momentum,
-        weight_decay=args.weight_decay, power=args.power, amp=args.amp,
-        device=args.device, resume=args.resume, init=init,
-        log_every=args.log_every, model_kwargs=kwargs, seed=args.seed, val_every=args.val_every,
+        **settings, data_root=args.data, out_dir=args.out or os.path.join("runs", args.model),
+        momentum=args.momentum, weight_decay=args.weight_decay, power=args.power, amp=args.amp, device=args.device,
+        resume=args.resume, log_every=args.log_every, seed=args.seed, val_every=args.val_every,
         workers=args.workers, progress=sys.stderr.isatty() and not args.no_progress, ckpt_every=args.ckpt_every,
         shuffle=not args.no_shuffle, scale_range=scale_range, flip=not args.no_augment, augmented=args.augmented,
         stop_at=args.stop_at, extra_head=stage, extra_head_lr=crf_lr)
@@ -183,10 +171,6 @@ def run_train(args) -> int:
 
 
 def _print_learned_crf(checkpoint) -> None:
-    import torch
-
-    from ..train import load_trained_crf
-
     crf = load_trained_crf(checkpoint)
     for name in crf.trained:
         value = getattr(crf, name).detach()
@@ -204,10 +188,7 @@ def _print_learned_crf(checkpoint) -> None:
 
 
 def _load_eval_model(args):
-    """(model name, model, the input normalisation, the training checkpoint or None) for ``eval``."""
-    from .. import models
-    from ..train import read_training_checkpoint
-
+    """(model name, model, the input preprocessing, the training checkpoint or None) for ``eval``."""
     saved, ckpt = {}, None
     if os.path.exists(args.weights):
         with library_errors(f"--weights {args.weights!r}: "):
@@ -234,9 +215,6 @@ def _fmt(v: float) -> str:
 
 
 def run_eval(args) -> int:
-    from ..data.voc import VOC_CLASSES
-    from ..train import evaluate
-
     if args.weights is None:
         raise CLIError("--weights is required: evaluation needs trained weights (a 'deeplab-fast train' "
                        "checkpoint such as OUT/last.pth, or see 'deeplab-fast segment --help')")
@@ -250,21 +228,19 @@ def run_eval(args) -> int:
     num_classes = model.num_classes
     crf, crf_name = args.crf, args.crf
     if args.trained_crf:
-        from ..train import load_trained_crf
-
         if ckpt is None:
             raise CLIError(f"--trained-crf: --weights {args.weights!r} is not a 'deeplab-fast train' checkpoint")
         with library_errors("--trained-crf: "):
             crf = load_trained_crf(ckpt, iterations=args.crf_iterations)
         crf_name = f"trained, {ckpt['args']['crf_rnn']['preset']}"
     with library_errors():
-        result = evaluate(model, args.data, split=args.split, num_classes=num_classes, preprocessing=preprocessing,
-                          crf=crf, scales=args.scales, flip=args.flip, device=device,
-                          progress=sys.stderr.isatty() and not args.no_progress, workers=args.workers)
+        loader = evaluation_loader(VOCSegmentation(args.data, split=args.split), workers=args.workers)
+        result = evaluate(model, loader, num_classes=num_classes, preprocessing=preprocessing, crf=crf,
+                          scales=args.scales, flip=args.flip, device=device,
+                          progress=sys.stderr.isatty() and not args.no_progress)
     names = VOC_CLASSES if num_classes == len(VOC_CLASSES) else tuple(f"class {i}" for i in range(num_classes))
     print(f"{name} on {args.data} [{args.split}], {result['num_images']} images, preprocessing {preprocessing}, "
-          f"scales "
-          f"{','.join(f'{s:g}' for s in args.scales)}{', flip' if args.flip else ''}")
+          f"scales {','.join(f'{s:g}' for s in args.scales)}{', flip' if args.flip else ''}")
     if args.trained_crf:
         print(f"trained CRF: {crf!r}")
     crf = result["crf"]
@@ -295,8 +271,6 @@ def run_eval(args) -> int:
 
 
 def _train_description() -> str:
-    from ..train import RECIPES
-
     lines = ["Train a DeepLab model on PASCAL VOC 2012 (SGD, momentum 0.9, weight decay 5e-4, the classifier at "
              "10x the", "base learning rate, poly schedule with power 0.9). Defaults per model family (the papers' "
              "recipes):"]
@@ -330,8 +304,6 @@ file or a URL)."""
 
 
 def _init_help() -> str:
-    from .. import models
-
     names = sorted({k for n in models.list_models() for k in models.get_model_weights(n).__members__})
     return ("pretrained weights to start from: a registered weights name of the model (" + ", ".join(names)
             + "), a file or a URL; tensors matching by name and shape are loaded")
@@ -339,10 +311,6 @@ def _init_help() -> str:
 
 def add_parsers(sub) -> None:
     """Adds the ``train`` and ``eval`` commands to the ``deeplab-fast`` parser."""
-    from ..nn import PRESETS
-    from ..nn.crf import COMPAT_FORMS
-    from ..train import RECIPES
-
     names = model_names()
     models_help = f"the architecture, one of {', '.join(names)}"
     common = [threads_parent(), device_parent(), data_parent(), model_options_parent()]

@@ -8,8 +8,9 @@ input resolution (bilinear, ``align_corners=False``); DeepLab v3 with ``aux_loss
 ``{"out", "aux"}`` as torchvision, DeepLab v2 with ``msc=True`` in training mode the per-scale list.
 
 - ``list_models()``, ``get_model(name, *, weights=None, **kwargs)``, ``get_model_weights(name)``,
-  ``get_weight("Enum.MEMBER")`` (``_api.py``; the entries are in ``zoo.py``). ``MODELS`` maps the names to
-  their builders.
+  ``get_weight("Enum.MEMBER")`` (``_api.py``; the entries are in ``zoo.py``, the class lists ``VOC_CLASSES`` and
+  ``COCO_STUFF_CLASSES`` in ``_meta.py``). ``MODELS`` maps the names to their builders. The behaviour of weights
+  by name, path or URL, and of the weights cache: docs/models.md.
 - ``weights.transforms()`` / ``SegmentationPreset(preprocessing)``: the input preprocessing the weights expect.
 - ``load_checkpoint``, ``load_weights`` and the key maps (``weights.py``).
 """
@@ -19,32 +20,35 @@ from typing import Callable, Dict
 
 from torch import nn
 
-from ._api import (ModelEntry, Weights, WeightsEnum, build_model, get_model, get_model_builder, get_model_weights, get_weight,
-                   list_models, load_weights_state_dict, model_entry, preprocess, register_model,
+from ._api import (ModelEntry, Weights, WeightsEnum, build_model, get_model, get_model_builder, get_model_weights,
+                   get_weight, list_models, load_weights_state_dict, model_entry, preprocess, register_model,
                    resolve_weights)
+from ._meta import COCO_STUFF_CLASSES, VOC_CLASSES
 from .backbones import (VGG16_CONV_INDICES, VGG16_POOL_INDICES, Bottleneck, ResNet, resnet50, resnet101,
                         vgg16_features)
 from .deeplab import (DeepLabV1, DeepLabV2, DeepLabV3, check_rgb_input, deeplab_v1_largefov,
                       deeplab_v1_msc_largefov, deeplab_v2_resnet101, deeplab_v3_resnet50, deeplab_v3_resnet101)
 from .transforms import SegmentationPreset
-from .weights import (CheckpointError, as_state_dict, convert_kazuto_deeplabv2, from_torchvision, is_kazuto_deeplabv2,
-                      load_checkpoint, load_torchvision_deeplabv3, load_vgg16_features, load_weights,
-                      resnet_to_deeplab_backbone, to_kazuto_deeplabv2, vgg16_to_deeplab_v1)
-from .zoo import (COCO_STUFF_CLASSES, DeepLabV1_LargeFOV_Weights, DeepLabV1_MSC_LargeFOV_Weights,
-                  DeepLabV2_ResNet101_Weights, DeepLabV3_ResNet50_Weights, DeepLabV3_ResNet101_Weights)
+from .weights import (CheckpointError, as_state_dict, convert_kazuto_deeplabv2, from_torchvision,
+                      is_kazuto_deeplabv2, load_checkpoint, load_torchvision_deeplabv3, load_vgg16_features,
+                      load_weights, resnet_to_deeplab_backbone, to_kazuto_deeplabv2, vgg16_to_deeplab_v1,
+                      without_unused_aux)
+from .zoo import (DeepLabV1_LargeFOV_Weights, DeepLabV1_MSC_LargeFOV_Weights, DeepLabV2_ResNet101_Weights,
+                  DeepLabV3_ResNet50_Weights, DeepLabV3_ResNet101_Weights)
 
 MODELS: Dict[str, Callable[..., nn.Module]] = {name: get_model_builder(name) for name in list_models()}
 
 __all__ = [
-    "MODELS", "get_model", "build_model", "get_model_weights", "get_weight", "list_models", "get_model_builder", "model_entry",
+    "MODELS", "get_model", "build_model", "get_model_weights", "get_weight", "list_models", "get_model_builder",
+    "model_entry",
     "register_model", "resolve_weights", "load_weights_state_dict", "Weights", "WeightsEnum", "ModelEntry",
     "DeepLabV1_LargeFOV_Weights", "DeepLabV1_MSC_LargeFOV_Weights", "DeepLabV2_ResNet101_Weights",
-    "DeepLabV3_ResNet50_Weights", "DeepLabV3_ResNet101_Weights", "COCO_STUFF_CLASSES",
+    "DeepLabV3_ResNet50_Weights", "DeepLabV3_ResNet101_Weights", "VOC_CLASSES", "COCO_STUFF_CLASSES",
     "SegmentationPreset", "preprocess",
     "deeplab_v1_largefov", "deeplab_v1_msc_largefov", "deeplab_v2_resnet101", "deeplab_v3_resnet50",
     "deeplab_v3_resnet101", "DeepLabV1", "DeepLabV2", "DeepLabV3", "check_rgb_input",
     "ResNet", "Bottleneck", "resnet50", "resnet101", "vgg16_features", "VGG16_CONV_INDICES", "VGG16_POOL_INDICES",
-    "CheckpointError", "load_checkpoint", "as_state_dict", "load_weights", "load_torchvision_deeplabv3", "from_torchvision",
-    "load_vgg16_features", "convert_kazuto_deeplabv2", "to_kazuto_deeplabv2", "is_kazuto_deeplabv2",
-    "vgg16_to_deeplab_v1", "resnet_to_deeplab_backbone",
+    "CheckpointError", "load_checkpoint", "as_state_dict", "load_weights", "load_torchvision_deeplabv3",
+    "from_torchvision", "load_vgg16_features", "convert_kazuto_deeplabv2", "to_kazuto_deeplabv2", "is_kazuto_deeplabv2",
+    "vgg16_to_deeplab_v1", "resnet_to_deeplab_backbone", "without_unused_aux",
 ]

@@ -1,35 +1,6 @@
-"""The model registry and weights by name, in ``torchvision.models``' conventions.
-
-- ``list_models()``: the registered model names.
-- ``get_model(name, *, weights=None, progress=True, **kwargs)``: builds a model, with random initialisation
-  (``weights=None``) or loaded weights. ``weights`` may be a registered weights name of that model
-  (``"DEFAULT"``, ``"COCO_WITH_VOC_LABELS_V1"``, or qualified as ``"DeepLabV3_ResNet101_Weights.DEFAULT"``), a
-  ``WeightsEnum`` member, a local path, or an ``http(s)://`` / ``file://`` URL.
-- ``get_model_weights(name)``: the model's ``WeightsEnum`` class; ``get_weight("Enum.MEMBER")``: one member.
-- ``resolve_weights(name, weights)``: what ``get_model`` loads, as a ``Weights`` (or a member): its ``meta``
-  (``num_classes``, ``categories``, ``normalization``, ``source``, ``recipe``) and ``transforms()`` (the input
-  preprocessing), for a path or URL too (the model's default normalisation, unless the file name is that of a
-  registered weights file, whose entry then applies).
-- ``load_weights_state_dict(weights)``: the state dict of resolved weights, converted to the model's key names.
-
-Registered weights (``Weights``: ``url``, ``transforms``, ``meta``, and here also a ``converter`` from the
-file's key names to the model's, ``backbone_only`` for ImageNet backbones, the ``model_kwargs`` the weights
-fix, e.g. ``num_classes`` and torchvision's ``aux_loss``):
-
-- given by name, the entry's ``model_kwargs`` apply (a conflicting keyword is a ValueError), as in torchvision;
-  given a path or URL without ``num_classes``, the class count is read from the checkpoint's classifier (the key
-  the model's registration names);
-- downloads go through ``torch.hub.load_state_dict_from_url(..., check_hash=True, weights_only=True)`` into
-  torch.hub's cache (``torch.hub.get_dir()/checkpoints``), with a progress bar; a file already in the cache is
-  used without the network; a download whose sha256 does not start with the file name's hash prefix
-  (``name-<sha256 prefix>.pth``) is refused and nothing is left in the cache; a downloaded file that is not a
-  checkpoint is removed from the cache again;
-- ``backbone_only`` weights (ImageNet classifiers) load into the backbone, which they must fit exactly; the rest
-  of the model keeps its initialisation;
-- weights of another architecture raise a ValueError listing the missing and unexpected keys.
-
-Errors: ValueError for unknown names, unusable files and weights that do not fit; FileNotFoundError for a
-missing local file; OSError for a failed download.
+"""The model registry and weights by name, path or URL, in ``torchvision.models``' conventions: ``list_models``,
+``get_model``, ``get_model_weights``, ``get_weight``, ``WeightsEnum``, ``Weights``. The entries are data in
+``zoo.py``. How weights are resolved, loaded and cached: docs/models.md.
 """
 from __future__ import annotations
 
@@ -41,7 +12,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Type, Union
 from urllib.parse import urlparse
 
+import torch
 from torch import nn
+
+from .transforms import PREPROCESSING_CHOICES, SegmentationPreset, normalization_meta
+from .weights import CheckpointError, as_state_dict, key_list, load_checkpoint, load_weights, without_unused_aux
 
 __all__ = ["Weights", "WeightsEnum", "ModelEntry", "register_model", "list_models", "get_model", "build_model",
            "get_model_builder", "get_model_weights", "get_weight", "model_entry", "resolve_weights",
@@ -192,8 +167,6 @@ def _registered_by_file_name(entry: ModelEntry, file_name: str) -> Optional[Weig
 
 
 def _default_weights(entry: ModelEntry, location: str) -> Weights:
-    from .transforms import SegmentationPreset, normalization_meta
-
     return Weights(url=location, transforms=lambda: SegmentationPreset(entry.default_preprocessing),
                    meta={"num_classes": None, "categories": None,
                          "normalization": normalization_meta(entry.default_preprocessing), "source": location,
@@ -239,16 +212,12 @@ def resolve_weights(name: str, weights) -> Union[WeightsEnum, Weights]:
 
 
 def _hub_checkpoint_dir() -> str:
-    import torch
-
     return os.path.join(torch.hub.get_dir(), "checkpoints")
 
 
 def _download(url: str, file_name: Optional[str], check_hash: bool, progress: bool):
     """torch.hub.load_state_dict_from_url into torch.hub's cache; the object, or OSError / ValueError. A file
     that this call downloaded and that does not load is removed from the cache."""
-    import torch
-
     cached = os.path.join(_hub_checkpoint_dir(), file_name or os.path.basename(urlparse(url).path))
     existed = os.path.exists(cached)
     try:
@@ -259,8 +228,6 @@ def _download(url: str, file_name: Optional[str], check_hash: bool, progress: bo
         if not existed and not downloaded:  # the download itself failed: nothing reached the cache
             reason = f"{type(exc).__name__}: {exc}"
             if "invalid hash value" in str(exc):
-                from .weights import CheckpointError
-
                 raise CheckpointError(f"weights {url!r}: the download's sha256 does not match the hash prefix of its "
                                  f"file name; refused, nothing was cached ({exc})") from None
             raise OSError(f"weights {url!r}: download failed ({reason})") from None
@@ -269,8 +236,6 @@ def _download(url: str, file_name: Optional[str], check_hash: bool, progress: bo
                 os.unlink(cached)
             except OSError:
                 pass
-        from .weights import CheckpointError
-
         raise CheckpointError(f"weights {url!r}: {cached!r} is not a weights-only PyTorch checkpoint "
                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
                          + ("; removed it from the cache" if downloaded else "")) from None
@@ -280,8 +245,6 @@ def load_weights_state_dict(weights, progress: bool = True) -> "OrderedDict":
     """The state dict of ``weights`` (a member or a ``Weights``), converted to the model's key names: downloaded
     through torch.hub's cache for a URL, read from the cache for registered files without a URL, read directly
     for a local path."""
-    from .weights import as_state_dict, load_checkpoint
-
     w = weights.value if isinstance(weights, WeightsEnum) else weights
     name = _weights_name(weights)
     if w.url is None:
@@ -305,8 +268,6 @@ def _load_backbone(model: nn.Module, state: Mapping, name: str) -> None:
     unexpected = [k for k in state if k not in own]
     shapes = [k for k in state if k in own and tuple(own[k].shape) != tuple(state[k].shape)]
     if unexpected or shapes or not state:
-        from .weights import key_list
-
         raise ValueError(f"weights {name} do not fit {type(model).__name__}'s backbone: "
                          f"{len(unexpected)} unexpected keys ({key_list(unexpected)}), "
                          f"{len(shapes)} shape mismatches ({key_list(shapes)})")
@@ -314,7 +275,8 @@ def _load_backbone(model: nn.Module, state: Mapping, name: str) -> None:
 
 
 def get_model(name: str, *, weights=None, progress: bool = True, **kwargs) -> nn.Module:
-    """Builds model ``name`` with ``kwargs``; with ``weights`` (see the module docstring), loads them.
+    """Builds model ``name`` with ``kwargs``; with ``weights`` (a registered name, a member, a path or a URL:
+    docs/models.md), loads them.
 
     A registered name fixes its ``model_kwargs`` (``num_classes``, ``aux_loss``); with a path or URL and no
     ``num_classes``, the class count is read from the checkpoint. ``backbone_only`` weights fill the backbone
@@ -349,27 +311,14 @@ def build_model(name: str, state_dict: Mapping, *, weights=None, **kwargs) -> nn
                              f"classifier of {name}); give num_classes")
         kwargs["num_classes"] = int(state_dict[key].shape[0])
     model = entry.builder(**kwargs)
-    from .weights import load_weights
-
-    load_weights(model, _drop_unused(model, state_dict), strict=True,
+    load_weights(model, without_unused_aux(model, state_dict), strict=True,
                  _owner=f"get_model({name!r}, weights={wname})")
     return model
-
-
-def _drop_unused(model: nn.Module, state: Mapping) -> Mapping:
-    """torchvision's DeepLabV3 weights carry the auxiliary head; a model built without it takes the rest."""
-    from .deeplab import DeepLabV3
-
-    if isinstance(model, DeepLabV3) and model.aux_classifier is None:
-        return OrderedDict((k, v) for k, v in state.items() if not k.startswith("aux_classifier."))
-    return state
 
 
 def preprocess(images, preprocessing: str):
     """``SegmentationPreset(preprocessing)(images)``: uint8 RGB images as the model input; ``preprocessing`` is
     "caffe", "torchvision", or a registered model name for that model's default preprocessing."""
-    from .transforms import PREPROCESSING_CHOICES, SegmentationPreset
-
     if preprocessing not in PREPROCESSING_CHOICES:
         preprocessing = model_entry(preprocessing).default_preprocessing
     return SegmentationPreset(preprocessing)(images)

@@ -24,11 +24,12 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from ..nn.aspp import ASPP
 from .deeplab import DeepLabV1, DeepLabV2, DeepLabV3
 
 __all__ = ["CheckpointError", "load_checkpoint", "as_state_dict", "load_weights", "load_torchvision_deeplabv3", "from_torchvision",
            "load_vgg16_features", "convert_kazuto_deeplabv2", "to_kazuto_deeplabv2", "is_kazuto_deeplabv2",
-           "vgg16_to_deeplab_v1", "resnet_to_deeplab_backbone", "key_list"]
+           "vgg16_to_deeplab_v1", "resnet_to_deeplab_backbone", "key_list", "without_unused_aux"]
 
 _SHOW = 8  # keys listed per category in error messages
 
@@ -168,16 +169,25 @@ def load_torchvision_deeplabv3(model: DeepLabV3, state_dict: Mapping, drop_aux: 
     """Loads a torchvision ``deeplabv3_resnet50/101`` state dict into ``model`` (``strict=True``); returns it.
 
     The names are identical; ``drop_aux`` (default True) drops the ``aux_classifier.*`` entries when ``model``
-    was built without ``aux_loss`` (torchvision's released weights include the aux head). Raises ValueError,
-    naming the missing/unexpected keys and what the model expects, when the architectures differ (ResNet-50
-    weights into a ResNet-101 model, another ``num_classes``, the "paper" head, ...).
+    was built without ``aux_loss`` (torchvision's released weights include the aux head; ``without_unused_aux``).
+    Raises ValueError, naming the missing/unexpected keys and what the model expects, when the architectures
+    differ (ResNet-50 weights into a ResNet-101 model, another ``num_classes``, the "paper" head, ...).
     """
     if not isinstance(model, DeepLabV3):
         raise ValueError(f"load_torchvision_deeplabv3: model must be a DeepLabV3, got {type(model).__name__}")
     _check_state_dict(state_dict, "load_torchvision_deeplabv3")
-    if drop_aux and model.aux_classifier is None:
-        state_dict = OrderedDict((k, v) for k, v in state_dict.items() if not k.startswith("aux_classifier."))
+    if drop_aux:
+        state_dict = without_unused_aux(model, state_dict)
     return load_weights(model, state_dict, strict=True, _owner="load_torchvision_deeplabv3")
+
+
+def without_unused_aux(model: nn.Module, state_dict: Mapping) -> Mapping:
+    """``state_dict`` without its ``aux_classifier.*`` entries when ``model`` is a ``DeepLabV3`` built without the
+    auxiliary head (torchvision's released weights carry it); unchanged otherwise. The one rule for the auxiliary
+    head: ``get_model`` and ``load_torchvision_deeplabv3(drop_aux=True)`` both apply it."""
+    if isinstance(model, DeepLabV3) and model.aux_classifier is None:
+        return OrderedDict((k, v) for k, v in state_dict.items() if not k.startswith("aux_classifier."))
+    return state_dict
 
 
 def from_torchvision(tv_model: nn.Module) -> DeepLabV3:
@@ -219,8 +229,6 @@ def from_torchvision(tv_model: nn.Module) -> DeepLabV3:
         raise ValueError(f"{owner}: the backbone's dilations {dilations} are not torchvision's for output stride "
                          f"{output_stride} ({ours})")
     if rates != model.atrous_rates:
-        from ..nn.aspp import ASPP
-
         model.classifier[0] = ASPP.from_torchvision(aspp).float().train()
     p = next(tv_model.parameters())
     model = model.to(device=p.device, dtype=p.dtype)

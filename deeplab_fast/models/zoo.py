@@ -17,43 +17,20 @@ from collections import OrderedDict
 from functools import partial
 from typing import Mapping
 
-from ..data.voc import VOC_CLASSES
 from ._api import Weights, WeightsEnum, register_model
+from ._meta import COCO_STUFF_CLASSES, VOC_CLASSES
 from .deeplab import (deeplab_v1_largefov, deeplab_v1_msc_largefov, deeplab_v2_resnet101, deeplab_v3_resnet50,
                       deeplab_v3_resnet101)
 from .transforms import SegmentationPreset, normalization_meta
 from .weights import convert_kazuto_deeplabv2, resnet_to_deeplab_backbone, vgg16_to_deeplab_v1
 
 __all__ = ["DeepLabV1_LargeFOV_Weights", "DeepLabV1_MSC_LargeFOV_Weights", "DeepLabV2_ResNet101_Weights",
-           "DeepLabV3_ResNet50_Weights", "DeepLabV3_ResNet101_Weights", "COCO_STUFF_CLASSES"]
+           "DeepLabV3_ResNet50_Weights", "DeepLabV3_ResNet101_Weights"]
 
 _TV = "https://download.pytorch.org/models/"
 _KAZUTO = "https://github.com/kazuto1011/deeplab-pytorch/releases/download/v1.0/"
 _TV_RECIPE = "https://github.com/pytorch/vision/tree/main/references/segmentation#deeplabv3_resnet101"
 _KAZUTO_REPO = "https://github.com/kazuto1011/deeplab-pytorch"
-
-# COCO-Stuff's 182 label names (0..181; kazuto1011's data/datasets/cocostuff10k/labels.txt without "unlabeled").
-COCO_STUFF_CLASSES = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
-    "fire hydrant", "street sign", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep",
-    "cow", "elephant", "bear", "zebra", "giraffe", "hat", "backpack", "umbrella", "shoe", "eye glasses", "handbag",
-    "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove",
-    "skateboard", "surfboard", "tennis racket", "bottle", "plate", "wine glass", "cup", "fork", "knife", "spoon",
-    "bowl", "banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake",
-    "chair", "couch", "potted plant", "bed", "mirror", "dining table", "window", "desk", "toilet", "door", "tv",
-    "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator",
-    "blender", "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush", "hair brush",
-    "banner", "blanket", "branch", "bridge", "building-other", "bush", "cabinet", "cage", "cardboard", "carpet",
-    "ceiling-other", "ceiling-tile", "cloth", "clothes", "clouds", "counter", "cupboard", "curtain", "desk-stuff",
-    "dirt", "door-stuff", "fence", "floor-marble", "floor-other", "floor-stone", "floor-tile", "floor-wood",
-    "flower", "fog", "food-other", "fruit", "furniture-other", "grass", "gravel", "ground-other", "hill", "house",
-    "leaves", "light", "mat", "metal", "mirror-stuff", "moss", "mountain", "mud", "napkin", "net", "paper",
-    "pavement", "pillow", "plant-other", "plastic", "platform", "playingfield", "railing", "railroad", "river",
-    "road", "rock", "roof", "rug", "salad", "sand", "sea", "shelf", "sky-other", "skyscraper", "snow",
-    "solid-other", "stairs", "stone", "straw", "structural-other", "table", "tent", "textile-other", "towel", "tree",
-    "vegetable", "wall-brick", "wall-concrete", "wall-other", "wall-panel", "wall-stone", "wall-tile", "wall-wood",
-    "water-other", "waterdrops", "window-blind", "window-other", "wood",
-)
 
 
 def _weights(url, preprocessing: str, *, categories=None, source: str, recipe=None, **kw) -> Weights:

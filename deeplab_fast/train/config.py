@@ -8,6 +8,8 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 from torch import nn
 
+from .crf_rnn import CRFasRNNStage
+
 __all__ = ["TrainConfig"]
 
 
@@ -99,8 +101,6 @@ class TrainConfig:
                     crf_rnn=self._crf_rnn_args(), extra_head_lr=self.extra_head_lr)
 
     def _crf_rnn_args(self) -> Optional[dict]:
-        from .crf_rnn import CRFasRNNStage
-
         if not isinstance(self.extra_head, CRFasRNNStage):
             return None
         stage = self.extra_head  # train() has resolved self.preprocessing by now; the engine gives it to the stage

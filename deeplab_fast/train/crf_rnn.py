@@ -11,7 +11,7 @@ Chen et al., ICLR 2015 / TPAMI 2017; gradients: the op's exact backward, see ``d
   returns ``log(Q + eps)`` in their place, so that the family's cross-entropy loss is the CRF marginals'
   negative log-likelihood (and an argmax of it is the CRF's labels).
 The trained layer comes back from a ``deeplab-fast train`` checkpoint with
-:func:`deeplab_fast.train.load_trained_crf` (in ``engine``, beside the other checkpoint readers).
+:func:`deeplab_fast.train.load_trained_crf` (in ``checkpoint``, beside the other checkpoint readers).
 """
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..data.transforms import denormalize
+from ..data.transforms import PREPROCESSING_CHOICES, denormalize
+from ..nn import PRESETS, DenseCRF
+from ..nn.crf import COMPAT_FORMS
 
 __all__ = ["CRFasRNNStage", "CRFasRNNHead", "denormalize", "LOG_EPS"]
 
@@ -52,8 +54,6 @@ class CRFasRNNHead(nn.Module):
 
     def __init__(self, crf: nn.Module, preprocessing: str, eps: float = LOG_EPS):
         super().__init__()
-        from ..data.transforms import PREPROCESSING_CHOICES
-
         if preprocessing not in PREPROCESSING_CHOICES:
             raise ValueError(f"CRFasRNNHead: preprocessing must be one of {PREPROCESSING_CHOICES}, got "
                              f"{preprocessing!r}")
@@ -104,9 +104,6 @@ class CRFasRNNStage:
     preprocessing: Optional[str] = None
 
     def __post_init__(self):
-        from ..nn import PRESETS
-        from ..nn.crf import COMPAT_FORMS
-
         if self.preset not in PRESETS:
             raise ValueError(f"CRFasRNNStage: unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
         if self.compat not in COMPAT_FORMS:
@@ -123,8 +120,6 @@ class CRFasRNNStage:
 
     def build_crf(self, num_classes: int) -> nn.Module:
         """The trainable ``DenseCRF`` of this stage, at its initial (preset) values."""
-        from ..nn import DenseCRF
-
         extra = {} if self.iterations is None else {"iterations": self.iterations}
         return DenseCRF.from_preset(self.preset, trainable=True, compat=self.compat, num_classes=num_classes,
                                     checkpoint=self.checkpoint, **extra)
