@@ -102,6 +102,11 @@ def _same_weights(a, b) -> bool:
     return list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def _url_key(url: str) -> str:
+    """The part of a cached file's name that says which URL it came from: 16 hex digits of the URL's sha256."""
+    return hashlib.sha256(url.encode()).hexdigest()[:16]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The registry
 
@@ -174,7 +179,7 @@ def test_download_good_file_then_from_the_cache(hub, server):
     url = server.url(f"/w/tiny-{sha[:8]}.pth")
     got = models.get_model("deeplab_v1_largefov", weights=url, **TINY)  # classes read from the checkpoint: 3
     assert got.num_classes == 3 and _same_weights(got, model)
-    assert (hub / f"tiny-{sha[:8]}.pth").read_bytes() == data
+    assert (hub / f"tiny-{sha[:8]}.{_url_key(url)}.pth").read_bytes() == data  # keyed by the whole URL
     server.close()  # the second call must not need the server
     again = models.get_model("deeplab_v1_largefov", weights=url, **TINY)
     assert _same_weights(again, model)
@@ -234,7 +239,7 @@ def test_file_url_and_path(hub, tmp_path):
     by_url = models.get_model("deeplab_v1_largefov", weights=path.as_uri(), **TINY)
     assert by_path.num_classes == by_url.num_classes == 4
     assert _same_weights(by_path, model) and _same_weights(by_url, model)
-    assert (hub / "mine.pth").exists()  # URLs go through torch.hub's cache; paths are read in place
+    assert list(hub.iterdir()) == []  # file:// URLs and paths are read in place
     # A path's normalisation is the model's default; registered file names get their entry's.
     assert models.resolve_weights("deeplab_v1_largefov", str(path)).meta["normalization"]["preprocessing"] == "caffe"
     named = tmp_path / "deeplabv2_resnet101_msc-vocaug-20000.pth"
@@ -283,3 +288,53 @@ def test_transforms_normalise_as_the_weights_expect():
     torch.testing.assert_close(tv, (x / 255 - mean) / std)
     torch.testing.assert_close(caffe, x.flip(1) - torch.tensor([104.008, 116.669, 122.675]).view(3, 1, 1))
     torch.testing.assert_close(models.preprocess(rgb, "deeplab_v3_resnet50"), tv)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The weights cache is keyed by the whole URL (issue 22, finding 1)
+
+
+def test_the_cache_is_keyed_by_the_whole_url(hub, server):
+    """Two runs' last.pth by URL are two models; a URL never downloaded (here with ../) is never served from the
+    cache; a downloaded one is, without the network."""
+    run1, data1 = _tiny_checkpoint(seed=1)
+    run2, data2 = _tiny_checkpoint(seed=2)
+    server.files["/run1/last.pth"] = data1
+    server.files["/run2/last.pth"] = data2
+    url1, url2 = server.url("/run1/last.pth"), server.url("/run2/last.pth")
+    assert _same_weights(models.get_model("deeplab_v1_largefov", weights=url1, **TINY), run1)
+    assert _same_weights(models.get_model("deeplab_v1_largefov", weights=url2, **TINY), run2)
+    assert server.requests == ["/run1/last.pth", "/run2/last.pth"]
+    assert sorted(p.name for p in hub.iterdir()) == sorted(f"last.{_url_key(u)}.pth" for u in (url1, url2))
+    with pytest.raises(OSError, match="download failed.*404"):
+        models.get_model("deeplab_v1_largefov", weights=server.url("/run1/../gone/last.pth"), **TINY)
+    server.close()
+    assert _same_weights(models.get_model("deeplab_v1_largefov", weights=url1, **TINY), run1)
+
+
+def test_a_file_url_is_read_as_the_file_is_now(hub, tmp_path):
+    path = tmp_path / "last.pth"
+    first, data = _tiny_checkpoint(seed=1)
+    path.write_bytes(data)
+    assert _same_weights(models.get_model("deeplab_v1_largefov", weights=path.as_uri(), **TINY), first)
+    retrained, data = _tiny_checkpoint(seed=2)
+    path.write_bytes(data)
+    assert _same_weights(models.get_model("deeplab_v1_largefov", weights=path.as_uri(), **TINY), retrained)
+    assert list(hub.iterdir()) == []  # read in place, never copied
+
+
+def test_a_registered_file_name_from_another_url_is_downloaded_and_hash_checked(hub, server):
+    """torchvision's file in the cache is not served for another URL ending in its name: that URL is downloaded,
+    and checked against the registered sha256 prefix of the name (here it does not match: refused)."""
+    name = "deeplabv3_resnet50_coco-cd0a2569.pth"
+    (hub / name).write_bytes(b"the file torchvision downloaded")
+    _, data = _tiny_checkpoint()
+    server.files[f"/mirror/{name}"] = data
+    with pytest.raises(models.CheckpointError, match="sha256 does not match"):
+        models.get_model("deeplab_v3_resnet50", weights=server.url(f"/mirror/{name}"))
+    assert server.requests == [f"/mirror/{name}"]
+    assert sorted(p.name for p in hub.iterdir()) == [name]
+    local = hub.parent / name  # a file:// URL of that name is checked when it is read
+    local.write_bytes(data)
+    with pytest.raises(models.CheckpointError, match="sha256 does not match"):
+        models.get_model("deeplab_v3_resnet50", weights=local.as_uri())

@@ -4,13 +4,17 @@
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
+import hashlib
 import os
+import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Type, Union
 from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import torch
 from torch import nn
@@ -20,7 +24,7 @@ from .weights import CheckpointError, as_state_dict, key_list, load_checkpoint, 
 
 __all__ = ["Weights", "WeightsEnum", "ModelEntry", "register_model", "list_models", "get_model", "build_model",
            "get_model_builder", "get_model_weights", "get_weight", "model_entry", "resolve_weights",
-           "load_weights_state_dict", "preprocess"]
+           "load_weights_state_dict", "preprocess", "cache_file"]
 
 _URL_SCHEMES = ("http", "https", "file")
 
@@ -49,7 +53,8 @@ class Weights:
 
     @property
     def cache_name(self) -> Optional[str]:
-        """The file's name in torch.hub's cache."""
+        """The file's name (``file_name``, else the URL's): the name a registered URL is cached under, and the
+        name a path or URL is matched to a registered entry by."""
         if self.file_name:
             return self.file_name
         return os.path.basename(urlparse(self.url).path) if self.url else None
@@ -215,36 +220,87 @@ def _hub_checkpoint_dir() -> str:
     return os.path.join(torch.hub.get_dir(), "checkpoints")
 
 
-def _download(url: str, file_name: Optional[str], check_hash: bool, progress: bool):
-    """torch.hub.load_state_dict_from_url into torch.hub's cache; the object, or OSError / ValueError. A file
-    that this call downloaded and that does not load is removed from the cache."""
-    cached = os.path.join(_hub_checkpoint_dir(), file_name or os.path.basename(urlparse(url).path))
-    existed = os.path.exists(cached)
-    try:
-        return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=progress,
-                                                  check_hash=check_hash, file_name=file_name, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - every failure becomes one clear error
-        downloaded = not existed and os.path.exists(cached)
-        if not existed and not downloaded:  # the download itself failed: nothing reached the cache
-            reason = f"{type(exc).__name__}: {exc}"
+# torch.hub's convention: a file name "name-<sha256 prefix>.ext" carries the prefix of its content's sha256.
+_HASH_IN_NAME = re.compile(r"-([a-f0-9]+)\.")
+
+
+def _hash_prefix(w: Weights) -> Optional[str]:
+    """The sha256 prefix the file of ``w`` must have (None: not hash-checked)."""
+    if not w.check_hash:
+        return None
+    match = _HASH_IN_NAME.search(w.file_name or os.path.basename(urlparse(w.url).path))
+    return match.group(1) if match else None
+
+
+def _registered_url(url: str) -> bool:
+    return any(member.url == url for entry in _REGISTRY.values() for member in entry.weights)
+
+
+def cache_file(w: Weights) -> str:
+    """Where the file of ``w`` (a URL) is cached in torch.hub's cache: a registered URL under its own file name
+    (torchvision's, so a file torchvision downloaded is reused); any other URL as ``<name>.<16 hex digits of
+    the URL's sha256><extension>``, so that two URLs never share an entry."""
+    name = w.file_name or os.path.basename(urlparse(w.url).path) or "weights"
+    if not _registered_url(w.url):
+        stem, ext = os.path.splitext(name)
+        name = f"{stem}.{hashlib.sha256(w.url.encode()).hexdigest()[:16]}{ext}"
+    return os.path.join(_hub_checkpoint_dir(), name)
+
+
+def _check_local_hash(path: str, prefix: Optional[str], url: str) -> None:
+    if prefix is None:
+        return
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if not digest.hexdigest().startswith(prefix):
+        raise CheckpointError(f"weights {url!r}: the file's sha256 does not match the hash prefix of its name "
+                              f"({prefix}); refused")
+
+
+def _load_url(w: Weights, progress: bool):
+    """The object in the file of ``w``'s URL: a ``file://`` URL read in place, an http(s) URL downloaded once into
+    torch.hub's cache (:func:`cache_file`), hash-checked where its name carries a sha256 prefix. OSError for a
+    failed download; CheckpointError for a hash mismatch (nothing is cached) or a file that is not a weights-only
+    checkpoint (a downloaded one is removed from the cache again)."""
+    url, prefix = w.url, _hash_prefix(w)
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise OSError(f"weights {url!r}: a file:// URL on another host ({parsed.netloc}) cannot be read")
+        path = url2pathname(parsed.path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"weights {url!r}: no such file {path!r}")
+        _check_local_hash(path, prefix, url)
+        return load_checkpoint(path)
+    cached = cache_file(w)
+    downloaded = not os.path.exists(cached)
+    if downloaded:
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        try:  # into a temporary file beside `cached`, renamed when complete and hash-checked
+            torch.hub.download_url_to_file(url, cached, hash_prefix=prefix, progress=progress)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes one clear error
             if "invalid hash value" in str(exc):
                 raise CheckpointError(f"weights {url!r}: the download's sha256 does not match the hash prefix of its "
-                                 f"file name; refused, nothing was cached ({exc})") from None
-            raise OSError(f"weights {url!r}: download failed ({reason})") from None
+                                      f"file name; refused, nothing was cached ({exc})") from None
+            raise OSError(f"weights {url!r}: download failed ({type(exc).__name__}: {exc})") from None
+    try:
+        return torch.load(cached, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch.load raises many types on foreign files
         if downloaded:
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(cached)
-            except OSError:
-                pass
+        first = str(exc).splitlines()[0] if str(exc) else ""
         raise CheckpointError(f"weights {url!r}: {cached!r} is not a weights-only PyTorch checkpoint "
-                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-                         + ("; removed it from the cache" if downloaded else "")) from None
+                              f"({type(exc).__name__}: {first})"
+                              + ("; removed it from the cache" if downloaded else "")) from None
 
 
 def load_weights_state_dict(weights, progress: bool = True) -> "OrderedDict":
-    """The state dict of ``weights`` (a member or a ``Weights``), converted to the model's key names: downloaded
-    through torch.hub's cache for a URL, read from the cache for registered files without a URL, read directly
-    for a local path."""
+    """The state dict of ``weights`` (a member or a ``Weights``), converted to the model's key names: an http(s)
+    URL downloaded once into torch.hub's cache under a name keyed by the whole URL (:func:`cache_file`), a
+    ``file://`` URL or a local path read in place, a registered file without a URL read from the cache."""
     w = weights.value if isinstance(weights, WeightsEnum) else weights
     name = _weights_name(weights)
     if w.url is None:
@@ -254,7 +310,7 @@ def load_weights_state_dict(weights, progress: bool = True) -> "OrderedDict":
                              f"torch.hub's cache as {cached!r} (or give its path)")
         state = load_checkpoint(cached)
     elif _is_url(w.url):
-        state = as_state_dict(_download(w.url, w.file_name, w.check_hash, progress), w.url)
+        state = as_state_dict(_load_url(w, progress), w.url)
     else:
         state = load_checkpoint(w.url)
     if w.converter is not None:
