@@ -11,9 +11,12 @@ its std (torchvision's weights; the v3 models); ``preprocessing="caffe"``: BGR, 
 (104.008, 116.669, 122.675) (the Caffe-converted v1 / v2 weights). ``deeplab-fast segment`` / ``eval`` use the
 same function.
 
-Randomness comes from the ``generator`` (a ``torch.Generator``, or an int seed for one) or, when it is None,
-from torch's global generator — leave it None with a multi-worker DataLoader, which seeds each worker's global
-generator differently (a generator object would be copied into every worker and repeat the same draws).
+Randomness comes from a generator given to the call (``transform(image, target, generator=g)``: the training
+engine gives each sample its own, seeded from the run's seed, the epoch and the sample's index, so the draws do not
+depend on the DataLoader workers), else the transform's ``generator`` (a ``torch.Generator``, or an int seed for
+one), else torch's global generator — leave the transform's None with a multi-worker DataLoader, which seeds each
+worker's global generator differently (a generator object would be copied into every worker and repeat the same
+draws).
 """
 from __future__ import annotations
 
@@ -119,8 +122,9 @@ class TrainTransform:
     4. crop a random ch x cw window (uniform offsets);
     5. with ``flip``, mirror both horizontally with probability 1/2.
 
-    Draws (in that order: s, the crop offsets, the flip) come from ``generator`` (a ``torch.Generator`` or an int
-    seed) or torch's global generator. ValueError for bad arguments or inputs.
+    Draws (in that order: s, the crop offsets, the flip) come from the call's ``generator``, else the transform's
+    ``generator`` (a ``torch.Generator`` or an int seed), else torch's global generator. ValueError for bad
+    arguments or inputs.
     """
 
     def __init__(self, crop_size: Union[int, Tuple[int, int]] = 321,
@@ -148,14 +152,12 @@ class TrainTransform:
             raise ValueError(f"{owner}: generator must be a torch.Generator, an int seed or None, got {generator!r}")
         self.generator = generator
 
-    def _rand(self) -> float:
-        return float(torch.rand((), generator=self.generator))
-
-    def _randint(self, high: int) -> int:
-        return int(torch.randint(high, (), generator=self.generator)) if high > 1 else 0
-
-    def __call__(self, image: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, image: torch.Tensor, target: torch.Tensor,
+                 generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``generator``: draw from it in this call instead of the transform's own (the training engine gives
+        each sample a generator of its own: ``deeplab_fast.train.sampling``)."""
         _check_pair(image, target, "TrainTransform")
+        g = self.generator if generator is None else generator
         if target is None:
             raise ValueError("TrainTransform: target must be given")
         x = normalize(image, self.preprocessing)
@@ -163,7 +165,7 @@ class TrainTransform:
         H, W = x.shape[-2:]
         if self.scale_range is not None and self.scale_range != (1.0, 1.0):
             lo, hi = self.scale_range
-            s = lo + (hi - lo) * self._rand()
+            s = lo + (hi - lo) * float(torch.rand((), generator=g))
             size = (max(1, round(H * s)), max(1, round(W * s)))
             if size != (H, W):
                 x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
@@ -175,10 +177,10 @@ class TrainTransform:
             x = F.pad(x, (0, pad_w, 0, pad_h), value=0.0)
             y = F.pad(y, (0, pad_w, 0, pad_h), value=self.ignore_index)
             H, W = H + pad_h, W + pad_w
-        top, left = self._randint(H - ch + 1), self._randint(W - cw + 1)
+        top, left = (int(torch.randint(n, (), generator=g)) if n > 1 else 0 for n in (H - ch + 1, W - cw + 1))
         x = x[:, top:top + ch, left:left + cw]
         y = y[top:top + ch, left:left + cw]
-        if self.flip and self._rand() < 0.5:
+        if self.flip and float(torch.rand((), generator=g)) < 0.5:
             x, y = x.flip(-1), y.flip(-1)
         return x.contiguous(), y.contiguous()
 

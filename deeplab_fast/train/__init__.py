@@ -19,6 +19,11 @@ training configuration, the paper recipes, checkpoints, evaluation and the train
 - ``distributed``: the torchrun process group and each process's device.
 - ``evaluate``: ``evaluate(model, loader, ...)`` (mIoU with scales, flips and the CRF) and ``evaluation_loader``.
 - ``state``: ``TrainState`` and ``build_training`` (a run built or restored from a checkpoint).
+- ``sampling``: each epoch's data, with augmentation draws seeded per sample (exact resume with any number of
+  DataLoader workers).
+- ``signals``: SIGTERM / SIGINT stop a run at a step boundary with a checkpoint (``TrainingInterrupted``).
+- ``outputs``: ``last.pth`` only ever finite (``DivergenceError``), ``best.pth``, the log cut back on resume,
+  stale temporary files removed.
 - ``engine``: ``train(config)`` and ``train_one_epoch``: the loop.
 """
 from .checkpoint import (CHECKPOINT_KEYS, load_trained_crf, load_training_checkpoint, read_training_checkpoint,
@@ -30,8 +35,11 @@ from .evaluate import evaluate, evaluation_loader
 from .losses import compute_loss, downsampled_cross_entropy, msc_loss, upsampled_cross_entropy
 from .lr import HEAD_ATTRIBUTES, param_groups, poly_lr
 from .metrics import ConfusionMatrix
+from .outputs import DivergenceError
 from .pretrained import init_weights, resolve_preprocessing
 from .recipes import RECIPES, Recipe, recipe_for_family, recipes_table, training_settings
+from .sampling import sample_seed
+from .signals import TrainingInterrupted
 from .state import TrainState, build_training
 
 __all__ = [
@@ -43,4 +51,5 @@ __all__ = [
     "CHECKPOINT_KEYS", "save_checkpoint", "read_training_checkpoint", "load_training_checkpoint", "upgrade_args",
     "load_trained_crf", "init_weights", "resolve_preprocessing",
     "evaluate", "evaluation_loader", "train", "train_one_epoch", "build_training", "TrainState",
+    "TrainingInterrupted", "DivergenceError", "sample_seed",
 ]

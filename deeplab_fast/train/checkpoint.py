@@ -26,13 +26,15 @@ CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "step", "args", 
 
 
 def save_checkpoint(path, state, args: dict) -> None:
-    """Writes the training checkpoint of ``state`` (a :class:`~deeplab_fast.train.TrainState`):
-    ``CHECKPOINT_KEYS``, plus ``"extra_head"`` when there is one, atomically."""
+    """Writes the training checkpoint of ``state`` (a :class:`~deeplab_fast.train.TrainState`) atomically:
+    ``CHECKPOINT_KEYS``, plus ``"extra_head"`` when there is one and ``"best_miou"`` once the run has validated."""
     ckpt = dict(model=state.model.state_dict(), optimizer=state.optimizer.state_dict(),
                 scheduler=state.scheduler.state_dict(), scaler=state.scaler.state_dict(), step=state.step,
                 args=args, rng=torch.get_rng_state())
     if state.extra_head is not None:
         ckpt["extra_head"] = state.extra_head.state_dict()
+    if getattr(state, "best_miou", float("-inf")) > float("-inf"):
+        ckpt["best_miou"] = state.best_miou
     save_atomically(ckpt, path)
 
 

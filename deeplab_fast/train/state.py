@@ -27,7 +27,8 @@ __all__ = ["TrainState", "build_training", "set_train_mode"]
 @dataclass
 class TrainState:
     """What changes during a run: the model (and its DDP / training-forward wrapper ``net``), the optimizer,
-    scheduler and scaler, the step count, the last logged loss."""
+    scheduler and scaler, the step count, the last logged loss, the step of the last checkpoint written
+    (``saved_step``) and the best validation mIoU so far (``best_miou``, -inf before any)."""
 
     model: nn.Module
     net: nn.Module
@@ -39,6 +40,8 @@ class TrainState:
     step: int = 0
     extra_head: Optional[nn.Module] = None
     last_loss: float = float("nan")
+    saved_step: int = 0
+    best_miou: float = float("-inf")
 
 
 class TrainForward(nn.Module):
@@ -135,5 +138,6 @@ def build_training(cfg: TrainConfig, rank: int = 0, world: int = 1, device: Opti
     net = TrainForward(model, family, extra_head)
     if world > 1:
         net = DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
+    best = float(ckpt.get("best_miou", float("-inf"))) if ckpt is not None else float("-inf")
     return TrainState(model=model, net=net, optimizer=optimizer, scheduler=scheduler, scaler=scaler, family=family,
-                      device=dev, step=step, extra_head=extra_head)
+                      device=dev, step=step, extra_head=extra_head, saved_step=step, best_miou=best)
