@@ -18,7 +18,9 @@ batch is batch-size x processes. ``train`` writes ``OUT/last.pth`` and ``OUT/log
 and ``segment --weights`` read the checkpoint, ``--resume`` continues it.
 
 Exit codes as the other commands: 0 success; 1 an unreadable or unusable checkpoint (``--weights``, ``--init``,
-``--resume``) or a failed download; 2 bad arguments or input (missing data root or file, ...); 130 interrupted.
+``--resume``), a failed download, a diverged run (the last finite checkpoint is kept) or out of memory; 2 bad
+arguments or input (missing data root or file, ...); 143 / 130: ``train`` stopped by SIGTERM / SIGINT after
+writing its checkpoint at the step boundary (``--resume`` continues it exactly); 130 other interrupts.
 """
 from __future__ import annotations
 
@@ -39,28 +41,11 @@ from ..train import (RECIPES, CRFasRNNStage, TrainConfig, evaluate, evaluation_l
                      load_training_checkpoint, read_training_checkpoint, resolve_preprocessing, train,
                      training_settings)
 from ._common import (CLIError, add_preprocessing_option, crf_preset_parent, data_parent, device_parent,
-                      finite_float, library_errors, load_model, model_names, model_options_parent, nonnegative_float,
-                      nonnegative_int, positive_float, positive_int, resolve_device, scales, threads_parent)
+                      finite_float, library_errors, load_model_from_options, model_kwargs_option, model_names,
+                      model_options_parent, nonnegative_float, nonnegative_int, positive_float, positive_int,
+                      resolve_device, scales, threads_parent)
 
 __all__ = ["add_parsers", "run_train", "run_eval"]
-
-
-def _model_kwargs(args, family: str) -> dict:
-    kwargs = {}
-    if args.model_kwargs:
-        try:
-            kwargs = json.loads(args.model_kwargs)
-        except json.JSONDecodeError as exc:
-            raise CLIError(f"--model-kwargs: not valid JSON ({exc})") from None
-        if not isinstance(kwargs, dict):
-            raise CLIError(f"--model-kwargs must be a JSON object, e.g. '{{\"msc\": true}}', got {args.model_kwargs!r}")
-        if "num_classes" in kwargs:
-            raise CLIError("--model-kwargs: give the number of classes with --num-classes")
-    if args.width_divisor is not None:
-        if family != "v1":
-            raise CLIError(f"--width-divisor is for the v1 models (deeplab_v1_*), not {args.model}")
-        kwargs["width_divisor"] = args.width_divisor
-    return kwargs
 
 
 def _check_data(root: str) -> None:
@@ -136,7 +121,7 @@ def run_train(args) -> int:
         with library_errors(f"--resume {args.resume!r}: "):
             resumed = load_training_checkpoint(args.resume)["args"]
     stage, crf_lr = _crf_stage(args, resumed)
-    settings["model_kwargs"].update(_model_kwargs(args, models.model_entry(args.model).family))
+    settings["model_kwargs"].update(model_kwargs_option(args, models.model_entry(args.model).family))
     _check_model_options(args.model, settings["num_classes"], settings["model_kwargs"])
     init = settings["init"]
     if init is not None and args.resume is None:  # read (or downloaded) now, so that a bad file is one clear line
@@ -187,29 +172,6 @@ def _print_learned_crf(checkpoint) -> None:
 # eval
 
 
-def _load_eval_model(args):
-    """(model name, model, the input preprocessing, the training checkpoint or None) for ``eval``."""
-    saved, ckpt = {}, None
-    if os.path.exists(args.weights):
-        with library_errors(f"--weights {args.weights!r}: "):
-            ckpt = read_training_checkpoint(args.weights)
-        saved = ckpt["args"] if ckpt is not None else {}
-    name = args.model or saved.get("model")
-    if name is None:
-        if not os.path.exists(args.weights) and "://" not in args.weights:
-            raise CLIError(f"--weights {args.weights!r}: no such file")
-        raise CLIError("--model is required (the weights are not a 'deeplab-fast train' checkpoint naming it)")
-    if name not in models.list_models():
-        raise CLIError(f"the checkpoint's model {name!r} is not a registered model ({', '.join(models.list_models())})")
-    family = models.model_entry(name).family
-    kwargs = dict(saved.get("model_kwargs") or {}) if saved.get("model") == name else {}
-    args.model = name
-    kwargs.update(_model_kwargs(args, family))
-    model, weights = load_model(name, args.weights, args.num_classes or saved.get("num_classes"), **kwargs)
-    preprocessing = args.preprocessing or saved.get("preprocessing") or weights.meta["normalization"]["preprocessing"]
-    return name, model, preprocessing, ckpt
-
-
 def _fmt(v: float) -> str:
     return "   n/a" if v != v else f"{100 * v:6.2f}"
 
@@ -224,7 +186,7 @@ def run_eval(args) -> int:
     if args.crf_iterations is not None and not args.trained_crf:
         raise CLIError("--crf-iterations is for --trained-crf (a preset has its own)")
     device = resolve_device(args.device)
-    name, model, preprocessing, ckpt = _load_eval_model(args)
+    name, model, preprocessing, ckpt = load_model_from_options(args)
     num_classes = model.num_classes
     crf, crf_name = args.crf, args.crf
     if args.trained_crf:
@@ -288,7 +250,9 @@ def _train_description() -> str:
         "The loss: v1/v2 cross-entropy at 1/8 against downsampled labels (v2 --model-kwargs '{\"msc\": true}': the",
         "MSC loss); v3 cross-entropy on the upsampled logits (+0.4 x aux with '{\"aux_loss\": true}').",
         "--batch-size is per process; under 'torchrun --nproc_per_node=G -m deeplab_fast train ...' (DDP: NCCL on",
-        "CUDA, gloo on the CPU) the effective batch is G x batch-size. Writes OUT/last.pth and OUT/log.jsonl.",
+        "CUDA, gloo on the CPU) the effective batch is G x batch-size. Writes OUT/last.pth (only finite weights;",
+        "a diverged run stops with the step named), OUT/best.pth (with --val-every) and OUT/log.jsonl; --resume",
+        "continues exactly, for any --workers. SIGTERM or Ctrl-C: a checkpoint at the next step, exit 143 / 130.",
         "CRF-as-RNN stage: --crf-rnn PRESET --init OUT/last.pth fine-tunes a trained model with a trainable dense",
         "CRF on top (the model, classes, options and --preprocessing default to the --init checkpoint's); 'eval",
         "--trained-crf' evaluates with the learned CRF."]
@@ -352,7 +316,8 @@ def add_parsers(sub) -> None:
     tr.add_argument("--ckpt-every", type=nonnegative_int, default=1000, metavar="N",
                     help="write OUT/last.pth every N steps, and at the end (default 1000)")
     tr.add_argument("--val-every", type=nonnegative_int, default=0, metavar="N",
-                    help="evaluate on val every N steps (default 0: never)")
+                    help="evaluate on val every N steps, keeping the best mIoU's weights in OUT/best.pth (default 0: "
+                         "never)")
     tr.add_argument("--stop-at", type=positive_int, default=None, metavar="N",
                     help="stop after step N (checkpoint written), to continue later with --resume")
     tr.add_argument("--workers", type=nonnegative_int, default=4, metavar="N", help="data loader workers (default 4)")
