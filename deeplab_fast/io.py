@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
 
 __all__ = ["IMAGE_EXTS", "ANNO_EXTS", "LOSSY_EXTS", "VOLUME_EXTS", "open_image", "load_photo", "load_annotation",
            "list_images", "same_file", "atomic_write", "save_image", "save_palette_png", "save_checkpoint", "Volume",
@@ -46,8 +48,6 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 def open_image(path, what: str = "image"):
     """The image at ``path`` as a loaded ``PIL.Image`` detached from the file. FileNotFoundError for a missing
     file; ValueError for a folder, or a file Pillow cannot read (corrupt, truncated, a decompression bomb)."""
-    from PIL import Image, UnidentifiedImageError
-
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{what} {str(path)!r}: no such file")
@@ -147,8 +147,6 @@ def atomic_write(path) -> Iterator:
 
 
 def _image_format(path: Path) -> str:
-    from PIL import Image
-
     Image.init()
     return Image.registered_extensions().get(path.suffix.lower(), "PNG")
 
@@ -156,8 +154,6 @@ def _image_format(path: Path) -> str:
 def save_image(arr: np.ndarray, path, what: str = "image") -> None:
     """Writes ``arr`` ([H, W, 3] uint8 RGB, [H, W] uint8 grey or [H, W] uint16 16-bit grey) atomically, in the
     format of ``path``'s extension (PNG when unknown). OSError / ValueError, naming the file, on failure."""
-    from PIL import Image
-
     path = Path(path)
     try:
         image = Image.fromarray(arr)
@@ -169,8 +165,6 @@ def save_image(arr: np.ndarray, path, what: str = "image") -> None:
 
 def save_palette_png(labels: np.ndarray, palette: np.ndarray, path, what: str = "labels") -> None:
     """Writes [H, W] labels (0..255) as a palette ('P' mode) PNG with ``palette`` ([256, 3] uint8), atomically."""
-    from PIL import Image
-
     path = Path(path)
     image = Image.fromarray(np.asarray(labels, dtype=np.uint8), mode="P")
     image.putpalette(np.asarray(palette, dtype=np.uint8).reshape(-1).tolist())
@@ -183,8 +177,6 @@ def save_palette_png(labels: np.ndarray, palette: np.ndarray, path, what: str = 
 
 def save_checkpoint(obj, path) -> None:
     """``torch.save(obj)`` to ``path``, atomically."""
-    import torch
-
     with atomic_write(path) as f:
         torch.save(obj, f)
 
@@ -215,7 +207,7 @@ def volume_format(path) -> str | None:
 
 def _nibabel(path, what: str):
     try:
-        import nibabel
+        import nibabel  # optional dependency (NIfTI volumes only): imported when a NIfTI file is read or written
     except ImportError:
         raise ImportError(f"{what} {str(path)!r}: NIfTI files need nibabel (pip install nibabel, or the package's "
                           "[test] extra); .npy volumes do not") from None
@@ -284,7 +276,7 @@ def save_volume(arr: np.ndarray, path, what: str = "volume", like: Volume | None
             image.header.set_xyzt_units("mm")
         data = image.to_bytes()
         if path.name.lower().endswith(".gz"):
-            import gzip
+            import gzip  # noqa: PLC0415  (only .nii.gz writes need it)
 
             data = gzip.compress(data, compresslevel=6)
         with atomic_write(path) as f:

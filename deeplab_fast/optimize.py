@@ -73,6 +73,7 @@ from torch import nn
 
 from .nn.aspp import ASPP
 from .nn.atrous import AtrousConv2dReLU
+from .nn.blocks import FusedResNetBlock
 
 __all__ = ["optimize", "FusedResNetBlock"]
 
@@ -94,33 +95,6 @@ _RESNET_BLOCKS = {
 _TV_UTILS = "torchvision.models._utils"
 # Layer types whose settings must agree between a torchvision ASPP and ours for the swap.
 _LEAF_TYPES = (nn.Conv2d, nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.Dropout, nn.AdaptiveAvgPool2d)
-
-
-class FusedResNetBlock(nn.Module):
-    """A torchvision ResNet ``Bottleneck`` / ``BasicBlock`` with its main path as a Sequential (fused):
-    ``relu(body(x) + (downsample(x) if downsample is not None else x))``.
-
-    ``body`` computes the block's ``conv1 -> bn1 -> relu -> conv2 -> bn2 [-> relu -> conv3 -> bn3]``, after
-    ``optimize`` mostly ``AtrousConv2dReLU`` layers (the last one without ReLU, since the residual add comes
-    before the block's last ReLU). ``kind`` names the block it replaced.
-    """
-
-    def __init__(self, body: nn.Sequential, downsample: Optional[nn.Module], relu: nn.Module,
-                 kind: str = "Bottleneck"):
-        super().__init__()
-        self.body = body
-        self.downsample = downsample
-        self.relu = relu
-        self.kind = kind
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.body(x)
-        identity = x if self.downsample is None else self.downsample(x)
-        out += identity
-        return self.relu(out)
-
-    def extra_repr(self) -> str:
-        return f"kind={self.kind}"
 
 
 # ----------------------------------------------------------------------------------------------------------

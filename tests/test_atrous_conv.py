@@ -548,10 +548,10 @@ def test_tap_skipping_context_restores_env(monkeypatch):
     assert os.environ["DEEPLAB_FAST_TAP_SKIPPING"] == "off"
 
 
-@pytest.mark.parametrize("mode", ["yes", "ON", 2, None, 0.5, "1"])
-def test_tap_skipping_bad_mode(mode):
-    with pytest.raises(ValueError, match="tap_skipping: mode"):
-        with tap_skipping(mode):
+@pytest.mark.parametrize("enabled", ["yes", "ON", 2, None, 0.5, "1"])
+def test_tap_skipping_bad_value(enabled):
+    with pytest.raises(ValueError, match="tap_skipping: enabled"):
+        with tap_skipping(enabled):
             pass
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import io
 import os
 import random
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -243,3 +245,109 @@ def test_written_files_get_a_normal_mode(tmp_path, capsys):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
     assert Image.open(tmp_path / "labels.png").mode == "P"
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".part")]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Resource failures, divergence and --threads: one line each (issue 22, findings 2, 7, 10)
+
+
+def _crf_inputs(folder: Path, h: int = 12, w: int = 14):
+    Image.fromarray(np.full((h, w, 3), 90, np.uint8)).save(folder / "im.png")
+    anno = np.zeros((h, w, 3), np.uint8)
+    anno[:, : w // 2] = (255, 0, 0)
+    anno[:, w // 2:] = (0, 255, 0)
+    Image.fromarray(anno).save(folder / "anno.png")
+    return folder / "im.png", folder / "anno.png"
+
+
+def _vm_peak_kb(code: str, env) -> int:
+    probe = subprocess.run([sys.executable, "-c", code + "\nprint(open('/proc/self/status').read())"],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert probe.returncode == 0, probe.stderr
+    return int(next(line.split()[1] for line in probe.stdout.splitlines() if line.startswith("VmPeak:")))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="an address-space limit (RLIMIT_AS), /proc")
+def test_out_of_memory_is_one_line_naming_the_input(tmp_path):
+    """crf on a 9000x9000 PNG (a few hundred kB: one colour) under a memory limit a little above what the command
+    needs to start: one line naming the image and what to try, exit 1, no traceback."""
+    import resource
+
+    big = tmp_path / "big.png"
+    Image.new("RGB", (9000, 9000), (90, 90, 90)).save(big)
+    anno = np.zeros((9000, 9000, 3), np.uint8)
+    anno[:, :4500] = (255, 0, 0)
+    Image.fromarray(anno).save(tmp_path / "anno.png")
+    del anno
+    env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_ARENA_MAX="1")
+    limit = (_vm_peak_kb("import deeplab_fast.cli", env) + 150_000) * 1024  # 150 MB above the start-up peak
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    r = subprocess.run([sys.executable, "-m", "deeplab_fast", "crf", str(big), str(tmp_path / "anno.png"),
+                        str(tmp_path / "out.png"), "--threads", "1"], capture_output=True, text=True, env=env,
+                       preexec_fn=cap, timeout=300)
+    line = _one_error_line(r.stderr, "crf")
+    assert r.returncode == 1, r.stderr
+    assert "out of memory" in line and str(big) in line and "try" in line
+
+
+@pytest.mark.parametrize("command", ["crf", "segment", "train", "eval", "bench"])
+def test_every_command_reports_memory_errors_in_one_line(tmp_path, voc, capsys, monkeypatch, command):
+    """Every command's failures go through one handler: a MemoryError (here raised where each command does its
+    main work) is one line with exit 1, naming the input where there is one."""
+    import deeplab_fast.cli.crf as crf_cli
+    import deeplab_fast.cli.segment as segment_cli
+    import deeplab_fast.cli.train as train_cli
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError("Unable to allocate 7.5 GiB")
+
+    image, anno = _crf_inputs(tmp_path)
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(_valid_checkpoint())
+    argv = {
+        "crf": (crf_cli, "refine_annotation", ["crf", str(image), str(anno), str(tmp_path / "out.png")]),
+        "segment": (segment_cli, "logits_of", ["segment", str(image), "--model", MODEL, "--width-divisor", "8",
+                                               "--weights", str(weights), "--out", str(tmp_path / "o"),
+                                               "--device", "cpu"]),
+        "train": (train_cli, "train", ["train", "--model", MODEL, "--data", str(voc), "--out", str(tmp_path / "r"),
+                                       "--num-classes", "3", "--steps", "1", "--batch-size", "2", "--crop-size",
+                                       "32", "--width-divisor", "8", "--workers", "0", "--no-progress",
+                                       "--device", "cpu"]),
+        "eval": (train_cli, "evaluate", ["eval", "--model", MODEL, "--weights", str(weights), "--data", str(voc),
+                                         "--device", "cpu", "--width-divisor", "8", "--workers", "0",
+                                         "--no-progress"]),
+        "bench": (segment_cli, "bench_rows", ["bench", "--models", MODEL, "--size", "33", "--batch", "1",
+                                              "--device", "cpu"]),
+    }
+    module, name, args = argv[command]
+    monkeypatch.setattr(module, name, no_memory)
+    code = main(args)
+    line = _one_error_line(capsys.readouterr().err, command)
+    assert code == 1 and "out of memory (MemoryError: Unable to allocate 7.5 GiB)" in line
+    if command in ("crf", "segment"):
+        assert str(image) in line
+
+
+def test_a_diverging_training_run_is_one_line(tmp_path, voc, capsys):
+    code = main(["train", "--model", MODEL, "--data", str(voc), "--out", str(tmp_path / "run"), "--num-classes",
+                 "3", "--steps", "20", "--batch-size", "2", "--crop-size", "32", "--width-divisor", "8",
+                 "--workers", "0", "--no-progress", "--device", "cpu", "--lr", "1e12", "--ckpt-every", "1"])
+    line = _one_error_line(capsys.readouterr().err, "train")
+    assert code == 1 and "the run diverged" in line and "at step" in line and "learning rate" in line
+
+
+def test_threads_are_bounded_by_the_machine(tmp_path):
+    """--threads far above the cores: a clear usage error (torch's thread pool could not start so many, and
+    crashed at exit); the bound is 4 x the cores."""
+    image, anno = _crf_inputs(tmp_path)
+    r = subprocess.run([sys.executable, "-m", "deeplab_fast", "crf", str(image), str(anno), str(tmp_path / "o.png"),
+                        "--threads", "100000"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    last = r.stderr.strip().splitlines()[-1]
+    cores = os.cpu_count()
+    assert last.startswith("deeplab-fast crf: error: argument --threads: ") and f"at most {4 * cores}" in last
+    assert "Traceback" not in r.stderr
+    assert main(["crf", str(image), str(anno), str(tmp_path / "o.png"), "--threads", str(4 * cores)]) == 0

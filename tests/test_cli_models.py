@@ -200,3 +200,80 @@ def test_bench_bad_arguments(capsys):
     assert "--models: invalid choice: 'nope'" in capsys.readouterr().err
     assert run("bench", "--dtype", "bf16", "--device", "cpu", "--models", "deeplab_v1_largefov") == 2
     assert "bf16" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Outputs never collide; train checkpoints; unreadable images (issue 22, findings 4, 5, 9)
+
+
+def _tiny_v1(tmp_path, **kwargs) -> tuple:
+    torch.manual_seed(3)
+    model = models.get_model("deeplab_v1_largefov", num_classes=NUM_CLASSES, width_divisor=8, **kwargs).eval()
+    return model, model.state_dict()
+
+
+@pytest.mark.parametrize("layout", ["two folders", "two extensions", "an overlay's name"])
+def test_segment_refuses_inputs_whose_outputs_would_collide(v3_checkpoint, photos, tmp_path, capsys, layout):
+    src = np.asarray(Image.open(photos / "im0.png"))
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    if layout == "two folders":
+        Image.fromarray(src).save(a / "x.png")
+        Image.fromarray(src).save(b / "x.png")
+        inputs, clash = [a, b], "x.png"
+    elif layout == "two extensions":
+        Image.fromarray(src).save(a / "y.png")
+        Image.fromarray(src).save(a / "y.jpg")
+        inputs, clash = [a], "y.png"
+    else:
+        Image.fromarray(src).save(a / "w.png")
+        Image.fromarray(src).save(a / "w_overlay.png")
+        inputs, clash = [a], "w_overlay.png"
+    out = tmp_path / "out"
+    assert run("segment", *inputs, "--model", "deeplab_v3_resnet50", "--weights", v3_checkpoint, "--out", out,
+               "--device", "cpu") == 2
+    err = capsys.readouterr().err
+    assert "would both be written as" in err and clash in err and "Traceback" not in err
+    assert not out.exists() or not list(out.iterdir())  # refused before writing anything
+
+
+def test_segment_reads_the_model_options_of_a_train_checkpoint(photos, tmp_path, capsys):
+    """A 'deeplab-fast train' checkpoint of a narrow v1 trained with torchvision preprocessing (not v1's default):
+    segment builds the model with those options, normalises as it was trained, and gives its labels."""
+    model, state = _tiny_v1(tmp_path, dropout=0.0)
+    ckpt = tmp_path / "last.pth"
+    torch.save(dict(model=state, step=5, args=dict(model="deeplab_v1_largefov", num_classes=NUM_CLASSES,
+                                                   model_kwargs={"width_divisor": 8, "dropout": 0.0},
+                                                   preprocessing="torchvision")), ckpt)
+    out = tmp_path / "out"
+    assert run("segment", photos / "im2.png", "--weights", ckpt, "--out", out, "--device", "cpu") == 0, \
+        capsys.readouterr().err
+    rgb = np.asarray(Image.open(photos / "im2.png").convert("RGB"))
+    with torch.no_grad():
+        expected = model(preprocess(rgb[None], "torchvision")).argmax(1)[0].numpy()
+    assert np.array_equal(np.asarray(Image.open(out / "im2.png")), expected)
+    # --model-kwargs (and --width-divisor) for a plain state dict of the same model
+    torch.save(state, tmp_path / "plain.pth")
+    assert run("segment", photos / "im2.png", "--model", "deeplab_v1_largefov", "--width-divisor", "8",
+               "--model-kwargs", '{"dropout": 0}', "--preprocessing", "torchvision", "--weights",
+               tmp_path / "plain.pth", "--out", tmp_path / "plain", "--device", "cpu") == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "plain" / "im2.png")), expected)
+
+
+def test_segment_skips_and_reports_an_unreadable_image(v3_checkpoint, photos, tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for k in (0, 2):
+        (folder / f"im{k}.png").write_bytes((photos / f"im{k}.png").read_bytes())
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    out = tmp_path / "out"
+    code = run("segment", folder, "--model", "deeplab_v3_resnet50", "--weights", v3_checkpoint, "--out", out,
+               "--device", "cpu")
+    captured = capsys.readouterr()
+    assert code == 1, captured.err
+    errors = [line for line in captured.err.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith("deeplab-fast segment: error: IMAGE")
+    assert "broken.png" in errors[0] and "Traceback" not in captured.err
+    assert sorted(p.name for p in out.iterdir()) == ["im0.png", "im0_overlay.png", "im2.png", "im2_overlay.png"]
+    assert "2 image(s) on cpu" in captured.out and "1 failed: broken.png" in captured.out

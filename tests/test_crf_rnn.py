@@ -455,19 +455,19 @@ def test_learned_compatibilities_beat_the_fixed_preset(learning_setup, compat):
 # the training stage: normalisation, head, engine, command line
 
 
-@pytest.mark.parametrize("mode", ["torchvision", "caffe"])
-def test_denormalize_inverts_normalize(mode):
+@pytest.mark.parametrize("preprocessing", ["torchvision", "caffe"])
+def test_denormalize_inverts_normalize(preprocessing):
     image = torch.randint(0, 256, (2, 3, 17, 23), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
     image[0, :, 0, 0] = 0
     image[0, :, 0, 1] = 255
-    assert torch.equal(denormalize(normalize(image, mode), mode), image)
-    assert torch.equal(denormalize(normalize(image[0], mode), mode), image[0])
-    mean = denormalize(torch.zeros(3, 2, 2), mode)[:, 0, 0].tolist()  # the padding value: the mean colour
-    assert mean == ([124, 116, 104] if mode == "torchvision" else [123, 117, 104])
-    with pytest.raises(ValueError, match="mode must be one of"):
-        denormalize(normalize(image, mode), "rgb")
+    assert torch.equal(denormalize(normalize(image, preprocessing), preprocessing), image)
+    assert torch.equal(denormalize(normalize(image[0], preprocessing), preprocessing), image[0])
+    mean = denormalize(torch.zeros(3, 2, 2), preprocessing)[:, 0, 0].tolist()  # the padding value: the mean colour
+    assert mean == ([124, 116, 104] if preprocessing == "torchvision" else [123, 117, 104])
+    with pytest.raises(ValueError, match="preprocessing must be one of"):
+        denormalize(normalize(image, preprocessing), "rgb")
     with pytest.raises(ValueError, match="floating-point"):
-        denormalize(image, mode)
+        denormalize(image, preprocessing)
 
 
 def test_head_refines_the_final_scores_of_every_output_form():
@@ -485,10 +485,11 @@ def test_head_refines_the_final_scores_of_every_output_form():
     assert torch.equal(msc[-1], expected) and torch.equal(msc[0], scores * 2)
     v3 = head({"out": scores, "aux": scores * 2}, x)
     assert torch.equal(v3["out"], expected) and torch.equal(v3["aux"], scores * 2)
-    assert "mode='caffe'" in repr(head) and set(head.state_dict()) == {"crf.gaussian_compat", "crf.bilateral_compat"}
+    assert "preprocessing='caffe'" in repr(head)
+    assert set(head.state_dict()) == {"crf.gaussian_compat", "crf.bilateral_compat"}
     with pytest.raises(ValueError, match="must be trainable"):
         CRFasRNNHead(DenseCRF(), "caffe")
-    with pytest.raises(ValueError, match="mode must be one of"):
+    with pytest.raises(ValueError, match="preprocessing must be one of"):
         CRFasRNNHead(crf, "bgr")
     with pytest.raises(ValueError, match="unknown preset"):
         CRFasRNNStage("densecrf")
@@ -496,7 +497,7 @@ def test_head_refines_the_final_scores_of_every_output_form():
         CRFasRNNStage(compat="diag")
     with pytest.raises(ValueError, match="iterations must be"):
         CRFasRNNStage(iterations=0)
-    with pytest.raises(ValueError, match="mode"):
+    with pytest.raises(ValueError, match="preprocessing"):
         CRFasRNNStage()(nn.Module())
 
 
@@ -515,10 +516,10 @@ def test_engine_gradients_reach_the_network_through_the_crf(voc, tmp_path):
     """build_training with the CRF stage: the head gets the run's normalisation, and one loss on its output
     gives gradients to the network's first and last layers and to the CRF."""
     cfg = TrainConfig(model=MODEL, data_root=voc, out_dir=tmp_path, num_classes=NUM_CLASSES, steps=1, batch_size=2,
-                      lr=0.01, crop_size=65, mode="caffe", model_kwargs=TINY, progress=False,
+                      lr=0.01, crop_size=65, preprocessing="caffe", model_kwargs=TINY, progress=False,
                       extra_head=CRFasRNNStage("pydensecrf", compat="matrix", iterations=3), extra_head_lr=0.5)
     state = build_training(cfg, verbose=False)
-    assert isinstance(state.extra_head, CRFasRNNHead) and state.extra_head.mode == "caffe"
+    assert isinstance(state.extra_head, CRFasRNNHead) and state.extra_head.preprocessing == "caffe"
     assert state.optimizer.param_groups[-1]["lr"] == 0.5
     g = torch.Generator().manual_seed(0)
     image = torch.randint(0, 256, (2, 3, 65, 65), dtype=torch.uint8, generator=g)
@@ -530,16 +531,16 @@ def test_engine_gradients_reach_the_network_through_the_crf(voc, tmp_path):
     assert first.grad is not None and first.grad.abs().sum() > 0
     assert state.model.fc8.weight.grad.abs().sum() > 0
     assert state.extra_head.crf.bilateral_compat.grad.abs().sum() > 0
-    assert cfg.checkpoint_args(1)["crf_rnn"]["mode"] == "caffe"
+    assert cfg.checkpoint_args(1)["crf_rnn"]["preprocessing"] == "caffe"
 
 
 def test_train_and_eval_cli_crf_rnn_stage(voc, tmp_path, capsys):
-    """train a tiny model, then 'train --crf-rnn' from it (model, classes, options and mode read from the --init
-    checkpoint), resume it, and 'eval --trained-crf'."""
+    """train a tiny model, then 'train --crf-rnn' from it (model, classes, options and preprocessing read from the
+    --init checkpoint), resume it, and 'eval --trained-crf'."""
     base = tmp_path / "base"
     assert main(["train", "--model", MODEL, "--width-divisor", "8", "--model-kwargs", '{"dropout": 0}',
                  "--num-classes", str(NUM_CLASSES), "--data", str(voc), "--out", str(base), "--steps", "2",
-                 "--batch-size", "2", "--crop-size", "65", "--mode", "torchvision", "--workers", "0",
+                 "--batch-size", "2", "--crop-size", "65", "--preprocessing", "torchvision", "--workers", "0",
                  "--no-progress", "--threads", "1"]) == 0
     stage = tmp_path / "crf"
     args = ["train", "--crf-rnn", "pydensecrf", "--crf-compat", "matrix", "--crf-lr", "0.5", "--crf-iterations",
@@ -554,7 +555,8 @@ def test_train_and_eval_cli_crf_rnn_stage(voc, tmp_path, capsys):
 
     ckpt = torch.load(stage / "last.pth", weights_only=True)
     spec = ckpt["args"]["crf_rnn"]
-    assert spec == dict(preset="pydensecrf", compat="matrix", iterations=3, checkpoint=False, mode="torchvision")
+    assert spec == dict(preset="pydensecrf", compat="matrix", iterations=3, checkpoint=False,
+                        preprocessing="torchvision")
     assert ckpt["args"]["model_kwargs"] == TINY and ckpt["args"]["num_classes"] == NUM_CLASSES
     assert ckpt["optimizer"]["param_groups"][-1]["initial_lr"] == 0.5
     learned = ckpt["extra_head"]["crf.bilateral_compat"]

@@ -93,6 +93,43 @@ def test_nothing_outside_the_cli_imports_it():
         assert "deeplab_fast.cli" not in path.read_text(), f"{path.name} imports the CLI"
 
 
+# The Python layers outside the kernels: imports at module level, modules of a readable size.
+_LAYERS = ("train", "models", "cli", "data")
+_TOP_MODULES = ("io.py", "optimize.py", "benchmark.py")
+MAX_LINES = 450
+
+
+def _layer_files():
+    for layer in _LAYERS:
+        yield from sorted((PACKAGE / layer).rglob("*.py"))
+    for name in _TOP_MODULES:
+        yield PACKAGE / name
+
+
+def test_imports_are_at_module_level():
+    """A function-local import in train/, models/, cli/, data/ or io.py carries a comment (on its line or the
+    line above) saying what forces it; everything else is imported at the top of the module."""
+    offenders = []
+    for path in _layer_files():
+        if path.parent == PACKAGE and path.name != "io.py":
+            continue
+        lines = path.read_text().splitlines()
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for sub in ast.walk(node):
+                    if isinstance(sub, (ast.Import, ast.ImportFrom)):
+                        here, above = lines[sub.lineno - 1], lines[sub.lineno - 2].strip()
+                        if "#" not in here and not above.startswith("#"):
+                            offenders.append(f"{path.relative_to(ROOT)}:{sub.lineno} in {node.name}()")
+    assert not offenders, f"function-local imports without a comment saying why: {offenders}"
+
+
+def test_modules_stay_readable():
+    long = [f"{p.relative_to(ROOT)}: {n} lines" for p in _layer_files()
+            if (n := len(p.read_text().splitlines())) > MAX_LINES]
+    assert not long, f"modules over {MAX_LINES} lines (split them by responsibility): {long}"
+
+
 def test_test_helpers_live_in_helpers_py():
     """Test files share code through tests/helpers.py only, never by importing each other."""
     tests = ROOT / "tests"

@@ -16,7 +16,7 @@ import torch
 
 from deeplab_fast import models
 from deeplab_fast.cli import main
-from deeplab_fast.data import VOC_CLASSES
+from deeplab_fast.models import VOC_CLASSES
 
 TINY = {"width_divisor": 8}
 
@@ -102,6 +102,11 @@ def _same_weights(a, b) -> bool:
     return list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def _url_key(url: str) -> str:
+    """The part of a cached file's name that says which URL it came from: 16 hex digits of the URL's sha256."""
+    return hashlib.sha256(url.encode()).hexdigest()[:16]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The registry
 
@@ -120,8 +125,8 @@ def test_list_models_and_weights_enums():
         for member in enum:
             meta = member.meta
             assert {"num_classes", "categories", "normalization", "source", "recipe"} <= set(meta)
-            assert meta["normalization"]["mode"] in ("caffe", "torchvision")
-            assert member.transforms().mode == meta["normalization"]["mode"]
+            assert meta["normalization"]["preprocessing"] in ("caffe", "torchvision")
+            assert member.transforms().preprocessing == meta["normalization"]["preprocessing"]
             if meta["categories"] is not None:
                 assert meta["num_classes"] == len(meta["categories"])
             assert models.get_weight(repr(member)) is member
@@ -130,14 +135,14 @@ def test_list_models_and_weights_enums():
     assert w.DEFAULT is w.COCO_WITH_VOC_LABELS_V1
     assert w.DEFAULT.url == "https://download.pytorch.org/models/deeplabv3_resnet101_coco-586e9e4e.pth"
     assert w.DEFAULT.meta["categories"] == VOC_CLASSES and len(VOC_CLASSES) == 21
-    assert w.DEFAULT.meta["normalization"]["mode"] == "torchvision"
+    assert w.DEFAULT.meta["normalization"]["preprocessing"] == "torchvision"
     assert w.DEFAULT.model_kwargs == {"num_classes": 21, "aux_loss": True}
     assert models.DeepLabV3_ResNet50_Weights.DEFAULT.url.endswith("deeplabv3_resnet50_coco-cd0a2569.pth")
     assert w.IMAGENET1K_BACKBONE.url.endswith("resnet101-63fe2227.pth") and w.IMAGENET1K_BACKBONE.backbone_only
     assert models.DeepLabV1_LargeFOV_Weights.IMAGENET1K_VGG16_BACKBONE.url.endswith("vgg16-397923af.pth")
     v2 = models.DeepLabV2_ResNet101_Weights
     assert v2.DEFAULT is v2.VOC_AUG_CAFFE_V1 and v2.DEFAULT.converter is models.convert_kazuto_deeplabv2
-    assert v2.DEFAULT.meta["normalization"]["mode"] == "caffe" and v2.DEFAULT.meta["num_classes"] == 21
+    assert v2.DEFAULT.meta["normalization"]["preprocessing"] == "caffe" and v2.DEFAULT.meta["num_classes"] == 21
     assert v2.COCO_STUFF164K_V1.meta["num_classes"] == 182 and not v2.DEFAULT.check_hash
     assert v2.COCO_INIT_CAFFE.url is None and v2.COCO_INIT_CAFFE.backbone_only
 
@@ -177,7 +182,7 @@ def test_download_good_file_then_from_the_cache(hub, server):
     url = server.url(f"/w/tiny-{sha[:8]}.pth")
     got = models.get_model("deeplab_v1_largefov", weights=url, **TINY)  # classes read from the checkpoint: 3
     assert got.num_classes == 3 and _same_weights(got, model)
-    assert (hub / f"tiny-{sha[:8]}.pth").read_bytes() == data
+    assert (hub / f"tiny-{sha[:8]}.{_url_key(url)}.pth").read_bytes() == data  # keyed by the whole URL
     server.close()  # the second call must not need the server
     again = models.get_model("deeplab_v1_largefov", weights=url, **TINY)
     assert _same_weights(again, model)
@@ -237,9 +242,9 @@ def test_file_url_and_path(hub, tmp_path):
     by_url = models.get_model("deeplab_v1_largefov", weights=path.as_uri(), **TINY)
     assert by_path.num_classes == by_url.num_classes == 4
     assert _same_weights(by_path, model) and _same_weights(by_url, model)
-    assert (hub / "mine.pth").exists()  # URLs go through torch.hub's cache; paths are read in place
+    assert list(hub.iterdir()) == []  # file:// URLs and paths are read in place
     # A path's normalisation is the model's default; registered file names get their entry's.
-    assert models.resolve_weights("deeplab_v1_largefov", str(path)).meta["normalization"]["mode"] == "caffe"
+    assert models.resolve_weights("deeplab_v1_largefov", str(path)).meta["normalization"]["preprocessing"] == "caffe"
     named = tmp_path / "deeplabv2_resnet101_msc-vocaug-20000.pth"
     named.write_bytes(data)
     resolved = models.resolve_weights("deeplab_v2_resnet101", str(named))
@@ -286,3 +291,53 @@ def test_transforms_normalise_as_the_weights_expect():
     torch.testing.assert_close(tv, (x / 255 - mean) / std)
     torch.testing.assert_close(caffe, x.flip(1) - torch.tensor([104.008, 116.669, 122.675]).view(3, 1, 1))
     torch.testing.assert_close(models.preprocess(rgb, "deeplab_v3_resnet50"), tv)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The weights cache is keyed by the whole URL (issue 22, finding 1)
+
+
+def test_the_cache_is_keyed_by_the_whole_url(hub, server):
+    """Two runs' last.pth by URL are two models; a URL never downloaded (here with ../) is never served from the
+    cache; a downloaded one is, without the network."""
+    run1, data1 = _tiny_checkpoint(seed=1)
+    run2, data2 = _tiny_checkpoint(seed=2)
+    server.files["/run1/last.pth"] = data1
+    server.files["/run2/last.pth"] = data2
+    url1, url2 = server.url("/run1/last.pth"), server.url("/run2/last.pth")
+    assert _same_weights(models.get_model("deeplab_v1_largefov", weights=url1, **TINY), run1)
+    assert _same_weights(models.get_model("deeplab_v1_largefov", weights=url2, **TINY), run2)
+    assert server.requests == ["/run1/last.pth", "/run2/last.pth"]
+    assert sorted(p.name for p in hub.iterdir()) == sorted(f"last.{_url_key(u)}.pth" for u in (url1, url2))
+    with pytest.raises(OSError, match="download failed.*404"):
+        models.get_model("deeplab_v1_largefov", weights=server.url("/run1/../gone/last.pth"), **TINY)
+    server.close()
+    assert _same_weights(models.get_model("deeplab_v1_largefov", weights=url1, **TINY), run1)
+
+
+def test_a_file_url_is_read_as_the_file_is_now(hub, tmp_path):
+    path = tmp_path / "last.pth"
+    first, data = _tiny_checkpoint(seed=1)
+    path.write_bytes(data)
+    assert _same_weights(models.get_model("deeplab_v1_largefov", weights=path.as_uri(), **TINY), first)
+    retrained, data = _tiny_checkpoint(seed=2)
+    path.write_bytes(data)
+    assert _same_weights(models.get_model("deeplab_v1_largefov", weights=path.as_uri(), **TINY), retrained)
+    assert list(hub.iterdir()) == []  # read in place, never copied
+
+
+def test_a_registered_file_name_from_another_url_is_downloaded_and_hash_checked(hub, server):
+    """torchvision's file in the cache is not served for another URL ending in its name: that URL is downloaded,
+    and checked against the registered sha256 prefix of the name (here it does not match: refused)."""
+    name = "deeplabv3_resnet50_coco-cd0a2569.pth"
+    (hub / name).write_bytes(b"the file torchvision downloaded")
+    _, data = _tiny_checkpoint()
+    server.files[f"/mirror/{name}"] = data
+    with pytest.raises(models.CheckpointError, match="sha256 does not match"):
+        models.get_model("deeplab_v3_resnet50", weights=server.url(f"/mirror/{name}"))
+    assert server.requests == [f"/mirror/{name}"]
+    assert sorted(p.name for p in hub.iterdir()) == [name]
+    local = hub.parent / name  # a file:// URL of that name is checked when it is read
+    local.write_bytes(data)
+    with pytest.raises(models.CheckpointError, match="sha256 does not match"):
+        models.get_model("deeplab_v3_resnet50", weights=local.as_uri())

@@ -421,27 +421,27 @@ def test_voc_dataset_augmented_layout(tmp_path, synthetic_voc):
 
 
 # ------------------------------------------------------------------------------------------------ transforms
-def _expected_norm(rgb, mode):
-    if mode == "torchvision":
+def _expected_norm(rgb, preprocessing):
+    if preprocessing == "torchvision":
         return [(c / 255.0 - m) / s for c, m, s in zip(rgb, IMAGENET_MEAN, IMAGENET_STD)]
     return [c - m for c, m in zip(rgb[::-1], CAFFE_MEAN_BGR)]
 
 
-@pytest.mark.parametrize("mode", ["torchvision", "caffe"])
-def test_normalisation_on_constant_image(mode):
+@pytest.mark.parametrize("preprocessing", ["torchvision", "caffe"])
+def test_normalisation_on_constant_image(preprocessing):
     rgb = (200, 30, 111)
     image = torch.tensor(rgb, dtype=torch.uint8).view(3, 1, 1).expand(3, 40, 50).contiguous()
     target = torch.zeros(40, 50, dtype=torch.int64)
-    expected = torch.tensor(_expected_norm(rgb, mode), dtype=torch.float32).view(3, 1, 1)
-    for x, _ in (TrainTransform(crop_size=(24, 32), mode=mode, generator=0)(image, target),
-                 EvalTransform(mode)(image, target)):
+    expected = torch.tensor(_expected_norm(rgb, preprocessing), dtype=torch.float32).view(3, 1, 1)
+    for x, _ in (TrainTransform(crop_size=(24, 32), preprocessing=preprocessing, generator=0)(image, target),
+                 EvalTransform(preprocessing)(image, target)):
         assert x.dtype == torch.float32
         assert torch.allclose(x, expected.expand_as(x), rtol=1e-6, atol=1e-5)
-    assert torch.allclose(normalize(image, mode), expected.expand(3, 40, 50), rtol=1e-6, atol=1e-5)
+    assert torch.allclose(normalize(image, preprocessing), expected.expand(3, 40, 50), rtol=1e-6, atol=1e-5)
     # the mean colour normalises to 0, the padding value
-    if mode == "caffe":
+    if preprocessing == "caffe":
         mean = torch.tensor([round(v) for v in CAFFE_MEAN_BGR[::-1]], dtype=torch.uint8).view(3, 1, 1)
-        assert normalize(mean, mode).abs().max() < 0.7
+        assert normalize(mean, preprocessing).abs().max() < 0.7
 
 
 def test_train_transform_shapes_and_padding():
@@ -480,7 +480,8 @@ def test_train_transform_flip_and_crop_are_consistent():
     target[: H // 2] += 3
     flips = set()
     for seed in range(12):
-        x, y = TrainTransform(crop_size=(12, 24), scale_range=None, mode="caffe", generator=seed)(image, target)
+        x, y = TrainTransform(crop_size=(12, 24), scale_range=None, preprocessing="caffe",
+                              generator=seed)(image, target)
         col = torch.round((x[2] + CAFFE_MEAN_BGR[2]) / 5).long()  # red is channel 2 in BGR
         top = (x[1] + CAFFE_MEAN_BGR[1]) > 128
         assert torch.equal(y, col % 3 + 3 * top.long())
@@ -499,8 +500,8 @@ def test_transform_errors_and_eval():
         TrainTransform(crop_size=8)(image.float(), target)
     with pytest.raises(ValueError, match="target"):
         TrainTransform(crop_size=8)(image, target[:5])
-    with pytest.raises(ValueError, match="mode"):
-        TrainTransform(mode="bgr")
+    with pytest.raises(ValueError, match="preprocessing"):
+        TrainTransform(preprocessing="bgr")
     with pytest.raises(ValueError, match="crop_size"):
         TrainTransform(crop_size=0)
     with pytest.raises(ValueError, match="scale_range"):
@@ -509,7 +510,7 @@ def test_transform_errors_and_eval():
     assert x.shape == (3, 10, 12) and x.dtype == torch.float32 and y.dtype == torch.int64
     x, y = EvalTransform("caffe")(image)
     assert y is None and torch.allclose(x, -torch.tensor(CAFFE_MEAN_BGR).view(3, 1, 1).expand(3, 10, 12))
-    with pytest.raises(ValueError, match="mode"):
+    with pytest.raises(ValueError, match="preprocessing"):
         EvalTransform("x")
 
 

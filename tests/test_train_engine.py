@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -13,7 +14,8 @@ import torch
 from deeplab_fast.cli import main
 from deeplab_fast.data import make_synthetic_voc
 from deeplab_fast.models import get_model
-from deeplab_fast.train import evaluate, train
+from deeplab_fast.data import VOCSegmentation, normalize
+from deeplab_fast.train import evaluate, evaluation_loader, train
 
 NUM_CLASSES = 4
 MODEL = "deeplab_v1_largefov"
@@ -51,7 +53,7 @@ def trained(voc, tmp_path_factory):
     """A tiny v1 trained ~30 s (2 idle CPU cores) through the real train() path; (result, out_dir)."""
     out = tmp_path_factory.mktemp("run")
     result = train(MODEL, voc, out, num_classes=NUM_CLASSES, steps=STEPS, batch_size=8, lr=0.02, crop_size=97,
-                   mode="torchvision", model_kwargs=TINY, log_every=1, seed=0, progress=False)
+                   preprocessing="torchvision", model_kwargs=TINY, log_every=1, seed=0, progress=False)
     return result, out
 
 
@@ -65,8 +67,9 @@ def test_training_learns(voc, trained):
     assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10
     assert log[0]["lr"] == pytest.approx(0.02) and log[-1]["lr"] < 1e-3  # poly schedule, base group
 
-    before = evaluate(_tiny_model(), voc, num_classes=NUM_CLASSES, mode="torchvision", progress=False)
-    after = evaluate(_load(out / "last.pth"), voc, num_classes=NUM_CLASSES, mode="torchvision", progress=False)
+    val = evaluation_loader(VOCSegmentation(voc, split="val"))
+    before = evaluate(_tiny_model(), val, num_classes=NUM_CLASSES, preprocessing="torchvision", progress=False)
+    after = evaluate(_load(out / "last.pth"), val, num_classes=NUM_CLASSES, preprocessing="torchvision", progress=False)
     assert after["num_images"] == 16 and len(after["per_class_iou"]) == NUM_CLASSES
     # Uniform guessing gives a mIoU of ~0.09 here, always predicting the background (87% of the pixels) ~0.22.
     # Training must find shapes: ~0.43 after these steps (red circles and green rectangles; the small blue
@@ -86,15 +89,16 @@ def test_eval_cli_crf_scales_flip(voc, trained, tmp_path, capsys):
                  "--workers", "0", "--no-progress"])
     text = capsys.readouterr().out
     assert code == 0, text
-    # The model, its width and --mode are read from the training checkpoint.
+    # The model, its width and --preprocessing are read from the training checkpoint.
     assert "deeplab_v1_largefov" in text and "mIoU" in text and "CRF (pydensecrf)" in text
     assert "pixel accuracy" in text and "class 3" in text
     record = json.loads(js.read_text())
-    assert record["mode"] == "torchvision" and record["crf"] is not None
+    assert record["preprocessing"] == "torchvision" and record["crf"] is not None
     for m in (record, record["crf"]):
         assert 0.0 <= m["miou"] <= 1.0 and 0.0 <= m["pixel_accuracy"] <= 1.0 and len(m["per_class_iou"]) == 4
     # The same numbers as evaluate() without the CRF.
-    direct = evaluate(_load(ckpt), voc, num_classes=NUM_CLASSES, mode="torchvision", progress=False)
+    direct = evaluate(_load(ckpt), evaluation_loader(VOCSegmentation(voc, split="val")), num_classes=NUM_CLASSES,
+                      preprocessing="torchvision", progress=False)
     assert record["miou"] == pytest.approx(direct["miou"])
 
     code = main(["eval", "--model", MODEL, "--weights", ckpt, "--data", str(voc), "--scales", "0.5,1.0", "--flip",
@@ -106,7 +110,7 @@ def test_eval_cli_crf_scales_flip(voc, trained, tmp_path, capsys):
 
 
 def test_resume_continues_exactly(voc, tmp_path):
-    common = dict(num_classes=NUM_CLASSES, steps=8, batch_size=4, lr=0.01, crop_size=65, mode="torchvision",
+    common = dict(num_classes=NUM_CLASSES, steps=8, batch_size=4, lr=0.01, crop_size=65, preprocessing="torchvision",
                   model_kwargs={"width_divisor": 8}, log_every=1, seed=3, progress=False)  # dropout, shuffling,
     straight = train(MODEL, voc, tmp_path / "a", **common)  # random scaling and flips all on
     assert straight["step"] == 8
@@ -146,7 +150,8 @@ def test_torchrun_two_processes_match_one(voc, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
            "-m", "deeplab_fast", "train", "--model", MODEL, "--data", str(voc), "--out", str(out),
            "--num-classes", str(NUM_CLASSES), "--steps", "2", "--batch-size", "2", "--lr", "0.01",
-           "--crop-size", "128", "--mode", "torchvision", "--width-divisor", "8", "--model-kwargs", '{"dropout": 0}',
+           "--crop-size", "128", "--preprocessing", "torchvision", "--width-divisor", "8",
+           "--model-kwargs", '{"dropout": 0}',
            "--no-augment", "--no-shuffle", "--workers", "0", "--log-every", "1", "--device", "cpu", "--no-progress"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
@@ -158,7 +163,7 @@ def test_torchrun_two_processes_match_one(voc, tmp_path):
 
     def run(name, batch_size):
         result = train(MODEL, voc, tmp_path / name, num_classes=NUM_CLASSES, steps=2, batch_size=batch_size,
-                       lr=0.01, mode="torchvision", model_kwargs=TINY, log_every=1, workers=0, device="cpu",
+                       lr=0.01, preprocessing="torchvision", model_kwargs=TINY, log_every=1, workers=0, device="cpu",
                        progress=False, **DETERMINISTIC)
         return torch.load(result["checkpoint"], weights_only=True)
 
@@ -265,7 +270,7 @@ def test_train_config_with_an_extra_head(voc, tmp_path):
     with pytest.raises(ValueError, match="steps and batch_size must be >= 1"):
         TrainConfig(model=MODEL, data_root=voc, out_dir=tmp_path, steps=0, batch_size=1, lr=0.1, crop_size=33)
     cfg = TrainConfig(model=MODEL, data_root=voc, out_dir=tmp_path / "head", num_classes=NUM_CLASSES, steps=3,
-                      batch_size=2, lr=0.01, crop_size=65, mode="torchvision", model_kwargs=TINY, log_every=1,
+                      batch_size=2, lr=0.01, crop_size=65, preprocessing="torchvision", model_kwargs=TINY, log_every=1,
                       progress=False, extra_head=lambda model: Scale(), extra_head_lr=0.5)
     result = train(cfg)
     assert result["step"] == 3
@@ -294,5 +299,86 @@ def test_train_recipe_option(voc, tmp_path, capsys):
     assert code == 0, text.err
     args = torch.load(out / "last.pth", weights_only=True)["args"]
     assert args["model"] == MODEL and args["lr"] == 1e-3 and args["steps"] == 1 and args["crop_size"] == 33
-    assert args["mode"] == "caffe"  # an unregistered --init file: the model's default normalisation
+    assert args["preprocessing"] == "caffe"  # an unregistered --init file: the model's default normalisation
     assert "init: " in text.out
+
+
+def test_checkpoints_that_say_mode_and_the_mode_option_still_work(voc, trained, tmp_path, capsys):
+    """The input preprocessing was called "mode" before: checkpoints that store it so are read as
+    "preprocessing" (eval, resume, --init defaults, a CRF-as-RNN stage's spec), and ``--mode`` is a hidden,
+    deprecated alias of ``--preprocessing``."""
+    from deeplab_fast.train import CRFasRNNStage, load_trained_crf, read_training_checkpoint
+
+    _, out = trained
+    old = torch.load(out / "last.pth", weights_only=True)
+    old["args"]["mode"] = "caffe"  # not what it was trained with: shows that the old key is the one read
+    del old["args"]["preprocessing"]
+    path = tmp_path / "old.pth"
+    torch.save(old, path)
+    assert read_training_checkpoint(path)["args"]["preprocessing"] == "caffe"
+    js = tmp_path / "m.json"
+    assert main(["eval", "--weights", str(path), "--data", str(voc), "--workers", "0", "--no-progress",
+                 "--json", str(js)]) == 0
+    assert json.loads(js.read_text())["preprocessing"] == "caffe"
+    capsys.readouterr()
+
+    assert main(["eval", "--weights", str(path), "--data", str(voc), "--workers", "0", "--no-progress",
+                 "--mode", "torchvision", "--json", str(js)]) == 0
+    assert json.loads(js.read_text())["preprocessing"] == "torchvision"
+    assert "--mode is deprecated; use --preprocessing" in capsys.readouterr().err
+    for command in ("train", "eval"):
+        assert main([command, "--help"]) == 0
+        text = capsys.readouterr().out
+        assert "--preprocessing" in text and not re.search(r"--mode\b", text)
+
+    stage = CRFasRNNStage(preset="pydensecrf", preprocessing="caffe")
+    crf = stage.build_crf(NUM_CLASSES)
+    spec = dict(stage.to_dict(), mode=stage.preprocessing)
+    del spec["preprocessing"]
+    ckpt = dict(model={}, args=dict(num_classes=NUM_CLASSES, crf_rnn=spec),
+                extra_head={f"crf.{k}": v for k, v in crf.state_dict().items()})
+    assert repr(load_trained_crf(ckpt)) == repr(crf)
+    torch.save(ckpt, tmp_path / "crf_old.pth")
+    assert read_training_checkpoint(tmp_path / "crf_old.pth")["args"]["crf_rnn"]["preprocessing"] == "caffe"
+
+
+def test_evaluate_takes_any_loader():
+    """evaluate() takes a loader (as torchvision's): here a list of pairs whose labels are the model's own argmax
+    on the preprocessed image (mIoU 1) and their complement in two classes (mIoU 0), in batches of two."""
+    model = _tiny_model().eval()
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (4, 3, 40, 48), dtype=torch.uint8, generator=g)
+    with torch.no_grad():
+        own = model(normalize(images, "caffe")).argmax(1)
+    assert len(own.unique()) > 1  # a meaningful case: several classes present
+    loader = torch.utils.data.DataLoader(list(zip(images, own)), batch_size=2)
+    result = evaluate(model, loader, num_classes=NUM_CLASSES, preprocessing="caffe", progress=False)
+    assert result["num_images"] == 4 and result["miou"] == 1.0 and result["pixel_accuracy"] == 1.0
+    wrong = torch.utils.data.DataLoader(list(zip(images, (own + 1) % NUM_CLASSES)), batch_size=2)
+    result = evaluate(model, wrong, num_classes=NUM_CLASSES, preprocessing="caffe", progress=False)
+    assert result["pixel_accuracy"] == 0.0 and result["miou"] == 0.0
+
+
+def test_training_settings_take_the_recipes_and_the_init_checkpoint():
+    from deeplab_fast.train import RECIPES, recipe_for_family, training_settings
+
+    v3 = training_settings(recipe="v3_os16")
+    r = RECIPES["v3_os16"]
+    assert (v3["model"], v3["model_kwargs"], v3["init"]) == (r.model, dict(r.model_kwargs), r.init)
+    assert (v3["steps"], v3["batch_size"], v3["lr"], v3["crop_size"]) == (r.steps, r.batch_size, r.lr, r.crop_size)
+    assert v3["num_classes"] == 21 and v3["preprocessing"] is None
+    mine = training_settings(recipe="v3_os16", steps=5, lr=0.5, model_kwargs={"aux_loss": True})
+    assert mine["steps"] == 5 and mine["lr"] == 0.5 and mine["model_kwargs"] == {**r.model_kwargs, "aux_loss": True}
+    v1 = training_settings(model=MODEL)
+    family = recipe_for_family("v1")
+    assert v1["steps"] == family.steps and v1["model_kwargs"] == dict(family.family_model_kwargs)
+    saved = dict(model=MODEL, model_kwargs=TINY, num_classes=NUM_CLASSES, preprocessing="torchvision")
+    stage = training_settings(init_args=saved, init="OUT/last.pth")
+    assert (stage["model"], stage["model_kwargs"], stage["num_classes"], stage["preprocessing"]) == (
+        MODEL, TINY, NUM_CLASSES, "torchvision")
+    other = training_settings(model="deeplab_v3_resnet50", init_args=saved)  # another model: the checkpoint's
+    assert other["num_classes"] == 21 and other["preprocessing"] is None  # options do not apply
+    with pytest.raises(ValueError, match="is for deeplab_v3_resnet101"):
+        training_settings(model=MODEL, recipe="v3_os16")
+    with pytest.raises(ValueError, match="give a model or a recipe"):
+        training_settings()

@@ -11,8 +11,11 @@ The commands only parse, check and call the library (``deeplab_fast.densecrf.ref
 ``deeplab_fast.models``, ``deeplab_fast.train``, ``deeplab_fast.benchmark``); nothing outside this package
 imports it, except ``python -m deeplab_fast`` (``deeplab_fast/__main__.py``).
 
-Exit codes: 0 success; 1 the work failed on valid arguments (some images of a folder; an unreadable or unusable
-checkpoint; a failed download); 2 bad arguments or input, with a message naming the argument; 130 interrupted.
+Every command's failures go through one handler (``_common.report_error``): one line ``deeplab-fast CMD: error:
+MESSAGE`` and an exit status, never a traceback for a failure the user can act on. Exit codes: 0 success; 1 the
+work failed on valid arguments (some images of a folder; an unreadable or unusable checkpoint; a failed download;
+out of memory or disk space; a diverged training run); 2 bad arguments or input, with a message naming the
+argument; 130 interrupted; 143 / 130 a training run stopped by SIGTERM / SIGINT after writing its checkpoint.
 
 From Python, :func:`main` takes the argument list and returns the exit code, e.g.
 ``main(["crf", "im.png", "anno.png", "out.png", "--threads", "1"])``.
@@ -23,8 +26,12 @@ import argparse
 import sys
 from typing import Sequence
 
+import torch
+
+from .. import __version__
 from ..densecrf.refine import CrfParams, make_overlay, refine_annotation
-from ._common import EXIT_INTERRUPTED, EXIT_USAGE, PROG, CLIError
+from . import crf, crf3d, segment, train
+from ._common import EXIT_USAGE, PROG, CLIError, report_error
 
 __all__ = ["main", "build_parser", "CLIError", "CrfParams", "refine_annotation", "make_overlay"]
 
@@ -32,9 +39,6 @@ COMMANDS = ("crf", "demo", "crf3d", "segment", "bench", "train", "eval")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
-    from . import crf, crf3d, segment, train
-
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="deeplab_fast command-line tool: DeepLab segmentation and dense CRF refinement (images and volumes).",
@@ -63,20 +67,13 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return EXIT_USAGE
 
-    import torch
-
     previous_threads = torch.get_num_threads()
     try:
         if getattr(args, "threads", None) is not None:
             torch.set_num_threads(args.threads)
         return args.run(args)
-    except CLIError as exc:
-        sys.stdout.flush()
-        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
-        return exc.code
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except BaseException as exc:  # noqa: BLE001 - the one handler: one line and an exit status, or raised again
+        return report_error(args.command, exc)
     finally:
         if torch.get_num_threads() != previous_threads:
             torch.set_num_threads(previous_threads)

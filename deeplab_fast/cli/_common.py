@@ -1,21 +1,36 @@
-"""What the ``deeplab-fast`` commands share: the error type and exit codes, argument types, parent parsers for the
-options several commands take, and the translation of library errors into one-line messages."""
+"""What the ``deeplab-fast`` commands share: the error type and exit codes, the one handler that turns every
+failure into one line and an exit status (``report_error``, with ``library_errors`` and ``working_on`` for the
+library's errors and resource failures), argument types, parent parsers for the options several commands take,
+and loading a model from the command line's options."""
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
+import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
+import torch
+from PIL import Image
+
+from .. import models
+from ..data.transforms import PREPROCESSING_CHOICES
+from ..io import LOSSY_EXTS, same_file
+from ..models import CheckpointError
+from ..nn import PRESETS
+from ..train import TrainingInterrupted, read_training_checkpoint
 
 PROG = "deeplab-fast"
 
 # Exit codes: 0 success; 1 the work failed on valid arguments (an unreadable or corrupt checkpoint, a failed
-# download, some images of a folder); 2 bad arguments or input (a missing file, a size mismatch, ...); 130
-# interrupted.
+# download, some images of a folder, out of memory or disk space, a diverged training run); 2 bad arguments or input
+# (a missing file, a size mismatch, ...); 130 interrupted (Ctrl-C); a training run stopped by SIGTERM / SIGINT
+# after writing its checkpoint: 143 / 130 (128 + the signal number).
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 _FLOAT32 = np.finfo(np.float32)
@@ -36,13 +51,14 @@ def library_errors(prefix: str = "", code: int = EXIT_USAGE, failed: tuple = ())
     CLIError ``prefix + message`` with exit status ``code``; checkpoint errors (``models.CheckpointError``: a
     file that is not a usable checkpoint), failed downloads and the exception types in ``failed`` exit with
     ``EXIT_FAILED`` instead."""
-    from ..models import CheckpointError
-
     try:
         yield
     except CLIError:
         raise
     except (ValueError, OSError) as exc:
+        resource = resource_error(exc, prefix.rstrip(": "))
+        if resource is not None:
+            raise resource from None
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         download = isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError) and "download" in message
         status = EXIT_FAILED if isinstance(exc, (CheckpointError, *failed)) or download else code
@@ -53,19 +69,63 @@ def load_model(name: str, weights, num_classes: int | None = None, option: str =
     """``(model in eval mode, its resolved weights)`` for ``get_model(name, weights=weights, ...)``, with the
     library's errors as one-line CLIErrors naming ``option``: a missing file or an unknown name exit 2, an
     unreadable file or a failed download exit 1, weights that do not fit the model exit 2."""
-    from .. import models
-
     with library_errors(f"{option} {str(weights)!r}: "):
         resolved = models.resolve_weights(name, weights)
         state = models.load_weights_state_dict(resolved)
     if num_classes:
         kwargs["num_classes"] = num_classes
     try:
-        model = models.build_model(name, state, weights=resolved, **kwargs)
+        with working_on(f"{option} {str(weights)!r}"):
+            model = models.build_model(name, state, weights=resolved, **kwargs)
     except (ValueError, TypeError, RuntimeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise CLIError(f"{option} {str(weights)!r} does not fit --model {name}: {first}") from None
     return model.eval(), resolved
+
+
+def model_kwargs_option(args, family: str) -> dict:
+    """The model options of ``--model-kwargs`` (JSON) and ``--width-divisor`` (v1 only), checked."""
+    kwargs = {}
+    if args.model_kwargs:
+        try:
+            kwargs = json.loads(args.model_kwargs)
+        except json.JSONDecodeError as exc:
+            raise CLIError(f"--model-kwargs: not valid JSON ({exc})") from None
+        if not isinstance(kwargs, dict):
+            raise CLIError(f"--model-kwargs must be a JSON object, e.g. '{{\"msc\": true}}', got {args.model_kwargs!r}")
+        if "num_classes" in kwargs:
+            raise CLIError("--model-kwargs: give the number of classes with --num-classes")
+    if args.width_divisor is not None:
+        if family != "v1":
+            raise CLIError(f"--width-divisor is for the v1 models (deeplab_v1_*), not {args.model}")
+        kwargs["width_divisor"] = args.width_divisor
+    return kwargs
+
+
+def load_model_from_options(args, default_model: str | None = None):
+    """``(model name, model in eval mode, input preprocessing, training checkpoint or None)`` from ``--weights``,
+    ``--model``, ``--num-classes``, ``--width-divisor``, ``--model-kwargs`` and ``--preprocessing`` (``eval``,
+    ``segment``). A ``deeplab-fast train`` checkpoint gives the defaults of these options: its model, that
+    model's options, its class count and the preprocessing it was trained with; otherwise the model is
+    ``default_model`` (CLIError when None) and the preprocessing the weights'."""
+    saved, ckpt = {}, None
+    if os.path.exists(args.weights):
+        with library_errors(f"--weights {args.weights!r}: "):
+            ckpt = read_training_checkpoint(args.weights)
+        saved = ckpt["args"] if ckpt is not None else {}
+    name = args.model or saved.get("model") or default_model
+    if name is None:
+        if not os.path.exists(args.weights) and "://" not in args.weights:
+            raise CLIError(f"--weights {args.weights!r}: no such file")
+        raise CLIError("--model is required (the weights are not a 'deeplab-fast train' checkpoint naming it)")
+    if name not in models.list_models():
+        raise CLIError(f"the checkpoint's model {name!r} is not a registered model ({', '.join(models.list_models())})")
+    kwargs = dict(saved.get("model_kwargs") or {}) if saved.get("model") == name else {}
+    args.model = name
+    kwargs.update(model_kwargs_option(args, models.model_entry(name).family))
+    model, weights = load_model(name, args.weights, args.num_classes or saved.get("num_classes"), **kwargs)
+    preprocessing = args.preprocessing or saved.get("preprocessing") or weights.meta["normalization"]["preprocessing"]
+    return name, model, preprocessing, ckpt
 
 
 def warn(message: str) -> None:
@@ -144,6 +204,16 @@ def positive_int(text: str) -> int:
     return _int(text, 1)
 
 
+def thread_count(text: str) -> int:
+    """``--threads``: at least 1 and at most 4 x the machine's cores (torch's thread pool cannot start many more, and
+    failed in odd places when asked to)."""
+    value = _int(text, 1)
+    cores = os.cpu_count() or 1
+    if value > 4 * cores:
+        raise argparse.ArgumentTypeError(f"at most {4 * cores} (4 x the {cores} CPU cores), got {text!r}")
+    return value
+
+
 def labels_limit(text: str) -> int:
     return _int(text, 2)
 
@@ -165,8 +235,9 @@ def scales(text: str) -> tuple:
 
 def threads_parent() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--threads", type=positive_int, default=None, metavar="N",
-                   help="CPU threads (torch.set_num_threads); results do not depend on it (default: torch's)")
+    p.add_argument("--threads", type=thread_count, default=None, metavar="N",
+                   help="CPU threads (torch.set_num_threads), up to 4 x the cores; results do not depend on it "
+                        "(default: torch's)")
     return p
 
 
@@ -177,8 +248,6 @@ def device_parent(help_text: str = "where to run (default: cuda when available)"
 
 
 def crf_preset_parent(help_text: str) -> argparse.ArgumentParser:
-    from ..nn import PRESETS
-
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--crf", metavar="PRESET", choices=sorted(PRESETS), default=None,
                    help=f"{help_text}: {' or '.join(sorted(PRESETS))}")
@@ -202,16 +271,32 @@ def model_options_parent() -> argparse.ArgumentParser:
     return p
 
 
-def model_names() -> list:
-    from ..models import list_models
+class _DeprecatedAlias(argparse.Action):
+    """An old option name kept working: stores into the new option's dest and says which name to use."""
 
-    return list_models()
+    def __init__(self, option_strings, dest, new_name: str = "", **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.new_name = new_name
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        warn(f"{option_string} is deprecated; use {self.new_name}")
+        setattr(namespace, self.dest, values)
+
+
+def add_preprocessing_option(parser, help_text: str) -> None:
+    """``--preprocessing caffe|torchvision`` (the input normalisation), and its old name ``--mode`` as a hidden,
+    deprecated alias."""
+    parser.add_argument("--preprocessing", choices=PREPROCESSING_CHOICES, default=None, help=help_text)
+    parser.add_argument("--mode", dest="preprocessing", choices=PREPROCESSING_CHOICES, default=None,
+                        action=_DeprecatedAlias, new_name="--preprocessing", help=argparse.SUPPRESS)
+
+
+def model_names() -> list:
+    return models.list_models()
 
 
 def resolve_device(name: str):
     """``--device``: "auto" is cuda when available; CLIError for cuda without a device."""
-    import torch
-
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -222,10 +307,6 @@ def resolve_device(name: str):
 def check_output_path(path: Path, what: str, inputs: Sequence[Path]) -> None:
     """CLIError unless ``path`` can take an image: a known, writable extension, an existing folder, not a folder
     itself and not one of the inputs; a warning for lossy formats."""
-    from PIL import Image
-
-    from ..io import LOSSY_EXTS, same_file
-
     Image.init()
     ext = path.suffix.lower()
     if not ext:
@@ -246,3 +327,77 @@ def check_output_path(path: Path, what: str, inputs: Sequence[Path]) -> None:
                            "refusing to overwrite an input")
     if ext in LOSSY_EXTS:
         warn(f"{what} {str(path)!r}: {path.suffix} is lossy, the label colours will not be exact; prefer .png")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Every command's failures become one line and an exit status here (main() calls report_error).
+
+
+def _resource_problem(exc: BaseException) -> str | None:
+    """What ran out, for the failures that are about the machine rather than the input's content: memory (Python's
+    MemoryError, numpy's, torch's CPU and CUDA allocators) and disk space; None for anything else."""
+    if isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)):
+        return "out of memory"
+    if isinstance(exc, RuntimeError) and ("can't allocate memory" in str(exc) or "out of memory" in str(exc)):
+        return "out of memory"
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "no space left on the device"
+    return None
+
+
+_RESOURCE_HINT = {"out of memory": "try a smaller input (or --batch 1), fewer --threads, or a machine with more "
+                                   "memory",
+                  "no space left on the device": "free some disk space or write elsewhere"}
+
+
+def resource_error(exc: BaseException, what: str = "") -> CLIError | None:
+    """The one-line CLIError (exit 1) for a resource failure ``exc`` while working on ``what`` (the input, e.g.
+    "IMAGE 'big.png'"), naming what ran out and what to try; None when ``exc`` is not one."""
+    problem = _resource_problem(exc)
+    if problem is None:
+        return None
+    detail = type(exc).__name__ + (f": {str(exc).strip().splitlines()[0][:160]}" if str(exc).strip() else "")
+    return CLIError(f"{what + ': ' if what else ''}{problem} ({detail}); {_RESOURCE_HINT[problem]}", EXIT_FAILED)
+
+
+@contextlib.contextmanager
+def working_on(what: str) -> Iterator:
+    """Resource failures raised in the block (memory, disk space) become a one-line CLIError naming ``what``."""
+    try:
+        yield
+    except CLIError:
+        raise
+    except (MemoryError, RuntimeError, OSError) as exc:
+        error = resource_error(exc, what)
+        if error is None:
+            raise
+        raise error from None
+
+
+def error_line(command: str, message: str) -> str:
+    return f"{PROG} {command}: error: {message}"
+
+
+def report_error(command: str, exc: BaseException) -> int:
+    """Prints the one line for an exception that ended ``command`` and returns the exit status: a CLIError's
+    message and code; a training run stopped by a signal (its checkpoint written): 128 + the signal number;
+    Ctrl-C elsewhere: 130; a diverged training run (FloatingPointError) and resource failures: 1. Anything else
+    is a bug and is raised again (with its traceback)."""
+    sys.stdout.flush()
+    if isinstance(exc, CLIError):
+        print(error_line(command, str(exc)), file=sys.stderr)
+        return exc.code
+    if isinstance(exc, TrainingInterrupted):
+        print(f"{PROG} {command}: {exc}", file=sys.stderr)
+        return exc.exit_status
+    if isinstance(exc, KeyboardInterrupt):
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if isinstance(exc, FloatingPointError):
+        print(error_line(command, str(exc).strip().splitlines()[0]), file=sys.stderr)
+        return EXIT_FAILED
+    error = resource_error(exc)
+    if error is not None:
+        print(error_line(command, str(error)), file=sys.stderr)
+        return error.code
+    raise exc

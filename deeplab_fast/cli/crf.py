@@ -6,9 +6,9 @@ input / output :mod:`deeplab_fast.io`. Every distinct colour of ANNO is a label,
 fully transparent pixels); a 16-bit greyscale ANNO is decoded by value (0 unknown) and the result written as
 16-bit values. 16-bit greyscale photos are scaled to 8 bits by value.
 
-Exit codes: 0 success; 1 in folder mode, some images failed (the others were written); 2 bad arguments or
-input (missing file, size mismatch, fewer than 2 labels, an unusable standard deviation, ...), with a message
-naming the argument; 130 interrupted.
+Exit codes: 0 success; 1 in folder mode, some images failed (the others were written), or out of memory (the
+message names the image); 2 bad arguments or input (missing file, size mismatch, fewer than 2 labels, an unusable
+standard deviation, ...), with a message naming the argument; 130 interrupted.
 """
 from __future__ import annotations
 
@@ -16,15 +16,17 @@ import argparse
 import dataclasses
 import sys
 import time
+from importlib import resources
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from ..densecrf.refine import CrfParams, RefineResult, make_overlay, refine_annotation, std_dev_problems
 from ..io import ANNO_EXTS, IMAGE_EXTS, list_images, load_annotation, load_photo, same_file, save_image
-from ._common import (PROG, CLIError, check_output_path, float32_std_dev, float32_weight, labels_limit,
-                      library_errors, nonnegative_int, probability, threads_parent, warn)
+from ._common import (CLIError, check_output_path, error_line, float32_std_dev, float32_weight, labels_limit,
+                      library_errors, nonnegative_int, probability, threads_parent, warn, working_on)
 
 __all__ = ["add_parsers", "run_crf", "run_demo"]
 
@@ -60,11 +62,12 @@ def _params(args) -> CrfParams:
 
 def _process_pair(image_path: Path, anno_path: Path, out_path: Path, overlay_path: Path | None,
                   params: CrfParams, *, image_name: str, anno_name: str) -> RefineResult:
-    with library_errors():
+    with library_errors(), working_on(f"{image_name} {str(image_path)!r}"):
         image = load_photo(image_path, image_name)
+    with library_errors(), working_on(f"{anno_name} {str(anno_path)!r}"):
         anno = load_annotation(anno_path, anno_name)
     _check_std_devs(params, image, f"{image_name} {str(image_path)!r}")
-    with library_errors():
+    with library_errors(), working_on(f"{image_name} {str(image_path)!r} ({_size(image)})"):
         refined = refine_annotation(image, anno, params, image_name=f"{image_name} {str(image_path)!r}",
                                     anno_name=f"{anno_name} {str(anno_path)!r}")
         save_image(refined.result, out_path, "OUT")
@@ -102,11 +105,6 @@ def _run_crf_file(args, params: CrfParams) -> int:
     return 0
 
 
-def list_images(folder: Path, exts: Sequence[str]) -> list[Path]:
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in exts)
-
-
 def _names(paths: Sequence[Path], limit: int = 10) -> str:
     names = [p.name for p in paths]
     more = f" and {len(names) - limit} more" if len(names) > limit else ""
@@ -114,8 +112,6 @@ def _names(paths: Sequence[Path], limit: int = 10) -> str:
 
 
 def _run_crf_folder(args, params: CrfParams) -> int:
-    from tqdm import tqdm
-
     image_dir, anno_dir, out_dir = Path(args.image), Path(args.anno), Path(args.out)
     if not anno_dir.exists():
         raise CLIError(f"ANNO {args.anno!r}: no such folder")
@@ -189,7 +185,7 @@ def _run_crf_folder(args, params: CrfParams) -> int:
                                         image_name="image", anno_name="annotation")
             except CLIError as exc:
                 failed.append(image)
-                tqdm.write(f"{PROG} crf: error: {exc}", file=sys.stderr)
+                tqdm.write(error_line("crf", str(exc)), file=sys.stderr)
                 continue
             crf_seconds += refined.crf_seconds
     total = time.perf_counter() - start
@@ -210,8 +206,6 @@ def run_crf(args) -> int:
 
 
 def run_demo(args) -> int:
-    from importlib import resources
-
     params = CrfParams()
     assets = resources.files("deeplab_fast.assets")
     start = time.perf_counter()

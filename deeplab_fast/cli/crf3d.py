@@ -17,8 +17,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+from tqdm import tqdm
 
 from ..io import VOLUME_EXTS, Volume, load_volume, same_file, save_volume, volume_format
+from ..ops.dense_crf_3d import DEFAULTS_3D, dense_crf_3d
 from ._common import (EXIT_FAILED, CLIError, finite_float, float32_std_dev, float32_weight, library_errors,
                       nonnegative_int, positive_float, threads_parent, warn)
 
@@ -94,11 +97,6 @@ def _rescale(image: np.ndarray, lo: float, hi: float) -> np.ndarray:
 
 
 def run_crf3d(args) -> int:
-    import torch
-    from tqdm import tqdm
-
-    from ..ops.dense_crf_3d import DEFAULTS_3D, dense_crf_3d
-
     names = list(args.image)
     gaussian_sigma = _one_or_three(args.gaussian_sigma, "--gaussian-sigma")
     bilateral_sigma = _one_or_three(args.bilateral_sigma, "--bilateral-sigma")
@@ -188,8 +186,6 @@ the argument); 130 interrupted."""
 
 def add_parsers(sub) -> None:
     """Adds the ``crf3d`` command to the ``deeplab-fast`` parser."""
-    from ..ops.dense_crf_3d import DEFAULTS_3D
-
     p = sub.add_parser("crf3d", help="refine a segmentation's probability volume with its image volume (NIfTI, .npy)",
                        description=_DESCRIPTION, epilog=_EPILOG, parents=[threads_parent()],
                        formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,14 +1,16 @@
 """``deeplab-fast segment`` and ``deeplab-fast bench``: the DeepLab models from the command line.
 
-    deeplab-fast segment IMAGE... --model deeplab_v3_resnet101 --weights NAME|FILE|URL [--crf PRESET] [--out DIR]
+    deeplab-fast segment IMAGE... --weights NAME|FILE|URL [--model NAME] [--crf PRESET] [--out DIR]
     deeplab-fast bench [--models NAME...] [--size 513] [--batch 1 [16]] [--device cpu|cuda] [--json FILE]
 
 ``segment`` writes, per image, ``<stem>.png`` (the labels as a palette PNG, PASCAL VOC colours) and
 ``<stem>_overlay.png`` (the colours blended over the photo) into ``--out``, and prints the per-image time split
 into network and CRF. Folders are expanded to their images, with a progress bar; images of one size are batched
 (``--batch``, default 8 on CUDA, 1 on the CPU). ``--weights`` is what ``deeplab_fast.models.get_model`` takes:
-a registered weights name, a checkpoint file or a URL; the input is normalised as the weights' ``transforms()``
-say.
+a registered weights name, a checkpoint file or a URL; a ``deeplab-fast train`` checkpoint also gives the model,
+its options, the class count and the preprocessing (as ``eval`` reads them); the input is normalised as the
+weights say. Two inputs that would write the same output are refused before anything is written; an image that
+cannot be read (or segmented) is reported and skipped, and the command then exits 1.
 
 ``bench`` measures images/s of each model in its forms on the same input (``deeplab_fast.benchmark``), with a
 progress bar, and prints a table naming the device; ``--json`` writes it. On the CPU it defaults to batch 1 and 3
@@ -21,21 +23,29 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
+import torch
+from tqdm import tqdm
 
+from .. import benchmark, models, optimize
+from ..benchmark import bench_forms, bench_rows, device_name, logits_of
+from ..data.voc import colorize, voc_palette
 from ..io import IMAGE_EXTS, list_images, load_photo, save_image, save_palette_png
-from ._common import (EXIT_FAILED, CLIError, check_output_path, crf_preset_parent, device_parent, library_errors,
-                      load_model, model_names, positive_int, resolve_device, threads_parent)
+from ..models import SegmentationPreset
+from ..nn import DenseCRF
+from ._common import (EXIT_FAILED, CLIError, add_preprocessing_option, crf_preset_parent, device_parent,
+                      error_line, library_errors, load_model_from_options, model_names, model_options_parent,
+                      positive_int, resolve_device, threads_parent, working_on)
 
 __all__ = ["add_parsers", "run_segment", "run_bench", "weights_help"]
+
+DEFAULT_MODEL = "deeplab_v3_resnet101"
 
 
 def weights_help() -> str:
     """What ``--weights`` takes, with the registered names of every model."""
-    from .. import models
-
     lines = ["--weights takes a registered weights name, a checkpoint file or an http(s):// / file:// URL "
              "(downloads go to torch.hub's cache). Registered:"]
     for name in models.list_models():
@@ -43,117 +53,145 @@ def weights_help() -> str:
         lines.append(f"  {name}: {members or 'none (backbone weights only, for train --init)'}")
     lines.append("Files: torchvision's DeepLabV3 state dicts, kazuto1011/deeplab-pytorch's DeepLab-v2 checkpoints "
                  "(recognised by their released file names), or a state dict saved from a deeplab_fast.models model "
-                 "(OUT/last.pth of 'deeplab-fast train' too). The number of classes is read from the checkpoint "
-                 "unless --num-classes is given.")
+                 "(OUT/last.pth of 'deeplab-fast train' too, whose model, options, classes and preprocessing are "
+                 "read from it). The number of classes is read from the checkpoint unless --num-classes is given.")
     return "\n".join(lines)
 
 
 def _collect_images(inputs: Sequence[str]) -> list[Path]:
+    """The image files of the IMAGE arguments (folders expanded to their images), each file once."""
     paths: list[Path] = []
+    seen: set = set()
     for item in inputs:
         p = Path(item)
         if p.is_dir():
             found = list_images(p, IMAGE_EXTS)
             if not found:
                 raise CLIError(f"IMAGE {item!r}: the folder has no images ({', '.join(IMAGE_EXTS)})")
-            paths += found
         elif p.is_file():
-            paths.append(p)
+            found = [p]
         else:
             raise CLIError(f"IMAGE {item!r}: no such file or folder")
+        for f in found:
+            if f.resolve() not in seen:
+                seen.add(f.resolve())
+                paths.append(f)
     return paths
 
 
+def _outputs(paths: Sequence[Path], out_dir: Path) -> dict:
+    """``{input: (labels path, overlay path)}`` in ``out_dir``. CLIError when two inputs would write one file (one
+    name in two folders, ``x.png`` and ``x.jpg``, ``x.png`` and ``x_overlay.png``) or an output is an input."""
+    outputs, writer = {}, {}
+    inputs = {p.resolve() for p in paths}
+    for p in paths:
+        pair = (out_dir / f"{p.stem}.png", out_dir / f"{p.stem}_overlay.png")
+        for out in pair:
+            other = writer.setdefault(out.name, p)
+            if other is not p:
+                raise CLIError(f"IMAGE {str(other)!r} and {str(p)!r} would both be written as {str(out)!r}; "
+                               "rename one, or segment them into separate --out folders")
+            if out.resolve() in inputs:
+                raise CLIError(f"output {str(out)!r} is one of the input images; refusing to overwrite an input "
+                               "(choose another --out)")
+        outputs[p] = pair
+    return outputs
+
+
+def _read(paths: Sequence[Path], batch: int, failed: list) -> Iterator[list]:
+    """Groups of up to ``batch`` consecutive images of one size, ``[(path, [H, W, 3] uint8)]``, read as they are
+    needed; an image that cannot be read is reported and added to ``failed``."""
+    group: list = []
+    for path in paths:
+        try:
+            with library_errors(), working_on(f"IMAGE {str(path)!r}"):
+                photo = load_photo(path, "IMAGE")
+        except CLIError as exc:
+            failed.append(path)
+            tqdm.write(error_line("segment", str(exc)), file=sys.stderr)
+            continue
+        if group and (len(group) == batch or group[0][1].shape != photo.shape):
+            yield group
+            group = []
+        group.append((path, photo))
+    if group:
+        yield group
+
+
+def _segment(model, preprocess, crf, images: np.ndarray, device: torch.device):
+    """(labels [B, H, W] uint8, network seconds per image, CRF seconds per image) for a batch of photos."""
+    x = preprocess(images).to(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        logits = logits_of(model(x))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t_net = (time.perf_counter() - t0) / len(images)
+    t_crf = 0.0
+    if crf is not None:
+        t1 = time.perf_counter()
+        probs = crf(logits, torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t_crf = (time.perf_counter() - t1) / len(images)
+        logits = probs
+    return logits.argmax(1).cpu().numpy().astype(np.uint8), t_net, t_crf
+
+
 def run_segment(args) -> int:
-    import torch
-    from tqdm import tqdm
-
-    from ..benchmark import logits_of
-    from ..data.voc import colorize, voc_palette
-    from ..nn import DenseCRF
-
     if args.weights is None:
         raise CLIError(f"--weights is required: segmentation needs trained weights.\n{weights_help()}")
     paths = _collect_images(args.images)
     out_dir = Path(args.out)
     if out_dir.exists() and not out_dir.is_dir():
         raise CLIError(f"--out {args.out!r} is a file, not a folder")
+    outputs = _outputs(paths, out_dir)
     device = resolve_device(args.device)
-    model, weights = load_model(args.model, args.weights, args.num_classes)
-    preprocess = weights.transforms()
+    _, model, preprocessing, _ = load_model_from_options(args, default_model=DEFAULT_MODEL)
+    preprocess = SegmentationPreset(preprocessing)
     if args.optimize:
-        from .. import optimize
         model = optimize(model, inplace=True)
     model = model.to(device)
     crf = DenseCRF.from_preset(args.crf) if args.crf else None
     out_dir.mkdir(parents=True, exist_ok=True)
     batch = args.batch or (8 if device.type == "cuda" else 1)
 
-    # Group consecutive images of one size into batches.
-    with library_errors():
-        photos = [(p, load_photo(p, "IMAGE")) for p in paths]
-    for p, _ in photos:
-        for suffix in (".png", "_overlay.png"):
-            check_output_path(out_dir / f"{p.stem}{suffix}", "output", paths)
-    groups: list[list] = []
-    for item in photos:
-        if groups and len(groups[-1]) < batch and groups[-1][0][1].shape == item[1].shape:
-            groups[-1].append(item)
-        else:
-            groups.append([item])
-
-    bar = tqdm(total=len(photos), unit="img", disable=len(photos) < 2 or not sys.stderr.isatty())
-    totals = [0.0, 0.0]
-    palette = voc_palette()
-    for group in groups:
-        images = np.stack([a for _, a in group])
-        x = preprocess(images).to(device)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            logits = logits_of(model(x))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t_net = (time.perf_counter() - t0) / len(group)
-        t_crf = 0.0
-        if crf is not None:
-            t1 = time.perf_counter()
-            rgb = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
-            probs = crf(logits, rgb)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t_crf = (time.perf_counter() - t1) / len(group)
-            labels = probs.argmax(1)
-        else:
-            labels = logits.argmax(1)
-        labels = labels.cpu().numpy().astype(np.uint8)
-        for (path, photo), lab in zip(group, labels):
-            colours = colorize(lab)
-            overlay = (0.5 * photo.astype(np.float32) + 0.5 * colours.astype(np.float32)).round().astype(np.uint8)
-            with library_errors(code=EXIT_FAILED):
-                save_palette_png(lab, palette, out_dir / f"{path.stem}.png")
-                save_image(overlay, out_dir / f"{path.stem}_overlay.png", "overlay")
-            present = ", ".join(str(int(v)) for v in np.unique(lab))
-            tqdm.write(f"{path.name}: {photo.shape[1]}x{photo.shape[0]}, network {1e3 * t_net:.1f} ms"
-                       + (f", CRF {1e3 * t_crf:.1f} ms" if crf is not None else "") + f"; labels {present}")
-            totals[0] += t_net
-            totals[1] += t_crf
-            bar.update(1)
+    failed: list[Path] = []
+    done, totals, palette = 0, [0.0, 0.0], voc_palette()
+    bar = tqdm(total=len(paths), unit="img", disable=len(paths) < 2 or not sys.stderr.isatty())
+    for group in _read(paths, batch, failed):
+        names = ", ".join(repr(str(p)) for p, _ in group)
+        try:
+            with library_errors(code=EXIT_FAILED), working_on(f"IMAGE {names}"):
+                labels, t_net, t_crf = _segment(model, preprocess, crf, np.stack([a for _, a in group]), device)
+                for (path, photo), lab in zip(group, labels):
+                    colours = colorize(lab).astype(np.float32)
+                    overlay = (0.5 * photo.astype(np.float32) + 0.5 * colours).round().astype(np.uint8)
+                    save_palette_png(lab, palette, outputs[path][0])
+                    save_image(overlay, outputs[path][1], "overlay")
+                    present = ", ".join(str(int(v)) for v in np.unique(lab))
+                    tqdm.write(f"{path.name}: {photo.shape[1]}x{photo.shape[0]}, network {1e3 * t_net:.1f} ms"
+                               + (f", CRF {1e3 * t_crf:.1f} ms" if crf is not None else "") + f"; labels {present}")
+        except CLIError as exc:
+            failed += [p for p, _ in group]
+            tqdm.write(error_line("segment", str(exc)), file=sys.stderr)
+            bar.update(len(group))
+            continue
+        done += len(group)
+        totals[0] += t_net * len(group)
+        totals[1] += t_crf * len(group)
+        bar.update(len(group))
     bar.close()
-    n = len(photos)
-    print(f"{n} image(s) on {device}: network {1e3 * totals[0] / n:.1f} ms/image"
-          + (f", CRF {1e3 * totals[1] / n:.1f} ms/image" if crf is not None else "") + f"; written to {out_dir}")
-    return 0
+    per_image = (f": network {1e3 * totals[0] / done:.1f} ms/image"
+                 + (f", CRF {1e3 * totals[1] / done:.1f} ms/image" if crf is not None else "")) if done else ""
+    print(f"{done} image(s) on {device}{per_image}; written to {out_dir}"
+          + (f"; {len(failed)} failed: {', '.join(p.name for p in failed)}" if failed else ""))
+    return EXIT_FAILED if failed else 0
 
 
 def run_bench(args) -> int:
-    import torch
-    from tqdm import tqdm
-
-    from .. import models
-    from ..benchmark import bench_forms, bench_rows, device_name, load_torchvision
-
     names = args.models or models.list_models()
     device = resolve_device(args.device)
     gpu = device.type == "cuda"
@@ -169,7 +207,7 @@ def run_bench(args) -> int:
     print(f"device: {described}; {args.dtype}, {args.size}x{args.size}, batch {' '.join(map(str, batches))}, "
           f"{repeat} timed calls per row after a warm-up" + ("" if gpu or 16 in batches else
                                                               " (--batch 1 16 adds the batch-16 rows)"))
-    tv, note = load_torchvision()
+    tv, note = benchmark.load_torchvision()
     if tv is None or note:
         print(f"torchvision: {note}")
     calls = sum(len(bench_forms(name, crf)) * len(batches) * (repeat + 1) for name in names)
@@ -201,8 +239,13 @@ Segment photos with a DeepLab model. Per image, OUT/<stem>.png holds the labels 
 colours) and OUT/<stem>_overlay.png the colours blended over the photo; the per-image time is printed, split
 into network and CRF. Folders are expanded to their images (with a progress bar), and images of one size are
 batched. The input is normalised as the weights expect (their transforms(): ImageNet mean/std for torchvision's
-weights, Caffe BGR mean subtraction for the Caffe-converted v1/v2 weights; a file that is not registered gets
-the model's default, ImageNet for v3 and Caffe for v1/v2)."""
+weights, Caffe BGR mean subtraction for the Caffe-converted v1/v2 weights; a 'deeplab-fast train' checkpoint as
+it was trained, and gives the model, its options and classes too; another file gets the model's default, ImageNet
+for v3 and Caffe for v1/v2). Two inputs whose outputs would have one name are refused before anything is written;
+an image that cannot be read is reported and skipped.
+
+exit codes: 0 success; 1 some images failed (the others were written), an unreadable checkpoint or a failed
+download, out of memory; 2 bad arguments or input; 130 interrupted."""
 
 
 def add_parsers(sub) -> None:
@@ -210,15 +253,17 @@ def add_parsers(sub) -> None:
     seg = sub.add_parser("segment", help="segment photos with a DeepLab model (palette PNG + overlay per image)",
                          description=_SEGMENT_DESCRIPTION + "\n\n" + weights_help(),
                          formatter_class=argparse.RawDescriptionHelpFormatter,
-                         parents=[threads_parent(), device_parent(),
+                         parents=[threads_parent(), device_parent(), model_options_parent(),
                                   crf_preset_parent("refine with the dense CRF (default: no CRF)")])
     seg.add_argument("images", nargs="+", metavar="IMAGE", help="photos (RGB) or folders of photos")
-    seg.add_argument("--model", default="deeplab_v3_resnet101", metavar="NAME", choices=model_names(),
-                     help="the architecture (default %(default)s): " + ", ".join(model_names()))
+    seg.add_argument("--model", default=None, metavar="NAME", choices=model_names(),
+                     help=f"the architecture (default: the one a training checkpoint names, else {DEFAULT_MODEL}): "
+                          + ", ".join(model_names()))
     seg.add_argument("--weights", metavar="NAME|FILE|URL", default=None,
                      help="the weights (required; see below)")
     seg.add_argument("--num-classes", type=positive_int, default=None, metavar="N",
                      help="classes (default: the weights')")
+    add_preprocessing_option(seg, "input normalisation (default: the training checkpoint's, else the weights')")
     seg.add_argument("--out", metavar="DIR", default="segment_out", help="output folder (default %(default)s)")
     seg.add_argument("--batch", type=positive_int, default=None, metavar="N",
                      help="images of one size per network call (default 8 on CUDA, 1 on the CPU)")

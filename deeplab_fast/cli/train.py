@@ -1,7 +1,8 @@
 """``deeplab-fast train`` and ``deeplab-fast eval``: training and evaluating the DeepLab models on PASCAL VOC.
 
     deeplab-fast train (--model NAME | --recipe NAME) --data ROOT [--out DIR] [--steps N] [--batch-size N] [--lr LR]
-                       [--crop-size PX] [--mode caffe|torchvision] [--amp] [--init NAME|FILE|URL] [--resume FILE]
+                       [--crop-size PX] [--preprocessing caffe|torchvision] [--amp] [--init NAME|FILE|URL]
+                       [--resume FILE]
     torchrun --nproc_per_node=G -m deeplab_fast train ...      the same on G GPUs (DistributedDataParallel)
     deeplab-fast train --crf-rnn PRESET --init OUT/last.pth --data ROOT [--crf-compat potts|matrix] [--crf-lr LR]
                        [--crf-iterations N] [--crf-checkpoint] ...   the CRF-as-RNN stage
@@ -11,13 +12,15 @@
 ``train`` builds a :class:`deeplab_fast.train.TrainConfig` and runs :func:`deeplab_fast.train.train`. Defaults
 follow the model's family (its paper recipe, ``deeplab_fast.train.RECIPES``; the README's table is made from
 the same data); ``--recipe`` applies a whole recipe (model, model options, init weights, hyperparameters).
-``--mode`` defaults to the normalisation of the ``--init`` weights when they are registered, else to the
+``--preprocessing`` defaults to that of the ``--init`` weights when they are registered, else to the
 model's (caffe for v1/v2, torchvision for v3). ``--batch-size`` is per process: under ``torchrun`` the effective
 batch is batch-size x processes. ``train`` writes ``OUT/last.pth`` and ``OUT/log.jsonl``; ``eval --weights``
 and ``segment --weights`` read the checkpoint, ``--resume`` continues it.
 
 Exit codes as the other commands: 0 success; 1 an unreadable or unusable checkpoint (``--weights``, ``--init``,
-``--resume``) or a failed download; 2 bad arguments or input (missing data root or file, ...); 130 interrupted.
+``--resume``), a failed download, a diverged run (the last finite checkpoint is kept) or out of memory; 2 bad
+arguments or input (missing data root or file, ...); 143 / 130: ``train`` stopped by SIGTERM / SIGINT after
+writing its checkpoint at the step boundary (``--resume`` continues it exactly); 130 other interrupts.
 """
 from __future__ import annotations
 
@@ -27,29 +30,22 @@ import os
 import sys
 from pathlib import Path
 
-from ._common import (CLIError, crf_preset_parent, data_parent, device_parent, finite_float, library_errors,
-                      load_model, model_names, model_options_parent, nonnegative_float, nonnegative_int,
-                      positive_float, positive_int, resolve_device, scales, threads_parent)
+import torch
+
+from .. import models
+from ..data import VOCSegmentation
+from ..models import VOC_CLASSES
+from ..nn import PRESETS
+from ..nn.crf import COMPAT_FORMS
+from ..train import (RECIPES, CRFasRNNStage, TrainConfig, evaluate, evaluation_loader, load_trained_crf,
+                     load_training_checkpoint, read_training_checkpoint, resolve_preprocessing, train,
+                     training_settings)
+from ._common import (CLIError, add_preprocessing_option, crf_preset_parent, data_parent, device_parent,
+                      finite_float, library_errors, load_model_from_options, model_kwargs_option, model_names,
+                      model_options_parent, nonnegative_float, nonnegative_int, positive_float, positive_int,
+                      resolve_device, scales, threads_parent)
 
 __all__ = ["add_parsers", "run_train", "run_eval"]
-
-
-def _model_kwargs(args, family: str) -> dict:
-    kwargs = {}
-    if args.model_kwargs:
-        try:
-            kwargs = json.loads(args.model_kwargs)
-        except json.JSONDecodeError as exc:
-            raise CLIError(f"--model-kwargs: not valid JSON ({exc})") from None
-        if not isinstance(kwargs, dict):
-            raise CLIError(f"--model-kwargs must be a JSON object, e.g. '{{\"msc\": true}}', got {args.model_kwargs!r}")
-        if "num_classes" in kwargs:
-            raise CLIError("--model-kwargs: give the number of classes with --num-classes")
-    if args.width_divisor is not None:
-        if family != "v1":
-            raise CLIError(f"--width-divisor is for the v1 models (deeplab_v1_*), not {args.model}")
-        kwargs["width_divisor"] = args.width_divisor
-    return kwargs
 
 
 def _check_data(root: str) -> None:
@@ -66,10 +62,6 @@ def _check_data(root: str) -> None:
 
 def _check_model_options(name: str, num_classes: int, kwargs: dict) -> None:
     """Bad model options are reported before any data or weights are read (built on the meta device: free)."""
-    import torch
-
-    from .. import models
-
     try:
         with torch.device("meta"):
             models.get_model(name, num_classes=num_classes, **kwargs)
@@ -79,8 +71,6 @@ def _check_model_options(name: str, num_classes: int, kwargs: dict) -> None:
 
 def _init_checkpoint_args(init) -> dict:
     """The ``"args"`` of a ``deeplab-fast train`` checkpoint given to --init ({} for anything else)."""
-    from ..train import read_training_checkpoint
-
     if init is None or not os.path.isfile(init):
         return {}
     with library_errors(f"--init {init!r}: "):
@@ -91,8 +81,6 @@ def _init_checkpoint_args(init) -> dict:
 def _crf_stage(args, resumed: dict):
     """(the CRF-as-RNN stage or None, its learning rate) from --crf-rnn and its options; a resumed CRF-as-RNN run
     keeps its stage when --crf-rnn is not given."""
-    from ..train import CRFasRNNStage
-
     options = [name for name, value in (("--crf-compat", args.crf_compat), ("--crf-lr", args.crf_lr),
                                         ("--crf-iterations", args.crf_iterations),
                                         ("--crf-checkpoint", args.crf_checkpoint or None)) if value is not None]
@@ -112,24 +100,19 @@ def _crf_stage(args, resumed: dict):
 
 
 def run_train(args) -> int:
-    from .. import models
-    from ..train import RECIPES, TrainConfig, load_training_checkpoint, recipe_for_family, resolve_mode, train
-
-    recipe = RECIPES[args.recipe] if args.recipe else None
     # A 'deeplab-fast train' checkpoint as --init (e.g. the CRF-as-RNN stage's starting point) names its model,
-    # options, classes and normalisation: they are the defaults.
-    from_init = _init_checkpoint_args(args.init) if recipe is None else {}
-    if from_init and args.model not in (None, from_init.get("model")):
-        from_init = {}  # another architecture: only tensors that match by name and shape are loaded
-    args.model = args.model or (recipe.model if recipe else None) or from_init.get("model")
-    if args.model is None:
+    # options, classes and preprocessing: they are the defaults (training_settings).
+    init_args = _init_checkpoint_args(args.init) if args.recipe is None else {}
+    if args.model is None and args.recipe is None and not init_args.get("model"):
         raise CLIError("give --model NAME or --recipe NAME (see --help)")
-    if args.num_classes is None:
-        args.num_classes = int(from_init.get("num_classes") or 21)
-    family = models.model_entry(args.model).family
-    if recipe is not None and recipe.family != family:
-        raise CLIError(f"--recipe {recipe.name} is for {recipe.model} ({recipe.family}), not --model {args.model}")
-    defaults = recipe or recipe_for_family(family)
+    try:
+        settings = training_settings(model=args.model, recipe=args.recipe, init_args=init_args,
+                                     num_classes=args.num_classes, init=args.init, preprocessing=args.preprocessing,
+                                     steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                     crop_size=args.crop_size)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    args.model = settings["model"]
     _check_data(args.data)
     resumed = {}
     if args.resume is not None:
@@ -138,30 +121,21 @@ def run_train(args) -> int:
         with library_errors(f"--resume {args.resume!r}: "):
             resumed = load_training_checkpoint(args.resume)["args"]
     stage, crf_lr = _crf_stage(args, resumed)
-    if recipe is not None:
-        kwargs = dict(recipe.model_kwargs)
-    else:
-        kwargs = dict(from_init["model_kwargs"] if "model_kwargs" in from_init else defaults.family_model_kwargs)
-    kwargs.update(_model_kwargs(args, family))
-    _check_model_options(args.model, args.num_classes, kwargs)
-    init = args.init or (recipe.init if recipe else None)
-    mode = args.mode or from_init.get("mode")
+    settings["model_kwargs"].update(model_kwargs_option(args, models.model_entry(args.model).family))
+    _check_model_options(args.model, settings["num_classes"], settings["model_kwargs"])
+    init = settings["init"]
     if init is not None and args.resume is None:  # read (or downloaded) now, so that a bad file is one clear line
-        mode = mode or resolve_mode(args.model, None, init)
+        settings["preprocessing"] = resolve_preprocessing(args.model, settings["preprocessing"], init)
         with library_errors(f"--init {init!r}: "):
-            init = models.load_weights_state_dict(models.resolve_weights(args.model, init))
+            settings["init"] = models.load_weights_state_dict(models.resolve_weights(args.model, init))
     scale_range = (1.0, 1.0) if args.no_augment else (args.scale_min, args.scale_max)
     if scale_range[0] > scale_range[1]:
         raise CLIError(f"--scale-min {args.scale_min} is larger than --scale-max {args.scale_max}")
     resolve_device(args.device)  # a clear error for cuda without a GPU
     config = TrainConfig(
-        model=args.model, data_root=args.data, out_dir=args.out or os.path.join("runs", args.model),
-        num_classes=args.num_classes, steps=args.steps or defaults.steps,
-        batch_size=args.batch_size or defaults.batch_size, lr=args.lr or defaults.lr,
-        crop_size=args.crop_size or defaults.crop_size, mode=mode, momentum=args.momentum,
-        weight_decay=args.weight_decay, power=args.power, amp=args.amp,
-        device=args.device, resume=args.resume, init=init,
-        log_every=args.log_every, model_kwargs=kwargs, seed=args.seed, val_every=args.val_every,
+        **settings, data_root=args.data, out_dir=args.out or os.path.join("runs", args.model),
+        momentum=args.momentum, weight_decay=args.weight_decay, power=args.power, amp=args.amp, device=args.device,
+        resume=args.resume, log_every=args.log_every, seed=args.seed, val_every=args.val_every,
         workers=args.workers, progress=sys.stderr.isatty() and not args.no_progress, ckpt_every=args.ckpt_every,
         shuffle=not args.no_shuffle, scale_range=scale_range, flip=not args.no_augment, augmented=args.augmented,
         stop_at=args.stop_at, extra_head=stage, extra_head_lr=crf_lr)
@@ -182,10 +156,6 @@ def run_train(args) -> int:
 
 
 def _print_learned_crf(checkpoint) -> None:
-    import torch
-
-    from ..train import load_trained_crf
-
     crf = load_trained_crf(checkpoint)
     for name in crf.trained:
         value = getattr(crf, name).detach()
@@ -202,40 +172,11 @@ def _print_learned_crf(checkpoint) -> None:
 # eval
 
 
-def _load_eval_model(args):
-    """(model name, model, the input normalisation, the training checkpoint or None) for ``eval``."""
-    from .. import models
-    from ..train import read_training_checkpoint
-
-    saved, ckpt = {}, None
-    if os.path.exists(args.weights):
-        with library_errors(f"--weights {args.weights!r}: "):
-            ckpt = read_training_checkpoint(args.weights)
-        saved = ckpt["args"] if ckpt is not None else {}
-    name = args.model or saved.get("model")
-    if name is None:
-        if not os.path.exists(args.weights) and "://" not in args.weights:
-            raise CLIError(f"--weights {args.weights!r}: no such file")
-        raise CLIError("--model is required (the weights are not a 'deeplab-fast train' checkpoint naming it)")
-    if name not in models.list_models():
-        raise CLIError(f"the checkpoint's model {name!r} is not a registered model ({', '.join(models.list_models())})")
-    family = models.model_entry(name).family
-    kwargs = dict(saved.get("model_kwargs") or {}) if saved.get("model") == name else {}
-    args.model = name
-    kwargs.update(_model_kwargs(args, family))
-    model, weights = load_model(name, args.weights, args.num_classes or saved.get("num_classes"), **kwargs)
-    mode = args.mode or saved.get("mode") or weights.meta["normalization"]["mode"]
-    return name, model, mode, ckpt
-
-
 def _fmt(v: float) -> str:
     return "   n/a" if v != v else f"{100 * v:6.2f}"
 
 
 def run_eval(args) -> int:
-    from ..data.voc import VOC_CLASSES
-    from ..train import evaluate
-
     if args.weights is None:
         raise CLIError("--weights is required: evaluation needs trained weights (a 'deeplab-fast train' "
                        "checkpoint such as OUT/last.pth, or see 'deeplab-fast segment --help')")
@@ -245,24 +186,23 @@ def run_eval(args) -> int:
     if args.crf_iterations is not None and not args.trained_crf:
         raise CLIError("--crf-iterations is for --trained-crf (a preset has its own)")
     device = resolve_device(args.device)
-    name, model, mode, ckpt = _load_eval_model(args)
+    name, model, preprocessing, ckpt = load_model_from_options(args)
     num_classes = model.num_classes
     crf, crf_name = args.crf, args.crf
     if args.trained_crf:
-        from ..train import load_trained_crf
-
         if ckpt is None:
             raise CLIError(f"--trained-crf: --weights {args.weights!r} is not a 'deeplab-fast train' checkpoint")
         with library_errors("--trained-crf: "):
             crf = load_trained_crf(ckpt, iterations=args.crf_iterations)
         crf_name = f"trained, {ckpt['args']['crf_rnn']['preset']}"
     with library_errors():
-        result = evaluate(model, args.data, split=args.split, num_classes=num_classes, mode=mode, crf=crf,
+        loader = evaluation_loader(VOCSegmentation(args.data, split=args.split), workers=args.workers)
+        result = evaluate(model, loader, num_classes=num_classes, preprocessing=preprocessing, crf=crf,
                           scales=args.scales, flip=args.flip, device=device,
-                          progress=sys.stderr.isatty() and not args.no_progress, workers=args.workers)
+                          progress=sys.stderr.isatty() and not args.no_progress)
     names = VOC_CLASSES if num_classes == len(VOC_CLASSES) else tuple(f"class {i}" for i in range(num_classes))
-    print(f"{name} on {args.data} [{args.split}], {result['num_images']} images, mode {mode}, scales "
-          f"{','.join(f'{s:g}' for s in args.scales)}{', flip' if args.flip else ''}")
+    print(f"{name} on {args.data} [{args.split}], {result['num_images']} images, preprocessing {preprocessing}, "
+          f"scales {','.join(f'{s:g}' for s in args.scales)}{', flip' if args.flip else ''}")
     if args.trained_crf:
         print(f"trained CRF: {crf!r}")
     crf = result["crf"]
@@ -279,7 +219,7 @@ def run_eval(args) -> int:
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        record = dict(model=name, weights=args.weights, data=args.data, split=args.split, mode=mode,
+        record = dict(model=name, weights=args.weights, data=args.data, split=args.split, preprocessing=preprocessing,
                       scales=list(args.scales), flip=args.flip, **result)
         if args.trained_crf:
             record["crf_preset"] = crf_name
@@ -293,8 +233,6 @@ def run_eval(args) -> int:
 
 
 def _train_description() -> str:
-    from ..train import RECIPES
-
     lines = ["Train a DeepLab model on PASCAL VOC 2012 (SGD, momentum 0.9, weight decay 5e-4, the classifier at "
              "10x the", "base learning rate, poly schedule with power 0.9). Defaults per model family (the papers' "
              "recipes):"]
@@ -312,9 +250,11 @@ def _train_description() -> str:
         "The loss: v1/v2 cross-entropy at 1/8 against downsampled labels (v2 --model-kwargs '{\"msc\": true}': the",
         "MSC loss); v3 cross-entropy on the upsampled logits (+0.4 x aux with '{\"aux_loss\": true}').",
         "--batch-size is per process; under 'torchrun --nproc_per_node=G -m deeplab_fast train ...' (DDP: NCCL on",
-        "CUDA, gloo on the CPU) the effective batch is G x batch-size. Writes OUT/last.pth and OUT/log.jsonl.",
+        "CUDA, gloo on the CPU) the effective batch is G x batch-size. Writes OUT/last.pth (only finite weights;",
+        "a diverged run stops with the step named), OUT/best.pth (with --val-every) and OUT/log.jsonl; --resume",
+        "continues exactly, for any --workers. SIGTERM or Ctrl-C: a checkpoint at the next step, exit 143 / 130.",
         "CRF-as-RNN stage: --crf-rnn PRESET --init OUT/last.pth fine-tunes a trained model with a trainable dense",
-        "CRF on top (the model, classes, options and --mode default to the --init checkpoint's); 'eval",
+        "CRF on top (the model, classes, options and --preprocessing default to the --init checkpoint's); 'eval",
         "--trained-crf' evaluates with the learned CRF."]
     return "\n".join(lines)
 
@@ -323,13 +263,11 @@ _EVAL_DESCRIPTION = """\
 Evaluate a DeepLab model on a VOC split: mIoU, pixel accuracy and per-class IoU (the VOC devkit's measures),
 from the softmax probabilities averaged over --scales (and mirrored inputs with --flip), and with --crf also
 after the dense CRF on those probabilities. --weights: a 'deeplab-fast train' checkpoint (OUT/last.pth; its
-model, options and --mode are read from it) or any weights 'deeplab-fast segment' loads (a registered name, a
+model, options and --preprocessing are read from it) or any weights 'deeplab-fast segment' loads (a registered name, a
 file or a URL)."""
 
 
 def _init_help() -> str:
-    from .. import models
-
     names = sorted({k for n in models.list_models() for k in models.get_model_weights(n).__members__})
     return ("pretrained weights to start from: a registered weights name of the model (" + ", ".join(names)
             + "), a file or a URL; tensors matching by name and shape are loaded")
@@ -337,10 +275,6 @@ def _init_help() -> str:
 
 def add_parsers(sub) -> None:
     """Adds the ``train`` and ``eval`` commands to the ``deeplab-fast`` parser."""
-    from ..nn import PRESETS
-    from ..nn.crf import COMPAT_FORMS
-    from ..train import RECIPES
-
     names = model_names()
     models_help = f"the architecture, one of {', '.join(names)}"
     common = [threads_parent(), device_parent(), data_parent(), model_options_parent()]
@@ -362,9 +296,8 @@ def add_parsers(sub) -> None:
                     "recipe; the classifier gets 10x)")
     tr.add_argument("--crop-size", type=positive_int, default=None, metavar="PX", help="training crop side "
                     "(default: 321 for v1/v2, 513 for v3)")
-    tr.add_argument("--mode", choices=("caffe", "torchvision"), default=None,
-                    help="input normalisation (default: the --init weights', else caffe for v1/v2, torchvision "
-                         "for v3)")
+    add_preprocessing_option(tr, "input normalisation (default: the --init weights', else caffe for v1/v2, "
+                                 "torchvision for v3)")
     tr.add_argument("--augmented", action="store_true",
                     help="train on train_aug (SegmentationClassAug, the SBD-augmented 10,582 images)")
     tr.add_argument("--amp", action="store_true", help="mixed precision (float16 + GradScaler on CUDA, bfloat16 "
@@ -383,7 +316,8 @@ def add_parsers(sub) -> None:
     tr.add_argument("--ckpt-every", type=nonnegative_int, default=1000, metavar="N",
                     help="write OUT/last.pth every N steps, and at the end (default 1000)")
     tr.add_argument("--val-every", type=nonnegative_int, default=0, metavar="N",
-                    help="evaluate on val every N steps (default 0: never)")
+                    help="evaluate on val every N steps, keeping the best mIoU's weights in OUT/best.pth (default 0: "
+                         "never)")
     tr.add_argument("--stop-at", type=positive_int, default=None, metavar="N",
                     help="stop after step N (checkpoint written), to continue later with --resume")
     tr.add_argument("--workers", type=nonnegative_int, default=4, metavar="N", help="data loader workers (default 4)")
@@ -418,8 +352,7 @@ def add_parsers(sub) -> None:
     ev.add_argument("--scales", type=scales, default=(1.0,), metavar="S,S,...",
                     help="input scales whose probabilities are averaged, e.g. 0.5,0.75,1.0 (default 1.0)")
     ev.add_argument("--flip", action="store_true", help="also average the mirrored inputs")
-    ev.add_argument("--mode", choices=("caffe", "torchvision"), default=None,
-                    help="input normalisation (default: the training checkpoint's, else the weights')")
+    add_preprocessing_option(ev, "input normalisation (default: the training checkpoint's, else the weights')")
     ev.add_argument("--workers", type=nonnegative_int, default=2, metavar="N", help="data loader workers")
     ev.add_argument("--json", metavar="FILE", default=None, help="also write the metrics as JSON")
     ev.add_argument("--trained-crf", action="store_true",

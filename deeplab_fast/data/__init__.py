@@ -12,6 +12,7 @@ smoke runs.
 from .synthetic import make_synthetic_voc
 from .synthetic_volume import SyntheticVolume, synthetic_volume
 from .transforms import EvalTransform, TrainTransform, denormalize, normalize
-from .voc import VOC_CLASSES, VOCSegmentation, colorize, find_voc_root, voc_palette
+from .voc import VOCSegmentation, colorize, find_voc_root, voc_palette
 
-__all__ = ["VOCSegmentation", "VOC_CLASSES", "voc_palette", "colorize", "find_voc_root", "TrainTransform", "EvalTransform", "normalize", "denormalize", "make_synthetic_voc", "synthetic_volume", "SyntheticVolume"]
+__all__ = ["VOCSegmentation", "voc_palette", "colorize", "find_voc_root", "TrainTransform", "EvalTransform",
+           "normalize", "denormalize", "make_synthetic_voc", "synthetic_volume", "SyntheticVolume"]

@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Tuple
 
 import numpy as np
+from PIL import Image
+
+from .voc import voc_palette
 
 __all__ = ["make_synthetic_voc", "SHAPES"]
 
@@ -89,10 +92,6 @@ def make_synthetic_voc(root, num_train: int = 64, num_val: int = 16, size: Tuple
     ``num_classes`` (background included) in [2, 7]. Deterministic from ``seed`` (numpy's PCG64). A few ms per
     96x128 image. ValueError for bad arguments.
     """
-    from PIL import Image
-
-    from .voc import voc_palette
-
     for name, v, lo in (("num_train", num_train, 0), ("num_val", num_val, 0), ("seed", seed, 0)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ValueError(f"make_synthetic_voc: {name} must be an int >= {lo}, got {v!r}")

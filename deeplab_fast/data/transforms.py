@@ -6,13 +6,17 @@ image with the mean colour and the label with 255); Chen et al., "Rethinking Atr
 arXiv:1706.05587, sec. 4.1 (scales 0.5 to 2.0, 513x513 crops, flips); kazuto1011/deeplab-pytorch's
 ``_augmentation`` (scale, pad bottom / right, crop, flip) and torchvision's segmentation reference.
 
-Normalisation (``normalize``): ``mode="torchvision"``: RGB / 255, minus the ImageNet mean, over its std
-(torchvision's weights; the v3 models); ``mode="caffe"``: BGR, 0-255, minus the Caffe mean (104.008, 116.669,
-122.675) (the Caffe-converted v1 / v2 weights). ``deeplab-fast segment`` / ``eval`` use the same function.
+The input preprocessing (``normalize``): ``preprocessing="torchvision"``: RGB / 255, minus the ImageNet mean, over
+its std (torchvision's weights; the v3 models); ``preprocessing="caffe"``: BGR, 0-255, minus the Caffe mean
+(104.008, 116.669, 122.675) (the Caffe-converted v1 / v2 weights). ``deeplab-fast segment`` / ``eval`` use the
+same function.
 
-Randomness comes from the ``generator`` (a ``torch.Generator``, or an int seed for one) or, when it is None,
-from torch's global generator — leave it None with a multi-worker DataLoader, which seeds each worker's global
-generator differently (a generator object would be copied into every worker and repeat the same draws).
+Randomness comes from a generator given to the call (``transform(image, target, generator=g)``: the training
+engine gives each sample its own, seeded from the run's seed, the epoch and the sample's index, so the draws do not
+depend on the DataLoader workers), else the transform's ``generator`` (a ``torch.Generator``, or an int seed for
+one), else torch's global generator — leave the transform's None with a multi-worker DataLoader, which seeds each
+worker's global generator differently (a generator object would be copied into every worker and repeat the same
+draws).
 """
 from __future__ import annotations
 
@@ -22,7 +26,8 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-__all__ = ["TrainTransform", "EvalTransform", "normalize", "denormalize", "MODES", "IMAGENET_MEAN", "IMAGENET_STD", "CAFFE_MEAN_BGR"]
+__all__ = ["TrainTransform", "EvalTransform", "normalize", "denormalize", "PREPROCESSING_CHOICES", "IMAGENET_MEAN",
+           "IMAGENET_STD", "CAFFE_MEAN_BGR"]
 
 # ImageNet normalisation (torchvision's DeepLabV3 weights) and the Caffe DeepLab v1/v2 preprocessing
 # (BGR, 0-255, mean subtracted), as kazuto1011/deeplab-pytorch feeds its converted Caffe weights.
@@ -30,13 +35,13 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CAFFE_MEAN_BGR = (104.008, 116.669, 122.675)
 
-MODES = ("torchvision", "caffe")
+PREPROCESSING_CHOICES = ("torchvision", "caffe")
 
 
-def _check_mode(mode, owner: str) -> str:
-    if mode not in MODES:
-        raise ValueError(f"{owner}: mode must be one of {MODES}, got {mode!r}")
-    return mode
+def _check_preprocessing(preprocessing, owner: str) -> str:
+    if preprocessing not in PREPROCESSING_CHOICES:
+        raise ValueError(f"{owner}: preprocessing must be one of {PREPROCESSING_CHOICES}, got {preprocessing!r}")
+    return preprocessing
 
 
 def _check_pair(image, target, owner: str) -> None:
@@ -55,35 +60,35 @@ def _check_pair(image, target, owner: str) -> None:
         raise ValueError(f"{owner}: target is {tuple(target.shape)}, image {tuple(image.shape[-2:])}")
 
 
-def normalize(image: torch.Tensor, mode: str = "torchvision") -> torch.Tensor:
+def normalize(image: torch.Tensor, preprocessing: str = "torchvision") -> torch.Tensor:
     """uint8 Tensor[..., 3, H, W] RGB -> float32 Tensor[..., 3, H, W]: ``"torchvision"``: (x / 255 - ImageNet
     mean) / ImageNet std, RGB; ``"caffe"``: BGR x (0-255) minus the Caffe BGR mean. The mean colour maps to 0 in
-    both. ValueError for another mode or a non-uint8 image."""
-    _check_mode(mode, "normalize")
+    both. ValueError for another preprocessing or a non-uint8 image."""
+    _check_preprocessing(preprocessing, "normalize")
     if not isinstance(image, torch.Tensor) or image.dtype != torch.uint8 or image.dim() < 3 \
             or image.shape[-3] != 3:
         raise ValueError("normalize: image must be a uint8 Tensor[..., 3, H, W]")
     x = image.float()
-    if mode == "torchvision":
+    if preprocessing == "torchvision":
         mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=x.device).view(3, 1, 1)
         std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=x.device).view(3, 1, 1)
         return (x / 255.0 - mean) / std
     return x.flip(-3) - torch.tensor(CAFFE_MEAN_BGR, dtype=torch.float32, device=x.device).view(3, 1, 1)
 
 
-def denormalize(x: torch.Tensor, mode: str) -> torch.Tensor:
-    """The inverse of :func:`normalize`: float Tensor[..., 3, H, W] normalised with ``mode``
+def denormalize(x: torch.Tensor, preprocessing: str) -> torch.Tensor:
+    """The inverse of :func:`normalize`: float Tensor[..., 3, H, W] normalised with ``preprocessing``
     ("torchvision": RGB, ImageNet mean / std; "caffe": BGR minus the Caffe mean, 0-255) -> uint8
-    Tensor[..., 3, H, W] RGB, rounded to the nearest level and clamped to [0, 255]. ``denormalize(normalize(img,
-    mode), mode)`` is ``img`` exactly; a training crop's rescaled pixels become the nearest levels of their
-    interpolated colour, its padding (0, the mean colour) the mean colour. ValueError for another mode or a
+    Tensor[..., 3, H, W] RGB, rounded to the nearest level and clamped to [0, 255]. ``denormalize(normalize(img, p),
+    p)`` is ``img`` exactly; a training crop's rescaled pixels become the nearest levels of their interpolated
+    colour, its padding (0, the mean colour) the mean colour. ValueError for another preprocessing or a
     non-floating input."""
-    _check_mode(mode, "denormalize")
+    _check_preprocessing(preprocessing, "denormalize")
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 3 or x.shape[-3] != 3:
         got = f"{x.dtype} with shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"denormalize: x must be a floating-point Tensor[..., 3, H, W], got {got}")
     x = x.detach().float()
-    if mode == "torchvision":
+    if preprocessing == "torchvision":
         mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=x.device).view(3, 1, 1)
         std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=x.device).view(3, 1, 1)
         rgb = (x * std + mean) * 255.0
@@ -103,9 +108,9 @@ def _pair(v, name: str, owner: str) -> Tuple[int, int]:
 class TrainTransform:
     """The DeepLab training augmentation: ``(image, target) -> (image, target)``.
 
-    ``TrainTransform(crop_size=321, scale_range=(0.5, 1.5), flip=True, mode="torchvision", ignore_index=255,
-    generator=None)``. Input: uint8 Tensor[3, H, W] RGB and an integer Tensor[H, W]; output: float32
-    Tensor[3, ch, cw] normalised (``normalize(image, mode)``) and int64 Tensor[ch, cw], with
+    ``TrainTransform(crop_size=321, scale_range=(0.5, 1.5), flip=True, preprocessing="torchvision",
+    ignore_index=255, generator=None)``. Input: uint8 Tensor[3, H, W] RGB and an integer Tensor[H, W]; output: float32
+    Tensor[3, ch, cw] normalised (``normalize(image, preprocessing)``) and int64 Tensor[ch, cw], with
     ``crop_size`` = ch = cw (an int) or (ch, cw). In order:
 
     1. normalise the image;
@@ -117,13 +122,14 @@ class TrainTransform:
     4. crop a random ch x cw window (uniform offsets);
     5. with ``flip``, mirror both horizontally with probability 1/2.
 
-    Draws (in that order: s, the crop offsets, the flip) come from ``generator`` (a ``torch.Generator`` or an int
-    seed) or torch's global generator. ValueError for bad arguments or inputs.
+    Draws (in that order: s, the crop offsets, the flip) come from the call's ``generator``, else the transform's
+    ``generator`` (a ``torch.Generator`` or an int seed), else torch's global generator. ValueError for bad
+    arguments or inputs.
     """
 
     def __init__(self, crop_size: Union[int, Tuple[int, int]] = 321,
                  scale_range: Optional[Tuple[float, float]] = (0.5, 1.5), flip: bool = True,
-                 mode: str = "torchvision", ignore_index: int = 255,
+                 preprocessing: str = "torchvision", ignore_index: int = 255,
                  generator: Optional[Union[torch.Generator, int]] = None):
         owner = "TrainTransform"
         self.crop_size = _pair(crop_size, "crop_size", owner)
@@ -136,7 +142,7 @@ class TrainTransform:
             scale_range = (float(scale_range[0]), float(scale_range[1]))
         self.scale_range = scale_range
         self.flip = bool(flip)
-        self.mode = _check_mode(mode, owner)
+        self.preprocessing = _check_preprocessing(preprocessing, owner)
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
             raise ValueError(f"{owner}: ignore_index must be an int, got {ignore_index!r}")
         self.ignore_index = int(ignore_index)
@@ -146,22 +152,20 @@ class TrainTransform:
             raise ValueError(f"{owner}: generator must be a torch.Generator, an int seed or None, got {generator!r}")
         self.generator = generator
 
-    def _rand(self) -> float:
-        return float(torch.rand((), generator=self.generator))
-
-    def _randint(self, high: int) -> int:
-        return int(torch.randint(high, (), generator=self.generator)) if high > 1 else 0
-
-    def __call__(self, image: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, image: torch.Tensor, target: torch.Tensor,
+                 generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``generator``: draw from it in this call instead of the transform's own (the training engine gives
+        each sample a generator of its own: ``deeplab_fast.train.sampling``)."""
         _check_pair(image, target, "TrainTransform")
+        g = self.generator if generator is None else generator
         if target is None:
             raise ValueError("TrainTransform: target must be given")
-        x = normalize(image, self.mode)
+        x = normalize(image, self.preprocessing)
         y = target.long()
         H, W = x.shape[-2:]
         if self.scale_range is not None and self.scale_range != (1.0, 1.0):
             lo, hi = self.scale_range
-            s = lo + (hi - lo) * self._rand()
+            s = lo + (hi - lo) * float(torch.rand((), generator=g))
             size = (max(1, round(H * s)), max(1, round(W * s)))
             if size != (H, W):
                 x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
@@ -173,29 +177,29 @@ class TrainTransform:
             x = F.pad(x, (0, pad_w, 0, pad_h), value=0.0)
             y = F.pad(y, (0, pad_w, 0, pad_h), value=self.ignore_index)
             H, W = H + pad_h, W + pad_w
-        top, left = self._randint(H - ch + 1), self._randint(W - cw + 1)
+        top, left = (int(torch.randint(n, (), generator=g)) if n > 1 else 0 for n in (H - ch + 1, W - cw + 1))
         x = x[:, top:top + ch, left:left + cw]
         y = y[top:top + ch, left:left + cw]
-        if self.flip and self._rand() < 0.5:
+        if self.flip and float(torch.rand((), generator=g)) < 0.5:
             x, y = x.flip(-1), y.flip(-1)
         return x.contiguous(), y.contiguous()
 
     def __repr__(self) -> str:
         return (f"TrainTransform(crop_size={self.crop_size}, scale_range={self.scale_range}, flip={self.flip}, "
-                f"mode={self.mode!r}, ignore_index={self.ignore_index})")
+                f"preprocessing={self.preprocessing!r}, ignore_index={self.ignore_index})")
 
 
 class EvalTransform:
-    """Evaluation: the full image normalised (``normalize(image, mode)``), the target as int64 (None passes
-    through). ``EvalTransform(mode="torchvision")``; ``(image, target) -> (float32 Tensor[3, H, W], int64
-    Tensor[H, W])``."""
+    """Evaluation: the full image normalised (``normalize(image, preprocessing)``), the target as int64 (None
+    passes through). ``EvalTransform(preprocessing="torchvision")``; ``(image, target) -> (float32 Tensor[3, H, W],
+    int64 Tensor[H, W])``."""
 
-    def __init__(self, mode: str = "torchvision"):
-        self.mode = _check_mode(mode, "EvalTransform")
+    def __init__(self, preprocessing: str = "torchvision"):
+        self.preprocessing = _check_preprocessing(preprocessing, "EvalTransform")
 
     def __call__(self, image: torch.Tensor, target: Optional[torch.Tensor] = None):
         _check_pair(image, target, "EvalTransform")
-        return normalize(image, self.mode), (None if target is None else target.long())
+        return normalize(image, self.preprocessing), (None if target is None else target.long())
 
     def __repr__(self) -> str:
-        return f"EvalTransform(mode={self.mode!r})"
+        return f"EvalTransform(preprocessing={self.preprocessing!r})"

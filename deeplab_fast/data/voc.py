@@ -27,13 +27,9 @@ from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 import torch
+from PIL import Image
 
-__all__ = ["VOCSegmentation", "find_voc_root", "voc_palette", "colorize", "VOC_CLASSES"]
-
-# The 21 PASCAL VOC class names, by label index (0 is the background; 255 marks void pixels in the labels).
-VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
-               "tvmonitor")
+__all__ = ["VOCSegmentation", "find_voc_root", "voc_palette", "colorize"]
 
 _AUG_SPLITS = ("train", "trainval")
 
@@ -105,8 +101,6 @@ class VOCSegmentation(torch.utils.data.Dataset):
 
     def load(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """The untransformed pair of item ``index``."""
-        from PIL import Image
-
         img_path, lbl_path = self.images[index], self.labels[index]
         for path in (img_path, lbl_path):
             if not path.is_file():

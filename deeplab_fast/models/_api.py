@@ -1,51 +1,30 @@
-"""The model registry and weights by name, in ``torchvision.models``' conventions.
-
-- ``list_models()``: the registered model names.
-- ``get_model(name, *, weights=None, progress=True, **kwargs)``: builds a model, with random initialisation
-  (``weights=None``) or loaded weights. ``weights`` may be a registered weights name of that model
-  (``"DEFAULT"``, ``"COCO_WITH_VOC_LABELS_V1"``, or qualified as ``"DeepLabV3_ResNet101_Weights.DEFAULT"``), a
-  ``WeightsEnum`` member, a local path, or an ``http(s)://`` / ``file://`` URL.
-- ``get_model_weights(name)``: the model's ``WeightsEnum`` class; ``get_weight("Enum.MEMBER")``: one member.
-- ``resolve_weights(name, weights)``: what ``get_model`` loads, as a ``Weights`` (or a member): its ``meta``
-  (``num_classes``, ``categories``, ``normalization``, ``source``, ``recipe``) and ``transforms()`` (the input
-  preprocessing), for a path or URL too (the model's default normalisation, unless the file name is that of a
-  registered weights file, whose entry then applies).
-- ``load_weights_state_dict(weights)``: the state dict of resolved weights, converted to the model's key names.
-
-Registered weights (``Weights``: ``url``, ``transforms``, ``meta``, and here also a ``converter`` from the
-file's key names to the model's, ``backbone_only`` for ImageNet backbones, the ``model_kwargs`` the weights
-fix, e.g. ``num_classes`` and torchvision's ``aux_loss``):
-
-- given by name, the entry's ``model_kwargs`` apply (a conflicting keyword is a ValueError), as in torchvision;
-  given a path or URL without ``num_classes``, the class count is read from the checkpoint's classifier (the key
-  the model's registration names);
-- downloads go through ``torch.hub.load_state_dict_from_url(..., check_hash=True, weights_only=True)`` into
-  torch.hub's cache (``torch.hub.get_dir()/checkpoints``), with a progress bar; a file already in the cache is
-  used without the network; a download whose sha256 does not start with the file name's hash prefix
-  (``name-<sha256 prefix>.pth``) is refused and nothing is left in the cache; a downloaded file that is not a
-  checkpoint is removed from the cache again;
-- ``backbone_only`` weights (ImageNet classifiers) load into the backbone, which they must fit exactly; the rest
-  of the model keeps its initialisation;
-- weights of another architecture raise a ValueError listing the missing and unexpected keys.
-
-Errors: ValueError for unknown names, unusable files and weights that do not fit; FileNotFoundError for a
-missing local file; OSError for a failed download.
+"""The model registry and weights by name, path or URL, in ``torchvision.models``' conventions: ``list_models``,
+``get_model``, ``get_model_weights``, ``get_weight``, ``WeightsEnum``, ``Weights``. The entries are data in
+``zoo.py``. How weights are resolved, loaded and cached: docs/models.md.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
+import hashlib
 import os
+import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Type, Union
 from urllib.parse import urlparse
+from urllib.request import url2pathname
 
+import torch
 from torch import nn
+
+from .transforms import PREPROCESSING_CHOICES, SegmentationPreset, normalization_meta
+from .weights import CheckpointError, as_state_dict, key_list, load_checkpoint, load_weights, without_unused_aux
 
 __all__ = ["Weights", "WeightsEnum", "ModelEntry", "register_model", "list_models", "get_model", "build_model",
            "get_model_builder", "get_model_weights", "get_weight", "model_entry", "resolve_weights",
-           "resolve_backbone_weights", "load_weights_state_dict", "preprocess"]
+           "resolve_backbone_weights", "load_weights_state_dict", "preprocess", "cache_file"]
 
 _URL_SCHEMES = ("http", "https", "file")
 
@@ -74,7 +53,8 @@ class Weights:
 
     @property
     def cache_name(self) -> Optional[str]:
-        """The file's name in torch.hub's cache."""
+        """The file's name (``file_name``, else the URL's): the name a registered URL is cached under, and the
+        name a path or URL is matched to a registered entry by."""
         if self.file_name:
             return self.file_name
         return os.path.basename(urlparse(self.url).path) if self.url else None
@@ -114,7 +94,7 @@ class WeightsEnum(enum.Enum):
 class ModelEntry:
     """A registered model: its builder (the architecture's constructor, called with the model keyword
     arguments), weights enum, family (``"v1"``, ``"v2"``, ``"v3"``: the training loss and BN handling follow it),
-    default input normalisation (``"caffe"`` or ``"torchvision"``) for weights that do not say,
+    default input preprocessing (``"caffe"`` or ``"torchvision"``) for weights that do not say,
     ``classifier_key(**kwargs)``: the state-dict key of the classifier's weight for a model built with ``kwargs``
     (the class count is its first dimension), and ``function``: the public builder in torchvision's form
     (``name(*, weights=None, progress=True, weights_backbone=None, **kwargs)``), which ``get_model_builder``
@@ -126,7 +106,7 @@ class ModelEntry:
     builder: Callable[..., nn.Module]
     weights: Type[WeightsEnum]
     family: str
-    default_mode: str
+    default_preprocessing: str
     classifier_key: Callable[..., str]
     function: Optional[Callable[..., nn.Module]] = None
     foreign: Optional[Callable[[Mapping, dict], Mapping]] = None
@@ -136,13 +116,13 @@ _REGISTRY: "OrderedDict[str, ModelEntry]" = OrderedDict()
 
 
 def register_model(name: str, builder: Callable[..., nn.Module], *, weights: Type[WeightsEnum], family: str,
-                   default_mode: str, classifier_key: Callable[..., str],
+                   default_preprocessing: str, classifier_key: Callable[..., str],
                    function: Optional[Callable[..., nn.Module]] = None,
                    foreign: Optional[Callable[[Mapping, dict], Mapping]] = None) -> ModelEntry:
     """Adds a model to the registry (ValueError for a name that is taken); returns its entry."""
     if name in _REGISTRY:
         raise ValueError(f"register_model: {name!r} is already registered")
-    entry = ModelEntry(name, builder, weights, family, default_mode, classifier_key, function, foreign)
+    entry = ModelEntry(name, builder, weights, family, default_preprocessing, classifier_key, function, foreign)
     _REGISTRY[name] = entry
     return entry
 
@@ -204,11 +184,9 @@ def _registered_by_file_name(entry: ModelEntry, file_name: str) -> Optional[Weig
 
 
 def _default_weights(entry: ModelEntry, location: str) -> Weights:
-    from .transforms import SegmentationPreset, normalization_meta
-
-    return Weights(url=location, transforms=lambda: SegmentationPreset(entry.default_mode),
+    return Weights(url=location, transforms=lambda: SegmentationPreset(entry.default_preprocessing),
                    meta={"num_classes": None, "categories": None,
-                         "normalization": normalization_meta(entry.default_mode), "source": location,
+                         "normalization": normalization_meta(entry.default_preprocessing), "source": location,
                          "recipe": None}, check_hash=True)
 
 
@@ -264,49 +242,90 @@ def resolve_weights(name: str, weights) -> Union[WeightsEnum, Weights]:
 
 
 def _hub_checkpoint_dir() -> str:
-    import torch
-
     return os.path.join(torch.hub.get_dir(), "checkpoints")
 
 
-def _download(url: str, file_name: Optional[str], check_hash: bool, progress: bool):
-    """torch.hub.load_state_dict_from_url into torch.hub's cache; the object, or OSError / ValueError. A file
-    that this call downloaded and that does not load is removed from the cache."""
-    import torch
+# torch.hub's convention: a file name "name-<sha256 prefix>.ext" carries the prefix of its content's sha256.
+_HASH_IN_NAME = re.compile(r"-([a-f0-9]+)\.")
 
-    cached = os.path.join(_hub_checkpoint_dir(), file_name or os.path.basename(urlparse(url).path))
-    existed = os.path.exists(cached)
-    try:
-        return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=progress,
-                                                  check_hash=check_hash, file_name=file_name, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - every failure becomes one clear error
-        downloaded = not existed and os.path.exists(cached)
-        if not existed and not downloaded:  # the download itself failed: nothing reached the cache
-            reason = f"{type(exc).__name__}: {exc}"
+
+def _hash_prefix(w: Weights) -> Optional[str]:
+    """The sha256 prefix the file of ``w`` must have (None: not hash-checked)."""
+    if not w.check_hash:
+        return None
+    match = _HASH_IN_NAME.search(w.file_name or os.path.basename(urlparse(w.url).path))
+    return match.group(1) if match else None
+
+
+def _registered_url(url: str) -> bool:
+    return any(member.url == url for entry in _REGISTRY.values() for member in entry.weights)
+
+
+def cache_file(w: Weights) -> str:
+    """Where the file of ``w`` (a URL) is cached in torch.hub's cache: a registered URL under its own file name
+    (torchvision's, so a file torchvision downloaded is reused); any other URL as ``<name>.<16 hex digits of
+    the URL's sha256><extension>``, so that two URLs never share an entry."""
+    name = w.file_name or os.path.basename(urlparse(w.url).path) or "weights"
+    if not _registered_url(w.url):
+        stem, ext = os.path.splitext(name)
+        name = f"{stem}.{hashlib.sha256(w.url.encode()).hexdigest()[:16]}{ext}"
+    return os.path.join(_hub_checkpoint_dir(), name)
+
+
+def _check_local_hash(path: str, prefix: Optional[str], url: str) -> None:
+    if prefix is None:
+        return
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if not digest.hexdigest().startswith(prefix):
+        raise CheckpointError(f"weights {url!r}: the file's sha256 does not match the hash prefix of its name "
+                              f"({prefix}); refused")
+
+
+def _load_url(w: Weights, progress: bool):
+    """The object in the file of ``w``'s URL: a ``file://`` URL read in place, an http(s) URL downloaded once into
+    torch.hub's cache (:func:`cache_file`), hash-checked where its name carries a sha256 prefix. OSError for a
+    failed download; CheckpointError for a hash mismatch (nothing is cached) or a file that is not a weights-only
+    checkpoint (a downloaded one is removed from the cache again)."""
+    url, prefix = w.url, _hash_prefix(w)
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise OSError(f"weights {url!r}: a file:// URL on another host ({parsed.netloc}) cannot be read")
+        path = url2pathname(parsed.path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"weights {url!r}: no such file {path!r}")
+        _check_local_hash(path, prefix, url)
+        return load_checkpoint(path)
+    cached = cache_file(w)
+    downloaded = not os.path.exists(cached)
+    if downloaded:
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        try:  # into a temporary file beside `cached`, renamed when complete and hash-checked
+            torch.hub.download_url_to_file(url, cached, hash_prefix=prefix, progress=progress)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes one clear error
             if "invalid hash value" in str(exc):
-                from .weights import CheckpointError
-
                 raise CheckpointError(f"weights {url!r}: the download's sha256 does not match the hash prefix of its "
-                                 f"file name; refused, nothing was cached ({exc})") from None
-            raise OSError(f"weights {url!r}: download failed ({reason})") from None
+                                      f"file name; refused, nothing was cached ({exc})") from None
+            raise OSError(f"weights {url!r}: download failed ({type(exc).__name__}: {exc})") from None
+    try:
+        return torch.load(cached, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch.load raises many types on foreign files
         if downloaded:
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(cached)
-            except OSError:
-                pass
-        from .weights import CheckpointError
-
+        first = str(exc).splitlines()[0] if str(exc) else ""
         raise CheckpointError(f"weights {url!r}: {cached!r} is not a weights-only PyTorch checkpoint "
-                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-                         + ("; removed it from the cache" if downloaded else "")) from None
+                              f"({type(exc).__name__}: {first})"
+                              + ("; removed it from the cache" if downloaded else "")) from None
 
 
 def load_weights_state_dict(weights, progress: bool = True) -> "OrderedDict":
-    """The state dict of ``weights`` (a member or a ``Weights``), converted to the model's key names: downloaded
-    through torch.hub's cache for a URL, read from the cache for registered files without a URL, read directly
-    for a local path."""
-    from .weights import as_state_dict, load_checkpoint
-
+    """The state dict of ``weights`` (a member or a ``Weights``), converted to the model's key names: an http(s)
+    URL downloaded once into torch.hub's cache under a name keyed by the whole URL (:func:`cache_file`), a
+    ``file://`` URL or a local path read in place, a registered file without a URL read from the cache."""
     w = weights.value if isinstance(weights, WeightsEnum) else weights
     name = _weights_name(weights)
     if w.url is None:
@@ -316,7 +335,7 @@ def load_weights_state_dict(weights, progress: bool = True) -> "OrderedDict":
                              f"torch.hub's cache as {cached!r} (or give its path)")
         state = load_checkpoint(cached)
     elif _is_url(w.url):
-        state = as_state_dict(_download(w.url, w.file_name, w.check_hash, progress), w.url)
+        state = as_state_dict(_load_url(w, progress), w.url)
     else:
         state = load_checkpoint(w.url)
     if w.converter is not None:
@@ -330,8 +349,6 @@ def _load_backbone(model: nn.Module, state: Mapping, name: str) -> None:
     unexpected = [k for k in state if k not in own]
     shapes = [k for k in state if k in own and tuple(own[k].shape) != tuple(state[k].shape)]
     if unexpected or shapes or not state:
-        from .weights import key_list
-
         raise ValueError(f"weights {name} do not fit {type(model).__name__}'s backbone: "
                          f"{len(unexpected)} unexpected keys ({key_list(unexpected)}), "
                          f"{len(shapes)} shape mismatches ({key_list(shapes)})")
@@ -366,7 +383,8 @@ def resolve_backbone_weights(name: str, weights_backbone) -> Union[WeightsEnum, 
 
 
 def get_model(name: str, *, weights=None, progress: bool = True, weights_backbone=None, **kwargs) -> nn.Module:
-    """Builds model ``name`` with ``kwargs``; with ``weights`` (see the module docstring), loads them.
+    """Builds model ``name`` with ``kwargs``; with ``weights`` (a registered name, a member, a path or a URL:
+    docs/models.md), loads them.
 
     As torchvision's builders: ``num_classes=None`` and ``aux_loss=None`` mean "the default, or what the weights
     fix"; a registered name fixes its ``model_kwargs`` (``num_classes``, ``aux_loss``); with a path or URL and no
@@ -408,23 +426,14 @@ def build_model(name: str, state_dict: Mapping, *, weights=None, **kwargs) -> nn
                              f"classifier of {name}); give num_classes")
         kwargs["num_classes"] = int(state_dict[key].shape[0])
     model = entry.builder(**kwargs)
-    from .weights import load_weights
-
-    load_weights(model, _drop_unused(model, state_dict), strict=True,
+    load_weights(model, without_unused_aux(model, state_dict), strict=True,
                  _owner=f"get_model({name!r}, weights={wname})")
     return model
 
 
-def _drop_unused(model: nn.Module, state: Mapping) -> Mapping:
-    """torchvision's DeepLabV3 weights carry the auxiliary head; a model built without it takes the rest."""
-    if getattr(model, "aux_classifier", False) is None:
-        return OrderedDict((k, v) for k, v in state.items() if not k.startswith("aux_classifier."))
-    return state
-
-
-def preprocess(images, mode: str):
-    """``SegmentationPreset(mode)(images)``: uint8 RGB images as the model input; ``mode`` is "caffe",
-    "torchvision", or a registered model name for that model's default normalisation."""
-    from .transforms import MODES, SegmentationPreset
-
-    return SegmentationPreset(mode if mode in MODES else model_entry(mode).default_mode)(images)
+def preprocess(images, preprocessing: str):
+    """``SegmentationPreset(preprocessing)(images)``: uint8 RGB images as the model input; ``preprocessing`` is
+    "caffe", "torchvision", or a registered model name for that model's default preprocessing."""
+    if preprocessing not in PREPROCESSING_CHOICES:
+        preprocessing = model_entry(preprocessing).default_preprocessing
+    return SegmentationPreset(preprocessing)(images)

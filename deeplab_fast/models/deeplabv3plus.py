@@ -44,7 +44,8 @@ from torch import nn
 from .._validation import positive_int
 from ..nn.aspp import ASPP
 from ..nn.separable import AtrousSeparableConv2d
-from .backbones import RESNET_LAYERS, MobileNetV2, ResNet
+from .backbones import RESNET_LAYERS, ResNet
+from .mobilenet import MobileNetV2
 from .deeplab import check_rgb_input
 
 __all__ = ["DeepLabV3Plus", "V3PLUS_BACKBONES", "FLAVORS"]

@@ -21,7 +21,7 @@ from torch import nn
 
 from .._validation import positive_int
 from ..nn.aspp import ASPP
-from .backbones import mobilenet_v3_large_features
+from .mobilenet import mobilenet_v3_large_features
 from .deeplab import _fcn_head, check_rgb_input
 
 __all__ = ["DeepLabV3MobileNetV3", "LRASPP", "LRASPPHead"]

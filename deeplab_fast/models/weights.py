@@ -1,6 +1,6 @@
 """Loading weights into the DeepLab models: checkpoint files, and the key maps of torchvision's DeepLab v3 and
-backbones (ResNet, VGG-16, MobileNetV2/V3), of kazuto1011/deeplab-pytorch's DeepLab v2 checkpoints and of
-segmentation_models_pytorch's DeepLabV3Plus. Nothing here downloads anything (the
+backbones (ResNet, VGG-16, MobileNetV2/V3), of kazuto1011/deeplab-pytorch's DeepLab v2 checkpoints (smp.py:
+segmentation_models_pytorch's DeepLabV3Plus). Nothing here downloads anything (the
 registry, ``deeplab_fast.models.get_model(weights=...)``, does) or imports torchvision.
 
 - ``load_checkpoint(path)``: a state dict from a file, read with ``torch.load(weights_only=True)``; ValueError
@@ -25,13 +25,13 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from ..nn.aspp import ASPP
 from .deeplab import DeepLabV1, DeepLabV2, DeepLabV3
 
 __all__ = ["CheckpointError", "load_checkpoint", "as_state_dict", "load_weights", "load_torchvision_deeplabv3", "from_torchvision",
            "load_vgg16_features", "convert_kazuto_deeplabv2", "to_kazuto_deeplabv2", "is_kazuto_deeplabv2",
-           "vgg16_to_deeplab_v1", "resnet_to_deeplab_backbone", "key_list", "mobilenet_to_features_backbone",
-           "mobilenet_v2_to_deeplab_backbone", "is_smp_deeplabv3plus", "convert_smp_deeplabv3plus",
-           "smp_deeplabv3plus_foreign"]
+           "vgg16_to_deeplab_v1", "resnet_to_deeplab_backbone", "key_list", "without_unused_aux",
+           "mobilenet_to_features_backbone", "mobilenet_v2_to_deeplab_backbone"]
 
 _SHOW = 8  # keys listed per category in error messages
 
@@ -171,16 +171,25 @@ def load_torchvision_deeplabv3(model: DeepLabV3, state_dict: Mapping, drop_aux: 
     """Loads a torchvision ``deeplabv3_resnet50/101`` state dict into ``model`` (``strict=True``); returns it.
 
     The names are identical; ``drop_aux`` (default True) drops the ``aux_classifier.*`` entries when ``model``
-    was built without ``aux_loss`` (torchvision's released weights include the aux head). Raises ValueError,
-    naming the missing/unexpected keys and what the model expects, when the architectures differ (ResNet-50
-    weights into a ResNet-101 model, another ``num_classes``, the "paper" head, ...).
+    was built without ``aux_loss`` (torchvision's released weights include the aux head; ``without_unused_aux``).
+    Raises ValueError, naming the missing/unexpected keys and what the model expects, when the architectures
+    differ (ResNet-50 weights into a ResNet-101 model, another ``num_classes``, the "paper" head, ...).
     """
     if not isinstance(model, DeepLabV3):
         raise ValueError(f"load_torchvision_deeplabv3: model must be a DeepLabV3, got {type(model).__name__}")
     _check_state_dict(state_dict, "load_torchvision_deeplabv3")
-    if drop_aux and model.aux_classifier is None:
-        state_dict = OrderedDict((k, v) for k, v in state_dict.items() if not k.startswith("aux_classifier."))
+    if drop_aux:
+        state_dict = without_unused_aux(model, state_dict)
     return load_weights(model, state_dict, strict=True, _owner="load_torchvision_deeplabv3")
+
+
+def without_unused_aux(model: nn.Module, state_dict: Mapping) -> Mapping:
+    """``state_dict`` without its ``aux_classifier.*`` entries when ``model`` is a ``DeepLabV3`` built without the
+    auxiliary head (torchvision's released weights carry it); unchanged otherwise. The one rule for the auxiliary
+    head: ``get_model`` and ``load_torchvision_deeplabv3(drop_aux=True)`` both apply it."""
+    if isinstance(model, DeepLabV3) and model.aux_classifier is None:
+        return OrderedDict((k, v) for k, v in state_dict.items() if not k.startswith("aux_classifier."))
+    return state_dict
 
 
 def from_torchvision(tv_model: nn.Module) -> DeepLabV3:
@@ -222,8 +231,6 @@ def from_torchvision(tv_model: nn.Module) -> DeepLabV3:
         raise ValueError(f"{owner}: the backbone's dilations {dilations} are not torchvision's for output stride "
                          f"{output_stride} ({ours})")
     if rates != model.atrous_rates:
-        from ..nn.aspp import ASPP
-
         model.classifier[0] = ASPP.from_torchvision(aspp).float().train()
     p = next(tv_model.parameters())
     model = model.to(device=p.device, dtype=p.dtype)
@@ -355,7 +362,7 @@ def to_kazuto_deeplabv2(state_dict: Mapping, prefix: str = "base.") -> "OrderedD
 
 
 # ----------------------------------------------------------------------------------------------------------
-# MobileNet backbones (torchvision) and segmentation_models_pytorch's DeepLabV3Plus
+# MobileNet backbones (torchvision); segmentation_models_pytorch's DeepLabV3Plus: smp.py
 
 
 def mobilenet_to_features_backbone(state_dict: Mapping) -> "OrderedDict[str, torch.Tensor]":
@@ -380,68 +387,3 @@ def mobilenet_v2_to_deeplab_backbone(state_dict: Mapping) -> "OrderedDict[str, t
     if not out:
         raise ValueError("mobilenet_v2_to_deeplab_backbone: no 'features.*' entries: not a torchvision MobileNetV2")
     return out
-
-
-_SMP_MARKERS = ("segmentation_head.0.weight", "decoder.block1.0.weight")
-_SMP_RULES = [
-    (re.compile(r"^encoder\.(.+)$"), lambda m: f"backbone.{m.group(1)}"),
-    (re.compile(r"^decoder\.aspp\.0\.convs\.([1-3])\.0\.0\.weight$"), lambda m: f"aspp.convs.{m.group(1)}.depthwise.weight"),
-    (re.compile(r"^decoder\.aspp\.0\.convs\.([1-3])\.0\.1\.(weight|bias)$"),
-     lambda m: f"aspp.convs.{m.group(1)}.pointwise.{m.group(2)}"),
-    (re.compile(r"^decoder\.aspp\.0\.convs\.([1-3])\.1\.(\w+)$"), lambda m: f"aspp.convs.{m.group(1)}.pointwise_bn.{m.group(2)}"),
-    (re.compile(r"^decoder\.aspp\.0\.((?:convs\.[04]|project)\.\d+\.\w+)$"), lambda m: f"aspp.{m.group(1)}"),
-    (re.compile(r"^decoder\.aspp\.1\.0\.weight$"), lambda m: "aspp_conv.depthwise.weight"),
-    (re.compile(r"^decoder\.aspp\.1\.1\.(weight|bias)$"), lambda m: f"aspp_conv.pointwise.{m.group(1)}"),
-    (re.compile(r"^decoder\.aspp\.2\.(\w+)$"), lambda m: f"aspp_conv.pointwise_bn.{m.group(1)}"),
-    (re.compile(r"^decoder\.block1\.(\d+\.\w+)$"), lambda m: f"low_level.{m.group(1)}"),
-    (re.compile(r"^decoder\.block2\.0\.0\.weight$"), lambda m: "decoder.0.depthwise.weight"),
-    (re.compile(r"^decoder\.block2\.0\.1\.(weight|bias)$"), lambda m: f"decoder.0.pointwise.{m.group(1)}"),
-    (re.compile(r"^decoder\.block2\.1\.(\w+)$"), lambda m: f"decoder.0.pointwise_bn.{m.group(1)}"),
-    (re.compile(r"^segmentation_head\.0\.(weight|bias)$"), lambda m: f"classifier.{m.group(1)}"),
-]
-
-
-def is_smp_deeplabv3plus(state_dict: Mapping) -> bool:
-    """Whether the keys are segmentation_models_pytorch's ``DeepLabV3Plus`` (``segmentation_head.0.weight`` and
-    ``decoder.block1.0.weight``)."""
-    return all(k in state_dict for k in _SMP_MARKERS)
-
-
-def convert_smp_deeplabv3plus(state_dict: Mapping) -> "OrderedDict[str, torch.Tensor]":
-    """segmentation_models_pytorch 0.6.0 ``DeepLabV3Plus`` key names -> ``DeepLabV3Plus(flavor="smp")``'s
-    (tensors shared). The map (i = 1..3):
-
-    ===============================================  ==========================================
-    smp                                              ``DeepLabV3Plus(flavor="smp")``
-    ===============================================  ==========================================
-    ``encoder.*``                                    ``backbone.*``
-    ``decoder.aspp.0.convs.{0,4}.*``, ``.project.*``  ``aspp.convs.{0,4}.*``, ``aspp.project.*``
-    ``decoder.aspp.0.convs.{i}.0.0`` / ``.0.1``      ``aspp.convs.{i}.depthwise`` / ``.pointwise``
-    ``decoder.aspp.0.convs.{i}.1``                   ``aspp.convs.{i}.pointwise_bn``
-    ``decoder.aspp.1.0`` / ``.1.1``, ``.2``          ``aspp_conv.depthwise`` / ``.pointwise``, ``.pointwise_bn``
-    ``decoder.block1.*``                             ``low_level.*``
-    ``decoder.block2.0.0`` / ``.0.1``, ``.1``        ``decoder.0.depthwise`` / ``.pointwise``, ``.pointwise_bn``
-    ``segmentation_head.0.*``                        ``classifier.*``
-    ===============================================  ==========================================
-
-    smp's optional classification head (``aux_params``) has no counterpart: ValueError, as for any other key no
-    rule maps."""
-    _check_state_dict(state_dict, "convert_smp_deeplabv3plus")
-    return _rename(state_dict, _SMP_RULES, "convert_smp_deeplabv3plus",
-                   "segmentation_models_pytorch DeepLabV3Plus names (without aux_params)")
-
-
-def smp_deeplabv3plus_foreign(state_dict: Mapping, kwargs: dict) -> Mapping:
-    """The registry's ``foreign`` hook of the DeepLab v3+ models: an smp ``DeepLabV3Plus`` state dict is
-    converted (``convert_smp_deeplabv3plus``) when the model is built with ``flavor="smp"`` and an explicit
-    ``output_stride`` (smp's state dicts do not record the encoder's output stride, and both strides have the
-    same tensors); ValueError otherwise. Other state dicts pass unchanged."""
-    if not is_smp_deeplabv3plus(state_dict):
-        return state_dict
-    if kwargs.get("flavor") != "smp" or kwargs.get("output_stride") is None:
-        raise ValueError("these are segmentation_models_pytorch DeepLabV3Plus weights: build the model with "
-                         "flavor='smp' and the output_stride they were trained with (smp's "
-                         "encoder_output_stride, 16 or 8: its state dicts do not record it), e.g. "
-                         "get_model(name, weights=path, flavor='smp', output_stride=16); got "
-                         f"flavor={kwargs.get('flavor')!r}, output_stride={kwargs.get('output_stride')!r}")
-    return convert_smp_deeplabv3plus(state_dict)

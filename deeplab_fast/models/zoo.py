@@ -24,19 +24,20 @@ from collections import OrderedDict
 from functools import partial
 from typing import Mapping
 
-from ..data.voc import VOC_CLASSES
 from ._api import Weights, WeightsEnum, get_model, register_model
+from ._meta import COCO_STUFF_CLASSES, VOC_CLASSES
 from .deeplab import DeepLabV1, DeepLabV2, DeepLabV3
 from .deeplabv3plus import DeepLabV3Plus
 from .mobile import LRASPP, DeepLabV3MobileNetV3
 from .transforms import SegmentationPreset, normalization_meta
+from .smp import smp_deeplabv3plus_foreign
 from .weights import (convert_kazuto_deeplabv2, mobilenet_to_features_backbone, mobilenet_v2_to_deeplab_backbone,
-                      resnet_to_deeplab_backbone, smp_deeplabv3plus_foreign, vgg16_to_deeplab_v1)
+                      resnet_to_deeplab_backbone, vgg16_to_deeplab_v1)
 
 __all__ = ["DeepLabV1_LargeFOV_Weights", "DeepLabV1_MSC_LargeFOV_Weights", "DeepLabV2_ResNet101_Weights",
            "DeepLabV3_ResNet50_Weights", "DeepLabV3_ResNet101_Weights", "DeepLabV3_MobileNet_V3_Large_Weights",
            "LRASPP_MobileNet_V3_Large_Weights", "DeepLabV3Plus_ResNet50_Weights", "DeepLabV3Plus_ResNet101_Weights",
-           "DeepLabV3Plus_MobileNet_V2_Weights", "COCO_STUFF_CLASSES", "deeplab_v1_largefov",
+           "DeepLabV3Plus_MobileNet_V2_Weights", "deeplab_v1_largefov",
            "deeplab_v1_msc_largefov", "deeplab_v2_resnet101", "deeplab_v3_resnet50", "deeplab_v3_resnet101",
            "deeplab_v3_mobilenet_v3_large", "lraspp_mobilenet_v3_large", "deeplab_v3plus_resnet50",
            "deeplab_v3plus_resnet101", "deeplab_v3plus_mobilenet_v2", "deeplabv3_resnet50", "deeplabv3_resnet101",
@@ -47,35 +48,11 @@ _KAZUTO = "https://github.com/kazuto1011/deeplab-pytorch/releases/download/v1.0/
 _TV_RECIPE = "https://github.com/pytorch/vision/tree/main/references/segmentation#deeplabv3_resnet101"
 _KAZUTO_REPO = "https://github.com/kazuto1011/deeplab-pytorch"
 
-# COCO-Stuff's 182 label names (0..181; kazuto1011's data/datasets/cocostuff10k/labels.txt without "unlabeled").
-COCO_STUFF_CLASSES = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
-    "fire hydrant", "street sign", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep",
-    "cow", "elephant", "bear", "zebra", "giraffe", "hat", "backpack", "umbrella", "shoe", "eye glasses", "handbag",
-    "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove",
-    "skateboard", "surfboard", "tennis racket", "bottle", "plate", "wine glass", "cup", "fork", "knife", "spoon",
-    "bowl", "banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake",
-    "chair", "couch", "potted plant", "bed", "mirror", "dining table", "window", "desk", "toilet", "door", "tv",
-    "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator",
-    "blender", "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush", "hair brush",
-    "banner", "blanket", "branch", "bridge", "building-other", "bush", "cabinet", "cage", "cardboard", "carpet",
-    "ceiling-other", "ceiling-tile", "cloth", "clothes", "clouds", "counter", "cupboard", "curtain", "desk-stuff",
-    "dirt", "door-stuff", "fence", "floor-marble", "floor-other", "floor-stone", "floor-tile", "floor-wood",
-    "flower", "fog", "food-other", "fruit", "furniture-other", "grass", "gravel", "ground-other", "hill", "house",
-    "leaves", "light", "mat", "metal", "mirror-stuff", "moss", "mountain", "mud", "napkin", "net", "paper",
-    "pavement", "pillow", "plant-other", "plastic", "platform", "playingfield", "railing", "railroad", "river",
-    "road", "rock", "roof", "rug", "salad", "sand", "sea", "shelf", "sky-other", "skyscraper", "snow",
-    "solid-other", "stairs", "stone", "straw", "structural-other", "table", "tent", "textile-other", "towel", "tree",
-    "vegetable", "wall-brick", "wall-concrete", "wall-other", "wall-panel", "wall-stone", "wall-tile", "wall-wood",
-    "water-other", "waterdrops", "window-blind", "window-other", "wood",
-)
-
-
-def _weights(url, mode: str, *, categories=None, source: str, recipe=None, **kw) -> Weights:
+def _weights(url, preprocessing: str, *, categories=None, source: str, recipe=None, **kw) -> Weights:
     meta = dict(kw.pop("meta", {}))
     meta.update(num_classes=len(categories) if categories else None, categories=categories,
-                normalization=normalization_meta(mode), source=source, recipe=recipe)
-    return Weights(url=url, transforms=partial(SegmentationPreset, mode), meta=meta, **kw)
+                normalization=normalization_meta(preprocessing), source=source, recipe=recipe)
+    return Weights(url=url, transforms=partial(SegmentationPreset, preprocessing), meta=meta, **kw)
 
 
 def _tv_deeplabv3(depth: int, file_hash: str, miou: float, pixel_acc: float) -> Weights:
@@ -290,26 +267,26 @@ deeplabv3_resnet101 = deeplab_v3_resnet101
 deeplabv3_mobilenet_v3_large = deeplab_v3_mobilenet_v3_large
 
 register_model("deeplab_v1_largefov", partial(DeepLabV1, msc=False), weights=DeepLabV1_LargeFOV_Weights,
-               family="v1", default_mode="caffe", classifier_key=lambda **_: "fc8.weight",
+               family="v1", default_preprocessing="caffe", classifier_key=lambda **_: "fc8.weight",
                function=deeplab_v1_largefov)
 register_model("deeplab_v1_msc_largefov", partial(DeepLabV1, msc=True), weights=DeepLabV1_MSC_LargeFOV_Weights,
-               family="v1", default_mode="caffe", classifier_key=lambda **_: "fc8.weight",
+               family="v1", default_preprocessing="caffe", classifier_key=lambda **_: "fc8.weight",
                function=deeplab_v1_msc_largefov)
 register_model("deeplab_v2_resnet101", DeepLabV2, weights=DeepLabV2_ResNet101_Weights, family="v2",
-               default_mode="caffe", classifier_key=lambda **_: "aspp.c0.weight", function=deeplab_v2_resnet101)
+               default_preprocessing="caffe", classifier_key=lambda **_: "aspp.c0.weight", function=deeplab_v2_resnet101)
 register_model("deeplab_v3_resnet50", partial(DeepLabV3, 50), weights=DeepLabV3_ResNet50_Weights, family="v3",
-               default_mode="torchvision", classifier_key=_v3_classifier, function=deeplab_v3_resnet50)
+               default_preprocessing="torchvision", classifier_key=_v3_classifier, function=deeplab_v3_resnet50)
 register_model("deeplab_v3_resnet101", partial(DeepLabV3, 101), weights=DeepLabV3_ResNet101_Weights, family="v3",
-               default_mode="torchvision", classifier_key=_v3_classifier, function=deeplab_v3_resnet101)
+               default_preprocessing="torchvision", classifier_key=_v3_classifier, function=deeplab_v3_resnet101)
 register_model("deeplab_v3_mobilenet_v3_large", DeepLabV3MobileNetV3, weights=DeepLabV3_MobileNet_V3_Large_Weights,
-               family="v3", default_mode="torchvision", classifier_key=lambda **_: "classifier.4.weight",
+               family="v3", default_preprocessing="torchvision", classifier_key=lambda **_: "classifier.4.weight",
                function=deeplab_v3_mobilenet_v3_large)
 register_model("lraspp_mobilenet_v3_large", LRASPP, weights=LRASPP_MobileNet_V3_Large_Weights, family="v3",
-               default_mode="torchvision", classifier_key=lambda **_: "classifier.low_classifier.weight",
+               default_preprocessing="torchvision", classifier_key=lambda **_: "classifier.low_classifier.weight",
                function=lraspp_mobilenet_v3_large)
 for _backbone, _enum, _fn in (("resnet50", DeepLabV3Plus_ResNet50_Weights, deeplab_v3plus_resnet50),
                               ("resnet101", DeepLabV3Plus_ResNet101_Weights, deeplab_v3plus_resnet101),
                               ("mobilenet_v2", DeepLabV3Plus_MobileNet_V2_Weights, deeplab_v3plus_mobilenet_v2)):
     register_model(f"deeplab_v3plus_{_backbone}", partial(DeepLabV3Plus, _backbone), weights=_enum, family="v3",
-                   default_mode="torchvision", classifier_key=lambda **_: "classifier.weight", function=_fn,
+                   default_preprocessing="torchvision", classifier_key=lambda **_: "classifier.weight", function=_fn,
                    foreign=smp_deeplabv3plus_foreign)

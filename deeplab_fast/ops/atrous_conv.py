@@ -141,17 +141,17 @@ def atrous_conv2d_plan(input: torch.Tensor, weight: torch.Tensor, bias: Optional
 
 
 @contextlib.contextmanager
-def tap_skipping(mode: Union[bool, str]) -> Iterator[None]:
+def tap_skipping(enabled: Union[bool, str]) -> Iterator[None]:
     """Forces tap skipping on (True / "on"), off (False / "off") or to the device's rule ("auto") inside a block.
 
     It sets the ``DEEPLAB_FAST_TAP_SKIPPING`` environment variable (read at every call; process-wide, so not
-    for concurrent threads that want different modes). The default rule: on CUDA, skip whenever a region
+    for concurrent threads that want different settings). The default rule: on CUDA, skip whenever a region
     loses a tap; on the CPU, never (oneDNN already leaves out the taps that read only padding, and the
     region-by-region calls measured slower).
     """
-    value = {True: "1", False: "0", "on": "1", "off": "0", "auto": "auto"}.get(mode)
+    value = {True: "1", False: "0", "on": "1", "off": "0", "auto": "auto"}.get(enabled)
     if value is None:
-        raise ValueError(f"tap_skipping: mode must be True, False, 'on', 'off' or 'auto', got {mode!r}")
+        raise ValueError(f"tap_skipping: enabled must be True, False, 'on', 'off' or 'auto', got {enabled!r}")
     old = os.environ.get("DEEPLAB_FAST_TAP_SKIPPING")
     os.environ["DEEPLAB_FAST_TAP_SKIPPING"] = value
     try:

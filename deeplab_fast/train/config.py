@@ -8,6 +8,8 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 from torch import nn
 
+from .crf_rnn import CRFasRNNStage
+
 __all__ = ["TrainConfig"]
 
 
@@ -26,8 +28,8 @@ class TrainConfig:
     a GradScaler on CUDA, bfloat16 autocast on the CPU.
 
     Data: ``crop_size``, ``scale_range``, ``flip`` (``shuffle=False, scale_range=(1, 1), flip=False`` make a run
-    deterministic), ``mode`` (the input normalisation, "caffe" or "torchvision"; None: that of the ``init``
-    weights when they are registered, else the model's default), ``workers``, ``ignore_index``.
+    deterministic), ``preprocessing`` (the input normalisation, "caffe" or "torchvision"; None: that of the
+    ``init`` weights when they are registered, else the model's default), ``workers``, ``ignore_index``.
 
     Run: ``out_dir`` (``last.pth`` and ``log.jsonl``), ``resume`` (a ``last.pth`` to continue), ``stop_at`` (stop
     after that step with a checkpoint, as if interrupted), ``log_every``, ``ckpt_every``, ``val_every``,
@@ -39,8 +41,8 @@ class TrainConfig:
     parameters form their own group at ``extra_head_lr`` (default ``lr``; 0 keeps them fixed), without weight
     decay unless ``extra_head_weight_decay`` is given. It is saved in the checkpoint as ``"extra_head"``.
     The CRF-as-RNN stage is ``extra_head=CRFasRNNStage(preset, compat=...)``
-    (:mod:`deeplab_fast.train.crf_rnn`): the engine gives it the run's ``mode`` to undo, and the checkpoint's
-    ``"args"`` record it as ``"crf_rnn"`` (``eval`` rebuilds the trained CRF from them).
+    (:mod:`deeplab_fast.train.crf_rnn`): the engine gives it the run's ``preprocessing`` to undo, and the
+    checkpoint's ``"args"`` record it as ``"crf_rnn"`` (``eval`` rebuilds the trained CRF from them).
     """
 
     model: str
@@ -51,7 +53,7 @@ class TrainConfig:
     lr: float
     crop_size: int
     num_classes: int = 21
-    mode: Optional[str] = None
+    preprocessing: Optional[str] = None
     momentum: float = 0.9
     weight_decay: float = 5e-4
     power: float = 0.9
@@ -89,19 +91,19 @@ class TrainConfig:
 
     def checkpoint_args(self, world_size: int) -> dict:
         """What the checkpoint's ``"args"`` records (``eval`` reads the model, its options, the class count and
-        the mode from it)."""
+        the preprocessing from it)."""
         return dict(model=self.model, data_root=str(self.data_root), num_classes=self.num_classes,
                     steps=self.steps, batch_size=self.batch_size, world_size=world_size, lr=self.lr,
-                    crop_size=self.crop_size, mode=self.mode, momentum=self.momentum,
+                    crop_size=self.crop_size, preprocessing=self.preprocessing, momentum=self.momentum,
                     weight_decay=self.weight_decay, power=self.power, amp=bool(self.amp), seed=self.seed,
                     model_kwargs=self.model_kwargs, shuffle=self.shuffle, scale_range=list(self.scale_range),
                     flip=self.flip, augmented=self.augmented, head_lr_mult=self.head_lr_mult,
                     crf_rnn=self._crf_rnn_args(), extra_head_lr=self.extra_head_lr)
 
     def _crf_rnn_args(self) -> Optional[dict]:
-        from .crf_rnn import CRFasRNNStage
-
         if not isinstance(self.extra_head, CRFasRNNStage):
             return None
-        stage = self.extra_head  # train() has resolved self.mode by now; the engine gives it to the stage too
-        return (stage if stage.mode is not None else stage.replace(mode=self.mode)).to_dict()
+        stage = self.extra_head  # train() has resolved self.preprocessing by now; the engine gives it to the stage
+        if stage.preprocessing is None:
+            stage = stage.replace(preprocessing=self.preprocessing)
+        return stage.to_dict()

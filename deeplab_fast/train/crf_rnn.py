@@ -11,7 +11,7 @@ Chen et al., ICLR 2015 / TPAMI 2017; gradients: the op's exact backward, see ``d
   returns ``log(Q + eps)`` in their place, so that the family's cross-entropy loss is the CRF marginals'
   negative log-likelihood (and an argmax of it is the CRF's labels).
 The trained layer comes back from a ``deeplab-fast train`` checkpoint with
-:func:`deeplab_fast.train.load_trained_crf` (in ``engine``, beside the other checkpoint readers).
+:func:`deeplab_fast.train.load_trained_crf` (in ``checkpoint``, beside the other checkpoint readers).
 """
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..data.transforms import denormalize
+from ..data.transforms import PREPROCESSING_CHOICES, denormalize
+from ..nn import PRESETS, DenseCRF
+from ..nn.crf import COMPAT_FORMS
 
 __all__ = ["CRFasRNNStage", "CRFasRNNHead", "denormalize", "LOG_EPS"]
 
@@ -37,7 +39,7 @@ class CRFasRNNHead(nn.Module):
 
     Args:
         crf (DenseCRF): a trainable :class:`deeplab_fast.nn.DenseCRF` (its parameters are the head's).
-        mode (str): the normalisation of the input batch ``x`` ("torchvision" or "caffe"), undone with
+        preprocessing (str): the preprocessing of the input batch ``x`` ("torchvision" or "caffe"), undone with
             :func:`denormalize` to give the CRF its uint8 RGB image.
         eps (float): added to the marginals before the log (default :data:`LOG_EPS`).
 
@@ -50,27 +52,26 @@ class CRFasRNNHead(nn.Module):
     changes them by at most L x eps). The CRF runs in float32 outside autocast.
     """
 
-    def __init__(self, crf: nn.Module, mode: str, eps: float = LOG_EPS):
+    def __init__(self, crf: nn.Module, preprocessing: str, eps: float = LOG_EPS):
         super().__init__()
-        from ..data.transforms import MODES
-
-        if mode not in MODES:
-            raise ValueError(f"CRFasRNNHead: mode must be one of {MODES}, got {mode!r}")
+        if preprocessing not in PREPROCESSING_CHOICES:
+            raise ValueError(f"CRFasRNNHead: preprocessing must be one of {PREPROCESSING_CHOICES}, got "
+                             f"{preprocessing!r}")
         if not getattr(crf, "trainable", False):
             raise ValueError("CRFasRNNHead: the CRF must be trainable (DenseCRF(..., trainable=True))")
         self.crf = crf
-        self.mode = mode
+        self.preprocessing = preprocessing
         self.eps = float(eps)
 
     def extra_repr(self) -> str:
-        return f"mode={self.mode!r}, eps={self.eps:g}"
+        return f"preprocessing={self.preprocessing!r}, eps={self.eps:g}"
 
     def refine(self, scores: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         """``log(CRF(scores, image) + eps)``, Tensor[B, L, H, W] float32."""
         return torch.log(self.crf(scores, image) + self.eps)
 
     def forward(self, output, x: torch.Tensor):
-        image = denormalize(x, self.mode)
+        image = denormalize(x, self.preprocessing)
         if isinstance(output, dict):
             output = dict(output)
             output["out"] = self.refine(output["out"], image)
@@ -91,8 +92,8 @@ class CRFasRNNStage:
     Fields: ``preset`` (a :data:`deeplab_fast.nn.PRESETS` name: the kernels, and the Potts weights the
     compatibilities start from), ``compat`` ("potts": the two weights; "matrix": two [L, L] matrices, CRF-as-RNN's
     form), ``iterations`` (None: the preset's 10; CRF-as-RNN trains with 5), ``checkpoint`` (recompute the
-    mean-field history in the backward instead of keeping it: see ``DenseCRF``), ``mode`` (the input
-    normalisation to undo; None: the run's ``TrainConfig.mode``, which the training engine fills in).
+    mean-field history in the backward instead of keeping it: see ``DenseCRF``), ``preprocessing`` (the input
+    preprocessing to undo; None: the run's ``TrainConfig.preprocessing``, which the training engine fills in).
     The CRF's learning rate is ``TrainConfig.extra_head_lr``, its weight decay ``extra_head_weight_decay``.
     """
 
@@ -100,12 +101,9 @@ class CRFasRNNStage:
     compat: str = "potts"
     iterations: Optional[int] = None
     checkpoint: bool = False
-    mode: Optional[str] = None
+    preprocessing: Optional[str] = None
 
     def __post_init__(self):
-        from ..nn import PRESETS
-        from ..nn.crf import COMPAT_FORMS
-
         if self.preset not in PRESETS:
             raise ValueError(f"CRFasRNNStage: unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
         if self.compat not in COMPAT_FORMS:
@@ -122,17 +120,15 @@ class CRFasRNNStage:
 
     def build_crf(self, num_classes: int) -> nn.Module:
         """The trainable ``DenseCRF`` of this stage, at its initial (preset) values."""
-        from ..nn import DenseCRF
-
         extra = {} if self.iterations is None else {"iterations": self.iterations}
         return DenseCRF.from_preset(self.preset, trainable=True, compat=self.compat, num_classes=num_classes,
                                     checkpoint=self.checkpoint, **extra)
 
     def __call__(self, model: nn.Module) -> CRFasRNNHead:
-        if self.mode is None:
-            raise ValueError("CRFasRNNStage: the input normalisation (mode) is not set; the training engine sets it "
-                             "from TrainConfig.mode, or give CRFasRNNStage(mode=...)")
+        if self.preprocessing is None:
+            raise ValueError("CRFasRNNStage: the input preprocessing is not set; the training engine sets it from "
+                             "TrainConfig.preprocessing, or give CRFasRNNStage(preprocessing=...)")
         num_classes = getattr(model, "num_classes", None)
         if not isinstance(num_classes, int):
             raise ValueError("CRFasRNNStage: the model has no num_classes attribute")
-        return CRFasRNNHead(self.build_crf(num_classes), self.mode)
+        return CRFasRNNHead(self.build_crf(num_classes), self.preprocessing)

@@ -13,6 +13,7 @@ import numbers
 from typing import Dict
 
 import torch
+import torch.distributed as dist
 
 __all__ = ["ConfusionMatrix"]
 
@@ -110,8 +111,6 @@ class ConfusionMatrix:
         """Sums the matrix over all processes (``torch.distributed.all_reduce``, SUM) when torch.distributed is
         initialised; a no-op otherwise. Call it once, after the last ``update`` of every process (a second call
         would count everything again). With the NCCL backend the matrix must be on the GPU (``device=``)."""
-        import torch.distributed as dist
-
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(self._mat, op=dist.ReduceOp.SUM)
         return self

@@ -9,11 +9,14 @@ of the released prototxt (kazuto1011/deeplab-pytorch ``configs/voc12.yaml``); v3
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping, Optional
 
-__all__ = ["Recipe", "RECIPES", "recipe_for_family", "recipes_table"]
+from ..models import model_entry
+
+__all__ = ["Recipe", "RECIPES", "recipe_for_family", "recipes_table", "training_settings"]
 
 
 @dataclass(frozen=True)
@@ -76,8 +79,6 @@ def recipe_for_family(family: str) -> Recipe:
 
 
 def _kwargs_json(kwargs: Mapping) -> str:
-    import json
-
     return json.dumps(dict(kwargs))
 
 
@@ -94,3 +95,47 @@ def recipes_table() -> str:
         command = f"`train --recipe {r.name} --augmented --data ROOT`; eval: `{r.eval}`"
         lines.append(f"| {r.title} | {command} | {', '.join(sets)} | {r.settings} |")
     return "\n".join(lines) + "\n"
+
+
+def training_settings(*, model: Optional[str] = None, recipe: Optional[str] = None,
+                      init_args: Optional[Mapping] = None, num_classes: Optional[int] = None,
+                      model_kwargs: Optional[Mapping] = None, init=None, preprocessing: Optional[str] = None,
+                      steps: Optional[int] = None, batch_size: Optional[int] = None, lr: Optional[float] = None,
+                      crop_size: Optional[int] = None) -> dict:
+    """The :class:`~deeplab_fast.train.TrainConfig` fields of a run from what was given (None: not given) and
+    the defaults, as ``deeplab-fast train`` applies them. Each field takes, in order: the given value; the
+    ``recipe``'s (a :data:`RECIPES` name: its model, model options, ``init`` weights and hyperparameters); those
+    of a ``deeplab-fast train`` checkpoint given as ``init`` (``init_args``, its ``"args"``: the model, options,
+    classes and preprocessing, when it is of the same model and no recipe is given); the model family's recipe
+    (:func:`recipe_for_family`: hyperparameters and ``family_model_kwargs``). ``model_kwargs`` updates the
+    defaults' model options; ``num_classes`` defaults to 21; ``preprocessing`` stays None when nothing gives it
+    (``train`` resolves it from the ``init`` weights or the model).
+
+    Returns a dict with ``model``, ``num_classes``, ``model_kwargs``, ``init``, ``preprocessing``, ``steps``,
+    ``batch_size``, ``lr``, ``crop_size``. ValueError for an unknown recipe, no model at all, or a recipe of
+    another model family than ``model``."""
+    chosen = None
+    if recipe is not None:
+        if recipe not in RECIPES:
+            raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+        chosen = RECIPES[recipe]
+    from_init = dict(init_args or {}) if chosen is None else {}
+    if from_init and model not in (None, from_init.get("model")):
+        from_init = {}  # another architecture: only tensors that match by name and shape are loaded
+    model = model or (chosen.model if chosen else None) or from_init.get("model")
+    if model is None:
+        raise ValueError("give a model or a recipe")
+    family = model_entry(model).family
+    if chosen is not None and chosen.family != family:
+        raise ValueError(f"recipe {chosen.name} is for {chosen.model} ({chosen.family}), not {model}")
+    defaults = chosen or recipe_for_family(family)
+    if chosen is not None:
+        kwargs = dict(chosen.model_kwargs)
+    else:
+        kwargs = dict(from_init["model_kwargs"] if "model_kwargs" in from_init else defaults.family_model_kwargs)
+    kwargs.update(model_kwargs or {})
+    return dict(model=model, num_classes=num_classes or int(from_init.get("num_classes") or 21), model_kwargs=kwargs,
+                init=init if init is not None else (chosen.init if chosen else None),
+                preprocessing=preprocessing or from_init.get("preprocessing"), steps=steps or defaults.steps,
+                batch_size=batch_size or defaults.batch_size, lr=lr or defaults.lr,
+                crop_size=crop_size or defaults.crop_size)
