@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 import numbers
 
+import torch
+
 __all__ = ["is_int", "is_real", "positive_int", "positive_float", "per_axis", "host_array", "MAX_INT32"]
 
 MAX_INT32 = 2**31 - 1
@@ -71,8 +73,6 @@ def positive_int(value, name: str, owner: str | None = None, high: int = MAX_INT
 def host_array(value, name: str):
     """A torch tensor's data as a numpy array (detached, on the CPU); anything else unchanged. ValueError naming
     ``name`` for a meta tensor, which has no data."""
-    import torch
-
     if isinstance(value, torch.Tensor):
         if value.device.type == "meta":
             raise ValueError(f"{name} is a meta tensor (no data): pass a CPU or CUDA tensor or a numpy array")

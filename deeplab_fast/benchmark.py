@@ -13,6 +13,11 @@ import time
 import types
 from pathlib import Path
 
+import torch
+
+from . import models, optimize
+from .nn import DenseCRF
+
 __all__ = ["time_per_call", "device_name", "load_torchvision", "torchvision_model", "bench_rows", "logits_of"]
 
 # What to install when torchvision is missing or does not match torch (README: "Install").
@@ -27,8 +32,6 @@ def logits_of(out):
 
 
 def device_name(device) -> str:
-    import torch
-
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         return f"{p.name} ({p.multi_processor_count} SMs), torch {torch.__version__}, CUDA {torch.version.cuda}"
@@ -58,8 +61,6 @@ def load_torchvision(python_only: bool = False):
         return sys.modules["torchvision"], _TORCHVISION_NOTE.get("note", "")
     if importlib.util.find_spec("torchvision") is None:
         return None, f"not installed ({TORCHVISION_HINT})"
-    import torch
-
     try:
         return importlib.import_module("torchvision"), ""
     except Exception as e:  # noqa: BLE001 - any failure of a third-party import is reported, not raised
@@ -94,7 +95,7 @@ def torchvision_model(name: str, num_classes: int, python_only: bool = False):
     tv, note = load_torchvision(python_only)
     if tv is None:
         raise RuntimeError(f"torchvision {note}")
-    from torchvision.models import segmentation
+    from torchvision.models import segmentation  # optional peer: loaded only when asked for (load_torchvision)
 
     return getattr(segmentation, TORCHVISION_BUILDERS[name])(weights=None, weights_backbone=None,
                                                             num_classes=num_classes, aux_loss=False)
@@ -102,8 +103,6 @@ def torchvision_model(name: str, num_classes: int, python_only: bool = False):
 
 def time_per_call(fn, device, repeat: int, warmup: int = 1) -> list[float]:
     """Seconds per call of fn(), synchronised (CUDA events on the GPU, wall clock on the CPU)."""
-    import torch
-
     for _ in range(warmup):
         fn()
     if device.type == "cuda":
@@ -127,8 +126,6 @@ def time_per_call(fn, device, repeat: int, warmup: int = 1) -> list[float]:
 def bench_forms(name: str, crf: bool = False) -> list[str]:
     """The forms ``bench_rows`` times for a model, in order (torchvision's only where it has the model and can be
     loaded)."""
-    from . import models
-
     forms = ["deeplab_fast (optimize)", "plain torch (same architecture)"]
     if name in TORCHVISION_BUILDERS and load_torchvision()[0] is not None:
         forms.append("torchvision")
@@ -144,11 +141,6 @@ def bench_rows(name: str, size: int, batch: int, device, dtype, repeat: int, crf
     could not run (torchvision missing or not matching torch) is a row with ``skipped`` (why) and no times.
     Each form is called ``warmup`` times, then ``repeat`` timed times; ``on_call()``, if given, runs after each
     call (a progress bar)."""
-    import torch
-
-    from . import models, optimize
-    from .nn import DenseCRF
-
     torch.manual_seed(0)
     plain = models.get_model(name, num_classes=num_classes).eval()
     forms = {"deeplab_fast (optimize)": optimize(plain), "plain torch (same architecture)": plain}

@@ -72,7 +72,7 @@ import torch
 from torch import nn
 
 from .nn.aspp import ASPP
-from .nn.atrous import AtrousConv2dReLU
+from .nn.atrous import AtrousConv2dReLU, _bn_scale_shift
 from .nn.blocks import FusedResNetBlock
 
 __all__ = ["optimize", "FusedResNetBlock"]
@@ -268,8 +268,6 @@ def _foldable_now(conv: nn.Conv2d, bn: nn.Module) -> bool:
 
 def _fold_grouped(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
     """A new ``nn.Conv2d`` computing ``bn(conv(x))`` in eval mode (weight * s, bias beta + (b - mean) * s)."""
-    from .nn.atrous import _bn_scale_shift
-
     scale, shift = _bn_scale_shift(bn, conv.bias)
     w = conv.weight
     new = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,

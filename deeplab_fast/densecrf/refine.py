@@ -22,6 +22,11 @@ import time
 from dataclasses import dataclass, fields
 
 import numpy as np
+import torch
+
+from ..data.voc import voc_palette
+from ..ops.dense_crf import NORMALIZE_SYMMETRIC, dense_crf_features
+from .utils import create_pairwise_bilateral, create_pairwise_gaussian, unary_from_labels
 
 __all__ = ["CrfParams", "RefineResult", "decode_annotation", "refine_annotation", "make_overlay",
            "std_dev_problems"]
@@ -145,11 +150,6 @@ def refine_annotation(image: np.ndarray, anno: np.ndarray, params: CrfParams = C
 
     Raises ValueError for a size mismatch, an unusable annotation or unusable parameters.
     """
-    import torch
-
-    from ..ops.dense_crf import NORMALIZE_SYMMETRIC, dense_crf_features
-    from .utils import create_pairwise_bilateral, create_pairwise_gaussian, unary_from_labels
-
     if anno.shape[:2] != image.shape[:2]:
         hint = ""
         if anno.shape[:2] == image.shape[1::-1]:
@@ -220,8 +220,6 @@ def _boundaries(rgb: np.ndarray) -> np.ndarray:
 
 def _values_to_colours(anno: np.ndarray, result: np.ndarray):
     """16-bit value maps as VOC colours, the i-th smallest nonzero value in the i-th colour (0 is black)."""
-    from ..data.voc import voc_palette
-
     codes = np.unique(np.concatenate([anno.reshape(-1), result.reshape(-1)]))
     palette = voc_palette()
     index = {int(c): i for i, c in enumerate(codes[codes != 0], start=1)}
