@@ -178,10 +178,12 @@ def _forward_overridden(m: nn.Module) -> bool:
 
 
 def _opaque(m: nn.Module) -> bool:
-    """Modules not entered: already fused (deeplab_fast.nn), TorchScript, fx graphs (their dataflow is the
+    """Modules not entered: already fused (the layers of deeplab_fast.nn; the blocks optimize puts in,
+    deeplab_fast.nn.blocks, hold torch modules and are entered), TorchScript, fx graphs (their dataflow is the
     graph's, not the children's order)."""
-    return (type(m).__module__.startswith("deeplab_fast.nn") or isinstance(m, torch.jit.ScriptModule)
-            or isinstance(m, torch.fx.GraphModule))
+    module = type(m).__module__
+    return ((module.startswith("deeplab_fast.nn") and module != "deeplab_fast.nn.blocks")
+            or isinstance(m, torch.jit.ScriptModule) or isinstance(m, torch.fx.GraphModule))
 
 
 def _visit(module: nn.Module, prefix: str, order: tuple, ctx: _Context) -> None:
