@@ -6,6 +6,9 @@ input / output :mod:`deeplab_fast.io`. Every distinct colour of ANNO is a label,
 fully transparent pixels); a 16-bit greyscale ANNO is decoded by value (0 unknown) and the result written as
 16-bit values. 16-bit greyscale photos are scaled to 8 bits by value.
 
+Folder mode runs under ``torchrun`` too: every process pairs the images and runs the checks, then refines every
+N-th pair; rank 0 prints the summary of all of them, and every process exits 1 if a pair failed in any.
+
 Exit codes: 0 success; 1 in folder mode, some images failed (the others were written), or out of memory (the
 message names the image); 2 bad arguments or input (missing file, size mismatch, fewer than 2 labels, an unusable
 standard deviation, ...), with a message naming the argument; 130 interrupted.
@@ -259,7 +262,9 @@ A 16-bit greyscale ANNO is decoded by value instead (every value a label, 0 unkn
 
 Folder mode: if IMAGE and ANNO are folders, every image in IMAGE (not in its subfolders) whose annotation
 has the same name (without extension; .png, .jpg, ...) in ANNO is refined into OUT/<name>.png; OUT (and
---overlay) are created as needed, and images without annotation are listed and skipped."""
+--overlay) are created as needed, and images without annotation are listed and skipped. Under torchrun
+('torchrun --nproc_per_node N -m deeplab_fast crf IMAGES/ ANNOS/ OUT/') the processes share the images and
+write the same files as one process; rank 0 prints the summary."""
 
 # The CRF options: CrfParams field, argument type, metavar, help.
 _CRF_OPTIONS = (

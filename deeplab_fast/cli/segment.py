@@ -12,6 +12,10 @@ its options, the class count and the preprocessing (as ``eval`` reads them); the
 weights say. Two inputs that would write the same output are refused before anything is written; an image that
 cannot be read (or segmented) is reported and skipped, and the command then exits 1.
 
+Under ``torchrun`` every process runs the checks and loads the model, then segments every N-th network call of the
+list (the calls are decided from the image headers first, so the files equal one process's); rank 0 prints the
+summary of all of them, and every process exits 1 if an image failed in any.
+
 ``bench`` measures images/s of each model in its forms on the same input (``deeplab_fast.benchmark``), with a
 progress bar, and prints a table naming the device; ``--json`` writes it. On the CPU it defaults to batch 1 and 3
 timed calls (about a minute per model on 2 cores); ``--batch 1 16`` adds the batch-16 rows.
@@ -280,7 +284,9 @@ batched. The input is normalised as the weights expect (their transforms(): Imag
 weights, Caffe BGR mean subtraction for the Caffe-converted v1/v2 weights; a 'deeplab-fast train' checkpoint as
 it was trained, and gives the model, its options and classes too; another file gets the model's default, ImageNet
 for v3 and Caffe for v1/v2). Two inputs whose outputs would have one name are refused before anything is written;
-an image that cannot be read is reported and skipped.
+an image that cannot be read is reported and skipped. Under torchrun ('torchrun --nproc_per_node N -m
+deeplab_fast segment ...') the processes share the images and write the same files as one process; rank 0
+prints the summary.
 
 exit codes: 0 success; 1 some images failed (the others were written), an unreadable checkpoint or a failed
 download, out of memory; 2 bad arguments or input; 130 interrupted."""
