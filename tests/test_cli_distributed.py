@@ -1,4 +1,4 @@
-"""The folder modes of ``deeplab-fast segment`` and ``crf`` under torchrun (deeplab_fast/cli/_common.py: Shard,
+"""The folder modes of ``deeplab-fast segment`` and ``crf`` under torchrun (deeplab_fast/cli/_torchrun.py: Shard,
 torchrun_shard; deeplab_fast/train/distributed.py).
 
 Two processes on the CPU (gloo) must write the same files, byte for byte, as one process; each input is handled by
@@ -24,8 +24,9 @@ from PIL import Image
 
 import deeplab_fast
 from deeplab_fast import models
-from deeplab_fast.cli import _common, main
-from deeplab_fast.cli._common import CLIError, Shard, StoppedWithAnotherProcess
+from deeplab_fast.cli import _common, _torchrun, main
+from deeplab_fast.cli._common import CLIError, StoppedWithAnotherProcess
+from deeplab_fast.cli._torchrun import Shard
 from deeplab_fast.cli.segment import _batches
 
 NUM_CLASSES = 5
@@ -181,7 +182,7 @@ def test_shards_are_disjoint_and_cover_the_inputs():
 def test_a_check_failing_in_one_process_stops_them_all(monkeypatch, rank):
     """Rank 1 fails its checks while rank 0 passes them (a file that changed in between): rank 1 raises its error
     and rank 0 stops with its exit status, silently."""
-    monkeypatch.setattr(_common.distributed, "all_gather", lambda code: [0, 2])
+    monkeypatch.setattr(_torchrun.distributed, "all_gather", lambda code: [0, 2])
 
     def setup():
         if rank == 1:
@@ -192,7 +193,7 @@ def test_a_check_failing_in_one_process_stops_them_all(monkeypatch, rank):
         Shard(rank, 2).agreed(setup)
     assert info.value.code == 2
     assert _common.report_error("segment", StoppedWithAnotherProcess(2)) == 2
-    monkeypatch.setattr(_common.distributed, "all_gather", lambda code: [0, 0])
+    monkeypatch.setattr(_torchrun.distributed, "all_gather", lambda code: [0, 0])
     assert Shard(rank, 2).agreed(lambda: "ready") == "ready"
 
 

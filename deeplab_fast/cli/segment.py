@@ -41,7 +41,8 @@ from ..models import SegmentationPreset
 from ..nn import DenseCRF
 from ._common import (EXIT_FAILED, CLIError, add_preprocessing_option, crf_preset_parent, device_parent,
                       error_line, library_errors, load_model_from_options, model_names, model_options_parent,
-                      positive_int, resolve_device, threads_parent, torchrun_shard, working_on)
+                      positive_int, resolve_device, threads_parent, working_on)
+from ._torchrun import torchrun_shard
 
 __all__ = ["add_parsers", "run_segment", "run_bench", "weights_help"]
 
