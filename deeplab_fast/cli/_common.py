@@ -17,6 +17,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from .. import models
 from ..data.transforms import PREPROCESSING_CHOICES
@@ -389,6 +390,14 @@ def working_on(what: str) -> Iterator:
 
 def error_line(command: str, message: str) -> str:
     return f"{PROG} {command}: error: {message}"
+
+
+def write_line(text: str, file=None) -> None:
+    """``text`` as one line above any progress bar, on ``file`` (default stdout), in one write and flushed: the
+    lines of several processes sharing an output (torchrun) never mix, also unbuffered (``python -u``)."""
+    file = sys.stdout if file is None else file
+    tqdm.write(text + "\n", file=file, end="")
+    file.flush()
 
 
 def report_error(command: str, exc: BaseException) -> int:

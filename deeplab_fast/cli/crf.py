@@ -29,7 +29,8 @@ from tqdm import tqdm
 from ..densecrf.refine import CrfParams, RefineResult, make_overlay, refine_annotation, std_dev_problems
 from ..io import ANNO_EXTS, IMAGE_EXTS, list_images, load_annotation, load_photo, same_file, save_image
 from ._common import (CLIError, check_output_path, error_line, float32_std_dev, float32_weight, labels_limit,
-                      library_errors, nonnegative_int, probability, threads_parent, warn, working_on)
+                      library_errors, nonnegative_int, probability, threads_parent, warn, working_on,
+                      write_line)
 from ._torchrun import torchrun_shard
 
 __all__ = ["add_parsers", "run_crf", "run_demo"]
@@ -199,7 +200,7 @@ def _run_crf_folder(args, params: CrfParams) -> int:
                                             image_name="image", anno_name="annotation")
                 except CLIError as exc:
                     failed.append(k)
-                    tqdm.write(error_line("crf", str(exc)), file=sys.stderr)
+                    write_line(error_line("crf", str(exc)), sys.stderr)
                     continue
                 crf_seconds += refined.crf_seconds
         results = shard.gather((failed, crf_seconds))

@@ -41,7 +41,7 @@ from ..models import SegmentationPreset
 from ..nn import DenseCRF
 from ._common import (EXIT_FAILED, CLIError, add_preprocessing_option, crf_preset_parent, device_parent,
                       error_line, library_errors, load_model_from_options, model_names, model_options_parent,
-                      positive_int, resolve_device, threads_parent, working_on)
+                      positive_int, resolve_device, threads_parent, working_on, write_line)
 from ._torchrun import torchrun_shard
 
 __all__ = ["add_parsers", "run_segment", "run_bench", "weights_help"]
@@ -134,7 +134,7 @@ def _read(paths: Sequence[Path], failed: list) -> Iterator[list]:
                 photo = load_photo(path, "IMAGE")
         except CLIError as exc:
             failed.append(path)
-            tqdm.write(error_line("segment", str(exc)), file=sys.stderr)
+            write_line(error_line("segment", str(exc)), sys.stderr)
             continue
         if group and group[0][1].shape != photo.shape:
             yield group
@@ -206,13 +206,12 @@ def run_segment(args) -> int:
                         save_palette_png(lab, palette, outputs[path][0])
                         save_image(overlay, outputs[path][1], "overlay")
                         present = ", ".join(str(int(v)) for v in np.unique(lab))
-                        tqdm.write(f"{path.name}: {photo.shape[1]}x{photo.shape[0]}, network {1e3 * t_net:.1f} ms"
+                        write_line(f"{path.name}: {photo.shape[1]}x{photo.shape[0]}, network {1e3 * t_net:.1f} ms"
                                    + (f", CRF {1e3 * t_crf:.1f} ms" if crf is not None else "")
                                    + f"; labels {present}")
-                        sys.stdout.flush()  # whole lines, also when several processes share the output
             except CLIError as exc:
                 failed += [p for p, _ in group]
-                tqdm.write(error_line("segment", str(exc)), file=sys.stderr)
+                write_line(error_line("segment", str(exc)), sys.stderr)
                 bar.update(len(group))
                 continue
             done += len(group)
