@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["IMAGE_EXTS", "ANNO_EXTS", "LOSSY_EXTS", "VOLUME_EXTS", "open_image", "load_photo", "load_annotation",
-           "list_images", "same_file", "atomic_write", "save_image", "save_palette_png", "save_checkpoint", "Volume",
-           "volume_format", "load_volume", "save_volume"]
+__all__ = ["IMAGE_EXTS", "ANNO_EXTS", "LOSSY_EXTS", "VOLUME_EXTS", "open_image", "image_size", "load_photo",
+           "load_annotation", "list_images", "same_file", "atomic_write", "save_image", "save_palette_png",
+           "save_checkpoint", "Volume", "volume_format", "load_volume", "save_volume"]
 
 # File extensions (lower case) taken as images, and as annotations in order of preference when one stem has
 # several (lossless formats first).
@@ -63,6 +63,16 @@ def open_image(path, what: str = "image"):
         raise ValueError(f"{what} {str(path)!r}: {exc}") from None
     except (OSError, ValueError, SyntaxError) as exc:  # truncated / corrupt files, unreadable files
         raise ValueError(f"{what} {str(path)!r}: cannot read it ({exc})") from None
+
+
+def image_size(path) -> tuple:
+    """(H, W) of the image at ``path``, from its header (the pixels are not decoded). OSError for a missing or
+    unidentifiable file; ValueError for one whose header Pillow rejects (e.g. a decompression bomb)."""
+    try:
+        with Image.open(path) as opened:
+            return opened.height, opened.width
+    except (Image.DecompressionBombError, SyntaxError) as exc:
+        raise ValueError(f"{str(path)!r}: {exc}") from None
 
 
 def _grey_values(image, path, what: str) -> np.ndarray | None:

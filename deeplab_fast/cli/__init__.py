@@ -6,6 +6,7 @@
     train.py     deeplab-fast train / eval                                         (training, evaluation)
     _common.py   what they share: CLIError and exit codes, argument types, parent parsers for the shared
                  options (--threads, --device, --crf, --data, ...), library errors as one-line messages
+    _torchrun.py the folder modes of segment and crf under torchrun: each process's share of the inputs
 
 The commands only parse, check and call the library (``deeplab_fast.densecrf.refine``, ``deeplab_fast.io``,
 ``deeplab_fast.models``, ``deeplab_fast.train``, ``deeplab_fast.benchmark``); nothing outside this package

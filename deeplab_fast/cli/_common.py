@@ -17,6 +17,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from .. import models
 from ..data.transforms import PREPROCESSING_CHOICES
@@ -24,6 +25,7 @@ from ..io import LOSSY_EXTS, same_file
 from ..models import CheckpointError
 from ..nn import PRESETS
 from ..train import TrainingInterrupted, read_training_checkpoint
+from ..train import distributed
 
 PROG = "deeplab-fast"
 
@@ -42,6 +44,15 @@ class CLIError(Exception):
 
     def __init__(self, message: str, code: int = EXIT_USAGE):
         super().__init__(message)
+        self.code = code
+
+
+class StoppedWithAnotherProcess(Exception):
+    """Under torchrun: this process stops because another one failed before the work began; that process printed
+    why. ``code`` is its exit status, which this process exits with too, silently."""
+
+    def __init__(self, code: int):
+        super().__init__(f"stopped: another process failed (exit status {code})")
         self.code = code
 
 
@@ -296,11 +307,14 @@ def model_names() -> list:
 
 
 def resolve_device(name: str):
-    """``--device``: "auto" is cuda when available; CLIError for cuda without a device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``--device``: "auto" is cuda when available; under torchrun, cuda is this process's GPU (``LOCAL_RANK``).
+    CLIError for cuda without a device."""
     if name == "cuda" and not torch.cuda.is_available():
         raise CLIError("--device cuda: no CUDA device is available")
+    if distributed.process_group() is not None:
+        return distributed.resolve_device(name, distributed.local_rank())
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
 
 
@@ -378,14 +392,25 @@ def error_line(command: str, message: str) -> str:
     return f"{PROG} {command}: error: {message}"
 
 
+def write_line(text: str, file=None) -> None:
+    """``text`` as one line above any progress bar, on ``file`` (default stdout), in one write and flushed: the
+    lines of several processes sharing an output (torchrun) never mix, also unbuffered (``python -u``)."""
+    file = sys.stdout if file is None else file
+    tqdm.write(text + "\n", file=file, end="")
+    file.flush()
+
+
 def report_error(command: str, exc: BaseException) -> int:
     """Prints the one line for an exception that ended ``command`` and returns the exit status: a CLIError's
-    message and code; a training run stopped by a signal (its checkpoint written): 128 + the signal number;
-    Ctrl-C elsewhere: 130; a diverged training run (FloatingPointError) and resource failures: 1. Anything else
-    is a bug and is raised again (with its traceback)."""
+    message and code; for ``StoppedWithAnotherProcess``, nothing and the other torchrun process's status; a
+    training run stopped by a signal (its checkpoint written): 128 + the signal number; Ctrl-C elsewhere: 130; a
+    diverged training run (FloatingPointError) and resource failures: 1. Anything else is a bug and is raised
+    again (with its traceback)."""
     sys.stdout.flush()
     if isinstance(exc, CLIError):
         print(error_line(command, str(exc)), file=sys.stderr)
+        return exc.code
+    if isinstance(exc, StoppedWithAnotherProcess):
         return exc.code
     if isinstance(exc, TrainingInterrupted):
         print(f"{PROG} {command}: {exc}", file=sys.stderr)

@@ -6,6 +6,9 @@ input / output :mod:`deeplab_fast.io`. Every distinct colour of ANNO is a label,
 fully transparent pixels); a 16-bit greyscale ANNO is decoded by value (0 unknown) and the result written as
 16-bit values. 16-bit greyscale photos are scaled to 8 bits by value.
 
+Folder mode runs under ``torchrun`` too: every process pairs the images and runs the checks, then refines every
+N-th pair; rank 0 prints the summary of all of them, and every process exits 1 if a pair failed in any.
+
 Exit codes: 0 success; 1 in folder mode, some images failed (the others were written), or out of memory (the
 message names the image); 2 bad arguments or input (missing file, size mismatch, fewer than 2 labels, an unusable
 standard deviation, ...), with a message naming the argument; 130 interrupted.
@@ -26,7 +29,9 @@ from tqdm import tqdm
 from ..densecrf.refine import CrfParams, RefineResult, make_overlay, refine_annotation, std_dev_problems
 from ..io import ANNO_EXTS, IMAGE_EXTS, list_images, load_annotation, load_photo, same_file, save_image
 from ._common import (CLIError, check_output_path, error_line, float32_std_dev, float32_weight, labels_limit,
-                      library_errors, nonnegative_int, probability, threads_parent, warn, working_on)
+                      library_errors, nonnegative_int, probability, threads_parent, warn, working_on,
+                      write_line)
+from ._torchrun import torchrun_shard
 
 __all__ = ["add_parsers", "run_crf", "run_demo"]
 
@@ -111,7 +116,9 @@ def _names(paths: Sequence[Path], limit: int = 10) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def _run_crf_folder(args, params: CrfParams) -> int:
+def _folder_pairs(args, report: bool) -> tuple:
+    """Folder mode's checks and its (image, annotation) pairs, before anything is refined: (pairs, number of images,
+    images without annotation, OUT folder, overlay folder or None). ``report``: print the warnings."""
     image_dir, anno_dir, out_dir = Path(args.image), Path(args.anno), Path(args.out)
     if not anno_dir.exists():
         raise CLIError(f"ANNO {args.anno!r}: no such folder")
@@ -155,10 +162,10 @@ def _run_crf_folder(args, params: CrfParams) -> int:
         if not candidates:
             missing.append(image)
             continue
-        if len(candidates) > 1:
+        if len(candidates) > 1 and report:
             warn(f"several annotations for {image.name}: {_names(candidates)}; using {candidates[0].name}")
         pairs.append((image, candidates[0]))
-    if missing:
+    if missing and report:
         warn(f"no annotation in ANNO folder {args.anno!r} for {len(missing)} of {len(images)} images, "
               f"skipped: {_names(missing)} (an annotation has the image's name with a "
               f"{'/'.join(e.lstrip('.') for e in ANNO_EXTS)} extension)")
@@ -173,29 +180,42 @@ def _run_crf_folder(args, params: CrfParams) -> int:
     except OSError as exc:
         raise CLIError(f"cannot create output folder: {exc}") from None
 
-    start = time.perf_counter()
-    crf_seconds = 0.0
-    failed: list[Path] = []
-    with tqdm(pairs, desc="crf", unit="image", file=sys.stderr, dynamic_ncols=True) as bar:
-        for image, anno in bar:
-            bar.set_postfix_str(image.name, refresh=False)
-            try:
-                refined = _process_pair(image, anno, out_dir / (image.stem + ".png"),
-                                        overlay_dir / (image.stem + ".png") if overlay_dir else None, params,
-                                        image_name="image", anno_name="annotation")
-            except CLIError as exc:
-                failed.append(image)
-                tqdm.write(error_line("crf", str(exc)), file=sys.stderr)
-                continue
-            crf_seconds += refined.crf_seconds
+    return pairs, len(images), missing, out_dir, overlay_dir
+
+
+def _run_crf_folder(args, params: CrfParams) -> int:
+    with torchrun_shard("cpu") as shard:
+        pairs, n_images, missing, out_dir, overlay_dir = shard.agreed(lambda: _folder_pairs(args, shard.main))
+        start = time.perf_counter()
+        crf_seconds = 0.0
+        failed: list[int] = []
+        mine = shard.take(list(enumerate(pairs)))
+        with tqdm(mine, desc="crf", unit="image", file=sys.stderr, dynamic_ncols=True,
+                  disable=not shard.main) as bar:
+            for k, (image, anno) in bar:
+                bar.set_postfix_str(image.name, refresh=False)
+                try:
+                    refined = _process_pair(image, anno, out_dir / (image.stem + ".png"),
+                                            overlay_dir / (image.stem + ".png") if overlay_dir else None, params,
+                                            image_name="image", anno_name="annotation")
+                except CLIError as exc:
+                    failed.append(k)
+                    write_line(error_line("crf", str(exc)), sys.stderr)
+                    continue
+                crf_seconds += refined.crf_seconds
+        results = shard.gather((failed, crf_seconds))
+    failed_images = [pairs[k][0] for k in sorted(k for r in results for k in r[0])]
+    crf_seconds = sum(r[1] for r in results)
     total = time.perf_counter() - start
-    done = len(pairs) - len(failed)
-    print(f"refined {done} of {len(images)} images into {str(out_dir)!r}"
-          + (f"; {len(missing)} without annotation" if missing else "")
-          + (f"; {len(failed)} failed: {_names(failed)}" if failed else ""))
-    print(f"time: CRF {crf_seconds:.3f} s, total {total:.3f} s (with image input/output)"
-          + (f", {total / done:.3f} s per image" if done else ""))
-    return 1 if failed else 0
+    done = len(pairs) - len(failed_images)
+    if shard.main:
+        print(f"refined {done} of {n_images} images into {str(out_dir)!r}"
+              + (f"; {len(missing)} without annotation" if missing else "")
+              + (f"; {len(failed_images)} failed: {_names(failed_images)}" if failed_images else ""))
+        print(f"time: CRF {crf_seconds:.3f} s, total {total:.3f} s (with image input/output)"
+              + (f", {total / done:.3f} s per image" if done else "")
+              + ("" if shard.world == 1 else f", {shard.world} processes"))
+    return 1 if failed_images else 0
 
 
 def run_crf(args) -> int:
@@ -244,7 +264,9 @@ A 16-bit greyscale ANNO is decoded by value instead (every value a label, 0 unkn
 
 Folder mode: if IMAGE and ANNO are folders, every image in IMAGE (not in its subfolders) whose annotation
 has the same name (without extension; .png, .jpg, ...) in ANNO is refined into OUT/<name>.png; OUT (and
---overlay) are created as needed, and images without annotation are listed and skipped."""
+--overlay) are created as needed, and images without annotation are listed and skipped. Under torchrun
+('torchrun --nproc_per_node N -m deeplab_fast crf IMAGES/ ANNOS/ OUT/') the processes share the images and
+write the same files as one process; rank 0 prints the summary."""
 
 # The CRF options: CrfParams field, argument type, metavar, help.
 _CRF_OPTIONS = (

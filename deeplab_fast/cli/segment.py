@@ -12,6 +12,10 @@ its options, the class count and the preprocessing (as ``eval`` reads them); the
 weights say. Two inputs that would write the same output are refused before anything is written; an image that
 cannot be read (or segmented) is reported and skipped, and the command then exits 1.
 
+Under ``torchrun`` every process runs the checks and loads the model, then segments every N-th network call of the
+list (the calls are decided from the image headers first, so the files equal one process's); rank 0 prints the
+summary of all of them, and every process exits 1 if an image failed in any.
+
 ``bench`` measures images/s of each model in its forms on the same input (``deeplab_fast.benchmark``), with a
 progress bar, and prints a table naming the device; ``--json`` writes it. On the CPU it defaults to batch 1 and 3
 timed calls (about a minute per model on 2 cores); ``--batch 1 16`` adds the batch-16 rows.
@@ -32,12 +36,13 @@ from tqdm import tqdm
 from .. import benchmark, models, optimize
 from ..benchmark import bench_forms, bench_rows, device_name, logits_of
 from ..data.voc import colorize, voc_palette
-from ..io import IMAGE_EXTS, list_images, load_photo, save_image, save_palette_png
+from ..io import IMAGE_EXTS, image_size, list_images, load_photo, save_image, save_palette_png
 from ..models import SegmentationPreset
 from ..nn import DenseCRF
 from ._common import (EXIT_FAILED, CLIError, add_preprocessing_option, crf_preset_parent, device_parent,
                       error_line, library_errors, load_model_from_options, model_names, model_options_parent,
-                      positive_int, resolve_device, threads_parent, working_on)
+                      positive_int, resolve_device, threads_parent, working_on, write_line)
+from ._torchrun import torchrun_shard
 
 __all__ = ["add_parsers", "run_segment", "run_bench", "weights_help"]
 
@@ -98,9 +103,30 @@ def _outputs(paths: Sequence[Path], out_dir: Path) -> dict:
     return outputs
 
 
-def _read(paths: Sequence[Path], batch: int, failed: list) -> Iterator[list]:
-    """Groups of up to ``batch`` consecutive images of one size, ``[(path, [H, W, 3] uint8)]``, read as they are
-    needed; an image that cannot be read is reported and added to ``failed``."""
+def _batches(paths: Sequence[Path], batch: int) -> list[list[Path]]:
+    """The network calls: runs of up to ``batch`` consecutive images of one size (read from the headers), decided
+    before any image is segmented, so that every process of a torchrun run batches its images as one process
+    would. A file whose header cannot be read joins the current call without counting (reading it fails and is
+    reported)."""
+    batches: list[list[Path]] = [[]]
+    size, count = None, 0
+    for path in paths:
+        try:
+            shape = image_size(path)
+        except (OSError, ValueError):
+            shape = None
+        if shape is not None:
+            if count == batch or (count and shape != size):
+                batches.append([])
+                count = 0
+            size, count = shape, count + 1
+        batches[-1].append(path)
+    return [b for b in batches if b]
+
+
+def _read(paths: Sequence[Path], failed: list) -> Iterator[list]:
+    """The photos of one network call, ``[(path, [H, W, 3] uint8)]``, per run of one size; an image that cannot
+    be read is reported and added to ``failed``."""
     group: list = []
     for path in paths:
         try:
@@ -108,9 +134,9 @@ def _read(paths: Sequence[Path], batch: int, failed: list) -> Iterator[list]:
                 photo = load_photo(path, "IMAGE")
         except CLIError as exc:
             failed.append(path)
-            tqdm.write(error_line("segment", str(exc)), file=sys.stderr)
+            write_line(error_line("segment", str(exc)), sys.stderr)
             continue
-        if group and (len(group) == batch or group[0][1].shape != photo.shape):
+        if group and group[0][1].shape != photo.shape:
             yield group
             group = []
         group.append((path, photo))
@@ -140,7 +166,9 @@ def _segment(model, preprocess, crf, images: np.ndarray, device: torch.device):
     return logits.argmax(1).cpu().numpy().astype(np.uint8), t_net, t_crf
 
 
-def run_segment(args) -> int:
+def _prepare(args):
+    """The checks and the model, before anything is written: (images, their outputs, device, model,
+    preprocessing, CRF, batch)."""
     if args.weights is None:
         raise CLIError(f"--weights is required: segmentation needs trained weights.\n{weights_help()}")
     paths = _collect_images(args.images)
@@ -150,44 +178,58 @@ def run_segment(args) -> int:
     outputs = _outputs(paths, out_dir)
     device = resolve_device(args.device)
     _, model, preprocessing, _ = load_model_from_options(args, default_model=DEFAULT_MODEL)
-    preprocess = SegmentationPreset(preprocessing)
     if args.optimize:
         model = optimize(model, inplace=True)
     model = model.to(device)
     crf = DenseCRF.from_preset(args.crf) if args.crf else None
     out_dir.mkdir(parents=True, exist_ok=True)
     batch = args.batch or (8 if device.type == "cuda" else 1)
+    return paths, outputs, device, model, SegmentationPreset(preprocessing), crf, batch
 
-    failed: list[Path] = []
-    done, totals, palette = 0, [0.0, 0.0], voc_palette()
-    bar = tqdm(total=len(paths), unit="img", disable=len(paths) < 2 or not sys.stderr.isatty())
-    for group in _read(paths, batch, failed):
-        names = ", ".join(repr(str(p)) for p, _ in group)
-        try:
-            with library_errors(code=EXIT_FAILED), working_on(f"IMAGE {names}"):
-                labels, t_net, t_crf = _segment(model, preprocess, crf, np.stack([a for _, a in group]), device)
-                for (path, photo), lab in zip(group, labels):
-                    colours = colorize(lab).astype(np.float32)
-                    overlay = (0.5 * photo.astype(np.float32) + 0.5 * colours).round().astype(np.uint8)
-                    save_palette_png(lab, palette, outputs[path][0])
-                    save_image(overlay, outputs[path][1], "overlay")
-                    present = ", ".join(str(int(v)) for v in np.unique(lab))
-                    tqdm.write(f"{path.name}: {photo.shape[1]}x{photo.shape[0]}, network {1e3 * t_net:.1f} ms"
-                               + (f", CRF {1e3 * t_crf:.1f} ms" if crf is not None else "") + f"; labels {present}")
-        except CLIError as exc:
-            failed += [p for p, _ in group]
-            tqdm.write(error_line("segment", str(exc)), file=sys.stderr)
+
+def run_segment(args) -> int:
+    with torchrun_shard(args.device) as shard:
+        paths, outputs, device, model, preprocess, crf, batch = shard.agreed(lambda: _prepare(args))
+        mine = shard.take(_batches(paths, batch))
+        failed: list[Path] = []
+        done, totals, palette = 0, [0.0, 0.0], voc_palette()
+        bar = tqdm(total=sum(map(len, mine)), unit="img",
+                   disable=not shard.main or len(paths) < 2 or not sys.stderr.isatty())
+        for group in (g for call in mine for g in _read(call, failed)):
+            names = ", ".join(repr(str(p)) for p, _ in group)
+            try:
+                with library_errors(code=EXIT_FAILED), working_on(f"IMAGE {names}"):
+                    labels, t_net, t_crf = _segment(model, preprocess, crf, np.stack([a for _, a in group]), device)
+                    for (path, photo), lab in zip(group, labels):
+                        colours = colorize(lab).astype(np.float32)
+                        overlay = (0.5 * photo.astype(np.float32) + 0.5 * colours).round().astype(np.uint8)
+                        save_palette_png(lab, palette, outputs[path][0])
+                        save_image(overlay, outputs[path][1], "overlay")
+                        present = ", ".join(str(int(v)) for v in np.unique(lab))
+                        write_line(f"{path.name}: {photo.shape[1]}x{photo.shape[0]}, network {1e3 * t_net:.1f} ms"
+                                   + (f", CRF {1e3 * t_crf:.1f} ms" if crf is not None else "")
+                                   + f"; labels {present}")
+            except CLIError as exc:
+                failed += [p for p, _ in group]
+                write_line(error_line("segment", str(exc)), sys.stderr)
+                bar.update(len(group))
+                continue
+            done += len(group)
+            totals[0] += t_net * len(group)
+            totals[1] += t_crf * len(group)
             bar.update(len(group))
-            continue
-        done += len(group)
-        totals[0] += t_net * len(group)
-        totals[1] += t_crf * len(group)
-        bar.update(len(group))
-    bar.close()
-    per_image = (f": network {1e3 * totals[0] / done:.1f} ms/image"
-                 + (f", CRF {1e3 * totals[1] / done:.1f} ms/image" if crf is not None else "")) if done else ""
-    print(f"{done} image(s) on {device}{per_image}; written to {out_dir}"
-          + (f"; {len(failed)} failed: {', '.join(p.name for p in failed)}" if failed else ""))
+        bar.close()
+        index = {p: i for i, p in enumerate(paths)}
+        results = shard.gather((done, totals, [index[p] for p in failed]))
+    done = sum(r[0] for r in results)
+    totals = [sum(r[1][k] for r in results) for k in (0, 1)]
+    failed = [paths[i] for i in sorted(i for r in results for i in r[2])]
+    if shard.main:
+        per_image = (f": network {1e3 * totals[0] / done:.1f} ms/image"
+                     + (f", CRF {1e3 * totals[1] / done:.1f} ms/image" if crf is not None else "")) if done else ""
+        where = f"{device}" if shard.world == 1 else f"{shard.world} processes ({device.type})"
+        print(f"{done} image(s) on {where}{per_image}; written to {Path(args.out)}"
+              + (f"; {len(failed)} failed: {', '.join(p.name for p in failed)}" if failed else ""))
     return EXIT_FAILED if failed else 0
 
 
@@ -242,7 +284,9 @@ batched. The input is normalised as the weights expect (their transforms(): Imag
 weights, Caffe BGR mean subtraction for the Caffe-converted v1/v2 weights; a 'deeplab-fast train' checkpoint as
 it was trained, and gives the model, its options and classes too; another file gets the model's default, ImageNet
 for v3 and Caffe for v1/v2). Two inputs whose outputs would have one name are refused before anything is written;
-an image that cannot be read is reported and skipped.
+an image that cannot be read is reported and skipped. Under torchrun ('torchrun --nproc_per_node N -m
+deeplab_fast segment ...') the processes share the images and write the same files as one process; rank 0
+prints the summary.
 
 exit codes: 0 success; 1 some images failed (the others were written), an unreadable checkpoint or a failed
 download, out of memory; 2 bad arguments or input; 130 interrupted."""

@@ -50,7 +50,7 @@ from ..data.transforms import TrainTransform
 from .checkpoint import load_training_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .crf_rnn import CRFasRNNHead
-from .distributed import init_distributed, process_group, resolve_device
+from .distributed import distributed, process_group, resolve_device
 from .evaluate import evaluate, evaluation_loader
 from .losses import compute_loss
 from .outputs import DivergenceError, check_finite, remove_stale_parts, truncate_log
@@ -165,13 +165,8 @@ def train(config, data_root=None, out_dir=None, **kwargs) -> dict:
                           or resolve_preprocessing(cfg.model))
     else:
         cfg = cfg.replace(preprocessing=resolve_preprocessing(cfg.model, cfg.preprocessing, cfg.init))
-    rank, world, local_rank, created_group = init_distributed(str(cfg.device))
-    try:
-        with StopSignals() as stop:
-            return _run(cfg, ckpt, rank, world, resolve_device(cfg.device, local_rank), stop)
-    finally:
-        if created_group:
-            torch.distributed.destroy_process_group()
+    with distributed(str(cfg.device)) as (rank, world, local_rank), StopSignals() as stop:
+        return _run(cfg, ckpt, rank, world, resolve_device(cfg.device, local_rank), stop)
 
 
 def _run(cfg: TrainConfig, ckpt: Optional[dict], rank: int, world: int, dev: torch.device,

@@ -4,7 +4,6 @@ dense CRF on those averaged probabilities. ``evaluate`` takes a loader, as torch
 dataset of (uint8 image, label map) pairs can be evaluated; :func:`evaluation_loader` makes one."""
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import torch
@@ -15,7 +14,7 @@ from tqdm import tqdm
 
 from ..data.transforms import EvalTransform
 from ..nn import DenseCRF
-from .distributed import process_group, resolve_device
+from .distributed import local_rank, process_group, resolve_device
 from .metrics import ConfusionMatrix
 
 __all__ = ["evaluate", "evaluation_loader"]
@@ -80,7 +79,7 @@ def evaluate(model: nn.Module, loader, *, num_classes: int, preprocessing: str, 
     if not scales or any(not s > 0 for s in scales):
         raise ValueError(f"evaluate: scales must be positive numbers, got {scales}")
     group = process_group()
-    dev = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
+    dev = resolve_device(device, local_rank())
     crf_layer = DenseCRF.from_preset(crf) if isinstance(crf, str) else crf
     transform = EvalTransform(preprocessing=preprocessing)
     cm = ConfusionMatrix(num_classes, ignore_index=ignore_index, device=dev)
