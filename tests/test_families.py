@@ -43,6 +43,8 @@ def test_every_model_has_a_family_and_every_recipe_fits_it():
             assert RECIPES[r.name] is r
             if r.init:  # the recipe's init weights are registered for its model
                 assert r.init in models.get_model_weights(r.model).__members__, r.name
+    from deeplab_fast.train import HEAD_ATTRIBUTES  # param_groups' default without a family: covers them all
+    assert {a for f in FAMILIES.values() for a in f.head_attributes} <= set(HEAD_ATTRIBUTES)
     assert family("v3plus") is FAMILIES["v3plus"] and family(FAMILIES["v1"]) is FAMILIES["v1"]
     with pytest.raises(ValueError, match="unknown model family 'v4'; known: v1, v2, v3, v3plus, mobile"):
         family("v4")
