@@ -66,8 +66,8 @@ def training_settings(*, model: Optional[str] = None, recipe: Optional[str] = No
     (``train`` resolves it from the ``init`` weights or the model).
 
     Returns a dict with ``model``, ``num_classes``, ``model_kwargs``, ``init``, ``preprocessing``, ``steps``,
-    ``batch_size``, ``lr``, ``crop_size``, ``weight_decay``. ValueError for an unknown recipe, no model at all, or a recipe of
-    another model family than ``model``."""
+    ``batch_size``, ``lr``, ``crop_size``, ``weight_decay``. ValueError for an unknown recipe, no model at all,
+    or a recipe of another model family than ``model``."""
     chosen = None
     if recipe is not None:
         if recipe not in RECIPES:

@@ -157,7 +157,8 @@ def models_table() -> str:
         lines.append(f"| `{name}` | {_published(name)} | {fps(name, size, 'deeplab_fast (optimize)')} | "
                      f"{fps(name, size, 'plain torch')} | {'; '.join(p for p in peers if p)} | "
                      f"{', '.join(measured)} |")
-    return "\n".join(lines) + f"\n\nDevice: {device}; 513x513, batch 1, float32 (`benchmarks/results/*-models-fps.json`).\n"
+    return "\n".join(lines) + (f"\n\nDevice: {device}; 513x513, batch 1, float32 "
+                               "(`benchmarks/results/*-models-fps.json`).\n")
 
 
 def on_page_markdown(markdown: str, page=None, config=None, files=None, **kwargs) -> str:
