@@ -1,5 +1,6 @@
 """DeepLab models, images/s: deeplab_fast's model (``deeplab_fast.optimize``), the same architecture in plain torch
-(the model as built, ``optimize`` off), torchvision's model where it has one, and the v2 network + dense CRF.
+(the model as built, ``optimize`` off), torchvision's model where it has one, segmentation_models_pytorch's
+DeepLabV3Plus beside our ``flavor="smp"`` v3+ (when smp is installed), and the v2 network + dense CRF.
 
 Every model of ``deeplab_fast.models.MODELS`` at 513x513, in one process on the same input. The headline run
 times one model (``deeplab_v3_resnet50``, batch 1, against torchvision's); ``--full`` every model. Batches: 1 on
@@ -10,9 +11,14 @@ the CPU (batch 16 takes about 10 minutes per model on 2 cores: ``DEEPLAB_FAST_BE
   (``conftest.cuda_timed``). Target (the issue, DeepLabV3-ResNet101 at 513x513, batch 16, bf16): >= 1.3x
   torchvision eager and >= 1.1x torchvision under ``torch.compile(mode="max-autotune")`` (a GPU-only row;
   ``DEEPLAB_FAST_BENCH_NO_COMPILE=1`` skips it).
-- torchvision rows: DeepLabV3 ResNet-50/101 only (torchvision's other DeepLab models do not exist), with the same
-  weights as ours (loaded from ours), so the outputs are compared too.
-- The v2 + CRF row: ``deeplab_v2_resnet101`` then ``DenseCRF.from_preset("deeplab_v2_voc")`` on random RGB.
+- torchvision rows: DeepLabV3 ResNet-50/101, DeepLabV3 MobileNetV3-Large and LR-ASPP
+  (``deeplab_fast.benchmark.TORCHVISION_BUILDERS``; torchvision has no v1, v2 or v3+), with the same weights as
+  ours (loaded from ours), so the outputs are compared too.
+- smp rows (the v3+ models, output stride 16): smp's ``DeepLabV3Plus`` and ours built ``flavor="smp"`` with its
+  weights (converted by the registry's loader), at the side rounded down to a multiple of 16 (512: smp refuses
+  others), in their own group; the peer there is smp.
+- The CRF row: the models whose weights name a CRF preset (``deeplab_v2_resnet101``, ``deeplab_v2_voc``), the
+  network then ``DenseCRF.from_preset(preset)`` on random RGB.
 Correctness first: each row's output is compared with the plain-torch model's (float32: 1e-4 relative; bf16:
 2e-2). With ``--benchmark-disable`` (CI's smoke run) the cases shrink to 65x65 at batch 1 (batch 16 rows skip),
 so the whole file stays quick; the full sizes need a timed run.
@@ -25,7 +31,8 @@ import torch
 
 import deeplab_fast
 from deeplab_fast import models
-from deeplab_fast.benchmark import torchvision_model
+from deeplab_fast.benchmark import (SMP_ENCODERS, SMP_OUTPUT_STRIDE, TORCHVISION_BUILDERS, crf_preset, smp_model,
+                                    smp_size, torchvision_model)
 from deeplab_fast.nn import DenseCRF
 
 from conftest import FULL, cuda_timed, gpu_description, needs_cuda, no_compile, randomise_bn_, record
@@ -40,7 +47,8 @@ GPU_HEADLINE = "deeplab_v3_resnet101"  # and on the GPU (both batches: the targe
 NUM_CLASSES = 21
 OURS, PLAIN, TORCHVISION, CRF = "deeplab_fast (optimize)", "plain torch", "torchvision", "deeplab_fast + dense CRF"
 TV_COMPILED = "torchvision (max-autotune)"
-TV_NAMES = {"deeplab_v3_resnet50": "deeplabv3_resnet50", "deeplab_v3_resnet101": "deeplabv3_resnet101"}
+OURS_SMP, SMP = "deeplab_fast smp flavor (optimize)", "segmentation_models_pytorch"
+TV_NAMES = TORCHVISION_BUILDERS
 
 
 _cache: dict = {}
@@ -56,6 +64,8 @@ def build(name: str, impl: str, device, dtype):
         fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
         _cache[key] = {"plain": plain.to(device=device, dtype=dtype, memory_format=fmt), "fmt": fmt}
     entry = _cache[key]
+    if impl in (OURS_SMP, SMP):
+        return _build_smp(name, impl, entry, device, dtype)
     plain = entry["plain"]
     if impl == PLAIN:
         return plain, plain
@@ -76,6 +86,24 @@ def build(name: str, impl: str, device, dtype):
     return tv, plain
 
 
+def _build_smp(name, impl, entry, device, dtype):
+    """smp's DeepLabV3Plus (random weights, BN randomised) and ours with its weights, ``flavor="smp"``."""
+    if "smp" not in entry:
+        try:
+            peer = smp_model(name, NUM_CLASSES, python_only=True)
+        except RuntimeError as e:  # smp missing: the row says so
+            pytest.skip(str(e))
+        peer = randomise_bn_(peer, torch.Generator().manual_seed(0)).eval()
+        kwargs = dict(flavor="smp", output_stride=SMP_OUTPUT_STRIDE)
+        ours = models.get_model(name, num_classes=NUM_CLASSES, **kwargs)
+        ours.load_state_dict(models.model_entry(name).foreign(peer.state_dict(), kwargs))
+        fmt = entry["fmt"]
+        entry["smp_plain"] = ours.eval().to(device=device, dtype=dtype, memory_format=fmt)
+        entry["smp"] = peer.to(device=device, dtype=dtype, memory_format=fmt)
+        entry["smp_ours"] = deeplab_fast.optimize(entry["smp_plain"])
+    return (entry["smp_ours"] if impl == OURS_SMP else entry["smp"]), entry["smp_plain"]
+
+
 def _out(y):
     return y["out"] if isinstance(y, dict) else y
 
@@ -84,10 +112,11 @@ def _case_ids(gpu: bool):
     for name in sorted(models.MODELS):
         for batch in GPU_BATCHES if gpu else CPU_BATCHES:
             impls = [OURS, PLAIN] + ([TORCHVISION] if name in TV_NAMES else []) + (
-                [TV_COMPILED] if gpu and name in TV_NAMES else []) + ([CRF] if name.startswith("deeplab_v2") else [])
+                [TV_COMPILED] if gpu and name in TV_NAMES else []) + ([CRF] if crf_preset(name) else []) + (
+                [OURS_SMP, SMP] if name in SMP_ENCODERS else [])
             for impl in impls:
                 tag = {OURS: "ours", PLAIN: "plain", TORCHVISION: "torchvision", TV_COMPILED: "torchvision-compiled",
-                       CRF: "ours+crf"}[impl]
+                       CRF: "ours+crf", OURS_SMP: "ours-smp-flavor", SMP: "smp"}[impl]
                 headline = name == GPU_HEADLINE if gpu else (name, batch) == HEADLINE
                 marks = () if headline else FULL
                 yield pytest.param(name, batch, impl, id=f"{name}-b{batch}-{tag}", marks=marks)
@@ -98,6 +127,8 @@ def _run(benchmark, name, batch, impl, device, dtype, tol):
     if smoke and batch > 1:
         pytest.skip("smoke run (--benchmark-disable): batch 1 only")
     size = SMOKE_SIZE if smoke else SIZE
+    if impl in (OURS_SMP, SMP):
+        size = smp_size(size)
     fn_model, plain = build(name, impl, device, dtype)
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
     x = x.to(device=device, dtype=dtype).contiguous(memory_format=_cache[(name, str(device), dtype)]["fmt"])
@@ -108,7 +139,7 @@ def _run(benchmark, name, batch, impl, device, dtype, tol):
     err = ((y - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
     assert err <= tol, f"{name} {impl}: relative error {err:.2e} vs the plain-torch model"
     if impl == CRF:
-        layer = DenseCRF.from_preset("deeplab_v2_voc")
+        layer = DenseCRF.from_preset(crf_preset(name))
         image = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8,
                               generator=torch.Generator().manual_seed(2)).to(device)
 

@@ -1,6 +1,7 @@
 """Measuring the models' speed, shared by ``deeplab-fast bench`` and ``benchmarks/``: a synchronised per-call timer
-(CUDA events on the GPU, the wall clock on the CPU), the device's description, torchvision's peer model, and the
-images/s rows of one model in its forms (``optimize(model)``, plain torch, torchvision, v2 + dense CRF).
+(CUDA events on the GPU, the wall clock on the CPU), the device's description, the peer models (torchvision's, and
+segmentation_models_pytorch's DeepLabV3Plus), and the images/s rows of one model in its forms (``optimize(model)``,
+plain torch, the peers, the network + dense CRF where its weights name a CRF preset).
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ import torch
 from . import models, optimize
 from .nn import DenseCRF
 
-__all__ = ["time_per_call", "device_name", "load_torchvision", "torchvision_model", "bench_rows", "logits_of"]
+__all__ = ["time_per_call", "device_name", "load_torchvision", "torchvision_model", "load_smp", "smp_model",
+           "smp_size", "crf_preset", "bench_forms", "bench_rows", "logits_of"]
 
 # What to install when torchvision is missing or does not match torch (README: "Install").
 TORCHVISION_HINT = ("install the torchvision release made for your torch, from the same package index as torch "
@@ -84,12 +86,21 @@ def load_torchvision(python_only: bool = False):
 
 _TORCHVISION_NOTE: dict = {}
 
-TORCHVISION_BUILDERS = {"deeplab_v3_resnet50": "deeplabv3_resnet50", "deeplab_v3_resnet101": "deeplabv3_resnet101"}
+# deeplab_fast's models that torchvision has (its builder's name); torchvision's weights load into ours as they are.
+TORCHVISION_BUILDERS = {"deeplab_v3_resnet50": "deeplabv3_resnet50", "deeplab_v3_resnet101": "deeplabv3_resnet101",
+                        "deeplab_v3_mobilenet_v3_large": "deeplabv3_mobilenet_v3_large",
+                        "lraspp_mobilenet_v3_large": "lraspp_mobilenet_v3_large"}
+# deeplab_fast's DeepLab v3+ models and segmentation_models_pytorch's encoder name for the same backbone
+# (``flavor="smp"``: its architecture, whose state dicts load into ours).
+SMP_ENCODERS = {"deeplab_v3plus_resnet50": "resnet50", "deeplab_v3plus_resnet101": "resnet101",
+                "deeplab_v3plus_mobilenet_v2": "mobilenet_v2"}
+SMP_OUTPUT_STRIDE = 16
 
 
 def torchvision_model(name: str, num_classes: int, python_only: bool = False):
-    """torchvision's own model for ``name`` (DeepLabV3 ResNet-50/101, random weights), or None when torchvision
-    has no such model. Raises RuntimeError, with load_torchvision's note, when torchvision cannot be loaded."""
+    """torchvision's own model for ``name`` (``TORCHVISION_BUILDERS``: DeepLabV3 ResNet-50/101, the mobile
+    DeepLabV3 and LR-ASPP; random weights, no auxiliary head), or None when torchvision has no such model. Raises
+    RuntimeError, with load_torchvision's note, when torchvision cannot be loaded."""
     if name not in TORCHVISION_BUILDERS:
         return None
     tv, note = load_torchvision(python_only)
@@ -99,6 +110,49 @@ def torchvision_model(name: str, num_classes: int, python_only: bool = False):
 
     return getattr(segmentation, TORCHVISION_BUILDERS[name])(weights=None, weights_backbone=None,
                                                             num_classes=num_classes, aux_loss=False)
+
+
+def load_smp(python_only: bool = False):
+    """(segmentation_models_pytorch, "") or (None, why not). It imports torchvision (through timm), so it needs
+    what :func:`load_torchvision` needs; hub downloads are kept off (``HF_HUB_OFFLINE``: only random weights are
+    built)."""
+    if importlib.util.find_spec("segmentation_models_pytorch") is None:
+        return None, "not installed (pip install segmentation-models-pytorch)"
+    tv, note = load_torchvision(python_only)
+    if tv is None:
+        return None, f"needs torchvision, which {note}"
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        return importlib.import_module("segmentation_models_pytorch"), ""
+    except Exception as e:  # noqa: BLE001 - any failure of a third-party import is reported, not raised
+        return None, f"cannot be imported ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+
+
+def smp_model(name: str, num_classes: int, python_only: bool = False):
+    """segmentation_models_pytorch's ``DeepLabV3Plus`` for ``name`` (``SMP_ENCODERS``, encoder output stride
+    ``SMP_OUTPUT_STRIDE``, random weights), or None when it has no such model. RuntimeError (why) when smp cannot
+    be loaded. Its inputs must be multiples of 16 (:func:`smp_size`)."""
+    if name not in SMP_ENCODERS:
+        return None
+    smp, note = load_smp(python_only)
+    if smp is None:
+        raise RuntimeError(f"segmentation_models_pytorch {note}")
+    return smp.DeepLabV3Plus(SMP_ENCODERS[name], encoder_weights=None, encoder_output_stride=SMP_OUTPUT_STRIDE,
+                             classes=num_classes)
+
+
+def smp_size(size: int) -> int:
+    """The input side smp accepts: ``size`` rounded down to a multiple of 16 (at least 16)."""
+    return max(16, size // 16 * 16)
+
+
+def crf_preset(name: str):
+    """The dense CRF preset the model's published numbers use (its weights' ``meta["crf_preset"]``), or None."""
+    from . import models
+
+    return next((w.meta["crf_preset"] for w in models.get_model_weights(name) if w.meta.get("crf_preset")), None)
 
 
 def time_per_call(fn, device, repeat: int, warmup: int = 1) -> list[float]:
@@ -123,38 +177,57 @@ def time_per_call(fn, device, repeat: int, warmup: int = 1) -> list[float]:
     return times
 
 
+OURS, PLAIN, TORCHVISION = "deeplab_fast (optimize)", "plain torch (same architecture)", "torchvision"
+OURS_SMP, SMP, CRF = "deeplab_fast smp flavor (optimize)", "segmentation_models_pytorch", "deeplab_fast + dense CRF"
+
+
 def bench_forms(name: str, crf: bool = False) -> list[str]:
-    """The forms ``bench_rows`` times for a model, in order (torchvision's only where it has the model and can be
-    loaded)."""
-    forms = ["deeplab_fast (optimize)", "plain torch (same architecture)"]
+    """The forms ``bench_rows`` times for a model, in order (torchvision's and smp's only where they have the model
+    and can be loaded; the CRF's where the weights name a preset)."""
+    forms = [OURS, PLAIN]
     if name in TORCHVISION_BUILDERS and load_torchvision()[0] is not None:
-        forms.append("torchvision")
-    if crf and models.model_entry(name).family == "v2":
-        forms.append("deeplab_fast + dense CRF")
+        forms.append(TORCHVISION)
+    if name in SMP_ENCODERS and load_smp()[0] is not None:
+        forms += [OURS_SMP, SMP]
+    if crf and crf_preset(name):
+        forms.append(CRF)
     return forms
 
 
 def bench_rows(name: str, size: int, batch: int, device, dtype, repeat: int, crf: bool = False,
                num_classes: int = 21, warmup: int = 1, on_call=None) -> list[dict]:
-    """images/s of one model in its forms (ours = optimize(model), plain torch, torchvision) on one input, and
-    for the v2 network the network + dense CRF end to end. Each row: impl, median_s, images_per_s; a form that
-    could not run (torchvision missing or not matching torch) is a row with ``skipped`` (why) and no times.
-    Each form is called ``warmup`` times, then ``repeat`` timed times; ``on_call()``, if given, runs after each
-    call (a progress bar)."""
+    """images/s of one model in its forms on one input: ours = ``optimize(model)``, plain torch (the model as built),
+    torchvision's model (DeepLabV3 ResNet-50/101 and the mobile models), and for the v3+ models our ``flavor="smp"``
+    model (optimized) beside segmentation_models_pytorch's ``DeepLabV3Plus`` at ``smp_size(size)`` (smp needs
+    multiples of 16); for a model whose weights name a CRF preset (v2) the network + dense CRF end to end. Each
+    row: model, impl, size, batch, median_s, images_per_s; a form that could not run (torchvision or smp missing
+    or not matching torch) is a row with ``skipped`` (why) and no times. Each form is called ``warmup`` times,
+    then ``repeat`` timed times; ``on_call()``, if given, runs after each call (a progress bar)."""
     torch.manual_seed(0)
     plain = models.get_model(name, num_classes=num_classes).eval()
-    forms = {"deeplab_fast (optimize)": optimize(plain), "plain torch (same architecture)": plain}
+    forms = {OURS: (optimize(plain), size), PLAIN: (plain, size)}
     skipped = {}
     try:
         tv = torchvision_model(name, num_classes)
     except RuntimeError as e:  # torchvision missing or not matching torch: the row says why
         tv = None
-        skipped["torchvision"] = str(e)
+        skipped[TORCHVISION] = str(e)
     if tv is not None:
-        forms["torchvision"] = tv.eval()
+        forms[TORCHVISION] = (tv.eval(), size)
+    if name in SMP_ENCODERS:
+        try:
+            peer = smp_model(name, num_classes)
+        except RuntimeError as e:
+            skipped[SMP] = str(e)
+        else:
+            ours_smp = models.get_model(name, num_classes=num_classes, flavor="smp", output_stride=SMP_OUTPUT_STRIDE)
+            forms[OURS_SMP] = (optimize(ours_smp.eval()), smp_size(size))
+            forms[SMP] = (peer.eval(), smp_size(size))
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
-    x = x.to(device=device, dtype=dtype).contiguous(memory_format=memory_format)
+
+    def image(side):
+        x = torch.randn(batch, 3, side, side, generator=torch.Generator().manual_seed(1))
+        return x.to(device=device, dtype=dtype).contiguous(memory_format=memory_format)
 
     def counted(fn):
         def call():
@@ -164,26 +237,23 @@ def bench_rows(name: str, size: int, batch: int, device, dtype, repeat: int, crf
             return out
         return call
 
+    def row(impl, fn, side):
+        with torch.no_grad():
+            times = time_per_call(counted(fn), device, repeat, warmup)
+        med = statistics.median(times)
+        return dict(model=name, impl=impl, size=side, batch=batch, median_s=med, images_per_s=batch / med)
+
     rows = []
-    for impl, model in forms.items():
+    for impl, (model, side) in forms.items():
         model = model.to(device=device, dtype=dtype, memory_format=memory_format)
-        with torch.no_grad():
-            times = time_per_call(counted(lambda: model(x)), device, repeat, warmup)
-        med = statistics.median(times)
-        rows.append(dict(model=name, impl=impl, size=size, batch=batch, median_s=med, images_per_s=batch / med))
-    if crf and models.model_entry(name).family == "v2":
-        model = forms["deeplab_fast (optimize)"]
-        layer = DenseCRF.from_preset("deeplab_v2_voc")
-        image = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
-
-        def end_to_end():
-            return layer(logits_of(model(x)).float(), image)
-
-        with torch.no_grad():
-            times = time_per_call(counted(end_to_end), device, repeat, warmup)
-        med = statistics.median(times)
-        rows.append(dict(model=name, impl="deeplab_fast + dense CRF", size=size, batch=batch, median_s=med,
-                         images_per_s=batch / med))
+        x = image(side)
+        rows.append(row(impl, lambda: model(x), side))
+    preset = crf_preset(name) if crf else None
+    if preset:
+        model, x = forms[OURS][0], image(size)
+        layer = DenseCRF.from_preset(preset)
+        rgb = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
+        rows.append(row(CRF, lambda: layer(logits_of(model(x)).float(), rgb), size))
     rows += [dict(model=name, impl=impl, size=size, batch=batch, median_s=None, images_per_s=None, skipped=why)
              for impl, why in skipped.items()]
     return rows

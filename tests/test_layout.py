@@ -161,14 +161,17 @@ def test_docs_recipe_table_is_generated_from_the_recipes():
 
 
 def test_readme_headline_table_is_generated_from_the_benchmark_results():
-    """README's benchmark table is docs/hooks/benchmark_tables.py's headline_table(), made from
-    benchmarks/results/*.json (run the script's function and paste it after a benchmark run)."""
+    """README's benchmark and model tables are docs/hooks/benchmark_tables.py's headline_table() and
+    models_table(), made from benchmarks/results/*.json and the weights' metadata (run the script's function and
+    paste it after a benchmark run)."""
     import runpy
 
     tables = runpy.run_path(str(ROOT / "docs" / "hooks" / "benchmark_tables.py"))
     readme = (ROOT / "README.md").read_text()
     assert _between(readme, "<!-- headline table:", "<!-- end of headline table -->") == tables["headline_table"](), (
         "README's headline table is stale: paste docs/hooks/benchmark_tables.py's headline_table()")
+    assert _between(readme, "<!-- models table:", "<!-- end of models table -->") == tables["models_table"](), (
+        "README's model table is stale: paste docs/hooks/benchmark_tables.py's models_table()")
 
 
 def test_ci_runs_the_readme_test_command_verbatim():

@@ -24,8 +24,7 @@ from ..data.transforms import PREPROCESSING_CHOICES
 from ..io import LOSSY_EXTS, same_file
 from ..models import CheckpointError
 from ..nn import PRESETS
-from ..train import TrainingInterrupted, read_training_checkpoint
-from ..train import distributed
+from ..train import FAMILIES, TrainingInterrupted, distributed, family, read_training_checkpoint
 
 PROG = "deeplab-fast"
 
@@ -94,8 +93,13 @@ def load_model(name: str, weights, num_classes: int | None = None, option: str =
     return model.eval(), resolved
 
 
-def model_kwargs_option(args, family: str) -> dict:
-    """The model options of ``--model-kwargs`` (JSON) and ``--width-divisor`` (v1 only), checked."""
+def _families_with(option: str) -> str:
+    return "/".join(f.name for f in FAMILIES.values() if option in f.options)
+
+
+def model_kwargs_option(args, family_name: str) -> dict:
+    """The model options of ``--model-kwargs`` (JSON) and ``--width-divisor`` (the families whose
+    ``Family.options`` have it: v1), checked."""
     kwargs = {}
     if args.model_kwargs:
         try:
@@ -107,8 +111,8 @@ def model_kwargs_option(args, family: str) -> dict:
         if "num_classes" in kwargs:
             raise CLIError("--model-kwargs: give the number of classes with --num-classes")
     if args.width_divisor is not None:
-        if family != "v1":
-            raise CLIError(f"--width-divisor is for the v1 models (deeplab_v1_*), not {args.model}")
+        if "width_divisor" not in family(family_name).options:
+            raise CLIError(f"--width-divisor is for the {_families_with('width_divisor')} models, not {args.model}")
         kwargs["width_divisor"] = args.width_divisor
     return kwargs
 
@@ -275,7 +279,8 @@ def data_parent() -> argparse.ArgumentParser:
 def model_options_parent() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--width-divisor", type=positive_int, default=None, metavar="D",
-                   help="v1 only: divide every channel count by D (a small model for quick experiments)")
+                   help=f"{_families_with('width_divisor')} only: divide every channel count by D (a small model "
+                        "for quick experiments)")
     p.add_argument("--model-kwargs", metavar="JSON", default=None,
                    help="more model options as JSON, e.g. '{\"msc\": true}' (v2), '{\"aux_loss\": true}' (v3), "
                         "'{\"dropout\": 0}' (v1)")

@@ -56,8 +56,10 @@ def weights_help() -> str:
     for name in models.list_models():
         members = ", ".join(k for k, m in models.get_model_weights(name).__members__.items() if not m.backbone_only)
         lines.append(f"  {name}: {members or 'none (backbone weights only, for train --init)'}")
-    lines.append("Files: torchvision's DeepLabV3 state dicts, kazuto1011/deeplab-pytorch's DeepLab-v2 checkpoints "
-                 "(recognised by their released file names), or a state dict saved from a deeplab_fast.models model "
+    lines.append("Files: torchvision's DeepLabV3 and mobile state dicts, kazuto1011/deeplab-pytorch's DeepLab-v2 "
+                 "checkpoints (recognised by their released file names), segmentation_models_pytorch DeepLabV3Plus "
+                 "state dicts (with --model-kwargs '{\"flavor\": \"smp\", \"output_stride\": 16}', or 8 as they "
+                 "were trained), or a state dict saved from a deeplab_fast.models model "
                  "(OUT/last.pth of 'deeplab-fast train' too, whose model, options, classes and preprocessing are "
                  "read from it). The number of classes is read from the checkpoint unless --num-classes is given.")
     return "\n".join(lines)
@@ -315,11 +317,14 @@ def add_parsers(sub) -> None:
                      help="run the model as built, without deeplab_fast.optimize")
     seg.set_defaults(run=run_segment)
 
-    bench = sub.add_parser("bench", help="images/s of the DeepLab models: ours, plain torch, torchvision",
+    bench = sub.add_parser("bench", help="images/s of the DeepLab models: ours, plain torch, torchvision, smp",
                            description="Measure images/s of each model: deeplab_fast.optimize(model), the same "
-                                       "architecture in plain torch, torchvision's model where it has one, and "
-                                       "the v2 network with the dense CRF end to end. Prints a table naming "
-                                       "the device; --json writes it.",
+                                       "architecture in plain torch, torchvision's model where it has one (v3 "
+                                       "ResNets, the mobile models), for the v3+ models our smp flavor beside "
+                                       "segmentation_models_pytorch's DeepLabV3Plus (at the side rounded down to "
+                                       "a multiple of 16, which smp needs) when smp is installed, and the "
+                                       "network with the dense CRF end to end where its weights name a CRF preset "
+                                       "(v2). Prints a table naming the device; --json writes it.",
                            parents=[threads_parent(), device_parent()])
     bench.add_argument("--models", nargs="+", metavar="NAME", default=None, choices=model_names(),
                        help="models to measure (default: all): " + ", ".join(model_names()))
@@ -331,6 +336,6 @@ def add_parsers(sub) -> None:
                        help="default: bf16 on CUDA (channels_last), fp32 on the CPU")
     bench.add_argument("--repeat", type=positive_int, default=None, metavar="N",
                        help="timed calls per row, after one warm-up call (default 3 on the CPU, 10 on CUDA)")
-    bench.add_argument("--no-crf", action="store_true", help="skip the v2 + dense CRF row")
+    bench.add_argument("--no-crf", action="store_true", help="skip the network + dense CRF row (v2)")
     bench.add_argument("--json", metavar="FILE", default=None, help="write the rows as JSON")
     bench.set_defaults(run=run_bench)

@@ -37,9 +37,10 @@ from ..data import VOCSegmentation
 from ..models import VOC_CLASSES
 from ..nn import PRESETS
 from ..nn.crf import COMPAT_FORMS
-from ..train import (RECIPES, CRFasRNNStage, TrainConfig, evaluate, evaluation_loader, load_trained_crf,
+from ..train import (FAMILIES, RECIPES, CRFasRNNStage, TrainConfig, evaluate, evaluation_loader, load_trained_crf,
                      load_training_checkpoint, read_training_checkpoint, resolve_preprocessing, train,
                      training_settings)
+from ..train.families import DEFAULT_WEIGHT_DECAY
 from ._common import (CLIError, add_preprocessing_option, crf_preset_parent, data_parent, device_parent,
                       finite_float, library_errors, load_model_from_options, model_kwargs_option, model_names,
                       model_options_parent, nonnegative_float, nonnegative_int, positive_float, positive_int,
@@ -109,7 +110,7 @@ def run_train(args) -> int:
         settings = training_settings(model=args.model, recipe=args.recipe, init_args=init_args,
                                      num_classes=args.num_classes, init=args.init, preprocessing=args.preprocessing,
                                      steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                                     crop_size=args.crop_size)
+                                     crop_size=args.crop_size, weight_decay=args.weight_decay)
     except ValueError as exc:
         raise CLIError(str(exc)) from None
     args.model = settings["model"]
@@ -134,7 +135,7 @@ def run_train(args) -> int:
     resolve_device(args.device)  # a clear error for cuda without a GPU
     config = TrainConfig(
         **settings, data_root=args.data, out_dir=args.out or os.path.join("runs", args.model),
-        momentum=args.momentum, weight_decay=args.weight_decay, power=args.power, amp=args.amp, device=args.device,
+        momentum=args.momentum, power=args.power, amp=args.amp, device=args.device,
         resume=args.resume, log_every=args.log_every, seed=args.seed, val_every=args.val_every,
         workers=args.workers, progress=sys.stderr.isatty() and not args.no_progress, ckpt_every=args.ckpt_every,
         shuffle=not args.no_shuffle, scale_range=scale_range, flip=not args.no_augment, augmented=args.augmented,
@@ -233,22 +234,26 @@ def run_eval(args) -> int:
 
 
 def _train_description() -> str:
-    lines = ["Train a DeepLab model on PASCAL VOC 2012 (SGD, momentum 0.9, weight decay 5e-4, the classifier at "
-             "10x the", "base learning rate, poly schedule with power 0.9). Defaults per model family (the papers' "
-             "recipes):"]
-    for r in RECIPES.values():
-        lines.append(f"  {r.family} ({r.model.rsplit('_', 1)[0]}_*): --steps {r.steps} --batch-size {r.batch_size} "
-                     f"--lr {r.lr:g} --crop-size {r.crop_size}"
-                     + (f" --model-kwargs '{json.dumps(dict(r.family_model_kwargs))}'" if r.family_model_kwargs
-                        else ""))
+    lines = ["Train a DeepLab model on PASCAL VOC 2012 (SGD, momentum 0.9, no weight decay on biases, the family's "
+             "head at", "10x the base learning rate, poly schedule with power 0.9). Defaults per model (its "
+             "recipe, else its family's):"]
+    for f in FAMILIES.values():
+        members = [n for n in models.list_models() if models.model_entry(n).family == f.name]
+        for r in f.recipes:
+            lines.append(f"  {f.name} ({r.model if len(f.recipes) > 1 else ', '.join(members)}): "
+                         f"--steps {r.steps} --batch-size {r.batch_size} --lr {r.lr:g} --crop-size {r.crop_size}"
+                         + (f" --weight-decay {r.weight_decay:g}" if r.weight_decay != DEFAULT_WEIGHT_DECAY else "")
+                         + (f" --model-kwargs '{json.dumps(dict(r.family_model_kwargs))}'" if r.family_model_kwargs
+                            else ""))
     lines.append("--recipe NAME applies a whole recipe (model, its options, --init weights, hyperparameters):")
     for r in RECIPES.values():
         lines.append(f"  {r.name}: {r.title}; --model {r.model}"
                      + (f" --model-kwargs '{json.dumps(dict(r.model_kwargs))}'" if r.model_kwargs else "")
                      + (f" --init {r.init}" if r.init else ""))
+    lines.append("The loss and the head at 10x, per family:")
+    for f in FAMILIES.values():
+        lines.append(f"  {f.name}: {f.loss_doc}; head: {', '.join(f.head_attributes)}")
     lines += [
-        "The loss: v1/v2 cross-entropy at 1/8 against downsampled labels (v2 --model-kwargs '{\"msc\": true}': the",
-        "MSC loss); v3 cross-entropy on the upsampled logits (+0.4 x aux with '{\"aux_loss\": true}').",
         "--batch-size is per process; under 'torchrun --nproc_per_node=G -m deeplab_fast train ...' (DDP: NCCL on",
         "CUDA, gloo on the CPU) the effective batch is G x batch-size. Writes OUT/last.pth (only finite weights;",
         "a diverged run stops with the step named), OUT/best.pth (with --val-every) and OUT/log.jsonl; --resume",
@@ -295,9 +300,9 @@ def add_parsers(sub) -> None:
     tr.add_argument("--lr", type=positive_float, default=None, metavar="LR", help="base learning rate (default: "
                     "recipe; the classifier gets 10x)")
     tr.add_argument("--crop-size", type=positive_int, default=None, metavar="PX", help="training crop side "
-                    "(default: 321 for v1/v2, 513 for v3)")
-    add_preprocessing_option(tr, "input normalisation (default: the --init weights', else caffe for v1/v2, "
-                                 "torchvision for v3)")
+                    "(default: the recipe's)")
+    add_preprocessing_option(tr, "input normalisation (default: the --init weights', else the model's: caffe "
+                                 "for v1/v2, torchvision for the others)")
     tr.add_argument("--augmented", action="store_true",
                     help="train on train_aug (SegmentationClassAug, the SBD-augmented 10,582 images)")
     tr.add_argument("--amp", action="store_true", help="mixed precision (float16 + GradScaler on CUDA, bfloat16 "
@@ -305,7 +310,8 @@ def add_parsers(sub) -> None:
     tr.add_argument("--resume", metavar="FILE", default=None, help="continue from a checkpoint (OUT/last.pth)")
     tr.add_argument("--init", metavar="NAME|FILE|URL", default=None, help=_init_help())
     tr.add_argument("--momentum", type=finite_float, default=0.9, metavar="M", help="(default 0.9)")
-    tr.add_argument("--weight-decay", type=finite_float, default=5e-4, metavar="W", help="(default 5e-4)")
+    tr.add_argument("--weight-decay", type=finite_float, default=None, metavar="W",
+                    help="(default: the recipe's, 5e-4 but for the mobile models' 1e-6)")
     tr.add_argument("--power", type=finite_float, default=0.9, metavar="P", help="poly power (default 0.9)")
     tr.add_argument("--scale-min", type=positive_float, default=0.5, metavar="S", help="random scale (default 0.5)")
     tr.add_argument("--scale-max", type=positive_float, default=1.5, metavar="S", help="(default 1.5)")

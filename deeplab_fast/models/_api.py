@@ -93,7 +93,8 @@ class WeightsEnum(enum.Enum):
 @dataclass(frozen=True)
 class ModelEntry:
     """A registered model: its builder (the architecture's constructor, called with the model keyword
-    arguments), weights enum, family (``"v1"``, ``"v2"``, ``"v3"``: the training loss and BN handling follow it),
+    arguments), weights enum, family (``"v1"``, ``"v2"``, ``"v3"``, ``"v3plus"``, ``"mobile"``: a key of
+    ``deeplab_fast.train.FAMILIES``, which says how the model trains),
     default input preprocessing (``"caffe"`` or ``"torchvision"``) for weights that do not say,
     ``classifier_key(**kwargs)``: the state-dict key of the classifier's weight for a model built with ``kwargs``
     (the class count is its first dimension), and ``function``: the public builder in torchvision's form

@@ -71,12 +71,14 @@ def _imagenet(url: str, source: str, converter) -> Weights:
                                    "recipes); the rest of the model keeps its initialisation"})
 
 
-def _kazuto(file: str, categories, source: str, notes: str) -> Weights:
+def _kazuto(file: str, categories, source: str, notes: str, metrics: dict, crf_preset=None) -> Weights:
+    meta = {"sha256": None, "metrics": metrics,
+            "notes": notes + "; the file name has no sha256 prefix, so the download is not hash-checked"}
+    if crf_preset:
+        meta["crf_preset"] = crf_preset  # the dense CRF the published numbers were measured with
     return _weights(f"{_KAZUTO}{file}", "caffe", categories=categories, source=source, recipe=_KAZUTO_REPO,
                     converter=convert_kazuto_deeplabv2, check_hash=False,
-                    model_kwargs={"num_classes": len(categories)},
-                    meta={"sha256": None, "notes": notes + "; the file name has no sha256 prefix, so the download "
-                                                           "is not hash-checked"})
+                    model_kwargs={"num_classes": len(categories)}, meta=meta)
 
 
 def kazuto_coco_init_to_deeplab_v2(state_dict: Mapping) -> "OrderedDict":
@@ -102,13 +104,16 @@ class DeepLabV2_ResNet101_Weights(WeightsEnum):
     VOC_AUG_CAFFE_V1 = _kazuto(
         "deeplabv2_resnet101_msc-vocaug-20000.pth", VOC_CLASSES,
         "kazuto1011/deeplab-pytorch, converted from the DeepLab authors' Caffe train2_iter_20000.caffemodel",
-        "VOC 2012 trainaug, MSC training; 76.65 mIoU on val without the CRF, 77.93 with it (kazuto1011's README)")
+        "VOC 2012 trainaug, MSC training; 76.65 mIoU on val without the CRF, 77.93 with it (kazuto1011's README)",
+        {"VOC 2012 val": {"miou": 76.65, "miou_crf": 77.93}}, crf_preset="deeplab_v2_voc")
     COCO_STUFF164K_V1 = _kazuto(
         "deeplabv2_resnet101_msc-cocostuff164k-100000.pth", COCO_STUFF_CLASSES,
-        "kazuto1011/deeplab-pytorch, trained in PyTorch", "COCO-Stuff 164k train, 100k iterations; 39.1 mIoU on val")
+        "kazuto1011/deeplab-pytorch, trained in PyTorch", "COCO-Stuff 164k train, 100k iterations; 39.1 mIoU on val",
+        {"COCO-Stuff 164k val": {"miou": 39.1}})
     COCO_STUFF10K_V1 = _kazuto(
         "deeplabv2_resnet101_msc-cocostuff10k-20000.pth", COCO_STUFF_CLASSES,
-        "kazuto1011/deeplab-pytorch, trained in PyTorch", "COCO-Stuff 10k train, 20k iterations; 34.8 mIoU on val")
+        "kazuto1011/deeplab-pytorch, trained in PyTorch", "COCO-Stuff 10k train, 20k iterations; 34.8 mIoU on val",
+        {"COCO-Stuff 10k val": {"miou": 34.8}})
     COCO_INIT_CAFFE = _weights(
         None, "caffe", source="the DeepLab authors' init.caffemodel (ResNet-101 trained on MS-COCO), converted by "
                               "kazuto1011/deeplab-pytorch", recipe=_KAZUTO_REPO, backbone_only=True,
@@ -279,14 +284,14 @@ register_model("deeplab_v3_resnet50", partial(DeepLabV3, 50), weights=DeepLabV3_
 register_model("deeplab_v3_resnet101", partial(DeepLabV3, 101), weights=DeepLabV3_ResNet101_Weights, family="v3",
                default_preprocessing="torchvision", classifier_key=_v3_classifier, function=deeplab_v3_resnet101)
 register_model("deeplab_v3_mobilenet_v3_large", DeepLabV3MobileNetV3, weights=DeepLabV3_MobileNet_V3_Large_Weights,
-               family="v3", default_preprocessing="torchvision", classifier_key=lambda **_: "classifier.4.weight",
+               family="mobile", default_preprocessing="torchvision", classifier_key=lambda **_: "classifier.4.weight",
                function=deeplab_v3_mobilenet_v3_large)
-register_model("lraspp_mobilenet_v3_large", LRASPP, weights=LRASPP_MobileNet_V3_Large_Weights, family="v3",
+register_model("lraspp_mobilenet_v3_large", LRASPP, weights=LRASPP_MobileNet_V3_Large_Weights, family="mobile",
                default_preprocessing="torchvision", classifier_key=lambda **_: "classifier.low_classifier.weight",
                function=lraspp_mobilenet_v3_large)
 for _backbone, _enum, _fn in (("resnet50", DeepLabV3Plus_ResNet50_Weights, deeplab_v3plus_resnet50),
                               ("resnet101", DeepLabV3Plus_ResNet101_Weights, deeplab_v3plus_resnet101),
                               ("mobilenet_v2", DeepLabV3Plus_MobileNet_V2_Weights, deeplab_v3plus_mobilenet_v2)):
-    register_model(f"deeplab_v3plus_{_backbone}", partial(DeepLabV3Plus, _backbone), weights=_enum, family="v3",
+    register_model(f"deeplab_v3plus_{_backbone}", partial(DeepLabV3Plus, _backbone), weights=_enum, family="v3plus",
                    default_preprocessing="torchvision", classifier_key=lambda **_: "classifier.weight", function=_fn,
                    foreign=smp_deeplabv3plus_foreign)

@@ -7,8 +7,8 @@ schedule :func:`deeplab_fast.train.poly_lr` stepped every iteration, resuming fr
 :func:`train_one_epoch` per pass over ``VOCSegmentation(data_root, "train")`` with
 :class:`~deeplab_fast.data.transforms.TrainTransform` crops, with checkpoints
 (:func:`deeplab_fast.train.save_checkpoint`) and validation (:func:`deeplab_fast.train.evaluate`) between steps.
-The loss follows the model's family (:func:`deeplab_fast.train.compute_loss`); v2 trains with frozen BatchNorm
-statistics (``DeepLabV2.freeze_bn``), as the paper and kazuto1011.
+The training forward, the loss, the train mode (v2: frozen BatchNorm statistics, as the paper and kazuto1011) and the
+head modules follow the model's family (:mod:`deeplab_fast.train.families`).
 
 The CRF-as-RNN stage (``TrainConfig(extra_head=CRFasRNNStage(...))``, ``train --crf-rnn``) puts a trainable
 :class:`deeplab_fast.nn.DenseCRF` on those scores (:class:`~deeplab_fast.train.crf_rnn.CRFasRNNHead`: the input's
@@ -52,7 +52,6 @@ from .config import TrainConfig
 from .crf_rnn import CRFasRNNHead
 from .distributed import distributed, process_group, resolve_device
 from .evaluate import evaluate, evaluation_loader
-from .losses import compute_loss
 from .outputs import DivergenceError, check_finite, remove_stale_parts, truncate_log
 from .pretrained import resolve_preprocessing
 from .sampling import epoch_loader
@@ -103,7 +102,7 @@ def train_one_epoch(state: TrainState, loader, cfg: TrainConfig, *, end: int,
         target = target.to(dev, non_blocking=True)
         with torch.autocast(device_type=dev.type, dtype=autocast_dtype, enabled=bool(cfg.amp)):
             out = state.net(image)
-        loss = compute_loss(state.family, _to_float(out), target, cfg.ignore_index)
+        loss = state.family.loss(_to_float(out), target, cfg.ignore_index)
         if _on_any_process(not bool(torch.isfinite(loss.detach())), dev):
             raise DivergenceError(f"train: the loss is {float(loss.detach()):g} at step {state.step + 1}: the run "
                                   f"diverged; {_hint(state, cfg)}")

@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["downsampled_cross_entropy", "upsampled_cross_entropy", "msc_loss", "resize_labels", "compute_loss"]
+__all__ = ["downsampled_cross_entropy", "upsampled_cross_entropy", "msc_loss", "resize_labels"]
 
 
 def _check(logits, target, owner: str, logits_name: str = "logits") -> None:
@@ -121,24 +121,3 @@ def msc_loss(outputs_per_scale: Sequence[torch.Tensor], fused: Optional[torch.Te
         loss = loss_fn(t, target, ignore_index=ignore_index)
         total = loss if total is None else total + loss
     return total
-
-
-def compute_loss(family: str, out, target: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
-    """The training loss of a model family (``models.model_entry(name).family``) on its training output:
-
-    * v1 and v2: cross-entropy on the 1/8-resolution scores against labels downsampled to that grid
-      (:func:`downsampled_cross_entropy`, the Caffe recipe); v2 with ``msc=True`` (a list ``[1x, smaller
-      scales..., max]``): :func:`msc_loss` over the per-scale and max-fused scores (kazuto1011's recipe).
-    * v3: cross-entropy on the logits upsampled to the crop (:func:`upsampled_cross_entropy`), plus 0.4 x the
-      auxiliary head's loss when ``out`` is torchvision's ``{"out", "aux"}`` (its reference recipe).
-    """
-    if family == "v3":
-        if isinstance(out, dict):
-            loss = upsampled_cross_entropy(out["out"], target, ignore_index=ignore_index)
-            if out.get("aux") is not None:
-                loss = loss + 0.4 * upsampled_cross_entropy(out["aux"], target, ignore_index=ignore_index)
-            return loss
-        return upsampled_cross_entropy(out, target, ignore_index=ignore_index)
-    if isinstance(out, (list, tuple)):  # v2 MSC: [scale 1, smaller scales..., max]
-        return msc_loss(list(out[:-1]), out[-1], target, ignore_index=ignore_index, downsample=True)
-    return downsampled_cross_entropy(out, target, ignore_index=ignore_index)

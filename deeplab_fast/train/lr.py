@@ -17,10 +17,11 @@ from torch import nn
 
 __all__ = ["poly_lr", "param_groups", "HEAD_ATTRIBUTES"]
 
-# Attribute names of the classifier ("head") modules trained at head_lr_mult: deeplab_fast.models use ``fc8`` and
-# ``msc`` (v1 LargeFOV / MSc-LargeFOV: the final 1x1 conv and the multi-scale branches), ``aspp`` (v2: the
-# ASPP classifier), ``classifier`` / ``aux_classifier`` (v3, LR-ASPP and v3+: torchvision's names),
-# ``low_level`` / ``decoder`` (v3+: the low-level projection and the decoder, new layers like the ASPP).
+# The default of param_groups without ``head``: the attribute names of the new (not ImageNet) layers of
+# deeplab_fast.models: ``fc8`` and ``msc`` (v1 LargeFOV / MSc-LargeFOV: the final 1x1 conv and the multi-scale
+# branches), ``aspp`` (v2's ASPP classifier, v3+'s ASPP), ``classifier`` / ``aux_classifier`` (v3, the mobile
+# models and v3+: torchvision's names), ``low_level`` / ``decoder`` (v3+). Training uses its family's head
+# instead (``Family.head_modules``: the torchvision recipe of the mobile models puts only ``aux_classifier`` at 10x).
 HEAD_ATTRIBUTES = ("fc8", "aspp", "classifier", "aux_classifier", "msc", "low_level", "decoder")
 
 
@@ -56,9 +57,9 @@ def poly_lr(optimizer: torch.optim.Optimizer, max_steps: int, power: float = 0.9
 def _head_modules(model: nn.Module, head) -> List[nn.Module]:
     if head is not None:
         mods = [head] if isinstance(head, nn.Module) else head
-        if isinstance(mods, (str, bytes)) or not isinstance(mods, Sequence) or not mods \
+        if isinstance(mods, (str, bytes)) or not isinstance(mods, Sequence) \
                 or not all(isinstance(m, nn.Module) for m in mods):
-            raise ValueError(f"param_groups: head must be an nn.Module or a non-empty list of them, got {head!r}")
+            raise ValueError(f"param_groups: head must be an nn.Module or a list of them, got {head!r}")
         return list(mods)
     mods = [getattr(model, n) for n in HEAD_ATTRIBUTES if isinstance(getattr(model, n, None), nn.Module)]
     if not mods:
@@ -72,9 +73,10 @@ def param_groups(model: nn.Module, base_lr: float, weight_decay: float = 5e-4, h
     """Parameter groups for ``torch.optim.SGD``: the backbone at ``base_lr``, the classifier ("head") at
     ``head_lr_mult * base_lr`` (the DeepLab recipes' 10x for the final classifier, TPAMI 2017 sec. 4.1).
 
-    The head is ``head`` (a module or a list of modules, which must belong to ``model``) if given, else the
-    model's modules among ``HEAD_ATTRIBUTES`` (``fc8``, ``aspp``, ``classifier``, ``aux_classifier``, ``msc``;
-    attributes that are None or not modules are skipped); ValueError if there is none. Biases (parameters whose
+    The head is ``head`` (a module or a list of modules, which must belong to ``model``; an empty list: no head,
+    every parameter at ``base_lr``) if given, else the model's modules among ``HEAD_ATTRIBUTES`` (``fc8``,
+    ``aspp``, ``classifier``, ``aux_classifier``, ``msc``, ``low_level``, ``decoder``; attributes that are None or
+    not modules are skipped); ValueError if there is none. Biases (parameters whose
     name ends in ``bias``) get no weight decay, as the Caffe prototxts' ``decay_mult: 0``; the Caffe models'
     2x lr on biases is not reproduced. Only trainable parameters (``requires_grad``) are included, each in
     exactly one group, shared parameters once.

@@ -1,7 +1,7 @@
 """What a training run holds (:class:`TrainState`) and how it is built or restored from a checkpoint
-(:func:`build_training`): the model and its training forward, SGD with the head at 10x the base learning rate
-(:func:`deeplab_fast.train.param_groups`), the poly schedule (:func:`deeplab_fast.train.poly_lr`), the scaler,
-the extra head of a CRF-as-RNN stage, the RNG state."""
+(:func:`build_training`): the model and its family's training forward, SGD with the family's head modules at 10x
+the base learning rate (:func:`deeplab_fast.train.param_groups`), the poly schedule
+(:func:`deeplab_fast.train.poly_lr`), the scaler, the extra head of a CRF-as-RNN stage, the RNG state."""
 from __future__ import annotations
 
 import os
@@ -18,6 +18,7 @@ from .checkpoint import load_training_checkpoint
 from .config import TrainConfig
 from .crf_rnn import CRFasRNNStage
 from .distributed import resolve_device
+from .families import Family, family as family_of
 from .lr import param_groups, poly_lr
 from .pretrained import init_weights, resolve_preprocessing
 
@@ -35,7 +36,7 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
-    family: str
+    family: Family
     device: torch.device
     step: int = 0
     extra_head: Optional[nn.Module] = None
@@ -45,33 +46,25 @@ class TrainState:
 
 
 class TrainForward(nn.Module):
-    """What the loss needs from the model, as ``forward`` (so that DistributedDataParallel sees it):
-    v1/v2 the 1/8 scores (``forward_logits``), v2 MSC the per-scale list (``msc_logits``), v3 ``forward``; then
-    the extra head, if any, as ``head(output, image)``."""
+    """What the loss needs from the model (``Family.forward``: v1/v2 the 1/8 scores, v2 MSC the per-scale list, the
+    others ``forward``), as ``forward`` (so that DistributedDataParallel sees it); then the extra head, if any, as
+    ``head(output, image)``."""
 
-    def __init__(self, model: nn.Module, family: str, extra_head: Optional[nn.Module] = None):
+    def __init__(self, model: nn.Module, family: Family, extra_head: Optional[nn.Module] = None):
         super().__init__()
         self.model = model
         self.family = family
         self.extra_head = extra_head
 
     def forward(self, x):
-        m = self.model
-        if self.family == "v3":
-            out = m(x)
-        elif self.family == "v2" and getattr(m, "msc", False) is True:
-            out = m.msc_logits(x)
-        else:
-            out = m.forward_logits(x)
+        out = self.family.forward(self.model, x)
         return out if self.extra_head is None else self.extra_head(out, x)
 
 
-def set_train_mode(model: nn.Module, family: str) -> None:
-    """``model.train()``, with v2's BatchNorm statistics frozen (``DeepLabV2.freeze_bn``), as the paper and
-    kazuto1011 train it."""
-    model.train()
-    if family == "v2" and hasattr(model, "freeze_bn"):
-        model.freeze_bn()
+def set_train_mode(model: nn.Module, family) -> None:
+    """The family's training mode (``Family.train_mode``; ``family``: a Family or its name): ``model.train()``,
+    with v2's BatchNorm statistics frozen (``DeepLabV2.freeze_bn``), as the paper and kazuto1011 train it."""
+    family_of(family).train_mode(model)
 
 
 def build_training(cfg: TrainConfig, rank: int = 0, world: int = 1, device: Optional[torch.device] = None,
@@ -80,7 +73,7 @@ def build_training(cfg: TrainConfig, rank: int = 0, world: int = 1, device: Opti
     from ``cfg.resume`` (or the already loaded ``checkpoint``) when given, with the RNG state, so the run
     continues as if uninterrupted."""
     dev = device if device is not None else resolve_device(cfg.device)
-    family = models.model_entry(cfg.model).family
+    family = family_of(models.model_entry(cfg.model).family)
     ckpt = checkpoint
     if ckpt is None and cfg.resume is not None:
         ckpt = load_training_checkpoint(cfg.resume)
@@ -94,7 +87,8 @@ def build_training(cfg: TrainConfig, rank: int = 0, world: int = 1, device: Opti
     if cfg.sync_bn and world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(dev)
-    groups = param_groups(model, cfg.lr, weight_decay=cfg.weight_decay, head_lr_mult=cfg.head_lr_mult)
+    groups = param_groups(model, cfg.lr, weight_decay=cfg.weight_decay, head_lr_mult=cfg.head_lr_mult,
+                          head=family.head_modules(model))
     extra_head = None
     if cfg.extra_head is not None:
         factory = cfg.extra_head

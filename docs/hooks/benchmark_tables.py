@@ -6,6 +6,9 @@ writes, one file per benchmark file and device).
   mkdocs.yml ``hooks:``).
 - ``headline_table()`` is README.md's table (between ``<!-- headline table -->`` markers; tests/test_layout.py keeps
   them equal): the dense CRF against pydensecrf2 and ours forward + backward, on the CPU.
+- ``models_table()`` is README.md's model table (between ``<!-- models table -->`` markers, kept equal the same
+  way): every registered model, the published metrics of its weights (their ``meta``), and the CPU images/s of
+  ours, plain torch and the peer (torchvision's or smp's) from ``benchmarks/test_models_fps.py``'s CPU results.
 - ``python docs/hooks/benchmark_tables.py [SLUG]`` prints the tables (all, or one benchmark file's).
 """
 from __future__ import annotations
@@ -104,6 +107,58 @@ def headline_table() -> str:
     device = next((doc["device"] for _, doc in results("crf-fps") if doc["device"]), "")
     return "\n".join(lines) + f"\n\nDevice: {device}. Every row: `benchmarks/results/*.json`; all tables: " \
                               "[docs/benchmarks.md](docs/benchmarks.md).\n"
+
+
+def _published(name: str) -> str:
+    """The published numbers of a model's weights, from their ``meta`` (``metrics``; ``published`` for the v3+
+    backbone entries, which carry the paper's numbers)."""
+    from deeplab_fast import models
+
+    found = []
+    for w in models.get_model_weights(name):  # the members, aliases (DEFAULT) once
+        member = w._name_
+        for dataset, m in (w.meta.get("metrics") or {}).items():
+            text = f"{m['miou']:g}" + (f" ({m['miou_crf']:g} with the CRF)" if m.get("miou_crf") else "")
+            found.append(f"{text} mIoU, {dataset} (`{member}`)")
+        for dataset, m in (w.meta.get("published") or {}).items():
+            if isinstance(m, dict):
+                found.append(f"{m['miou']:g} mIoU, {dataset} (published; no weights)")
+    return "; ".join(dict.fromkeys(found)) or "none registered"
+
+
+def models_table() -> str:
+    """README's table of the registered models: published metrics and CPU images/s at 513x513, batch 1 (ours =
+    ``optimize(model)``, plain torch, the peer), from the CPU results of ``benchmarks/test_models_fps.py``."""
+    from deeplab_fast import models
+
+    rows, device = {}, ""
+    for path, doc in results("models-fps"):
+        if not path.name.startswith("cpu-"):
+            continue
+        device = device or doc["device"]
+        for r in doc["rows"]:
+            if r.get("fps") and r["group"].endswith("batch 1"):
+                rows[(r["group"].split()[1], r["group"].split()[2], r["impl"])] = dict(r, date=r.get("date")
+                                                                                       or doc.get("date", ""))
+    lines = ["| model | published (weights' meta) | ours, img/s | plain torch | peer, img/s | measured |",
+             "|---|---|---:|---:|---|---|"]
+
+    def fps(name, size, impl):
+        r = rows.get((name, size, impl))
+        return f"{r['fps']:.2f}" if r else ""
+
+    for name in models.list_models():
+        size = "513x513"
+        peers = [f"{fps(name, size, 'torchvision')} torchvision" if fps(name, size, "torchvision") else ""]
+        smp = [(s, fps(name, s, "segmentation_models_pytorch")) for s in ("512x512",)]
+        peers += [f"{v} smp ({fps(name, s, 'deeplab_fast smp flavor (optimize)')} ours, smp flavor, {s})"
+                  for s, v in smp if v]
+        measured = sorted({r.get("date", "") for k, r in rows.items() if k[0] == name})
+        lines.append(f"| `{name}` | {_published(name)} | {fps(name, size, 'deeplab_fast (optimize)')} | "
+                     f"{fps(name, size, 'plain torch')} | {'; '.join(p for p in peers if p)} | "
+                     f"{', '.join(measured)} |")
+    return "\n".join(lines) + (f"\n\nDevice: {device}; 513x513, batch 1, float32 "
+                               "(`benchmarks/results/*-models-fps.json`).\n")
 
 
 def on_page_markdown(markdown: str, page=None, config=None, files=None, **kwargs) -> str:
