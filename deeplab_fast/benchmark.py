@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import platform
 import statistics
 import sys
@@ -121,8 +122,6 @@ def load_smp(python_only: bool = False):
     tv, note = load_torchvision(python_only)
     if tv is None:
         return None, f"needs torchvision, which {note}"
-    import os
-
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         return importlib.import_module("segmentation_models_pytorch"), ""
@@ -150,8 +149,6 @@ def smp_size(size: int) -> int:
 
 def crf_preset(name: str):
     """The dense CRF preset the model's published numbers use (its weights' ``meta["crf_preset"]``), or None."""
-    from . import models
-
     return next((w.meta["crf_preset"] for w in models.get_model_weights(name) if w.meta.get("crf_preset")), None)
 
 
