@@ -30,14 +30,21 @@
    CUDA is fused. Only when the two module trees match layer for layer (3 atrous rates, the same conv / BN /
    dropout settings); otherwise its inner Sequentials are fused by rule 1.
 
-The layers of ``deeplab_fast.nn`` (``ASPP``, ``AtrousSeparableConv2d``, ``AtrousConv2dReLU``) are already
-fused: in eval mode they fold their BNs at each call and run the fused op, so DeepLab v3+ and the mobile DeepLabs
-are optimized end to end by rules 1 and 2 on their backbones, decoders and heads.
+4. **Depthwise-separable atrous convs** (``deeplab_fast.nn.AtrousSeparableConv2d``, either layout: BN + ReLU
+   after the depthwise conv or not) in eval mode, with BNs that have running statistics, become
+   ``deeplab_fast.nn.FusedSeparableConv2d``: both BNs folded into the filters once, one
+   ``deeplab_fast.ops.separable_conv2d`` call. Also inside this library's ASPP (its separable branches, DeepLab
+   v3+), the one place where ``optimize`` enters a ``deeplab_fast.nn`` module. In training mode they stay (their
+   eval forward runs the fused op anyway, folding at each call).
+
+The other layers of ``deeplab_fast.nn`` (``ASPP``, ``AtrousConv2dReLU``) are already fused: in eval mode they fold
+their BNs at each call and run the fused op, so DeepLab v3+ and the mobile DeepLabs are optimized end to end by
+rules 1, 2 and 4 on their backbones, decoders and heads.
 
 Nothing else is touched: a custom module's attributes are never fused by their names (its forward is not
 visible), ``deeplab_fast.nn`` modules, TorchScript modules and ``torch.fx.GraphModule`` s are not entered,
 and a chain any of whose modules has hooks (forward, pre-forward or backward) is left alone, as is a
-ResNet block or ASPP with hooks. The top-level module itself is never replaced (its children are): wrap a bare
+ResNet block, ASPP or separable conv with hooks. The top-level module itself is never replaced (its children are): wrap a bare
 torchvision ASPP or ResNet block in an ``nn.Sequential`` to have it swapped. ``optimize`` is idempotent.
 
 **BatchNorm.** When the chain is in eval mode at ``optimize()`` time (conv and BN both ``eval()``) and BN
@@ -73,6 +80,7 @@ from torch import nn
 
 from .nn.aspp import ASPP
 from .nn.atrous import AtrousConv2dReLU
+from .nn.separable import AtrousSeparableConv2d, FusedSeparableConv2d
 
 __all__ = ["optimize", "FusedResNetBlock"]
 
@@ -163,8 +171,8 @@ def optimize(model: nn.Module, inplace: bool = False, verbose: bool = False) -> 
     if verbose:
         for _, line in sorted(ctx.log, key=lambda entry: entry[0]):  # in module order
             print(f"deeplab_fast.optimize: {line}")
-        print(f"deeplab_fast.optimize: {ctx.chains} conv chain(s) fused, {ctx.blocks} ResNet block(s) and "
-              f"{ctx.aspps} ASPP head(s) replaced")
+        print(f"deeplab_fast.optimize: {ctx.chains} conv chain(s) fused, {ctx.blocks} ResNet block(s), "
+              f"{ctx.aspps} ASPP head(s) and {ctx.separables} separable conv(s) replaced")
     return model
 
 
@@ -182,6 +190,7 @@ class _Context:
         self.chains = 0
         self.blocks = 0
         self.aspps = 0
+        self.separables = 0
 
 
 def _join(prefix: str, name: str) -> str:
@@ -211,7 +220,11 @@ def _opaque(m: nn.Module) -> bool:
 
 
 def _visit(module: nn.Module, prefix: str, order: tuple, ctx: _Context) -> None:
-    if id(module) in ctx.seen or _opaque(module):
+    if id(module) in ctx.seen:
+        return
+    # This library's ASPP is entered for its separable branches only (rule 4); other opaque modules not at all.
+    separables_only = isinstance(module, ASPP) and not _has_hooks(module) and not _forward_overridden(module)
+    if _opaque(module) and not separables_only:
         return
     ctx.seen[id(module)] = module
     for index, (name, child) in enumerate(list(module._modules.items())):
@@ -226,7 +239,13 @@ def _visit(module: nn.Module, prefix: str, order: tuple, ctx: _Context) -> None:
         if new is not None:
             module._modules[name] = new
             child = new
+        if separables_only:
+            if type(child) is nn.ModuleList:
+                _visit(child, path, order + (index,), ctx)
+            continue
         _visit(child, path, order + (index,), ctx)
+    if separables_only:
+        return
     observed = _chain_container(module)
     if observed is not None:
         slots = [(key, _join(prefix, key), child, order + (i,))
@@ -399,12 +418,26 @@ def _fuse_chains(container: nn.Module, slots: Sequence[tuple], observed: set, ct
 
 
 def _replace_block(m: nn.Module, path: str, position: tuple, ctx: _Context) -> Optional[nn.Module]:
+    if type(m) is AtrousSeparableConv2d:
+        return _fuse_separable(m, path, position, ctx)
     if _class_is(m, _TV_DEEPLAB, "ASPP"):
         return _swap_aspp(m, path, position, ctx)
     names = _RESNET_BLOCKS.get((type(m).__module__, type(m).__qualname__))
     if names is not None:
         return _fuse_resnet_block(m, names, path, position, ctx)
     return None
+
+
+def _fuse_separable(m: AtrousSeparableConv2d, path: str, position: tuple, ctx: _Context) -> Optional[nn.Module]:
+    """Rule 4: an eval-mode separable conv whose BNs have running statistics, without hooks."""
+    if any(_has_hooks(sub) or _forward_overridden(sub) for sub in m.modules()) or not m._folds():
+        return None
+    if m.depthwise.weight.dtype not in _OP_DTYPES:
+        return None
+    new = FusedSeparableConv2d.from_module(m)
+    ctx.log.append((position, f"{path}: AtrousSeparableConv2d -> FusedSeparableConv2d (BN folded)"))
+    ctx.separables += 1
+    return new
 
 
 def _swap_aspp(m: nn.Module, path: str, position: tuple, ctx: _Context) -> Optional[nn.Module]:
