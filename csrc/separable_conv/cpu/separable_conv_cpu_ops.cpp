@@ -3,17 +3,16 @@
 //
 // The depthwise pass is ours (depthwise.cpp: in-bounds taps only, dw_scale folded into the filter, dw_bias and
 // ReLU applied as it writes); the pointwise conv is a GEMM (ATen's addmm: MKL for float32 / float64, oneDNN for
-// bfloat16) with pw_scale folded into its weight, pw_bias as the GEMM's addend and ReLU in place. Two paths:
-//   - "tiles": the output pixels in tiles; each tile's depthwise rows go to a per-thread buffer that the
-//     tile's GEMM reads at once, so the intermediate [N, C, P, Q] tensor never exists;
-//   - "whole": the depthwise pass over the whole batch into one intermediate tensor, then one GEMM.
-// Which one runs: choose_path (the measurements are in DEVELOPERS.md).
+// bfloat16) with pw_scale folded into its weight, pw_bias as the GEMM's addend and ReLU in place. The output
+// pixels go in tiles (parallel over images x tiles); each tile's depthwise rows go to a per-thread buffer that the
+// tile's GEMM reads at once, so the intermediate [N, C, P, Q] tensor never exists. (The other design, the
+// depthwise pass over the whole batch into one intermediate tensor and then one GEMM, measured as fast on the
+// ASPP layers at 33x33 and 10-30% slower on the decoder layers at 129x129: DEVELOPERS.md.)
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -27,22 +26,16 @@ namespace cpu {
 
 namespace {
 
-struct Path {
-  bool tiles = true;
-  int64_t tile_pixels = 0;  // pixels per tile (tiles); 0 for whole
-  std::string reason;
-};
+// Bytes of the per-thread tile buffer (the depthwise result of tile_pixels pixels x C channels): it stays in L2
+// between the depthwise pass that writes it and the GEMM that reads it. Measured on the 2-core EPYC (float32, one
+// thread, channels_last; DEVELOPERS.md): 512 KiB was within 5% of the best of 64 KiB .. 2 MiB on the v3+ layers
+// (ASPP 2048 -> 256 at 33x33: 22.8 ms at 64 KiB, 17.4 at 512 KiB, 17.3 at 2 MiB; decoder 304 -> 256 at
+// 129x129: 37.9, 35.1, 43.2).
+constexpr int64_t kTileBytes = int64_t{512} << 10;
 
-Path choose_path(const Problem& p, int64_t element_size) {
-  Path path;
-  const char* forced = std::getenv("DLF_SEP_PATH");
-  const char* tile = std::getenv("DLF_SEP_TILE");
-  int64_t bytes = tile ? std::atoll(tile) : (256 << 10);
-  path.tile_pixels = std::max<int64_t>(16, bytes / (p.C * element_size) / 16 * 16);
-  path.tiles = !(forced && std::string(forced) == "whole");
-  if (!path.tiles) path.tile_pixels = 0;
-  path.reason = "experiment";
-  return path;
+// Output pixels per tile: a multiple of 16, at least 16.
+int64_t tile_pixels(const Problem& p, int64_t element_size) {
+  return std::max<int64_t>(16, kTileBytes / (p.C * element_size) / 16 * 16);
 }
 
 // The in-bounds tap interval of every output index along one axis, as [begin, end) pairs.
@@ -58,7 +51,7 @@ template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 template <typename T>
-void run(const SeparablePlan& plan, const Path& path, const at::Tensor& out) {
+void run(const SeparablePlan& plan, const at::Tensor& out) {
   using Acc = acc_t<T>;
   const Problem& p = plan.problem;
   const at::ScalarType acc_type = std::is_same_v<Acc, double> ? at::kDouble : at::kFloat;
@@ -116,32 +109,17 @@ void run(const SeparablePlan& plan, const Path& path, const at::Tensor& out) {
     if (p.pw_relu) out_view.relu_();
   };
 
-  if (path.tiles) {
-    const int64_t T_ = path.tile_pixels;
-    const int64_t tiles_per_image = (PQ + T_ - 1) / T_;
-    at::parallel_for(0, p.N * tiles_per_image, 1, [&](int64_t begin, int64_t end) {
-      at::Tensor buffer = at::empty({T_, p.C}, plan.input.options().memory_format(at::MemoryFormat::Contiguous));
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t n = i / tiles_per_image, m0 = (i % tiles_per_image) * T_;
-        const int64_t len = std::min(T_, PQ - m0);
-        depthwise_pixels(dw, n, m0, m0 + len, buffer.data_ptr<T>(), p.C);
-        pointwise(buffer.narrow(0, 0, len), out_rows(n, m0, len));
-      }
-    });
-    return;
-  }
-  at::Tensor y1 = at::empty({p.N, PQ, p.C}, plan.input.options());
-  at::parallel_for(0, p.N * p.P, 1, [&](int64_t begin, int64_t end) {
+  const int64_t T_ = tile_pixels(p, plan.input.element_size());
+  const int64_t tiles_per_image = (PQ + T_ - 1) / T_;
+  at::parallel_for(0, p.N * tiles_per_image, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor buffer = at::empty({T_, p.C}, plan.input.options().memory_format(at::MemoryFormat::Contiguous));
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t n = i / p.P, m0 = (i % p.P) * p.Q;
-      depthwise_pixels(dw, n, m0, m0 + p.Q, y1.data_ptr<T>() + (n * PQ + m0) * p.C, p.C);
+      const int64_t n = i / tiles_per_image, m0 = (i % tiles_per_image) * T_;
+      const int64_t len = std::min(T_, PQ - m0);
+      depthwise_pixels(dw, n, m0, m0 + len, buffer.data_ptr<T>(), p.C);
+      pointwise(buffer.narrow(0, 0, len), out_rows(n, m0, len));
     }
   });
-  if (channels_last) {
-    pointwise(y1.view({p.N * PQ, p.C}), out.permute({0, 2, 3, 1}).reshape({p.N * PQ, p.K}));
-  } else {
-    for (int64_t n = 0; n < p.N; ++n) pointwise(y1[n], out_rows(n, 0, PQ));
-  }
 }
 
 at::Tensor separable_conv2d(const at::Tensor& input, const at::Tensor& dw_weight,
@@ -151,13 +129,12 @@ at::Tensor separable_conv2d(const at::Tensor& input, const at::Tensor& dw_weight
                             at::IntArrayRef padding, at::IntArrayRef dilation, bool dw_relu, bool pw_relu) {
   const SeparablePlan plan = check_args(input, dw_weight, dw_bias, dw_scale, pw_weight, pw_bias, pw_scale, stride,
                                         padding, dilation, dw_relu, pw_relu);
-  const Path path = choose_path(plan.problem, input.element_size());
   at::Tensor out = plan.new_output();
   switch (input.scalar_type()) {
-    case at::kFloat: run<float>(plan, path, out); break;
-    case at::kDouble: run<double>(plan, path, out); break;
-    case at::kBFloat16: run<c10::BFloat16>(plan, path, out); break;
-    case at::kHalf: run<c10::Half>(plan, path, out); break;
+    case at::kFloat: run<float>(plan, out); break;
+    case at::kDouble: run<double>(plan, out); break;
+    case at::kBFloat16: run<c10::BFloat16>(plan, out); break;
+    case at::kHalf: run<c10::Half>(plan, out); break;
     default: TORCH_CHECK(false, "separable_conv2d: unreachable dtype ", input.scalar_type());
   }
   return out;
@@ -170,9 +147,8 @@ std::string separable_conv2d_plan(const at::Tensor& input, const at::Tensor& dw_
                                   at::IntArrayRef padding, at::IntArrayRef dilation, bool dw_relu, bool pw_relu) {
   const SeparablePlan plan = check_args(input, dw_weight, dw_bias, dw_scale, pw_weight, pw_bias, pw_scale, stride,
                                         padding, dilation, dw_relu, pw_relu);
-  const Path path = choose_path(plan.problem, input.element_size());
-  return plan.json("cpu", path.tiles ? "tiles" : "whole", path.reason,
-                   ", \"tile_pixels\": " + std::to_string(path.tile_pixels));
+  return plan.json("cpu", "tiles", "the depthwise result of each tile of pixels stays in cache for its GEMM",
+                   ", \"tile_pixels\": " + std::to_string(tile_pixels(plan.problem, input.element_size())));
 }
 
 }  // namespace
