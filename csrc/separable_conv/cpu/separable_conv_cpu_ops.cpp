@@ -64,11 +64,13 @@ void run(const SeparablePlan& plan, const at::Tensor& out) {
   wd = wd.t().contiguous();
   const at::Tensor bd = plan.dw_bias.defined() ? plan.dw_bias.to(acc_type).contiguous() : at::Tensor();
   // The pointwise filter [K, C] with pw_scale folded in (in the accumulation type, then rounded once).
-  at::Tensor wp = plan.pw_weight.reshape({p.K, p.C});
+  // Detached: the GEMMs write into views of the output (out= calls, which refuse tensors that require grad; the
+  // op's autograd formula is its own, deeplab_fast/ops/separable_conv.py).
+  at::Tensor wp = plan.pw_weight.detach().reshape({p.K, p.C});
   if (plan.pw_scale.defined()) {
     wp = (wp.to(acc_type) * plan.pw_scale.to(acc_type).view({p.K, 1})).to(plan.input.scalar_type());
   }
-  const at::Tensor bp = plan.pw_bias;  // [K] or undefined
+  const at::Tensor bp = plan.pw_bias.defined() ? plan.pw_bias.detach() : at::Tensor();  // [K] or undefined
   const std::vector<int64_t> rows = tap_table(p.H, p.P, p.R, p.stride_h, p.pad_h, p.dilation_h);
   const std::vector<int64_t> cols = tap_table(p.W, p.Q, p.S, p.stride_w, p.pad_w, p.dilation_w);
 
