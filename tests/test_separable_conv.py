@@ -109,11 +109,42 @@ def test_nan_propagates():
 # Gradients
 
 
-@pytest.mark.parametrize("name", ["f64_paper_rate2", "f64_smp_rate1", "f64_stride2_rate3_cl", "f64_rate18_beyond_image",
-                                  "f64_5x5_rates_2_3_no_pw_affine"])
-def test_gradcheck(name):
-    s = _sample("cpu", name, requires_grad=True)
-    assert torch.autograd.gradcheck(OP, s.args, eps=1e-6, atol=1e-6, rtol=1e-5)
+GRAD_CASES = {  # (stride, padding, dilation, dw_affine, dw_relu, channels_last), small so that gradcheck is quick
+    "paper_rate2": (1, 2, 2, True, True, False),
+    "smp_rate1": (1, 1, 1, False, False, False),
+    "stride2_rate3_channels_last": (2, 3, 3, True, True, True),
+    "rate9_beyond_image": (1, 9, 9, True, True, False),
+}
+
+
+@pytest.mark.parametrize("case", list(GRAD_CASES))
+def test_gradcheck(case):
+    stride, padding, dilation, dw_affine, dw_relu, channels_last = GRAD_CASES[case]
+    g = seeded(len(case))
+    x = torch.randn(1, 3, 7, 6, generator=g, dtype=F64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    args = [x, torch.randn(3, 1, 3, 3, generator=g, dtype=F64), torch.randn(3, generator=g, dtype=F64) * 0.3,
+            torch.rand(3, generator=g, dtype=F64) + 0.5, torch.randn(4, 3, 1, 1, generator=g, dtype=F64),
+            torch.randn(4, generator=g, dtype=F64) * 0.3, torch.rand(4, generator=g, dtype=F64) + 0.5]
+    if not dw_affine:
+        args[2] = args[3] = None
+    args = [None if a is None else a.requires_grad_() for a in args]
+
+    def f(*a):
+        return separable_conv2d(*a, stride, padding, dilation, dw_relu, True)
+
+    assert torch.autograd.gradcheck(f, tuple(args), eps=1e-6, atol=1e-7, rtol=1e-5)
+    # Each input alone (the formula's branches for a subset of needed gradients).
+    for i in range(7):
+        if args[i] is not None:
+            part = [a if j == i or a is None else a.detach() for j, a in enumerate(args)]
+            assert torch.autograd.gradcheck(f, tuple(part), eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True), i
+
+
+def test_gradcheck_sample_fast_mode():
+    s = _sample("cpu", "f64_5x5_rates_2_3_no_pw_affine", requires_grad=True)
+    assert torch.autograd.gradcheck(OP, s.args, eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
 
 
 def test_gradients_match_unfused():
@@ -217,7 +248,7 @@ def test_layers_equal_unfused_modules(depthwise_bn, rate, stride, channels_last)
     fused = FusedSeparableConv2d.from_module(layer)
     assert fused.dw_relu == depthwise_bn and (fused.dw_bias is None) == (not depthwise_bn)
     with torch.no_grad():
-        ref = layer.reference_forward(x.double() if False else x)  # the modules one after the other (float32)
+        ref = layer.reference_forward(x)  # the modules one after the other (float32)
         ref64 = layer.double().reference_forward(x.double())
         layer.float()
         for what, m in (("per-call fold", layer), ("folded once", fused)):
@@ -267,10 +298,10 @@ def test_optimize_replaces_separable_convs(capsys):
     net = randomize_(_Net(), 40).eval()
     x = torch.randn(2, 16, 13, 11, generator=seeded(41))
     fast = optimize(net, verbose=True)
-    assert "4 conv chain(s) fused" not in capsys.readouterr().out or True
+    assert "and 5 separable conv(s) replaced" in capsys.readouterr().out
     kinds = [type(m).__name__ for m in fast.modules()]
     assert kinds.count("FusedSeparableConv2d") == 5 and "AtrousSeparableConv2d" not in kinds, kinds
-    assert kinds.count("AtrousSeparableConv2d") == 0 and isinstance(fast.aspp, ASPP)
+    assert isinstance(fast.aspp, ASPP)
     with torch.no_grad():
         assert_matches(fast(x), net(x), 1e-5, "optimized")
         ref = net.double()(x.double())
