@@ -115,8 +115,8 @@ void run(const SeparablePlan& plan, const at::Tensor& out) {
 
   const int64_t T_ = tile_pixels(p, plan.input.element_size());
   const int64_t tiles_per_image = (PQ + T_ - 1) / T_;
-  // At least kMinParallelMacs multiply-accumulates per parallel chunk: below that OpenMP's fork and spinning barrier
-  // cost more than the work (on a loaded 2-core machine a 2x11x9 call took 16 ms on two threads, 0.3 ms on one).
+  // At least kMinParallelMacs multiply-accumulates per parallel chunk, so that a small call does not open an OpenMP
+  // region (fork, spinning barrier) for microseconds of work; it then runs inline, its GEMM threaded by ATen.
   const int64_t tile_macs = T_ * p.C * (p.K + p.R * p.S);
   const int64_t grain = std::max<int64_t>(1, kMinParallelMacs / std::max<int64_t>(1, tile_macs));
   at::parallel_for(0, p.N * tiles_per_image, grain, [&](int64_t begin, int64_t end) {
