@@ -222,9 +222,11 @@ def _opaque(m: nn.Module) -> bool:
 def _visit(module: nn.Module, prefix: str, order: tuple, ctx: _Context) -> None:
     if id(module) in ctx.seen:
         return
-    # This library's ASPP is entered for its separable branches only (rule 4); other opaque modules not at all.
-    separables_only = isinstance(module, ASPP) and not _has_hooks(module) and not _forward_overridden(module)
-    if _opaque(module) and not separables_only:
+    if isinstance(module, ASPP):  # this library's ASPP: its separable branches only (rule 4), nothing else
+        ctx.seen[id(module)] = module
+        _fuse_aspp_separables(module, prefix, order, ctx)
+        return
+    if _opaque(module):
         return
     ctx.seen[id(module)] = module
     for index, (name, child) in enumerate(list(module._modules.items())):
@@ -239,13 +241,7 @@ def _visit(module: nn.Module, prefix: str, order: tuple, ctx: _Context) -> None:
         if new is not None:
             module._modules[name] = new
             child = new
-        if separables_only:
-            if type(child) is nn.ModuleList:
-                _visit(child, path, order + (index,), ctx)
-            continue
         _visit(child, path, order + (index,), ctx)
-    if separables_only:
-        return
     observed = _chain_container(module)
     if observed is not None:
         slots = [(key, _join(prefix, key), child, order + (i,))
@@ -438,6 +434,24 @@ def _fuse_separable(m: AtrousSeparableConv2d, path: str, position: tuple, ctx: _
     ctx.log.append((position, f"{path}: AtrousSeparableConv2d -> FusedSeparableConv2d (BN folded)"))
     ctx.separables += 1
     return new
+
+
+def _fuse_aspp_separables(aspp: ASPP, prefix: str, order: tuple, ctx: _Context) -> None:
+    """Rule 4 inside a ``deeplab_fast.nn.ASPP``: its ``convs`` entries that are separable convs (v3+ heads)."""
+    if _has_hooks(aspp) or _forward_overridden(aspp) or not isinstance(aspp._modules.get("convs"), nn.ModuleList):
+        return
+    convs = aspp.convs
+    position = order + (list(aspp._modules).index("convs"),)
+    for i, child in enumerate(list(convs)):
+        if type(child) is not AtrousSeparableConv2d:
+            continue
+        new = ctx.replaced.get(id(child), (None, None))[1]
+        if new is None:
+            new = _fuse_separable(child, _join(prefix, f"convs.{i}"), position + (i,), ctx)
+            if new is not None:
+                ctx.replaced[id(child)] = (child, new)
+        if new is not None:
+            convs[i] = new
 
 
 def _swap_aspp(m: nn.Module, path: str, position: tuple, ctx: _Context) -> Optional[nn.Module]:

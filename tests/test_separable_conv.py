@@ -301,7 +301,9 @@ def test_optimize_replaces_separable_convs(capsys):
     assert "and 5 separable conv(s) replaced" in capsys.readouterr().out
     kinds = [type(m).__name__ for m in fast.modules()]
     assert kinds.count("FusedSeparableConv2d") == 5 and "AtrousSeparableConv2d" not in kinds, kinds
-    assert isinstance(fast.aspp, ASPP)
+    # inside the ASPP only the separable branches change: the 1x1 branch, pooling and projection stay torch modules
+    assert isinstance(fast.aspp, ASPP) and type(fast.aspp.convs[0][0]) is nn.Conv2d
+    assert type(fast.aspp.project[0]) is nn.Conv2d
     with torch.no_grad():
         assert_matches(fast(x), net(x), 1e-5, "optimized")
         ref = net.double()(x.double())
