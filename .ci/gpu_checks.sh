@@ -130,9 +130,10 @@ run_pytest() {
 }
 
 step_cuda_tests() {
-  begin "cuda-tests: pytest -k cuda tests/test_{dense_crf,atrous_conv,aspp}*.py"
+  begin "cuda-tests: pytest -k cuda tests/test_{dense_crf,atrous_conv,aspp,separable_conv}*.py"
   local files
-  mapfile -t files < <(ls tests/test_dense_crf*.py tests/test_atrous_conv*.py tests/test_aspp*.py)
+  mapfile -t files < <(ls tests/test_dense_crf*.py tests/test_atrous_conv*.py tests/test_aspp*.py \
+    tests/test_separable_conv*.py)
   run_pytest cuda-tests "${files[@]}" -k cuda -q -rfEs --durations=10
 }
 

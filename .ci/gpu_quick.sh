@@ -17,10 +17,10 @@
 #                       "building CUDA + CPU extension"; .ci/check_cuda_build.py --triton (every op with a CPU
 #                       kernel has a CUDA kernel; the Triton ASPP module imports)
 #   tests        [120]  pytest -k "cuda and not compile and not opcheck" over tests/test_{dense_crf,atrous_conv,
-#                       aspp}*.py (the *_cuda.py files, or CUDA-parametrised tests with "cuda" in their ids),
-#                       per-test timeout
-#   memcheck      [75]  compute-sanitizer memcheck (PYTORCH_NO_CUDA_MEMORY_CACHING=1) on one small case per op:
-#                       .ci/gpu_quick_cases.py small --ops crf,conv,aspp
+#                       aspp,separable_conv}*.py (the *_cuda.py files, or CUDA-parametrised tests with "cuda" in
+#                       their ids), per-test timeout
+#   memcheck      [75]  compute-sanitizer memcheck (PYTORCH_NO_CUDA_MEMORY_CACHING=1) on small cases per op:
+#                       .ci/gpu_quick_cases.py small --ops crf,conv,aspp,sep (sep: the separable conv's samples)
 #   racecheck     [60]  compute-sanitizer racecheck on the CRF case with the CUDA graph off
 #   bench_crf     [60]  benchmarks/test_crf_fps.py, CUDA rows (CUDA events): 500x375x21 default and DeepLab-v2
 #                       kernels, 16 x 512x512, the no-graph row
@@ -180,8 +180,9 @@ judge_pytest() {
   record "$step" "${verdict%% *}" "${verdict#* }"
 }
 
-# The tests of the three ops (file names survive the planned merge of *_cuda.py into the CPU files).
-mapfile -t TEST_FILES < <(ls tests/test_dense_crf*.py tests/test_atrous_conv*.py tests/test_aspp*.py 2>/dev/null)
+# The tests of the four ops (file names survive the planned merge of *_cuda.py into the CPU files).
+mapfile -t TEST_FILES < <(ls tests/test_dense_crf*.py tests/test_atrous_conv*.py tests/test_aspp*.py \
+  tests/test_separable_conv*.py 2>/dev/null)
 PYTEST_COMMON=(-p no:cacheprovider -rfEs -o "faulthandler_timeout=$PER_TEST")
 if "$PY" -c 'import pytest_timeout' >/dev/null 2>&1; then PYTEST_COMMON+=("--timeout=$PER_TEST"); fi
 SEL_TESTS="cuda and not compile and not opcheck"
@@ -320,8 +321,8 @@ if [[ $GPU_OK == 1 && ( $DRY == 1 || "${STATUS[build]}" == PASS ) ]]; then
   # ---- compute-sanitizer ----
   SAN="$(sanitizer_bin || echo compute-sanitizer)"
   if run_step memcheck env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool memcheck --error-exitcode 1 \
-    --target-processes all "$PY" .ci/gpu_quick_cases.py small --ops crf,conv,aspp; then
-    if [[ $RC == 0 ]]; then record memcheck PASS "crf, conv, aspp clean"; else record memcheck FAIL "exit $RC; see sanitizer.log"; fi
+    --target-processes all "$PY" .ci/gpu_quick_cases.py small --ops crf,conv,aspp,sep; then
+    if [[ $RC == 0 ]]; then record memcheck PASS "crf, conv, aspp, sep clean"; else record memcheck FAIL "exit $RC; see sanitizer.log"; fi
   fi
   if run_step racecheck "$SAN" --tool racecheck --error-exitcode 1 --target-processes all \
     "$PY" .ci/gpu_quick_cases.py small --ops crf --graph off; then

@@ -1,6 +1,6 @@
 """Small GPU cases for .ci/gpu_quick.sh (a script, not collected by pytest).
 
-    python .ci/gpu_quick_cases.py small [--ops crf,conv,aspp] [--graph on|off]
+    python .ci/gpu_quick_cases.py small [--ops crf,conv,aspp,sep] [--graph on|off]
         one small case per op on CUDA (the samples of tests/samples.py), each compared with the CPU op or the
         plain-torch reference; prints OK. Made to run under compute-sanitizer (memcheck with
         PYTORCH_NO_CUDA_MEMORY_CACHING=1; racecheck):
@@ -10,6 +10,9 @@
                 tap skipping on (relative error <= 2e-2 against float64)
           aspp  ASPP(64, (2, 4, 6), 32) eval, bf16 channels_last 1x64x9x9, the fused path (Triton) against the
                 module's plain-torch path in float32 (relative error <= 3e-2)
+          sep   separable_conv2d, every sample of tests/samples.py (float64 to float16, rates 1-18, channels_last,
+                a crop, more pixels than one threadblock row of tiles) against the unfused layers in float64
+                (each sample's tolerance), and its gradients (f32_cl_rate12) against the CPU op's (1e-4)
     python .ci/gpu_quick_cases.py profile
         DEEPLAB_FAST_PROFILE=1 per-stage split (CUDA events, printed by the op to stderr) of dense_crf,
         10 iterations, 21 labels: 500x375 with the default and the DeepLab-v2 kernels, and a batch of 16 at
@@ -108,8 +111,31 @@ def case_aspp(gen) -> bool:
     return ok
 
 
-CASES = {"crf": case_crf, "conv": case_conv, "aspp": case_aspp}
-KERNELS = {"crf": "dense_crf", "conv": "atrous_conv2d"}
+def case_sep(gen) -> bool:
+    op = torch.ops.deeplab_fast.separable_conv2d
+    ok = True
+    for s in INPUTS["separable_conv2d"]("cuda"):
+        y = op(*s.args)
+        torch.cuda.synchronize()
+        ref = reference("separable_conv2d", s)
+        finite = bool(torch.isfinite(y).all())
+        err = ((y.double().cpu() - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item() if finite else float("nan")
+        good = finite and err <= max(s.tol, 1e-5)
+        ok &= good
+        log(f"{'ok  ' if good else 'FAIL'} sep: separable_conv2d {s.name}: rel err {err:.3g}")
+    grads = {}
+    for device in ("cuda", "cpu"):
+        s = sample("separable_conv2d", "f32_cl_rate12", device, requires_grad=True)
+        leaves = [a for a in s.args if isinstance(a, torch.Tensor)]
+        grads[device] = [g.cpu() for g in torch.autograd.grad(op(*s.args).square().sum(), leaves)]
+    rel = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() for a, b in zip(*grads.values()))
+    good = rel <= 1e-4
+    log(f"{'ok  ' if good else 'FAIL'} sep: backward f32_cl_rate12: max relative difference to the CPU op {rel:.3g}")
+    return ok and good
+
+
+CASES = {"crf": case_crf, "conv": case_conv, "aspp": case_aspp, "sep": case_sep}
+KERNELS = {"crf": "dense_crf", "conv": "atrous_conv2d", "sep": "separable_conv2d"}
 
 
 def small(ops, graph) -> int:
@@ -169,7 +195,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("small", help="one small case per op (for compute-sanitizer)")
-    p.add_argument("--ops", default="crf,conv,aspp", help="comma-separated: crf, conv, aspp")
+    p.add_argument("--ops", default="crf,conv,aspp,sep", help="comma-separated: crf, conv, aspp, sep")
     p.add_argument("--graph", choices=["on", "off"], default="on", help="the CRF's CUDA graph")
     sub.add_parser("profile", help="DEEPLAB_FAST_PROFILE=1 per-stage split of the headline CRF cases")
     args = parser.parse_args()

@@ -29,39 +29,19 @@
    the same weights, buffers, per-submodule training flags and ``requires_grad`` flags), whose eval path on
    CUDA is fused. Only when the two module trees match layer for layer (3 atrous rates, the same conv / BN /
    dropout settings); otherwise its inner Sequentials are fused by rule 1.
-
-The layers of ``deeplab_fast.nn`` (``ASPP``, ``AtrousSeparableConv2d``, ``AtrousConv2dReLU``) are already
-fused: in eval mode they fold their BNs at each call and run the fused op, so DeepLab v3+ and the mobile DeepLabs
-are optimized end to end by rules 1 and 2 on their backbones, decoders and heads.
+4. **Depthwise-separable atrous convs** (``deeplab_fast.nn.AtrousSeparableConv2d``, either layout: BN + ReLU
+   after the depthwise conv or not) in eval mode, with BNs that have running statistics, become
+   ``deeplab_fast.nn.FusedSeparableConv2d``: both BNs folded into the filters once, one
+   ``deeplab_fast.ops.separable_conv2d`` call. Also inside this library's ASPP (its separable branches, DeepLab
+   v3+), the one place where ``optimize`` enters a ``deeplab_fast.nn`` module. In training mode they stay (their
+   eval forward runs the fused op anyway, folding at each call).
 
 Nothing else is touched: a custom module's attributes are never fused by their names (its forward is not
-visible), ``deeplab_fast.nn`` modules, TorchScript modules and ``torch.fx.GraphModule`` s are not entered,
-and a chain any of whose modules has hooks (forward, pre-forward or backward) is left alone, as is a
-ResNet block or ASPP with hooks. The top-level module itself is never replaced (its children are): wrap a bare
-torchvision ASPP or ResNet block in an ``nn.Sequential`` to have it swapped. ``optimize`` is idempotent.
-
-**BatchNorm.** When the chain is in eval mode at ``optimize()`` time (conv and BN both ``eval()``) and BN
-tracks running statistics, BN is folded into the new layer's weight and bias (``weight * s``,
-``beta + (bias - mean) * s``, ``s = gamma / sqrt(var + eps)``, computed in float32 or better) and the BN
-module is gone. Otherwise (a model in training mode, a BN without running statistics) the BN module is kept
-inside the fused layer (``AtrousConv2dReLU.bn``, shared, not copied): training goes on exactly as before
-(batch statistics, running-statistics updates, the same parameters), and in eval mode BN is folded into the
-op's per-channel scale and bias at every call, a little slower than folding once. For the full speed-up call
-``model.eval()`` before ``optimize()``.
-
-Notes:
-  - The eval outputs are those of the original model up to rounding (the folded BN rounds differently:
-    about 1e-6 relative in float32). Training-mode outputs are unchanged too where BN was kept.
-  - It is meant for inference: folding removes BN modules and changes the parameter set, so the optimized
-    model's ``state_dict`` differs from the original's. Load the weights first, then optimize. Training the
-    folded parameters is possible but is a different parametrisation from the original's.
-  - Parameters keep their dtype and device; modules keep their training flags. The memory format is left to
-    the caller: on CUDA the fused paths want channels_last activations and weights
-    (``model.to(memory_format=torch.channels_last)`` and channels_last inputs).
-  - The fused layers take batched 4-D inputs (``nn.Conv2d`` also takes unbatched 3-D ones and empty batches).
-  - A Sequential is assumed to be called as a whole (``seq(x)``). Code elsewhere that calls or inspects its
-    children one by one (``seq[1](y)``) sees the fused layer and the ``Identity`` placeholders instead;
-    calling all of them in order still gives the same result.
+visible); ``deeplab_fast.nn`` modules, TorchScript modules and ``torch.fx.GraphModule`` s are not entered; a
+chain, ResNet block, ASPP or separable conv any of whose modules has hooks is left alone. The top-level module is
+never replaced (its children are): wrap a bare torchvision ASPP or ResNet block in an ``nn.Sequential`` to have
+it swapped. ``optimize`` is idempotent. The other ``deeplab_fast.nn`` layers fold their BNs at each call.
+BatchNorm folding (when and how) and notes on the optimized model: docs/reference/optimize.md.
 """
 from __future__ import annotations
 
@@ -72,8 +52,9 @@ import torch
 from torch import nn
 
 from .nn.aspp import ASPP
-from .nn.atrous import AtrousConv2dReLU, _bn_scale_shift
-from .nn.blocks import FusedResNetBlock
+from .nn.atrous import AtrousConv2dReLU
+from .nn.blocks import FusedResNetBlock, fold_grouped_conv
+from .nn.separable import AtrousSeparableConv2d, FusedSeparableConv2d
 
 __all__ = ["optimize", "FusedResNetBlock"]
 
@@ -137,8 +118,8 @@ def optimize(model: nn.Module, inplace: bool = False, verbose: bool = False) -> 
     if verbose:
         for _, line in sorted(ctx.log, key=lambda entry: entry[0]):  # in module order
             print(f"deeplab_fast.optimize: {line}")
-        print(f"deeplab_fast.optimize: {ctx.chains} conv chain(s) fused, {ctx.blocks} ResNet block(s) and "
-              f"{ctx.aspps} ASPP head(s) replaced")
+        print(f"deeplab_fast.optimize: {ctx.chains} conv chain(s) fused, {ctx.blocks} ResNet block(s), "
+              f"{ctx.aspps} ASPP head(s) and {ctx.separables} separable conv(s) replaced")
     return model
 
 
@@ -156,6 +137,7 @@ class _Context:
         self.chains = 0
         self.blocks = 0
         self.aspps = 0
+        self.separables = 0
 
 
 def _join(prefix: str, name: str) -> str:
@@ -187,7 +169,13 @@ def _opaque(m: nn.Module) -> bool:
 
 
 def _visit(module: nn.Module, prefix: str, order: tuple, ctx: _Context) -> None:
-    if id(module) in ctx.seen or _opaque(module):
+    if id(module) in ctx.seen:
+        return
+    if isinstance(module, ASPP):  # this library's ASPP: its separable branches only (rule 4), nothing else
+        ctx.seen[id(module)] = module
+        _fuse_aspp_separables(module, prefix, order, ctx)
+        return
+    if _opaque(module):
         return
     ctx.seen[id(module)] = module
     for index, (name, child) in enumerate(list(module._modules.items())):
@@ -268,22 +256,6 @@ def _foldable_now(conv: nn.Conv2d, bn: nn.Module) -> bool:
     return not conv.training and not bn.training and _has_running_stats(bn)
 
 
-def _fold_grouped(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
-    """A new ``nn.Conv2d`` computing ``bn(conv(x))`` in eval mode (weight * s, bias beta + (b - mean) * s)."""
-    scale, shift = _bn_scale_shift(bn, conv.bias)
-    w = conv.weight
-    new = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                    conv.dilation, conv.groups, bias=True, device=w.device, dtype=w.dtype)
-    needs_grad = any(p.requires_grad for p in (w, conv.bias, bn.weight, bn.bias) if p is not None)
-    with torch.no_grad():
-        new.weight.copy_(w * scale.view(-1, 1, 1, 1).to(w.dtype))
-        new.bias.copy_(shift.to(w.dtype))
-    new.weight.requires_grad_(needs_grad)
-    new.bias.requires_grad_(needs_grad)
-    new.training = conv.training
-    return new
-
-
 def _fuse(conv: nn.Conv2d, padding: Tuple[int, int], bn: Optional[nn.Module],
           relu: Optional[nn.Module]) -> Tuple[AtrousConv2dReLU, str]:
     """The fused layer for one chain, and how BN was handled (for the log)."""
@@ -325,7 +297,7 @@ def _fuse_chains(container: nn.Module, slots: Sequence[tuple], observed: set, ct
         if padding is None:
             if (i + 1 < n and key not in observed and _grouped_conv_ok(conv) and slots[i + 1][2] is not None
                     and _bn_ok(slots[i + 1][2], conv) and _foldable_now(conv, slots[i + 1][2])):
-                container._modules[key] = _fold_grouped(conv, slots[i + 1][2])
+                container._modules[key] = fold_grouped_conv(conv, slots[i + 1][2])
                 k, bn_path, bn, _ = slots[i + 1]
                 identity = nn.Identity()
                 identity.training = bn.training
@@ -373,12 +345,44 @@ def _fuse_chains(container: nn.Module, slots: Sequence[tuple], observed: set, ct
 
 
 def _replace_block(m: nn.Module, path: str, position: tuple, ctx: _Context) -> Optional[nn.Module]:
+    if type(m) is AtrousSeparableConv2d:
+        return _fuse_separable(m, path, position, ctx)
     if _class_is(m, _TV_DEEPLAB, "ASPP"):
         return _swap_aspp(m, path, position, ctx)
     names = _RESNET_BLOCKS.get((type(m).__module__, type(m).__qualname__))
     if names is not None:
         return _fuse_resnet_block(m, names, path, position, ctx)
     return None
+
+
+def _fuse_separable(m: AtrousSeparableConv2d, path: str, position: tuple, ctx: _Context) -> Optional[nn.Module]:
+    """Rule 4: an eval-mode separable conv whose BNs have running statistics, without hooks."""
+    if any(_has_hooks(sub) or _forward_overridden(sub) for sub in m.modules()) or not m._folds():
+        return None
+    if m.depthwise.weight.dtype not in _OP_DTYPES:
+        return None
+    new = FusedSeparableConv2d.from_module(m)
+    ctx.log.append((position, f"{path}: AtrousSeparableConv2d -> FusedSeparableConv2d (BN folded)"))
+    ctx.separables += 1
+    return new
+
+
+def _fuse_aspp_separables(aspp: ASPP, prefix: str, order: tuple, ctx: _Context) -> None:
+    """Rule 4 inside a ``deeplab_fast.nn.ASPP``: its ``convs`` entries that are separable convs (v3+ heads)."""
+    if _has_hooks(aspp) or _forward_overridden(aspp) or not isinstance(aspp._modules.get("convs"), nn.ModuleList):
+        return
+    convs = aspp.convs
+    position = order + (list(aspp._modules).index("convs"),)
+    for i, child in enumerate(list(convs)):
+        if type(child) is not AtrousSeparableConv2d:
+            continue
+        new = ctx.replaced.get(id(child), (None, None))[1]
+        if new is None:
+            new = _fuse_separable(child, _join(prefix, f"convs.{i}"), position + (i,), ctx)
+            if new is not None:
+                ctx.replaced[id(child)] = (child, new)
+        if new is not None:
+            convs[i] = new
 
 
 def _swap_aspp(m: nn.Module, path: str, position: tuple, ctx: _Context) -> Optional[nn.Module]:

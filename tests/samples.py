@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 __all__ = ["Sample", "BadCall", "crf_problem", "DEFAULT_KERNELS", "DEEPLAB_V2_KERNELS", "atrous_conv2d_inputs",
            "dense_crf_inputs", "dense_crf_features_inputs", "dense_crf_pairwise_energy_inputs",
-           "dense_crf_image_features_inputs", "INPUTS", "reference", "conv_reference", "atrous_conv2d_errors", "dense_crf_errors",
+           "dense_crf_image_features_inputs", "separable_conv2d_inputs", "INPUTS", "reference", "conv_reference",
+           "separable_reference", "atrous_conv2d_errors", "separable_conv2d_errors", "dense_crf_errors",
            "ERRORS", "prefix", "on_device"]
 
 # pydensecrf's example kernels and DeepLab v2's: (gaussian_sxy, gaussian_compat, bilateral_sxy, bilateral_srgb,
@@ -133,6 +134,82 @@ def atrous_conv2d_inputs(device, requires_grad: bool = False) -> list:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# separable_conv2d(input, dw_weight, dw_bias?, dw_scale?, pw_weight, pw_bias?, pw_scale?, stride, padding, dilation,
+#                  dw_relu, pw_relu)
+
+
+def _separable(seed, N, C, K, H, W, R=3, S=3, dtype=torch.float64, dw_affine=True, pw_affine=True,
+               channels_last=False, crop=False):
+    """Fresh random arguments; the scales and biases as a random eval-mode BN folds them (scale in [0.5, 1.5]
+    with random signs, biases N(0, 0.3^2)), so the ReLUs clip part of each channel."""
+    g = _gen(seed)
+    x = torch.randn(N, C, H + 4 * crop, W + 4 * crop, generator=g, dtype=torch.float64)
+    wd = torch.randn(C, 1, R, S, generator=g, dtype=torch.float64) / (R * S) ** 0.5
+    wp = torch.randn(K, C, 1, 1, generator=g, dtype=torch.float64) / C ** 0.5
+
+    def affine(n, on):
+        if not on:
+            return None, None
+        sign = torch.where(torch.rand(n, generator=g) < 0.2, -1.0, 1.0).double()
+        return (torch.randn(n, generator=g, dtype=torch.float64) * 0.3,
+                (torch.rand(n, generator=g, dtype=torch.float64) + 0.5) * sign)
+
+    bd, sd = affine(C, dw_affine)
+    bp, sp = affine(K, pw_affine)
+    x = x.to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    if crop:
+        x = x[:, :, 2:2 + H, 1:1 + W]
+    return (x, *(None if t is None else t.to(dtype) for t in (wd, bd, sd, wp, bp, sp)))
+
+
+def separable_conv2d_inputs(device, requires_grad: bool = False) -> list:
+    """The paper's layout (BN + ReLU after both convs) and smp's (nothing between them), odd sizes, atrous rates
+    1 to 18 (a rate beyond the image: taps outside it on every side), stride 2, 1x3 and 5x5 filters, channels_last,
+    a cropped view, every dtype; one case with more pixels than a CPU tile (C = 64: 2048 pixels a tile)."""
+    grad = (0, 1, 2, 3, 4, 5, 6)
+    f64 = torch.float64
+    samples = [
+        Sample("f64_paper_rate2", (*_separable(60, 2, 8, 12, 11, 9), [1, 1], [2, 2], [2, 2], True, True), 1e-10,
+               grad=grad),
+        Sample("f64_smp_rate1", (*_separable(61, 1, 8, 6, 7, 13, dw_affine=False), [1, 1], [1, 1], [1, 1], False,
+                                 True), 1e-10, grad=grad),
+        Sample("f64_stride2_rate3_cl", (*_separable(62, 2, 6, 5, 13, 10, channels_last=True), [2, 2], [3, 3], [3, 3],
+                                        True, False), 1e-10, grad=grad),
+        Sample("f64_rate18_beyond_image", (*_separable(63, 1, 4, 3, 9, 11), [1, 1], [18, 18], [18, 18], True, True),
+               1e-10, grad=grad),
+        Sample("f64_1x3_crop", (*_separable(64, 1, 5, 7, 9, 8, R=1, S=3, crop=True), [1, 1], [0, 4], [1, 4], True,
+                                True), 1e-10, grad=grad),
+        Sample("f64_5x5_rates_2_3_no_pw_affine", (*_separable(65, 1, 3, 4, 10, 12, R=5, S=5, pw_affine=False),
+                                                  [1, 2], [4, 6], [2, 3], True, True), 1e-10, grad=grad),
+        Sample("f32_paper_rate6_two_tiles", (*_separable(66, 1, 64, 24, 65, 65, dtype=torch.float32), [1, 1],
+                                             [6, 6], [6, 6], True, True), 1e-5, grad=grad),
+        Sample("f32_cl_rate12", (*_separable(67, 2, 16, 8, 17, 15, dtype=torch.float32, channels_last=True), [1, 1],
+                                 [12, 12], [12, 12], True, True), 1e-5, grad=grad),
+        Sample("bf16_cl_rate6", (*_separable(68, 1, 16, 24, 17, 17, dtype=torch.bfloat16, channels_last=True), [1, 1],
+                                 [6, 6], [6, 6], True, True), 2e-2, grad=grad),
+        Sample("fp16_rate2", (*_separable(69, 1, 8, 8, 11, 9, dtype=torch.float16), [1, 1], [2, 2], [2, 2], True,
+                              True), 2e-2, grad=grad),
+    ]
+    assert all(s.args[0].dtype in (f64, torch.float32, torch.bfloat16, torch.float16) for s in samples)
+    return _finish(samples, device, requires_grad)
+
+
+def separable_reference(x, wd, bd, sd, wp, bp, sp, stride, padding, dilation, dw_relu, pw_relu):
+    """The unfused layers in float64 (F.conv2d groups = C, scale, bias, ReLU, F.conv2d 1x1, ...), on x's device. The
+    depthwise result is rounded to x's dtype first, as the op (and the unfused layers in that dtype) round it."""
+    def epilogue(y, s, b, relu):
+        y = y if s is None else y * s.double().view(1, -1, 1, 1)
+        y = y if b is None else y + b.double().view(1, -1, 1, 1)
+        return y.relu() if relu else y
+
+    y = F.conv2d(x.double(), wd.double(), None, stride, padding, dilation, x.shape[1])
+    y = epilogue(y, sd, bd, dw_relu).to(x.dtype).double()
+    return epilogue(F.conv2d(y, wp.double()), sp, bp, pw_relu)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The dense CRF ops
 
 
@@ -235,6 +312,7 @@ INPUTS: dict[str, Callable] = {
     "dense_crf_features": dense_crf_features_inputs,
     "dense_crf_pairwise_energy": dense_crf_pairwise_energy_inputs,
     "dense_crf_image_features": dense_crf_image_features_inputs,
+    "separable_conv2d": separable_conv2d_inputs,
 }
 
 
@@ -244,6 +322,8 @@ def reference(op: str, sample: Sample):
     args = [on_device(a, "cpu") for a in sample.args]
     if op == "atrous_conv2d":
         return conv_reference(*args)
+    if op == "separable_conv2d":
+        return separable_reference(*args)
     return getattr(torch.ops.deeplab_fast, op)(*args)
 
 
@@ -293,6 +373,45 @@ def atrous_conv2d_errors(device="cpu") -> list:
              ([1, 1], [0, 0], [10, 1])),
         call("output_bytes", (x, w, b, s), "the output [N, K, P, Q] = [2, 6, 4294967301, 4294967302] would take "
              "more than 2^63 - 1 bytes", ([1, 1], [2**31 - 1, 2**31 - 1], [1, 1])),
+    ]
+
+
+def separable_conv2d_errors(device="cpu") -> list:
+    x, wd, bd, sd, wp, bp, sp = (on_device(t, device) for t in _separable(121, 2, 8, 6, 9, 10, dtype=torch.float32))
+    p = ([1, 1], [1, 1], [1, 1])
+
+    def call(name, args, message, params=p):
+        return BadCall(name, (*args, *params, True, True), message)
+
+    ok = (x, wd, bd, sd, wp, bp, sp)
+
+    def swap(i, t):
+        return tuple(t if j == i else a for j, a in enumerate(ok))
+
+    return [
+        call("input_3d", swap(0, x[0]), "input must be 4-D [N, C, H, W], got 3-D"),
+        call("dw_weight_3d", swap(1, wd[:, 0]), "dw_weight must be 4-D [C, 1, R, S], got 3-D"),
+        call("pw_weight_2d", swap(4, wp[:, :, 0, 0]), "pw_weight must be 4-D [K, C, 1, 1], got 2-D"),
+        call("input_dtype", (x.long(), wd.long(), None, None, wp.long(), None, None),
+             "input must be float32, float64, bfloat16 or float16, got Long"),
+        call("dw_weight_dtype", swap(1, wd.double()), "dw_weight must have the input's dtype (Float), got Double"),
+        call("pw_weight_dtype", swap(4, wp.half()), "pw_weight must have the input's dtype (Float), got Half"),
+        call("empty_batch", swap(0, x[:0]), "input has an empty batch (N = 0)"),
+        call("dw_weight_channels", swap(1, wd[:7]), "dw_weight must be [C, 1, R, S] with C = 8 (one filter per input "
+             "channel) and R, S > 0, got shape [7, 1, 3, 3]"),
+        call("dw_weight_grouped", swap(1, wd.expand(8, 2, 3, 3)), "dw_weight must be [C, 1, R, S] with C = 8"),
+        call("pw_weight_channels", swap(4, wp[:, :5]), "pw_weight must be [K, C, 1, 1] with C = 8 and K > 0, got "
+             "shape [6, 5, 1, 1]"),
+        call("pw_weight_3x3", swap(4, wp.expand(6, 8, 3, 3)), "pw_weight must be [K, C, 1, 1]"),
+        call("dw_bias_shape", swap(2, bd[:5]), "dw_bias must be a 1-D tensor of one value per input channel ([8])"),
+        call("dw_scale_shape", swap(3, sd[None]), "dw_scale must be a 1-D tensor of one value per input channel "
+             "([8])"),
+        call("pw_bias_shape", swap(5, bp[:5]), "pw_bias must be a 1-D tensor of one value per output channel ([6])"),
+        call("pw_scale_dtype", swap(6, sp.double()), "pw_scale must have the input's dtype (Float), got Double"),
+        call("stride_0", ok, "stride must be >= 1 and <= 2147483647, got [0, 1]", ([0, 1], [1, 1], [1, 1])),
+        call("padding_neg", ok, "padding must be >= 0", ([1, 1], [-1, 0], [1, 1])),
+        call("dilation_0", ok, "dilation must be >= 1 and <= 2147483647 (the atrous rate)", ([1, 1], [1, 1], [0, 1])),
+        call("empty_output", ok, "the output would be empty: input 9x10 with a 3x3 filter", ([1, 1], [0, 0], [10, 1])),
     ]
 
 
@@ -389,15 +508,17 @@ def dense_crf_errors(device="cpu") -> dict:
 def _errors_of(op: str):
     if op == "atrous_conv2d":
         return atrous_conv2d_errors
+    if op == "separable_conv2d":
+        return separable_conv2d_errors
     return lambda device="cpu": dense_crf_errors(device)[op]
 
 
 ERRORS: dict[str, Callable] = {op: _errors_of(op) for op in ("atrous_conv2d", "dense_crf", "dense_crf_features",
                                                              "dense_crf_pairwise_energy", "dense_crf_features_backward",
-                                                             "dense_crf_image_features")}
+                                                             "dense_crf_image_features", "separable_conv2d")}
 # The prefix of each op's messages.
 PREFIX = {"dense_crf_features_backward": "dense_crf backward: "}
 
 
 def prefix(op: str) -> str:
-    return PREFIX.get(op, "atrous_conv2d: " if op == "atrous_conv2d" else "dense_crf: ")
+    return PREFIX.get(op, f"{op}: " if op in ("atrous_conv2d", "separable_conv2d") else "dense_crf: ")

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from deeplab_fast import models, optimize
-from deeplab_fast.nn import ASPP, ASPPv2, AtrousConv2dReLU, AtrousSeparableConv2d
+from deeplab_fast.nn import ASPP, ASPPv2, AtrousConv2dReLU, AtrousSeparableConv2d, FusedSeparableConv2d
 from deeplab_fast.ops import aspp as aspp_ops
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -56,6 +56,8 @@ def test_atrous_conv2d_relu(device, dtype):
 def test_separable(device, dtype, depthwise_bn):
     layer = randomize_(AtrousSeparableConv2d(8, 12, 3, dilation=3, depthwise_bn=depthwise_bn), 4).eval().to(device)
     _check(layer, _x(8, 15, 9, device), device, dtype, f"AtrousSeparableConv2d depthwise_bn={depthwise_bn}")
+    fused = FusedSeparableConv2d.from_module(layer)  # the BNs folded once (deeplab_fast.optimize's layer)
+    _check(fused, _x(8, 15, 9, device), device, dtype, f"FusedSeparableConv2d depthwise_bn={depthwise_bn}")
 
 
 # The Triton paths, on the CPU in triton's interpreter (TRITON_INTERPRET=1 from conftest.py). triton 3.9's
@@ -95,3 +97,6 @@ def test_without_autocast_dtypes_must_match():
     layer = AtrousConv2dReLU(4, 4, 3, padding=1)
     with pytest.raises(ValueError, match="dtype"):
         layer(torch.randn(1, 4, 5, 5, dtype=torch.float64))
+    separable = FusedSeparableConv2d.from_module(AtrousSeparableConv2d(4, 4, 3).eval())
+    with pytest.raises(ValueError, match="separable_conv2d: dw_weight must have the input's dtype"):
+        separable(torch.randn(1, 4, 5, 5, dtype=torch.float64))

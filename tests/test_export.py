@@ -2,9 +2,11 @@
 (``torch.onnx.export(..., dynamo=True)``), run by onnxruntime, equal to eager within 1e-4; and the dense CRF layer's
 one clear ONNX error.
 
-While exporting, the fused layers write ``deeplab_fast::atrous_conv2d`` as ``F.conv2d`` + scale + bias + ReLU and the
-ASPP modules take their plain-torch path (``deeplab_fast.nn.atrous.fused_conv``), so the exported graphs hold
-standard ops only (checked). Inputs are 65x65 (odd), one image, three classes: the test checks the exporters on
+While exporting, the fused layers write ``deeplab_fast::atrous_conv2d`` as ``F.conv2d`` + scale + bias + ReLU,
+``deeplab_fast::separable_conv2d`` as ``F.conv2d(groups=C)`` + scale + bias + ReLU + ``F.conv2d`` 1x1 + ... (the DeepLab
+v3+ models' separable convs, before and after ``optimize``), and the ASPP modules take their plain-torch path
+(``deeplab_fast.nn.atrous.fused_conv``, ``deeplab_fast.nn.separable.fused_separable_conv``), so the exported graphs
+hold standard ops only (checked). Inputs are 65x65 (odd), one image, three classes: the test checks the exporters on
 each architecture, not speed. onnx / onnxruntime / onnxscript are test extras; the ONNX cases skip without them.
 """
 from __future__ import annotations
@@ -18,7 +20,7 @@ import pytest
 import torch
 
 from deeplab_fast import models, optimize
-from deeplab_fast.nn import DenseCRF
+from deeplab_fast.nn import AtrousSeparableConv2d, DenseCRF, FusedSeparableConv2d
 from deeplab_fast.nn.crf import ONNX_EXPORT_ERROR
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -55,6 +57,24 @@ def test_export_every_model(name):
             assert not any("deeplab_fast" in t for t in targets), f"{name} {form}: {targets}"
             assert_matches(_out(ep.module()(x)), eager, 1e-5, f"{name} {form}: torch.export")
             assert_matches(_onnx_run(ep, x), eager, 1e-4, f"{name} {form}: ONNX + onnxruntime")
+
+
+@pytest.mark.parametrize("depthwise_bn", [True, False])
+def test_separable_conv_exports_as_standard_ops(depthwise_bn):
+    """The fused separable conv alone (per-call fold and folded once), rate 6 at an odd size: no deeplab_fast op in
+    either exported graph, outputs equal to eager (torch.export 1e-5, onnxruntime 1e-4)."""
+    layer = _randomize_(AtrousSeparableConv2d(16, 24, 3, dilation=6, depthwise_bn=depthwise_bn), 5, spread=0.2).eval()
+    x = torch.randn(1, 16, 33, 31, generator=torch.Generator().manual_seed(6))
+    for m in (layer, FusedSeparableConv2d.from_module(layer)):
+        with torch.no_grad():
+            eager = m(x)
+            assert_matches(eager, layer.reference_forward(x), 1e-5, f"{type(m).__name__} eager vs modules")
+            ep = torch.export.export(m, (x,))
+            targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+            assert not any("deeplab_fast" in t for t in targets), targets
+            assert any("convolution" in t or "conv2d" in t for t in targets), targets
+            assert_matches(ep.module()(x), eager, 1e-5, f"{type(m).__name__}: torch.export")
+            assert_matches(_onnx_run(ep, x), eager, 1e-4, f"{type(m).__name__}: ONNX + onnxruntime")
 
 
 class _NetAndCRF(torch.nn.Module):

@@ -79,7 +79,12 @@ def test_smp_deeplabv3plus(encoder, output_stride, tmp_path):
     with torch.no_grad():
         expected = ref(x)
         out = ours(x)
-        fused = optimize(ours)(x)
+        fast = optimize(ours)
+        fused = fast(x)
+    # smp's separable convs (no BN / ReLU between depthwise and pointwise) fuse too: the ASPP's three, the one after
+    # the ASPP and the decoder's
+    kinds = [type(m).__name__ for m in fast.modules()]
+    assert kinds.count("FusedSeparableConv2d") == 5 and "AtrousSeparableConv2d" not in kinds, kinds
     assert isinstance(out, OrderedDict) and list(out) == ["out"]
     assert_matches(out["out"], expected, TOL_BUILT, f"smp {encoder} OS {output_stride}")
     assert_matches(fused["out"], expected, TOL_OPT, f"smp {encoder} OS {output_stride} after optimize")
@@ -327,7 +332,11 @@ def test_paper_flavor_matches_official_model(backbone, output_stride, size):
     with torch.no_grad():
         expected = tf_deeplabv3plus(ours, x, backbone, output_stride, rates)
         out = ours(x)["out"]
-        fused = optimize(ours)(x)["out"]
+        fast = optimize(ours)
+        # every separable conv (the ASPP's three, the decoder's two) runs as the fused op with its BNs folded
+        kinds = [type(m).__name__ for m in fast.modules()]
+        assert kinds.count("FusedSeparableConv2d") == 5 and "AtrousSeparableConv2d" not in kinds, kinds
+        fused = fast(x)["out"]
         assert_matches(out, expected, TOL_BUILT, f"paper {backbone} OS {output_stride}")
         assert_matches(fused, expected, TOL_OPT, f"paper {backbone} OS {output_stride} after optimize")
         assert_matches(ours.double()(x.double())["out"], expected, 1e-9, f"paper {backbone} float64")

@@ -22,26 +22,6 @@ constexpr int64_t kMaxParam = std::numeric_limits<int32_t>::max();
 // arithmetic (tap_regions.h), which stays below extent + stride, never overflows int64.
 constexpr int64_t kMaxExtent = int64_t{1} << 62;
 
-void check_pair(at::IntArrayRef v, const char* name, int64_t min, const char* note) {
-  TORCH_CHECK_VALUE(v.size() == 2, "atrous_conv2d: ", name, " must have 2 values (height, width), got ", v.size());
-  TORCH_CHECK_VALUE(v[0] >= min && v[0] <= kMaxParam && v[1] >= min && v[1] <= kMaxParam, "atrous_conv2d: ", name,
-                    " must be >= ", min, " and <= ", kMaxParam, note, ", got ", v);
-}
-
-void check_same_device(const c10::optional<at::Tensor>& t, const at::Tensor& input, const char* name) {
-  if (!t.has_value() || !t->defined()) return;
-  TORCH_CHECK_VALUE(t->device() == input.device(), "atrous_conv2d: ", name, " is on ", t->device(),
-                    " but the input is on ", input.device());
-}
-
-void check_vector(const c10::optional<at::Tensor>& t, const at::Tensor& input, int64_t K, const char* name) {
-  if (!t.has_value() || !t->defined()) return;
-  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == K, "atrous_conv2d: ", name,
-                    " must be a 1-D tensor of one value per output channel ([", K, "]), got shape ", t->sizes());
-  TORCH_CHECK_VALUE(t->scalar_type() == input.scalar_type(), "atrous_conv2d: ", name, " must have the input's dtype (",
-                    input.scalar_type(), "), got ", t->scalar_type());
-}
-
 // (taps - 1) * dilation + 1, the dilated filter's extent, as text ("> 2^63 - 1" where it overflows int64).
 std::string dilated_extent(int64_t taps, int64_t dilation) {
   int64_t span = 0;
@@ -52,33 +32,99 @@ std::string dilated_extent(int64_t taps, int64_t dilation) {
 }
 
 // One axis's output size; the padded extent in + 2 pad is checked against kMaxExtent first (pad <= 2^31 - 1).
-int64_t output_size(int64_t in, int64_t taps, int64_t stride, int64_t pad, int64_t dilation, const char* axis,
-                    at::IntArrayRef padding) {
-  TORCH_CHECK_VALUE(in <= kMaxExtent - 2 * pad, "atrous_conv2d: the padded input ", axis, " (input ", axis, " ", in,
+int64_t output_size(const char* op, int64_t in, int64_t taps, int64_t stride, int64_t pad, int64_t dilation,
+                    const char* axis, at::IntArrayRef padding) {
+  TORCH_CHECK_VALUE(in <= kMaxExtent - 2 * pad, op, ": the padded input ", axis, " (input ", axis, " ", in,
                     " + 2 x padding ", pad, ") exceeds 2^62; lower the padding ", padding);
   return conv_output_size(in, taps, stride, pad, dilation);
 }
 
 }  // namespace
 
+namespace checks {
+
+void pair(const char* op, at::IntArrayRef v, const char* name, int64_t min, const char* note) {
+  TORCH_CHECK_VALUE(v.size() == 2, op, ": ", name, " must have 2 values (height, width), got ", v.size());
+  TORCH_CHECK_VALUE(v[0] >= min && v[0] <= kMaxParam && v[1] >= min && v[1] <= kMaxParam, op, ": ", name,
+                    " must be >= ", min, " and <= ", kMaxParam, note, ", got ", v);
+}
+
+void conv_params(const char* op, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  pair(op, stride, "stride", 1, "");
+  pair(op, padding, "padding", 0, "");
+  pair(op, dilation, "dilation", 1, " (the atrous rate)");
+}
+
+void same_device(const char* op, const c10::optional<at::Tensor>& t, const at::Tensor& input, const char* name) {
+  if (!t.has_value() || !t->defined()) return;
+  TORCH_CHECK_VALUE(t->device() == input.device(), op, ": ", name, " is on ", t->device(), " but the input is on ",
+                    input.device());
+}
+
+void per_channel(const char* op, const c10::optional<at::Tensor>& t, const at::Tensor& input, int64_t n,
+                 const char* name, const char* channels) {
+  if (!t.has_value() || !t->defined()) return;
+  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == n, op, ": ", name, " must be a 1-D tensor of one value per ",
+                    channels, " channel ([", n, "]), got shape ", t->sizes());
+  TORCH_CHECK_VALUE(t->scalar_type() == input.scalar_type(), op, ": ", name, " must have the input's dtype (",
+                    input.scalar_type(), "), got ", t->scalar_type());
+}
+
+void input_dtype(const char* op, const at::Tensor& input) {
+  const auto dtype = input.scalar_type();
+  TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf, op,
+                    ": input must be float32, float64, bfloat16 or float16, got ", dtype);
+}
+
+std::array<int64_t, 2> output_extent(const char* op, const at::Tensor& input, int64_t K, int64_t R, int64_t S,
+                                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const int64_t N = input.size(0), H = input.size(2), W = input.size(3);
+  const int64_t P = output_size(op, H, R, stride[0], padding[0], dilation[0], "height", padding);
+  const int64_t Q = output_size(op, W, S, stride[1], padding[1], dilation[1], "width", padding);
+  TORCH_CHECK_VALUE(P > 0 && Q > 0, op, ": the output would be empty: input ", H, "x", W, " with a ", R, "x", S,
+                    " filter, padding ", padding, " and dilation ", dilation, " (the dilated filter spans ",
+                    dilated_extent(R, dilation[0]), "x", dilated_extent(S, dilation[1]),
+                    "); pad the input or lower the dilation");
+  int64_t bytes = N;
+  const bool too_big = c10::mul_overflows(bytes, K, &bytes) || c10::mul_overflows(bytes, P, &bytes) ||
+                       c10::mul_overflows(bytes, Q, &bytes) ||
+                       c10::mul_overflows(bytes, static_cast<int64_t>(input.element_size()), &bytes);
+  TORCH_CHECK_VALUE(!too_big, op, ": the output [N, K, P, Q] = [", N, ", ", K, ", ", P, ", ", Q,
+                    "] would take more than 2^63 - 1 bytes; lower the padding ", padding, " or raise the stride ",
+                    stride);
+  return {P, Q};
+}
+
+at::MemoryFormat output_format(const at::Tensor& input) {
+  return input.suggest_memory_format() == at::MemoryFormat::ChannelsLast ? at::MemoryFormat::ChannelsLast
+                                                                          : at::MemoryFormat::Contiguous;
+}
+
+at::Tensor new_output(const at::Tensor& input, at::IntArrayRef sizes, at::MemoryFormat memory_format) {
+  at::Tensor out = at::empty(sizes, input.options().memory_format(memory_format));
+  if (poison_outputs()) out.fill_(std::numeric_limits<double>::quiet_NaN());
+  return out;
+}
+
+}  // namespace checks
+
 ConvPlan check_args(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                     const c10::optional<at::Tensor>& scale, at::IntArrayRef stride, at::IntArrayRef padding,
                     at::IntArrayRef dilation, bool relu) {
+  constexpr const char* op = "atrous_conv2d";
   TORCH_CHECK_VALUE(input.defined() && weight.defined(), "atrous_conv2d: input and weight must be defined tensors");
   // Devices first, so that a meta (or misplaced) tensor in any position is refused before anything reads it.
   TORCH_CHECK_VALUE(input.device().is_cpu() || input.device().is_cuda(),
                     "atrous_conv2d: input must be a CPU or CUDA tensor, got ", input.device());
-  TORCH_CHECK_VALUE(weight.device() == input.device(), "atrous_conv2d: weight is on ", weight.device(),
-                    " but the input is on ", input.device());
-  check_same_device(bias, input, "bias");
-  check_same_device(scale, input, "scale");
+  checks::same_device(op, weight, input, "weight");
+  checks::same_device(op, bias, input, "bias");
+  checks::same_device(op, scale, input, "scale");
   TORCH_CHECK_VALUE(input.dim() == 4, "atrous_conv2d: input must be 4-D [N, C, H, W], got ", input.dim(),
                     "-D with shape ", input.sizes());
   TORCH_CHECK_VALUE(weight.dim() == 4, "atrous_conv2d: weight must be 4-D [K, C, R, S], got ", weight.dim(),
                     "-D with shape ", weight.sizes());
+  checks::input_dtype(op, input);
   const auto dtype = input.scalar_type();
-  TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
-                    "atrous_conv2d: input must be float32, float64, bfloat16 or float16, got ", dtype);
   TORCH_CHECK_VALUE(weight.scalar_type() == dtype, "atrous_conv2d: weight must have the input's dtype (", dtype,
                     "), got ", weight.scalar_type());
   TORCH_CHECK_VALUE(input.size(0) > 0, "atrous_conv2d: input has an empty batch (N = 0)");
@@ -88,12 +134,10 @@ ConvPlan check_args(const at::Tensor& input, const at::Tensor& weight, const c10
                     "atrous_conv2d: weight must have K, R, S > 0, got shape ", weight.sizes());
   TORCH_CHECK_VALUE(weight.size(1) == input.size(1), "atrous_conv2d: weight has ", weight.size(1),
                     " input channels (dim 1) but the input has ", input.size(1), " (only groups = 1 is supported)");
-  check_pair(stride, "stride", 1, "");
-  check_pair(padding, "padding", 0, "");
-  check_pair(dilation, "dilation", 1, " (the atrous rate)");
+  checks::conv_params(op, stride, padding, dilation);
   const int64_t K = weight.size(0);
-  check_vector(bias, input, K, "bias");
-  check_vector(scale, input, K, "scale");
+  checks::per_channel(op, bias, input, K, "bias", "output");
+  checks::per_channel(op, scale, input, K, "scale", "output");
 
   ConvPlan a;
   a.input = input;
@@ -110,23 +154,11 @@ ConvPlan check_args(const at::Tensor& input, const at::Tensor& weight, const c10
   a.stride = {stride[0], stride[1]};
   a.padding = {padding[0], padding[1]};
   a.dilation = {dilation[0], dilation[1]};
-  a.P = output_size(a.H, a.R, stride[0], padding[0], dilation[0], "height", padding);
-  a.Q = output_size(a.W, a.S, stride[1], padding[1], dilation[1], "width", padding);
-  TORCH_CHECK_VALUE(a.P > 0 && a.Q > 0, "atrous_conv2d: the output would be empty: input ", a.H, "x", a.W,
-                    " with a ", a.R, "x", a.S, " filter, padding ", padding, " and dilation ", dilation,
-                    " (the dilated filter spans ", dilated_extent(a.R, dilation[0]), "x",
-                    dilated_extent(a.S, dilation[1]), "); pad the input or lower the dilation");
-  int64_t bytes = a.N;
-  const bool too_big = c10::mul_overflows(bytes, a.K, &bytes) || c10::mul_overflows(bytes, a.P, &bytes) ||
-                       c10::mul_overflows(bytes, a.Q, &bytes) ||
-                       c10::mul_overflows(bytes, static_cast<int64_t>(input.element_size()), &bytes);
-  TORCH_CHECK_VALUE(!too_big, "atrous_conv2d: the output [N, K, P, Q] = [", a.N, ", ", a.K, ", ", a.P, ", ", a.Q,
-                    "] would take more than 2^63 - 1 bytes; lower the padding ", padding, " or raise the stride ",
-                    stride);
+  const std::array<int64_t, 2> PQ = checks::output_extent(op, input, K, a.R, a.S, stride, padding, dilation);
+  a.P = PQ[0];
+  a.Q = PQ[1];
   a.relu = relu;
-  a.memory_format = input.suggest_memory_format() == at::MemoryFormat::ChannelsLast
-                        ? at::MemoryFormat::ChannelsLast
-                        : at::MemoryFormat::Contiguous;
+  a.memory_format = checks::output_format(input);
   a.regions = tap_regions(a.H, a.W, a.R, a.S, a.stride[0], a.stride[1], a.padding[0], a.padding[1], a.dilation[0],
                           a.dilation[1]);
   // Multiply-accumulates with and without skipping, in double: P Q R S can pass 2^63 (tap_work's int64) when
@@ -143,11 +175,7 @@ ConvPlan check_args(const at::Tensor& input, const at::Tensor& weight, const c10
   return a;
 }
 
-at::Tensor ConvPlan::new_output() const {
-  at::Tensor out = at::empty({N, K, P, Q}, input.options().memory_format(memory_format));
-  if (poison_outputs()) out.fill_(std::numeric_limits<double>::quiet_NaN());
-  return out;
-}
+at::Tensor ConvPlan::new_output() const { return checks::new_output(input, {N, K, P, Q}, memory_format); }
 
 bool ConvPlan::tap_skipping(bool device_default) const {
   env::Mode mode = env::Mode::kAuto;

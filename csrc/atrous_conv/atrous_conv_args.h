@@ -52,5 +52,31 @@ ConvPlan check_args(const at::Tensor& input, const at::Tensor& weight, const c10
                     const c10::optional<at::Tensor>& scale, at::IntArrayRef stride, at::IntArrayRef padding,
                     at::IntArrayRef dilation, bool relu);
 
+// The argument checks shared by the convolution ops (this one and separable_conv/), each message prefixed with
+// `op` ("atrous_conv2d: ..."), throwing c10::ValueError.
+namespace checks {
+
+// A [height, width] pair with values in [min, 2^31 - 1]; `note` follows the range in the message.
+void pair(const char* op, at::IntArrayRef v, const char* name, int64_t min, const char* note);
+// stride and dilation in [1, 2^31 - 1], padding in [0, 2^31 - 1], two values each.
+void conv_params(const char* op, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation);
+// `t` (when given) on the input's device.
+void same_device(const char* op, const c10::optional<at::Tensor>& t, const at::Tensor& input, const char* name);
+// `t` (when given) a 1-D tensor of n values ("one value per <channels> channel") of the input's dtype.
+void per_channel(const char* op, const c10::optional<at::Tensor>& t, const at::Tensor& input, int64_t n,
+                 const char* name, const char* channels);
+// float32, float64, bfloat16 or float16.
+void input_dtype(const char* op, const at::Tensor& input);
+// (P, Q) of a 4-D input [N, C, H, W] convolved with an R x S filter into K channels: the padded input at most
+// 2^62 per axis, a non-empty output whose size in bytes fits in int64.
+std::array<int64_t, 2> output_extent(const char* op, const at::Tensor& input, int64_t K, int64_t R, int64_t S,
+                                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation);
+// channels_last iff the input is (as torch suggests it), else contiguous.
+at::MemoryFormat output_format(const at::Tensor& input);
+// An uninitialised output (NaN-filled when poison_outputs()) in memory_format.
+at::Tensor new_output(const at::Tensor& input, at::IntArrayRef sizes, at::MemoryFormat memory_format);
+
+}  // namespace checks
+
 }  // namespace atrous_conv
 }  // namespace deeplab_fast

@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops._common import scale_bias_relu
 from ..ops.atrous_conv import _pair, atrous_conv2d
 
-__all__ = ["AtrousConv2dReLU", "fused_conv", "autocast_dtype"]
+__all__ = ["AtrousConv2dReLU", "fused_conv", "autocast_dtype", "autocast_cast"]
 
 IntPair = Union[int, tuple]
 _AUTOCAST_FROM = (torch.float32, torch.float16, torch.bfloat16)
@@ -39,6 +40,15 @@ def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
     return torch.get_autocast_dtype(device_type)
 
 
+def autocast_cast(input: torch.Tensor, *tensors: Optional[torch.Tensor]) -> tuple:
+    """``(input, *tensors)`` cast to the autocast dtype of the input's device (``autocast_dtype``; None stays None),
+    or as given when autocast is off there: the cast policy of this module's docstring, for every fused op."""
+    dtype = autocast_dtype(input)
+    if dtype is None:
+        return (input, *tensors)
+    return tuple(None if t is None else t.to(dtype) for t in (input, *tensors))
+
+
 def fused_conv(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                scale: Optional[torch.Tensor] = None, stride=1, padding=0, dilation=1,
                relu: bool = False) -> torch.Tensor:
@@ -46,18 +56,9 @@ def fused_conv(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     optional): ``deeplab_fast.ops.atrous_conv2d``, or standard ops while exporting, with the autocast cast policy
     of this module's docstring (under autocast every tensor is cast to the autocast dtype; otherwise they must
     share the input's dtype, as the op requires)."""
-    dtype = autocast_dtype(input)
-    if dtype is not None:
-        input, weight = input.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-        scale = None if scale is None else scale.to(dtype)
+    input, weight, bias, scale = autocast_cast(input, weight, bias, scale)
     if torch.compiler.is_exporting():
-        y = F.conv2d(input, weight, None, stride, padding, dilation)
-        if scale is not None:
-            y = y * scale.view(1, -1, 1, 1)
-        if bias is not None:
-            y = y + bias.view(1, -1, 1, 1)
-        return torch.relu(y) if relu else y
+        return scale_bias_relu(F.conv2d(input, weight, None, stride, padding, dilation), scale, bias, relu)
     return atrous_conv2d(input, weight, bias, scale, stride, padding, dilation, relu)
 
 

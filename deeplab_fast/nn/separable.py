@@ -8,6 +8,11 @@ Two layouts, both in use:
   Xception): depthwise atrous conv -> BN -> ReLU -> pointwise 1x1 conv -> BN -> ReLU.
 - ``depthwise_bn=False`` (segmentation_models_pytorch's ``SeparableConv2d`` followed by its BN and ReLU):
   depthwise atrous conv -> pointwise 1x1 conv -> BN -> ReLU.
+
+Both run as one fused op in eval mode (``deeplab_fast.ops.separable_conv2d``, called through
+``fused_separable_conv``, which has ``deeplab_fast.nn.atrous``'s export and autocast policy: standard ops while
+exporting, every tensor in the autocast dtype under autocast). ``FusedSeparableConv2d`` is the same layer with its
+BNs folded into the filters once (what ``deeplab_fast.optimize`` swaps in).
 """
 from __future__ import annotations
 
@@ -18,9 +23,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._validation import positive_int
-from .atrous import _bn_scale_shift, _uses_batch_stats, fused_conv
+from ..ops.separable_conv import separable_conv2d, separable_conv2d_reference
+from .atrous import _bn_scale_shift, _uses_batch_stats, autocast_cast
 
-__all__ = ["AtrousSeparableConv2d"]
+__all__ = ["AtrousSeparableConv2d", "FusedSeparableConv2d", "fused_separable_conv"]
+
+
+def fused_separable_conv(input: torch.Tensor, dw_weight: torch.Tensor, dw_bias: Optional[torch.Tensor],
+                         dw_scale: Optional[torch.Tensor], pw_weight: torch.Tensor, pw_bias: Optional[torch.Tensor],
+                         pw_scale: Optional[torch.Tensor], stride=1, padding=0, dilation=1, dw_relu: bool = True,
+                         pw_relu: bool = True) -> torch.Tensor:
+    """``deeplab_fast.ops.separable_conv2d`` (arguments and shapes there), or the same computation as standard ops
+    (``separable_conv2d_reference``) while exporting, with the autocast cast policy of ``deeplab_fast.nn.atrous``:
+    under autocast every tensor is cast to the autocast dtype; otherwise they must share the input's dtype."""
+    args = autocast_cast(input, dw_weight, dw_bias, dw_scale, pw_weight, pw_bias, pw_scale)
+    if torch.compiler.is_exporting():
+        return separable_conv2d_reference(*args, stride, padding, dilation, dw_relu, pw_relu)
+    return separable_conv2d(*args, stride, padding, dilation, dw_relu, pw_relu)
 
 
 class AtrousSeparableConv2d(nn.Module):
@@ -44,10 +63,9 @@ class AtrousSeparableConv2d(nn.Module):
 
     Input Tensor[N, C, H, W] (floating point); output Tensor[N, K, P, Q]. In training mode, or with a BN that
     has no running statistics, it runs the modules one after the other (plain torch, differentiable). In eval
-    mode it folds the BNs: the depthwise conv runs with ``weight * s`` and bias ``t`` then ReLU (one
-    ``F.conv2d``; ``deeplab_fast.ops.atrous_conv2d`` takes groups = 1 only), and the pointwise conv, its BN and
-    ReLU are one ``deeplab_fast.ops.atrous_conv2d`` call (standard ops while exporting, the autocast dtype under
-    autocast: ``deeplab_fast.nn.atrous.fused_conv``). The eval outputs equal the unfolded ones up to rounding.
+    mode it folds the BNs into the per-channel scales and biases of one ``deeplab_fast.ops.separable_conv2d`` call
+    (``fused_separable_conv``: standard ops while exporting, the autocast dtype under autocast), at every call;
+    ``FusedSeparableConv2d.from_module`` folds them once. The eval outputs equal the unfolded ones up to rounding.
     Raises ValueError on bad arguments.
     """
 
@@ -86,22 +104,84 @@ class AtrousSeparableConv2d(nn.Module):
             y = F.relu(self.depthwise_bn(y))
         return F.relu(self.pointwise_bn(self.pointwise(y)))
 
+    def folded(self) -> tuple:
+        """The eval-mode BN folds as float32 (or float64) vectors: (dw_scale, dw_shift, pw_scale, pw_shift), the
+        depthwise pair None without a depthwise BN. The pointwise conv's bias is in pw_shift."""
+        dw = (None, None) if self.depthwise_bn is None else _bn_scale_shift(self.depthwise_bn, None)
+        return (*dw, *_bn_scale_shift(self.pointwise_bn, self.pointwise.bias))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._folds():
             return self.reference_forward(x)
-        dw = self.depthwise
-        weight = dw.weight
-        if self.depthwise_bn is not None:
-            s, t = _bn_scale_shift(self.depthwise_bn, None)
-            y = F.conv2d(x, weight * s.to(weight.dtype).view(-1, 1, 1, 1), t.to(weight.dtype), dw.stride,
-                         dw.padding, dw.dilation, dw.groups)
-            y = F.relu(y)
-        else:
-            y = F.conv2d(x, weight, None, dw.stride, dw.padding, dw.dilation, dw.groups)
-        pw = self.pointwise
-        s, t = _bn_scale_shift(self.pointwise_bn, pw.bias)
-        return fused_conv(y, pw.weight, t.to(pw.weight.dtype), s.to(pw.weight.dtype), 1, 0, 1, relu=True)
+        dw, pw = self.depthwise, self.pointwise
+        dtype = dw.weight.dtype
+        dw_s, dw_t, pw_s, pw_t = (None if v is None else v.to(dtype) for v in self.folded())
+        return fused_separable_conv(x, dw.weight, dw_t, dw_s, pw.weight, pw_t, pw_s, dw.stride, dw.padding,
+                                    dw.dilation, self.depthwise_bn is not None, True)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, dilation={self.dilation}, "
                 f"depthwise_bn={self.depthwise_bn is not None}")
+
+
+class FusedSeparableConv2d(nn.Module):
+    """A depthwise-separable atrous conv with its BNs folded into the filters: one
+    ``deeplab_fast.ops.separable_conv2d`` call (``fused_separable_conv``) per forward.
+
+    Parameters: ``dw_weight`` [C, 1, R, S], ``dw_bias`` [C] (or None), ``pw_weight`` [K, C, 1, 1], ``pw_bias`` [K];
+    settings ``stride``, ``padding``, ``dilation`` (the atrous rate; (int, int) each), ``dw_relu``, ``pw_relu``.
+    Built by ``from_module``; input Tensor[N, C, H, W], output Tensor[N, K, P, Q] (channels_last when the input
+    is). Its forward is differentiable (the op's autograd), but it is meant for inference: the folded parameters
+    are a different parametrisation from the original's.
+    """
+
+    def __init__(self, dw_weight: torch.Tensor, dw_bias: Optional[torch.Tensor], pw_weight: torch.Tensor,
+                 pw_bias: Optional[torch.Tensor], stride=(1, 1), padding=(0, 0), dilation=(1, 1), dw_relu: bool = True,
+                 pw_relu: bool = True):
+        super().__init__()
+        self.dw_weight = nn.Parameter(dw_weight)
+        self.dw_bias = None if dw_bias is None else nn.Parameter(dw_bias)
+        self.pw_weight = nn.Parameter(pw_weight)
+        self.pw_bias = None if pw_bias is None else nn.Parameter(pw_bias)
+        self.stride, self.padding, self.dilation = tuple(stride), tuple(padding), tuple(dilation)
+        self.dw_relu, self.pw_relu = bool(dw_relu), bool(pw_relu)
+
+    @classmethod
+    def from_module(cls, module: AtrousSeparableConv2d) -> "FusedSeparableConv2d":
+        """The layer computing ``module``'s eval-mode forward, BNs folded: ``dw_weight = w_d * s_d``, ``dw_bias =
+        t_d``, ``pw_weight = w_p * s_p``, ``pw_bias = t_p`` (s, t: each BN's ``gamma / sqrt(var + eps)`` and
+        ``beta - mean * s``, the pointwise conv's bias included; computed in float32 or better, then rounded to
+        the parameters' dtype). New parameters, ``requires_grad`` as the originals'; the training flag is
+        ``module``'s.
+
+        Raises ValueError when ``module`` is not an ``AtrousSeparableConv2d`` or cannot be folded (training mode,
+        or a BN without running statistics).
+        """
+        if not isinstance(module, AtrousSeparableConv2d):
+            raise ValueError(f"FusedSeparableConv2d.from_module: module must be an AtrousSeparableConv2d, got "
+                             f"{type(module).__name__}")
+        if not module._folds():
+            raise ValueError("FusedSeparableConv2d.from_module: module must be in eval mode with BN running "
+                             "statistics (call module.eval() first)")
+        dw, pw = module.depthwise, module.pointwise
+        dw_s, dw_t, pw_s, pw_t = module.folded()
+        needs_grad = any(p.requires_grad for p in module.parameters())
+        with torch.no_grad():
+            wd = dw.weight if dw_s is None else (dw.weight * dw_s.view(-1, 1, 1, 1)).to(dw.weight.dtype)
+            wp = (pw.weight * pw_s.view(-1, 1, 1, 1)).to(pw.weight.dtype)
+            new = cls(wd.detach().clone(), None if dw_t is None else dw_t.to(dw.weight.dtype).detach().clone(),
+                      wp.detach().clone(), pw_t.to(pw.weight.dtype).detach().clone(), dw.stride, dw.padding,
+                      dw.dilation, dw_relu=module.depthwise_bn is not None, pw_relu=True)
+        for p in new.parameters():
+            p.requires_grad_(needs_grad)
+        new.training = module.training
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fused_separable_conv(x, self.dw_weight, self.dw_bias, None, self.pw_weight, self.pw_bias, None,
+                                    self.stride, self.padding, self.dilation, self.dw_relu, self.pw_relu)
+
+    def extra_repr(self) -> str:
+        c, k = self.dw_weight.shape[0], self.pw_weight.shape[0]
+        return (f"{c}, {k}, kernel_size={tuple(self.dw_weight.shape[2:])}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, dw_relu={self.dw_relu}, pw_relu={self.pw_relu}")

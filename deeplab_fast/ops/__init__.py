@@ -12,11 +12,15 @@ from .dense_crf import (
     empty_cache,
 )
 from .dense_crf_3d import dense_crf_3d, dense_crf_3d_memory
+from .separable_conv import separable_conv2d, separable_conv2d_plan, separable_conv2d_reference
 
 __all__ = [
     "atrous_conv2d",
     "atrous_conv2d_plan",
     "tap_skipping",
+    "separable_conv2d",
+    "separable_conv2d_plan",
+    "separable_conv2d_reference",
     "dense_crf",
     "dense_crf_features",
     "dense_crf_pairwise_energy",

@@ -7,7 +7,8 @@ from typing import Callable
 
 import torch
 
-__all__ = ["register_no_backward", "check_value", "check_device", "c10_dtype", "c10_shape", "c10_float"]
+__all__ = ["register_no_backward", "check_value", "check_device", "c10_dtype", "c10_shape", "c10_float",
+           "scale_bias_relu"]
 
 
 def register_no_backward(qualname: str, reason: str) -> None:
@@ -51,3 +52,13 @@ def c10_shape(shape) -> str:
 def c10_float(x: float) -> str:
     """A double as C++'s ``operator<<`` prints it (six significant digits: "9.53674e-06", "80", "1e+300")."""
     return f"{x:g}"
+
+
+def scale_bias_relu(y: torch.Tensor, scale, bias, relu: bool) -> torch.Tensor:
+    """``relu?(y * scale + bias)`` per channel (dim 1; ``scale`` and ``bias`` 1-D or None) in standard torch ops:
+    the fused convolutions' epilogue as the exported graphs and the backward recomputations write it."""
+    if scale is not None:
+        y = y * scale.view(1, -1, 1, 1)
+    if bias is not None:
+        y = y + bias.view(1, -1, 1, 1)
+    return torch.relu(y) if relu else y

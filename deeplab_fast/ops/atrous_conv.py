@@ -35,37 +35,42 @@ MAX_EXTENT = 2**62
 _LOWEST = {"stride": 1, "padding": 0, "dilation": 1}
 
 
-def _pair(v: IntPair, name: str) -> list[int]:
+def _pair(v: IntPair, name: str, op: str = "atrous_conv2d") -> list[int]:
     """``v`` as [height, width]. Values that are not 32-bit ints are refused here (they cannot be in range, and the
     largest do not fit the op's int64); the op checks the bounds, with its own message. Both raise ValueError."""
     if isinstance(v, bool):
-        raise ValueError(f"atrous_conv2d: {name} must be an int or a pair of ints, got bool")
+        raise ValueError(f"{op}: {name} must be an int or a pair of ints, got bool")
     if isinstance(v, numbers.Integral):
         pair = [int(v), int(v)]
     elif isinstance(v, (tuple, list)) and len(v) == 2 and all(
             isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in v):
         pair = [int(v[0]), int(v[1])]
     else:
-        raise ValueError(f"atrous_conv2d: {name} must be an int or a pair of ints (height, width), got {v!r}")
+        raise ValueError(f"{op}: {name} must be an int or a pair of ints (height, width), got {v!r}")
     if any(not -MAX_PARAM - 1 <= x <= MAX_PARAM for x in pair):
-        raise ValueError(f"atrous_conv2d: {name} must be in [{_LOWEST[name]}, {MAX_PARAM}], got {v!r}")
+        raise ValueError(f"{op}: {name} must be in [{_LOWEST.get(name, 1)}, {MAX_PARAM}], got {v!r}")
     return pair
 
 
-def _check_tensor(x, name: str, optional: bool = False) -> Optional[torch.Tensor]:
+def _check_tensor(x, name: str, optional: bool = False, op: str = "atrous_conv2d") -> Optional[torch.Tensor]:
     if x is None and optional:
         return None
     if not isinstance(x, torch.Tensor):
-        raise ValueError(f"atrous_conv2d: {name} must be a torch.Tensor{' or None' if optional else ''}, "
+        raise ValueError(f"{op}: {name} must be a torch.Tensor{' or None' if optional else ''}, "
                          f"got {type(x).__name__}")
     return x
 
 
-def _check_finite(tensors) -> None:
+def _check_finite(tensors, op: str = "atrous_conv2d") -> None:
     for name, t in tensors:
         # A meta tensor has no values to check: the op refuses it (device), so skip it here.
         if t is not None and t.device.type != "meta" and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"atrous_conv2d: {name} holds NaN or Inf")
+            raise ValueError(f"{op}: {name} holds NaN or Inf")
+
+
+def _check_bool(v, name: str, op: str) -> None:
+    if not isinstance(v, bool):
+        raise ValueError(f"{op}: {name} must be a bool, got {type(v).__name__}")
 
 
 def _check_python_args(input, weight, bias, scale, relu) -> None:
@@ -74,8 +79,7 @@ def _check_python_args(input, weight, bias, scale, relu) -> None:
     _check_tensor(weight, "weight")
     _check_tensor(bias, "bias", optional=True)
     _check_tensor(scale, "scale", optional=True)
-    if not isinstance(relu, bool):
-        raise ValueError(f"atrous_conv2d: relu must be a bool, got {type(relu).__name__}")
+    _check_bool(relu, "relu", _OP)
 
 
 def atrous_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -173,28 +177,64 @@ _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _OP = "atrous_conv2d"
 
 
-def _check_pair(v, name: str, note: str = "") -> None:
-    check_value(len(v) == 2, _OP, lambda: f"{name} must have 2 values (height, width), got {len(v)}")
+def _check_pair(v, name: str, op: str, note: str = "") -> None:
+    check_value(len(v) == 2, op, lambda: f"{name} must have 2 values (height, width), got {len(v)}")
     low = _LOWEST[name]
-    check_value(all(low <= x <= MAX_PARAM for x in v), _OP,
+    check_value(all(low <= x <= MAX_PARAM for x in v), op,
                 lambda: f"{name} must be >= {low} and <= {MAX_PARAM}{note}, got {c10_shape(v)}")
 
 
-def _check_vector(t, input, k: int, name: str) -> None:
+def check_conv_params(op: str, stride, padding, dilation) -> None:
+    """stride, padding and dilation: two values each, in range (the C++ checks::conv_params)."""
+    _check_pair(stride, "stride", op)
+    _check_pair(padding, "padding", op)
+    _check_pair(dilation, "dilation", op, " (the atrous rate)")
+
+
+def check_per_channel(op: str, t, input, n: int, name: str, channels: str = "output") -> None:
+    """``t`` (when given) a 1-D tensor of ``n`` values of the input's dtype (the C++ checks::per_channel)."""
     if t is None:
         return
-    check_value(t.dim() == 1 and t.shape[0] == k, _OP, lambda: f"{name} must be a 1-D tensor of one value per output "
-                                                               f"channel ([{k}]), got shape {c10_shape(t.shape)}")
-    check_value(t.dtype == input.dtype, _OP, lambda: f"{name} must have the input's dtype ({c10_dtype(input.dtype)}), "
-                                                     f"got {c10_dtype(t.dtype)}")
+    check_value(t.dim() == 1 and t.shape[0] == n, op, lambda: f"{name} must be a 1-D tensor of one value per "
+                                                              f"{channels} channel ([{n}]), got shape "
+                                                              f"{c10_shape(t.shape)}")
+    check_value(t.dtype == input.dtype, op, lambda: f"{name} must have the input's dtype ({c10_dtype(input.dtype)}), "
+                                                    f"got {c10_dtype(t.dtype)}")
 
 
-def _out_size(size: int, taps: int, stride: int, pad: int, dilation: int, axis: str, padding) -> int:
-    check_value(size + 2 * pad <= MAX_EXTENT, _OP,
+def check_input_dtype(op: str, input) -> None:
+    check_value(input.dtype in _DTYPES, op, lambda: f"input must be float32, float64, bfloat16 or float16, got "
+                                                    f"{c10_dtype(input.dtype)}")
+
+
+def _out_size(op: str, size: int, taps: int, stride: int, pad: int, dilation: int, axis: str, padding) -> int:
+    check_value(size + 2 * pad <= MAX_EXTENT, op,
                 lambda: f"the padded input {axis} (input {axis} {size} + 2 x padding {pad}) exceeds 2^62; lower the "
                         f"padding {c10_shape(padding)}")
     span = size + 2 * pad - dilation * (taps - 1) - 1  # Python ints: no overflow
     return span // stride + 1 if span >= 0 else 0
+
+
+def output_extent(op: str, input, k: int, r: int, s: int, stride, padding, dilation) -> tuple[int, int]:
+    """(P, Q) of ``input`` [N, C, H, W] convolved with an r x s filter into k channels: the padded input at most
+    2^62 per axis, a non-empty output whose size in bytes fits in int64 (the C++ checks::output_extent)."""
+    n, _, h, w = input.shape
+    p = _out_size(op, h, r, stride[0], padding[0], dilation[0], "height", padding)
+    q = _out_size(op, w, s, stride[1], padding[1], dilation[1], "width", padding)
+    check_value(p > 0 and q > 0, op, lambda: f"the output would be empty: input {h}x{w} with a {r}x{s} filter, "
+                                             f"padding {c10_shape(padding)} and dilation {c10_shape(dilation)} (the "
+                                             f"dilated filter spans {(r - 1) * dilation[0] + 1}x"
+                                             f"{(s - 1) * dilation[1] + 1}); pad the input or lower the dilation")
+    check_value(n * k * p * q * input.element_size() <= 2**63 - 1, op,
+                lambda: f"the output [N, K, P, Q] = [{n}, {k}, {p}, {q}] would take more than 2^63 - 1 bytes; lower "
+                        f"the padding {c10_shape(padding)} or raise the stride {c10_shape(stride)}")
+    return p, q
+
+
+def output_format(input) -> torch.memory_format:
+    """channels_last iff the input is (as torch suggests it), else contiguous."""
+    channels_last = torch._prims_common.suggest_memory_format(input) == torch.channels_last
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def conv_output(input, weight, bias, scale, stride, padding, dilation) -> tuple[list, torch.memory_format]:
@@ -207,8 +247,7 @@ def conv_output(input, weight, bias, scale, stride, padding, dilation) -> tuple[
                                                f"{c10_shape(input.shape)}")
     check_value(weight.dim() == 4, _OP, lambda: f"weight must be 4-D [K, C, R, S], got {weight.dim()}-D with shape "
                                                 f"{c10_shape(weight.shape)}")
-    check_value(input.dtype in _DTYPES, _OP, lambda: f"input must be float32, float64, bfloat16 or float16, got "
-                                                     f"{c10_dtype(input.dtype)}")
+    check_input_dtype(_OP, input)
     check_value(weight.dtype == input.dtype, _OP, lambda: f"weight must have the input's dtype "
                                                           f"({c10_dtype(input.dtype)}), got {c10_dtype(weight.dtype)}")
     n, c, h, w = input.shape
@@ -220,22 +259,11 @@ def conv_output(input, weight, bias, scale, stride, padding, dilation) -> tuple[
                                                         f"{c10_shape(weight.shape)}")
     check_value(c_w == c, _OP, lambda: f"weight has {c_w} input channels (dim 1) but the input has {c} (only "
                                        "groups = 1 is supported)")
-    _check_pair(stride, "stride")
-    _check_pair(padding, "padding")
-    _check_pair(dilation, "dilation", " (the atrous rate)")
-    _check_vector(bias, input, k, "bias")
-    _check_vector(scale, input, k, "scale")
-    p = _out_size(h, r, stride[0], padding[0], dilation[0], "height", padding)
-    q = _out_size(w, s, stride[1], padding[1], dilation[1], "width", padding)
-    check_value(p > 0 and q > 0, _OP, lambda: f"the output would be empty: input {h}x{w} with a {r}x{s} filter, "
-                                              f"padding {c10_shape(padding)} and dilation {c10_shape(dilation)} (the "
-                                              f"dilated filter spans {(r - 1) * dilation[0] + 1}x"
-                                              f"{(s - 1) * dilation[1] + 1}); pad the input or lower the dilation")
-    check_value(n * k * p * q * input.element_size() <= 2**63 - 1, _OP,
-                lambda: f"the output [N, K, P, Q] = [{n}, {k}, {p}, {q}] would take more than 2^63 - 1 bytes; lower "
-                        f"the padding {c10_shape(padding)} or raise the stride {c10_shape(stride)}")
-    channels_last = torch._prims_common.suggest_memory_format(input) == torch.channels_last
-    return [n, k, p, q], torch.channels_last if channels_last else torch.contiguous_format
+    check_conv_params(_OP, stride, padding, dilation)
+    check_per_channel(_OP, bias, input, k, "bias")
+    check_per_channel(_OP, scale, input, k, "scale")
+    p, q = output_extent(_OP, input, k, r, s, stride, padding, dilation)
+    return [n, k, p, q], output_format(input)
 
 
 @torch.library.register_fake("deeplab_fast::atrous_conv2d")
