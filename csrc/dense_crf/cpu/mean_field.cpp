@@ -19,6 +19,7 @@
 #include <cmath>
 #include <limits>
 #include <memory>
+#include <stdexcept>
 #include <type_traits>
 #include <vector>
 
@@ -71,12 +72,13 @@ DLF_INLINE void slice_term(const Term<T>& term, bool sequential, int64_t S, int6
 template <int C>
 DLF_INLINE void slice_term8(const Term<float>& term, int64_t i, const std::vector<float>& scale, vec8* __restrict s) {
   const PermutohedralLattice& lat = *term.lattice;
-  const int32_t* vert = lat.vertices(i);
-  const float* w = lat.weights(i);
+  constexpr int B = PermutohedralLattice::kPixelBlock;
+  const int32_t* vert = lat.vertex_block(i) + i % B;
+  const float* w = lat.weight_block(i) + i % B;
   for (int c = 0; c < C; ++c) s[c] = splat8(0.0f);
   for (int r = 0; r <= lat.dim(); ++r) {
-    const float wa = w[r] * lat.alpha();
-    const float* __restrict v = term.blurred + static_cast<int64_t>(vert[r]) * 8 * C;
+    const float wa = w[r * B] * lat.alpha();
+    const float* __restrict v = term.blurred + static_cast<int64_t>(vert[r * B]) * 8 * C;
     for (int c = 0; c < C; ++c) s[c] += wa * load8(v + 8 * c);
   }
   if (!scale.empty()) {
@@ -194,6 +196,7 @@ struct PixelPass {
   int64_t L, S;
   bool sequential_slice;
   bool with_pairwise;
+  bool libm_vectorised;  // simd::libm_exp_vectorised()
 };
 
 // One pixel's messages, recomputed in double from the same lattice values: the float path's fallback when its
@@ -211,8 +214,8 @@ void pixel_in_double(const PixelPass<float>& a, int64_t i) {
     const PermutohedralLattice& lat = *term.lattice;
     for (int64_t k = 0; k < S; ++k) sliced[k] = 0.0;
     for (int r = 0; r <= lat.dim(); ++r) {
-      const double wa = static_cast<double>(lat.weights(i)[r]) * lat.alpha();
-      const float* v = term.blurred + static_cast<int64_t>(lat.vertices(i)[r]) * S;
+      const double wa = static_cast<double>(lat.weight(i, r)) * lat.alpha();
+      const float* v = term.blurred + static_cast<int64_t>(lat.vertex(i, r)) * S;
       for (int64_t k = 0; k < S; ++k) sliced[k] += wa * v[k];
     }
     const double post = term.post.empty() ? 1.0 : term.post[i];
@@ -276,65 +279,271 @@ DLF_INLINE void pixel_range_any(const PixelPass<T>& a, T* scratch, int64_t begin
   }
 }
 
-// The same step for a label stride of exactly 8 C, keeping each
-// pixel's labels in C vector registers throughout. Padding lanes of the unary are +inf, so the message is
-// -inf there and the max and the sum can run over whole vectors.
+// ---- the vectorised per-pixel steps ----
+//
+// All of them evaluate pydensecrf's arithmetic lane by lane: the slice as sum_r (w_r alpha) v_r (or, for L <= 2,
+// sum_r (w_r v_r) alpha) from 0 in vertex order, the post-normalisation, the compatibility (Potts -w x, diagonal,
+// matrix rows added in order), msg = -unary - sum_k compat_k, then expAndNormalize: the max, exp(msg - max) with
+// Eigen's pexp on whole packets of 4 labels and std::exp (glibc's expf, exp8_libm) on the rest, Eigen's redux sum,
+// and the division. Padding lanes of the unary are +inf, so their messages are -inf and drop out.
+
+// e = exp(x - m) over labels [0, L) of the chunks x[0..C) (8 labels each); lanes >= L are 0.
+struct SoftmaxLanes {
+  int64_t L;
+  int64_t tail_chunk;   // the chunk holding labels [(L / 4) * 4, L) (std::exp); -1 when L % 4 == 0
+  ivec8 tail_mask;      // its lanes that are such labels
+  int64_t last_chunk;   // the chunk holding label L - 1
+  vec8 last_valid;      // 1 for its lanes < L, else 0
+
+  explicit SoftmaxLanes(int64_t num_labels) : L(num_labels) {
+    const int64_t packets = (L / 4) * 4;
+    tail_chunk = L % 4 == 0 ? -1 : packets / 8;
+    last_chunk = (L - 1) / 8;
+    for (int k = 0; k < 8; ++k) {
+      const int64_t label_t = tail_chunk * 8 + k, label_l = last_chunk * 8 + k;
+      tail_mask[k] = (label_t >= packets && label_t < L) ? -1 : 0;
+      last_valid[k] = label_l < L ? 1.0f : 0.0f;
+    }
+  }
+};
+
+template <simd::Level kLevel, typename X, typename E>
+DLF_INLINE void exp_labels(const SoftmaxLanes& sl, int64_t chunks, const X& x, float m, E& e, bool libm_vec) {
+  for (int64_t c = 0; c < chunks; ++c) e[c] = exp8_eigen(x[c] - m);
+  e[sl.last_chunk] = e[sl.last_chunk] * sl.last_valid;
+  if (sl.tail_chunk >= 0) {
+    const vec8 t = exp8_libm<kLevel>(x[sl.tail_chunk] - m, libm_vec);
+    e[sl.tail_chunk] = sl.tail_mask ? t : e[sl.tail_chunk];
+  }
+}
+
+// The largest of x[0..C) over all lanes (padding lanes are -inf).
+template <typename X>
+DLF_INLINE float max_labels(const X& x, int64_t chunks) {
+  vec8 mx = x[0];
+  for (int64_t c = 1; c < chunks; ++c) mx = mx > x[c] ? mx : x[c];
+  const vec4 h = low_half(mx) > high_half(mx) ? low_half(mx) : high_half(mx);
+  float m = h[0];
+  for (int k = 1; k < 4; ++k) m = h[k] > m ? h[k] : m;
+  return m;
+}
+
+// Pixel i's contribution of one term to its messages, for chunks [c0, c0 + C) of 8 labels: msg -= compat(post *
+// slice). `post` is the term's post-normalisation (empty: none). Potts and diagonal only (matrix: the caller).
 template <int C>
-DLF_INLINE void pixel_range_vec(const PixelPass<float>& a, float* scratch, int64_t begin, int64_t end) {
+DLF_INLINE void term_message(const Term<float>& term, int64_t S, int64_t i, int64_t c0, vec8* __restrict msg) {
+  const PermutohedralLattice& lat = *term.lattice;
+  constexpr int B = PermutohedralLattice::kPixelBlock;
+  const int32_t* vert = lat.vertex_block(i) + i % B;
+  const float* w = lat.weight_block(i) + i % B;
+  vec8 s[C];
+  for (int c = 0; c < C; ++c) s[c] = splat8(0.0f);
+  for (int r = 0; r <= lat.dim(); ++r) {
+    const float wa = w[r * B] * lat.alpha();
+    const float* __restrict v = term.blurred + static_cast<int64_t>(vert[r * B]) * S + 8 * c0;
+    for (int c = 0; c < C; ++c) s[c] += wa * load8(v + 8 * c);
+  }
+  if (!term.post.empty()) {
+    const float f = term.post[i];
+    for (int c = 0; c < C; ++c) s[c] = f * s[c];
+  }
+  if (term.spec->compat_kind == lattice::kPotts) {
+    const float nw = -term.spec->compat[0];
+    for (int c = 0; c < C; ++c) msg[c] = msg[c] - nw * s[c];
+  } else {  // diagonal, padded with zeros
+    for (int c = 0; c < C; ++c) msg[c] = msg[c] - load8(term.compat_padded.data() + 8 * (c0 + c)) * s[c];
+  }
+}
+
+// Labels in C vec8 registers (S = 8 C <= 64).
+template <simd::Level kLevel, int C>
+DLF_INLINE void pixel_range_vec(const PixelPass<float>& a, int64_t begin, int64_t end) {
   constexpr int64_t S = 8 * C;
   const int64_t L = a.L;
-  vec8 valid[C];
-  for (int c = 0; c < C; ++c)
-    for (int k = 0; k < 8; ++k) valid[c][k] = (8 * c + k < L) ? 1.0f : 0.0f;
+  const SoftmaxLanes sl(L);
   for (int64_t i = begin; i < end; ++i) {
     vec8 msg[C];
     for (int c = 0; c < C; ++c) msg[c] = -load8(a.unary + i * S + 8 * c);
     for (size_t t = 0; t < (a.with_pairwise ? a.num_terms : 0); ++t) {
       const Term<float>& term = a.terms[t];
-      vec8 s[C];
-      slice_term8<C>(term, i, term.post, s);
-      if (term.spec->compat_kind == lattice::kPotts) {
-        const float nw = -term.spec->compat[0];
-        for (int c = 0; c < C; ++c) msg[c] = msg[c] - nw * s[c];
-      } else if (term.spec->compat_kind == lattice::kDiagonal) {  // padded with zeros
-        for (int c = 0; c < C; ++c) msg[c] = msg[c] - load8(term.compat_padded.data() + 8 * c) * s[c];
-      } else {  // matrix: padded rows; the padding lanes stay -inf (0 * finite)
-        float x[8 * C], mixed[8 * C];
+      if (term.spec->compat_kind != lattice::kMatrix) {
+        term_message<C>(term, S, i, 0, msg);
+      } else {  // padded rows; the padding lanes stay -inf (0 * finite)
+        vec8 s[C];
+        slice_term8<C>(term, i, term.post, s);
+        alignas(32) float x[8 * C], mixed[8 * C];
         for (int c = 0; c < C; ++c) store8(x + 8 * c, s[c]);
         matrix_compat8<C>(term.compat_padded.data(), L, x, mixed);
         for (int c = 0; c < C; ++c) msg[c] = msg[c] - load8(mixed + 8 * c);
       }
     }
-    // Softmax as pydensecrf's expAndNormalize evaluates it (see softmax()); padding lanes are -inf.
-    vec8 mx = msg[0];
-    for (int c = 1; c < C; ++c) mx = mx > msg[c] ? mx : msg[c];
-    float m = mx[0];
-    for (int k = 1; k < 8; ++k) m = mx[k] > m ? mx[k] : m;
+    const float m = max_labels(msg, C);
     vec8 e[C];
-    for (int c = 0; c < C; ++c) e[c] = exp8_eigen(msg[c] - m) * valid[c];
-    for (int64_t k = (L / 4) * 4; k < L; ++k) e[k / 8][k % 8] = std::exp(msg[k / 8][k % 8] - m);
-    const float sum = eigen_sum8<C>(e, L);
+    exp_labels<kLevel>(sl, C, msg, m, e, a.libm_vectorised);
+    const float sum = eigen_sum8(e, L);
     for (int c = 0; c < C; ++c) store8(a.q + i * S + 8 * c, e[c] / sum);
     if (!(sum >= 1.0f)) pixel_in_double(a, i);
   }
 }
 
-DLF_CPU_KERNEL void pixel_range(const PixelPass<float>& a, float* scratch, int64_t begin, int64_t end) {
-  const bool vectorisable = a.S % 8 == 0 && a.S <= 64 && a.energy_out == nullptr;
-  switch (vectorisable ? a.S / 8 : 0) {
-    case 1: pixel_range_vec<1>(a, scratch, begin, end); break;
-    case 2: pixel_range_vec<2>(a, scratch, begin, end); break;
-    case 3: pixel_range_vec<3>(a, scratch, begin, end); break;
-    case 4: pixel_range_vec<4>(a, scratch, begin, end); break;
-    case 5: pixel_range_vec<5>(a, scratch, begin, end); break;
-    case 6: pixel_range_vec<6>(a, scratch, begin, end); break;
-    case 7: pixel_range_vec<7>(a, scratch, begin, end); break;
-    case 8: pixel_range_vec<8>(a, scratch, begin, end); break;
-    default: pixel_range_any(a, scratch, begin, end); break;
+// Any multiple of 8 labels (used above 64): the messages in a buffer on the stack, each term sliced 64 labels at a
+// time (the slice of a chunk is its own sum over the vertices, so the order per label is the same).
+template <simd::Level kLevel>
+DLF_INLINE void pixel_range_chunks(const PixelPass<float>& a, float* scratch, int64_t begin, int64_t end) {
+  const int64_t S = a.S, L = a.L, chunks = S / 8;
+  const SoftmaxLanes sl(L);
+  // scratch (4 S + 16 floats): msg [chunks vec8], e [chunks vec8], then 2 S floats, 64-byte aligned.
+  vec8* msg = reinterpret_cast<vec8*>((reinterpret_cast<uintptr_t>(scratch) + 63) & ~uintptr_t{63});
+  vec8* e = msg + chunks;
+  float* filtered = reinterpret_cast<float*>(e + chunks);
+  float* mixed = filtered + S;
+  for (int64_t i = begin; i < end; ++i) {
+    for (int64_t c = 0; c < chunks; ++c) msg[c] = -load8(a.unary + i * S + 8 * c);
+    for (size_t t = 0; t < (a.with_pairwise ? a.num_terms : 0); ++t) {
+      const Term<float>& term = a.terms[t];
+      if (term.spec->compat_kind != lattice::kMatrix) {
+        int64_t c = 0;
+        for (; c + 8 <= chunks; c += 8) term_message<8>(term, S, i, c, msg + c);
+        switch (chunks - c) {
+          case 1: term_message<1>(term, S, i, c, msg + c); break;
+          case 2: term_message<2>(term, S, i, c, msg + c); break;
+          case 3: term_message<3>(term, S, i, c, msg + c); break;
+          case 4: term_message<4>(term, S, i, c, msg + c); break;
+          case 5: term_message<5>(term, S, i, c, msg + c); break;
+          case 6: term_message<6>(term, S, i, c, msg + c); break;
+          case 7: term_message<7>(term, S, i, c, msg + c); break;
+          default: break;
+        }
+      } else {
+        term.lattice->template slice_pixel<false>(term.blurred, S, i, filtered);
+        if (!term.post.empty())
+          for (int64_t k = 0; k < S; ++k) filtered[k] = term.post[i] * filtered[k];
+        apply_compat(term, L, S, filtered, mixed);
+        for (int64_t c = 0; c < chunks; ++c) msg[c] = msg[c] - load8(mixed + 8 * c);
+      }
+    }
+    const float m = max_labels(msg, chunks);
+    exp_labels<kLevel>(sl, chunks, msg, m, e, a.libm_vectorised);
+    const float sum = eigen_sum8(e, L);
+    for (int64_t c = 0; c < chunks; ++c) store8(a.q + i * S + 8 * c, e[c] / sum);
+    if (!(sum >= 1.0f)) pixel_in_double(a, i);
   }
 }
 
-DLF_CPU_KERNEL void pixel_range(const PixelPass<double>& a, double* scratch, int64_t begin, int64_t end) {
+// 2, 3 or 4 labels, packed: S = 2 (L = 2) or 4 (L = 3, 4), G = 8 / S pixels per vec8, each in its own group of S
+// lanes. The max and the sum run within each group by swaps of lanes, in pydensecrf's order: L = 2, e0 + e1; L = 3,
+// (e0 + e1) + e2 (e3 = 0 adds nothing); L = 4, Eigen's packet sum (e0 + e2) + (e1 + e3). Potts and diagonal.
+DLF_INLINE vec8 swap_pairs(vec8 x) { return __builtin_shufflevector(x, x, 1, 0, 3, 2, 5, 4, 7, 6); }
+DLF_INLINE vec8 swap_pairs_of_pairs(vec8 x) { return __builtin_shufflevector(x, x, 2, 3, 0, 1, 6, 7, 4, 5); }
+
+// Group g's value of a per-pixel array (p[0..G)), in each of its S lanes.
+template <int S>
+DLF_INLINE vec8 spread(const float* p) {
+  if constexpr (S == 2) {
+    const vec4 v = load4(p);
+    return __builtin_shufflevector(v, v, 0, 0, 1, 1, 2, 2, 3, 3);
+  } else {
+    const vec4 v = load2(p);
+    return __builtin_shufflevector(v, v, 0, 0, 0, 0, 1, 1, 1, 1);
+  }
+}
+
+// The lattice rows of the G pixels' r-th vertices, side by side.
+template <int S>
+DLF_INLINE vec8 gather_rows(const float* values, const int32_t* vert) {
+  if constexpr (S == 2) {
+    const vec4 a = load2(values + static_cast<int64_t>(vert[0]) * 2), b = load2(values + static_cast<int64_t>(vert[1]) * 2);
+    const vec4 c = load2(values + static_cast<int64_t>(vert[2]) * 2), d = load2(values + static_cast<int64_t>(vert[3]) * 2);
+    return concat(__builtin_shufflevector(a, b, 0, 1, 4, 5), __builtin_shufflevector(c, d, 0, 1, 4, 5));
+  } else {
+    return concat(load4(values + static_cast<int64_t>(vert[0]) * 4), load4(values + static_cast<int64_t>(vert[1]) * 4));
+  }
+}
+
+template <simd::Level kLevel, int S>
+DLF_INLINE void pixel_range_packed(const PixelPass<float>& a, float* scratch, int64_t begin, int64_t end) {
+  constexpr int G = 8 / S;
+  constexpr int B = PermutohedralLattice::kPixelBlock;
+  const int64_t L = a.L;
+  const bool sequential = a.sequential_slice;
+  std::vector<vec8> diagonal(a.num_terms);  // a diagonal compatibility's weights, in each group
+  for (size_t t = 0; t < a.num_terms; ++t)
+    if (a.terms[t].spec->compat_kind == lattice::kDiagonal)
+      for (int k = 0; k < 8; ++k) diagonal[t][k] = a.terms[t].compat_padded[k % S];
+  int64_t i = begin;
+  for (; i < end && i % G != 0; ++i) pixel_range_any(a, scratch, i, i + 1);
+  for (; i + G <= end; i += G) {
+    vec8 msg = -load8(a.unary + i * S);
+    for (size_t t = 0; t < (a.with_pairwise ? a.num_terms : 0); ++t) {
+      const Term<float>& term = a.terms[t];
+      const PermutohedralLattice& lat = *term.lattice;
+      const int32_t* vert = lat.vertex_block(i) + i % B;
+      const float* w = lat.weight_block(i) + i % B;
+      const float alpha = lat.alpha();
+      vec8 s = splat8(0.0f);
+      for (int r = 0; r <= lat.dim(); ++r) {
+        const vec8 v = gather_rows<S>(term.blurred, vert + r * B);
+        const vec8 wr = spread<S>(w + r * B);
+        if (sequential) {
+          s += (wr * v) * alpha;
+        } else {
+          s += (wr * alpha) * v;
+        }
+      }
+      if (!term.post.empty()) s = spread<S>(term.post.data() + i) * s;
+      if (term.spec->compat_kind == lattice::kPotts) {
+        msg = msg - (-term.spec->compat[0]) * s;
+      } else {
+        msg = msg - diagonal[t] * s;
+      }
+    }
+    vec8 m = msg > swap_pairs(msg) ? msg : swap_pairs(msg);
+    if constexpr (S == 4) m = m > swap_pairs_of_pairs(m) ? m : swap_pairs_of_pairs(m);
+    const vec8 x = msg - m;
+    vec8 e, sum;
+    if (L == 4) {
+      e = exp8_eigen(x);
+      const vec8 t = e + swap_pairs_of_pairs(e);
+      sum = t + swap_pairs(t);
+    } else {
+      e = exp8_libm<kLevel>(x, a.libm_vectorised);
+      sum = e + swap_pairs(e);
+      if constexpr (S == 4) sum = sum + swap_pairs_of_pairs(sum);
+    }
+    store8(a.q + i * S, e / sum);
+    const auto low = !(sum >= 1.0f);
+    for (int g = 0; g < G; ++g)
+      if (low[g * S]) pixel_in_double(a, i + g);
+  }
+  for (; i < end; ++i) pixel_range_any(a, scratch, i, i + 1);
+}
+
+template <simd::Level kLevel>
+DLF_INLINE void pixel_range_impl(const PixelPass<float>& a, float* scratch, int64_t begin, int64_t end) {
+  if (a.energy_out != nullptr) return pixel_range_any(a, scratch, begin, end);
+  bool matrix = false;
+  for (size_t t = 0; t < (a.with_pairwise ? a.num_terms : 0); ++t)
+    matrix |= a.terms[t].spec->compat_kind == lattice::kMatrix;
+  if (a.S == 2 && !matrix) return pixel_range_packed<kLevel, 2>(a, scratch, begin, end);
+  if (a.S == 4 && !matrix) return pixel_range_packed<kLevel, 4>(a, scratch, begin, end);
+  switch (a.S % 8 == 0 ? a.S / 8 : -1) {
+    case 1: return pixel_range_vec<kLevel, 1>(a, begin, end);
+    case 2: return pixel_range_vec<kLevel, 2>(a, begin, end);
+    case 3: return pixel_range_vec<kLevel, 3>(a, begin, end);
+    case 4: return pixel_range_vec<kLevel, 4>(a, begin, end);
+    case 5: return pixel_range_vec<kLevel, 5>(a, begin, end);
+    case 6: return pixel_range_vec<kLevel, 6>(a, begin, end);
+    case 7: return pixel_range_vec<kLevel, 7>(a, begin, end);
+    case 8: return pixel_range_vec<kLevel, 8>(a, begin, end);
+    case -1: return pixel_range_any(a, scratch, begin, end);
+    default: return pixel_range_chunks<kLevel>(a, scratch, begin, end);
+  }
+}
+
+DLF_DISPATCH(void, pixel_range, (const PixelPass<float>& a, float* scratch, int64_t begin, int64_t end),
+             (a, scratch, begin, end))
+
+void pixel_range(const PixelPass<double>& a, double* scratch, int64_t begin, int64_t end) {
   pixel_range_any(a, scratch, begin, end);
 }
 
@@ -360,11 +569,12 @@ DLF_INLINE int transpose_in_any(const T* src, T* dst, int64_t L, int64_t N, int6
   return bad;
 }
 
-DLF_CPU_KERNEL int transpose_in(const float* src, float* dst, int64_t L, int64_t N, int64_t S, float pad, bool check,
-                                int64_t begin, int64_t end) {
+template <simd::Level>
+DLF_INLINE int transpose_in_impl(const float* src, float* dst, int64_t L, int64_t N, int64_t S, float pad, bool check,
+                                 int64_t begin, int64_t end) {
   int bad = 0;
   int64_t i = begin;
-  if (S % 8 == 0) {
+  if (S % 8 == 0 || S == 4 || S == 2) {
     for (; i + 8 <= end; i += 8) {
       ivec8 nan{}, neg{};
       vec8 lowest = splat8(kInfF);  // per pixel, the smallest value over labels
@@ -380,7 +590,16 @@ DLF_CPU_KERNEL int transpose_in(const float* src, float* dst, int64_t L, int64_t
           neg |= rows[k] == -kInfF;
           lowest = rows[k] < lowest ? rows[k] : lowest;
         }
+        if (S == 2) {  // interleave the two rows: pixels i..i+3, then i+4..i+7
+          store8(dst + i * 2, __builtin_shufflevector(rows[0], rows[1], 0, 8, 1, 9, 2, 10, 3, 11));
+          store8(dst + i * 2 + 8, __builtin_shufflevector(rows[0], rows[1], 4, 12, 5, 13, 6, 14, 7, 15));
+          continue;
+        }
         transpose8x8(rows);
+        if (S == 4) {  // pixel k's four labels are the low half of rows[k]
+          for (int k = 0; k < 8; k += 2) store8(dst + (i + k) * 4, concat(low_half(rows[k]), low_half(rows[k + 1])));
+          continue;
+        }
         for (int k = 0; k < 8; ++k) store8(dst + (i + k) * S + l0, rows[k]);
       }
       if (check) {
@@ -396,21 +615,40 @@ DLF_CPU_KERNEL int transpose_in(const float* src, float* dst, int64_t L, int64_t
   return check ? bad : 0;
 }
 
-DLF_CPU_KERNEL int transpose_in(const double* src, double* dst, int64_t L, int64_t N, int64_t S, double pad,
-                                bool check, int64_t begin, int64_t end) {
+DLF_DISPATCH(int, transpose_in,
+             (const float* src, float* dst, int64_t L, int64_t N, int64_t S, float pad, bool check, int64_t begin,
+              int64_t end),
+             (src, dst, L, N, S, pad, check, begin, end))
+
+int transpose_in(const double* src, double* dst, int64_t L, int64_t N, int64_t S, double pad, bool check,
+                 int64_t begin, int64_t end) {
   const int bad = transpose_in_any(src, dst, L, N, S, pad, begin, end);
   return check ? bad : 0;
 }
 
 // [N, S] -> [L, N] for pixels [begin, end).
-DLF_CPU_KERNEL void transpose_out(const float* src, float* dst, int64_t L, int64_t N, int64_t S, int64_t begin,
-                                  int64_t end) {
+template <simd::Level>
+DLF_INLINE void transpose_out_impl(const float* src, float* dst, int64_t L, int64_t N, int64_t S, int64_t begin,
+                                   int64_t end) {
   int64_t i = begin;
-  if (S % 8 == 0) {
+  if (S % 8 == 0 || S == 4 || S == 2) {
     for (; i + 8 <= end; i += 8) {
+      if (S == 2) {
+        const vec8 a = load8(src + i * 2), b = load8(src + i * 2 + 8);
+        store8(dst + i, __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14));
+        if (L > 1) store8(dst + N + i, __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15));
+        continue;
+      }
       for (int64_t l0 = 0; l0 < L; l0 += 8) {
         vec8 rows[8];
-        for (int k = 0; k < 8; ++k) rows[k] = load8(src + (i + k) * S + l0);
+        if (S == 4) {
+          for (int k = 0; k < 8; ++k) {
+            const vec4 v = load4(src + (i + k) * 4);
+            rows[k] = concat(v, v);
+          }
+        } else {
+          for (int k = 0; k < 8; ++k) rows[k] = load8(src + (i + k) * S + l0);
+        }
         transpose8x8(rows);
         for (int k = 0; k < 8 && l0 + k < L; ++k) store8(dst + (l0 + k) * N + i, rows[k]);
       }
@@ -420,8 +658,11 @@ DLF_CPU_KERNEL void transpose_out(const float* src, float* dst, int64_t L, int64
     for (int64_t l = 0; l < L; ++l) dst[l * N + i] = src[i * S + l];
 }
 
-DLF_CPU_KERNEL void transpose_out(const double* src, double* dst, int64_t L, int64_t N, int64_t S, int64_t begin,
-                                  int64_t end) {
+DLF_DISPATCH(void, transpose_out,
+             (const float* src, float* dst, int64_t L, int64_t N, int64_t S, int64_t begin, int64_t end),
+             (src, dst, L, N, S, begin, end))
+
+void transpose_out(const double* src, double* dst, int64_t L, int64_t N, int64_t S, int64_t begin, int64_t end) {
   for (int64_t i = begin; i < end; ++i)
     for (int64_t l = 0; l < L; ++l) dst[l * N + i] = src[i * S + l];
 }
@@ -568,8 +809,9 @@ DLF_INLINE void backward_range_vec(const BackwardPass<float>& a, int64_t block, 
   }
 }
 
-DLF_CPU_KERNEL void backward_pixels(const BackwardPass<float>& a, float* scratch, int64_t block, int64_t begin,
-                                    int64_t end) {
+template <simd::Level>
+DLF_INLINE void backward_pixels_impl(const BackwardPass<float>& a, float* scratch, int64_t block, int64_t begin,
+                                     int64_t end) {
   switch (a.S % 8 == 0 && !a.sequential_slice ? a.S / 8 : 0) {
     case 1: backward_range_vec<1>(a, block, begin, end); break;
     case 2: backward_range_vec<2>(a, block, begin, end); break;
@@ -583,8 +825,11 @@ DLF_CPU_KERNEL void backward_pixels(const BackwardPass<float>& a, float* scratch
   }
 }
 
-DLF_CPU_KERNEL void backward_pixels(const BackwardPass<double>& a, double* scratch, int64_t block, int64_t begin,
-                                    int64_t end) {
+DLF_DISPATCH(void, backward_pixels,
+             (const BackwardPass<float>& a, float* scratch, int64_t block, int64_t begin, int64_t end),
+             (a, scratch, block, begin, end))
+
+void backward_pixels(const BackwardPass<double>& a, double* scratch, int64_t block, int64_t begin, int64_t end) {
   backward_range(a, scratch, block, begin, end);
 }
 
@@ -736,7 +981,7 @@ class MeanField {
     StageTimer timer("prepare term");
     Term<T> t;
     t.spec = &spec;
-    t.lattice = std::make_unique<PermutohedralLattice>(spec.features, spec.dim, N_);
+    t.lattice = std::make_unique<PermutohedralLattice>(spec.features, spec.dim, N_, S_);
     const int64_t M = t.lattice->num_points();
     if (spec.normalization != lattice::kNoNormalization) {
       StageTimer norm_timer("normalisation");
@@ -812,9 +1057,9 @@ class MeanField {
   void pixel_pass(bool with_pairwise, T* energy_out, T* q_out) {
     StageTimer timer(with_pairwise ? "slice+compat+softmax" : "softmax");
     const PixelPass<T> pass{terms_.data(), terms_.size(), unary_.data(), q_out, energy_out, L_, S_, seq_,
-                            with_pairwise};
+                            with_pairwise, simd::libm_exp_vectorised()};
     parallel::for_range(0, N_, kPixelGrain, [&](int64_t begin, int64_t end) {
-      std::vector<T> scratch(static_cast<size_t>(4 * S_));
+      std::vector<T> scratch(static_cast<size_t>(4 * S_ + 16));
       pixel_range(pass, scratch.data(), begin, end);
     });
   }
@@ -829,19 +1074,36 @@ class MeanField {
 
 }  // namespace
 
+// The instruction-set level for this call (DEEPLAB_FAST_CPU_SIMD); a bad value or one the CPU lacks is an error.
+void select_simd_level() {
+  try {
+    simd::select();
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK_VALUE(false, e.what());
+  } catch (const std::runtime_error& e) {
+    TORCH_CHECK(false, e.what());
+  }
+  if (profiling_enabled())
+    std::fprintf(stderr, "[deeplab_fast] CPU SIMD level %s, std::exp %s\n", simd::level_name(simd::active()),
+                 simd::libm_exp_vectorised() && simd::active() >= simd::kAvx2 ? "vectorised" : "per lane");
+}
+
 template <typename T>
 void mean_field(const Problem<T>& problem, int64_t iterations, T* q_out, T* history) {
+  select_simd_level();
   MeanField<T>(problem).run(iterations, q_out, history);
 }
 
 template <typename T>
 void pairwise_energy(const Problem<T>& problem, T* out) {
+  select_simd_level();
   MeanField<T>(problem).energy(out);
 }
 
 template <typename T>
 void mean_field_backward(const Problem<T>& problem, int64_t iterations, const T* grad_q, const T* q,
                          const T* history, const Gradients<T>& grads) {
+  select_simd_level();
   MeanField<T>(problem, /*needs_unary=*/history == nullptr).backward(iterations, grad_q, q, history, grads);
 }
 
