@@ -287,17 +287,54 @@ DLF_INLINE void pixel_range_any(const PixelPass<T>& a, T* scratch, int64_t begin
 // Eigen's pexp on whole packets of 4 labels and std::exp (glibc's expf, exp8_libm) on the rest, Eigen's redux sum,
 // and the division. Padding lanes of the unary are +inf, so their messages are -inf and drop out.
 
+// What the per-pixel steps read of a term, in locals (the compiler cannot keep fields reached through pointers in
+// registers across the stores of a pixel loop).
+struct TermView {
+  const int32_t* vertex;       // the lattice's blocked arrays
+  const float* weight;
+  const float* weight_alpha;
+  int dp1;
+  float alpha;
+  const float* blurred;        // [M, S]
+  const float* post;           // [N] or nullptr
+  lattice::CompatKind kind;
+  float nw;                    // Potts: -w
+  const float* compat_padded;  // diagonal [S], matrix [L, S]
+  const Term<float>* term;
+
+  explicit TermView(const Term<float>& t)
+      : vertex(t.lattice->vertex_block(0)), weight(t.lattice->weight_block(0)),
+        weight_alpha(t.lattice->weight_alpha_block(0)), dp1(t.lattice->dim() + 1), alpha(t.lattice->alpha()),
+        blurred(t.blurred), post(t.post.empty() ? nullptr : t.post.data()), kind(t.spec->compat_kind),
+        nw(-t.spec->compat[0]), compat_padded(t.compat_padded.empty() ? nullptr : t.compat_padded.data()), term(&t) {}
+
+  // Pixel i's entries: vertex r at [r * kPixelBlock].
+  int64_t block_offset(int64_t i) const {
+    constexpr int B = PermutohedralLattice::kPixelBlock;
+    return (i / B) * dp1 * B + i % B;
+  }
+};
+
+std::vector<TermView> term_views(const PixelPass<float>& a) {
+  std::vector<TermView> v;
+  for (size_t t = 0; t < (a.with_pairwise ? a.num_terms : 0); ++t) v.emplace_back(a.terms[t]);
+  return v;
+}
+
 // e = exp(x - m) over labels [0, L) of the chunks x[0..C) (8 labels each); lanes >= L are 0.
 struct SoftmaxLanes {
   int64_t L;
   int64_t tail_chunk;   // the chunk holding labels [(L / 4) * 4, L) (std::exp); -1 when L % 4 == 0
   ivec8 tail_mask;      // its lanes that are such labels
+  int tail_first, tail_end;  // the same lanes as a range
   int64_t last_chunk;   // the chunk holding label L - 1
   vec8 last_valid;      // 1 for its lanes < L, else 0
 
   explicit SoftmaxLanes(int64_t num_labels) : L(num_labels) {
     const int64_t packets = (L / 4) * 4;
     tail_chunk = L % 4 == 0 ? -1 : packets / 8;
+    tail_first = static_cast<int>(packets % 8);
+    tail_end = tail_first + static_cast<int>(L % 4);
     last_chunk = (L - 1) / 8;
     for (int k = 0; k < 8; ++k) {
       const int64_t label_t = tail_chunk * 8 + k, label_l = last_chunk * 8 + k;
@@ -312,8 +349,15 @@ DLF_INLINE void exp_labels(const SoftmaxLanes& sl, int64_t chunks, const X& x, f
   for (int64_t c = 0; c < chunks; ++c) e[c] = exp8_eigen(x[c] - m);
   e[sl.last_chunk] = e[sl.last_chunk] * sl.last_valid;
   if (sl.tail_chunk >= 0) {
-    const vec8 t = exp8_libm<kLevel>(x[sl.tail_chunk] - m, libm_vec);
-    e[sl.tail_chunk] = sl.tail_mask ? t : e[sl.tail_chunk];
+    if (kLevel != simd::kBaseline && libm_vec) {
+      const vec8 t = exp8_libm<kLevel>(x[sl.tail_chunk] - m, true);
+      e[sl.tail_chunk] = sl.tail_mask ? t : e[sl.tail_chunk];
+    } else {  // expf on the tail lanes only
+      vec8 t = e[sl.tail_chunk];
+      const vec8 xt = x[sl.tail_chunk] - m;
+      for (int k = sl.tail_first; k < sl.tail_end; ++k) t[k] = std::exp(xt[k]);
+      e[sl.tail_chunk] = t;
+    }
   }
 }
 
@@ -331,27 +375,26 @@ DLF_INLINE float max_labels(const X& x, int64_t chunks) {
 // Pixel i's contribution of one term to its messages, for chunks [c0, c0 + C) of 8 labels: msg -= compat(post *
 // slice). `post` is the term's post-normalisation (empty: none). Potts and diagonal only (matrix: the caller).
 template <int C>
-DLF_INLINE void term_message(const Term<float>& term, int64_t S, int64_t i, int64_t c0, vec8* __restrict msg) {
-  const PermutohedralLattice& lat = *term.lattice;
+DLF_INLINE void term_message(const TermView& t, int64_t S, int64_t i, int64_t c0, vec8* __restrict msg) {
   constexpr int B = PermutohedralLattice::kPixelBlock;
-  const int32_t* vert = lat.vertex_block(i) + i % B;
-  const float* w = lat.weight_block(i) + i % B;
+  const int64_t o = t.block_offset(i);
+  const int32_t* __restrict vert = t.vertex + o;
+  const float* __restrict wa = t.weight_alpha + o;
   vec8 s[C];
   for (int c = 0; c < C; ++c) s[c] = splat8(0.0f);
-  for (int r = 0; r <= lat.dim(); ++r) {
-    const float wa = w[r * B] * lat.alpha();
-    const float* __restrict v = term.blurred + static_cast<int64_t>(vert[r * B]) * S + 8 * c0;
-    for (int c = 0; c < C; ++c) s[c] += wa * load8(v + 8 * c);
+  for (int r = 0; r < t.dp1; ++r) {
+    const float* __restrict v = t.blurred + static_cast<int64_t>(vert[r * B]) * S + 8 * c0;
+    const float w = wa[r * B];
+    for (int c = 0; c < C; ++c) s[c] += w * load8(v + 8 * c);
   }
-  if (!term.post.empty()) {
-    const float f = term.post[i];
+  if (t.post != nullptr) {
+    const float f = t.post[i];
     for (int c = 0; c < C; ++c) s[c] = f * s[c];
   }
-  if (term.spec->compat_kind == lattice::kPotts) {
-    const float nw = -term.spec->compat[0];
-    for (int c = 0; c < C; ++c) msg[c] = msg[c] - nw * s[c];
+  if (t.kind == lattice::kPotts) {
+    for (int c = 0; c < C; ++c) msg[c] = msg[c] - t.nw * s[c];
   } else {  // diagonal, padded with zeros
-    for (int c = 0; c < C; ++c) msg[c] = msg[c] - load8(term.compat_padded.data() + 8 * (c0 + c)) * s[c];
+    for (int c = 0; c < C; ++c) msg[c] = msg[c] - load8(t.compat_padded + 8 * (c0 + c)) * s[c];
   }
 }
 
@@ -361,27 +404,30 @@ DLF_INLINE void pixel_range_vec(const PixelPass<float>& a, int64_t begin, int64_
   constexpr int64_t S = 8 * C;
   const int64_t L = a.L;
   const SoftmaxLanes sl(L);
+  const std::vector<TermView> terms = term_views(a);
+  const bool libm_vec = a.libm_vectorised;
+  const float* __restrict unary = a.unary;
+  float* __restrict q = a.q;
   for (int64_t i = begin; i < end; ++i) {
     vec8 msg[C];
-    for (int c = 0; c < C; ++c) msg[c] = -load8(a.unary + i * S + 8 * c);
-    for (size_t t = 0; t < (a.with_pairwise ? a.num_terms : 0); ++t) {
-      const Term<float>& term = a.terms[t];
-      if (term.spec->compat_kind != lattice::kMatrix) {
-        term_message<C>(term, S, i, 0, msg);
+    for (int c = 0; c < C; ++c) msg[c] = -load8(unary + i * S + 8 * c);
+    for (const TermView& t : terms) {
+      if (t.kind != lattice::kMatrix) {
+        term_message<C>(t, S, i, 0, msg);
       } else {  // padded rows; the padding lanes stay -inf (0 * finite)
         vec8 s[C];
-        slice_term8<C>(term, i, term.post, s);
+        slice_term8<C>(*t.term, i, t.term->post, s);
         alignas(32) float x[8 * C], mixed[8 * C];
         for (int c = 0; c < C; ++c) store8(x + 8 * c, s[c]);
-        matrix_compat8<C>(term.compat_padded.data(), L, x, mixed);
+        matrix_compat8<C>(t.compat_padded, L, x, mixed);
         for (int c = 0; c < C; ++c) msg[c] = msg[c] - load8(mixed + 8 * c);
       }
     }
     const float m = max_labels(msg, C);
     vec8 e[C];
-    exp_labels<kLevel>(sl, C, msg, m, e, a.libm_vectorised);
+    exp_labels<kLevel>(sl, C, msg, m, e, libm_vec);
     const float sum = eigen_sum8(e, L);
-    for (int c = 0; c < C; ++c) store8(a.q + i * S + 8 * c, e[c] / sum);
+    for (int c = 0; c < C; ++c) store8(q + i * S + 8 * c, e[c] / sum);
     if (!(sum >= 1.0f)) pixel_in_double(a, i);
   }
 }
@@ -397,21 +443,22 @@ DLF_INLINE void pixel_range_chunks(const PixelPass<float>& a, float* scratch, in
   vec8* e = msg + chunks;
   float* filtered = reinterpret_cast<float*>(e + chunks);
   float* mixed = filtered + S;
+  const std::vector<TermView> terms = term_views(a);
   for (int64_t i = begin; i < end; ++i) {
     for (int64_t c = 0; c < chunks; ++c) msg[c] = -load8(a.unary + i * S + 8 * c);
-    for (size_t t = 0; t < (a.with_pairwise ? a.num_terms : 0); ++t) {
-      const Term<float>& term = a.terms[t];
-      if (term.spec->compat_kind != lattice::kMatrix) {
+    for (const TermView& t : terms) {
+      const Term<float>& term = *t.term;
+      if (t.kind != lattice::kMatrix) {
         int64_t c = 0;
-        for (; c + 8 <= chunks; c += 8) term_message<8>(term, S, i, c, msg + c);
+        for (; c + 8 <= chunks; c += 8) term_message<8>(t, S, i, c, msg + c);
         switch (chunks - c) {
-          case 1: term_message<1>(term, S, i, c, msg + c); break;
-          case 2: term_message<2>(term, S, i, c, msg + c); break;
-          case 3: term_message<3>(term, S, i, c, msg + c); break;
-          case 4: term_message<4>(term, S, i, c, msg + c); break;
-          case 5: term_message<5>(term, S, i, c, msg + c); break;
-          case 6: term_message<6>(term, S, i, c, msg + c); break;
-          case 7: term_message<7>(term, S, i, c, msg + c); break;
+          case 1: term_message<1>(t, S, i, c, msg + c); break;
+          case 2: term_message<2>(t, S, i, c, msg + c); break;
+          case 3: term_message<3>(t, S, i, c, msg + c); break;
+          case 4: term_message<4>(t, S, i, c, msg + c); break;
+          case 5: term_message<5>(t, S, i, c, msg + c); break;
+          case 6: term_message<6>(t, S, i, c, msg + c); break;
+          case 7: term_message<7>(t, S, i, c, msg + c); break;
           default: break;
         }
       } else {
@@ -466,35 +513,32 @@ DLF_INLINE void pixel_range_packed(const PixelPass<float>& a, float* scratch, in
   constexpr int B = PermutohedralLattice::kPixelBlock;
   const int64_t L = a.L;
   const bool sequential = a.sequential_slice;
-  std::vector<vec8> diagonal(a.num_terms);  // a diagonal compatibility's weights, in each group
-  for (size_t t = 0; t < a.num_terms; ++t)
-    if (a.terms[t].spec->compat_kind == lattice::kDiagonal)
-      for (int k = 0; k < 8; ++k) diagonal[t][k] = a.terms[t].compat_padded[k % S];
+  const std::vector<TermView> terms = term_views(a);
+  std::vector<float> diagonal(8 * terms.size(), 0.0f);  // a diagonal compatibility's weights, in each group
+  for (size_t t = 0; t < terms.size(); ++t)
+    if (terms[t].kind == lattice::kDiagonal)
+      for (int k = 0; k < 8; ++k) diagonal[8 * t + k] = terms[t].compat_padded[k % S];
   int64_t i = begin;
   for (; i < end && i % G != 0; ++i) pixel_range_any(a, scratch, i, i + 1);
   for (; i + G <= end; i += G) {
     vec8 msg = -load8(a.unary + i * S);
-    for (size_t t = 0; t < (a.with_pairwise ? a.num_terms : 0); ++t) {
-      const Term<float>& term = a.terms[t];
-      const PermutohedralLattice& lat = *term.lattice;
-      const int32_t* vert = lat.vertex_block(i) + i % B;
-      const float* w = lat.weight_block(i) + i % B;
-      const float alpha = lat.alpha();
+    for (size_t k = 0; k < terms.size(); ++k) {
+      const TermView& t = terms[k];
+      const int64_t o = t.block_offset(i);
+      const int32_t* __restrict vert = t.vertex + o;
       vec8 s = splat8(0.0f);
-      for (int r = 0; r <= lat.dim(); ++r) {
-        const vec8 v = gather_rows<S>(term.blurred, vert + r * B);
-        const vec8 wr = spread<S>(w + r * B);
-        if (sequential) {
-          s += (wr * v) * alpha;
-        } else {
-          s += (wr * alpha) * v;
-        }
-      }
-      if (!term.post.empty()) s = spread<S>(term.post.data() + i) * s;
-      if (term.spec->compat_kind == lattice::kPotts) {
-        msg = msg - (-term.spec->compat[0]) * s;
+      if (sequential) {
+        const float* __restrict w = t.weight + o;
+        for (int r = 0; r < t.dp1; ++r) s += (spread<S>(w + r * B) * gather_rows<S>(t.blurred, vert + r * B)) * t.alpha;
       } else {
-        msg = msg - diagonal[t] * s;
+        const float* __restrict wa = t.weight_alpha + o;
+        for (int r = 0; r < t.dp1; ++r) s += spread<S>(wa + r * B) * gather_rows<S>(t.blurred, vert + r * B);
+      }
+      if (t.post != nullptr) s = spread<S>(t.post + i) * s;
+      if (t.kind == lattice::kPotts) {
+        msg = msg - t.nw * s;
+      } else {
+        msg = msg - load8(diagonal.data() + 8 * k) * s;
       }
     }
     vec8 m = msg > swap_pairs(msg) ? msg : swap_pairs(msg);

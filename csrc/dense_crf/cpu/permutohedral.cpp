@@ -5,7 +5,10 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
+#include <mutex>
 #include <type_traits>
 
 #include "../dense_crf.h"
@@ -172,30 +175,24 @@ class PackedKeyTable {
   int32_t find_from(const PackedKeyTable& other, int64_t id) const { return find_packed(other.keys_[id]); }
 
   // The ids of `count` packed keys, inserted in order; the keys come in groups of `group` (a pixel's d+1 vertices).
-  // A key equal to one of the previous group's takes its id without a lookup (neighbouring pixels share most of
-  // their simplex vertices). The other keys are hashed a batch at a time and their slots prefetched before the
-  // probes, so that the cache misses of a batch overlap.
+  // A key equal to the previous group's key in the same place takes its id without a lookup (neighbouring pixels in
+  // the same simplex have the same vertices in the same order). The other keys are hashed a batch at a time and
+  // their slots prefetched before the probes, so that the cache misses of a batch overlap.
   void insert_block(const uint64_t* keys, int64_t count, int32_t* ids, int group) {
-    int32_t slot_of[kBatch];
+    bool same[kBatch];
     for (int64_t b0 = 0; b0 < count; b0 += kBatch) {
       const int64_t n = std::min<int64_t>(kBatch, count - b0);
       if (2 * (size() + n) > static_cast<int64_t>(slots_.size())) grow();
       const uint64_t mask = slots_.size() - 1;
-      for (int64_t k = 0; k < n; ++k) {  // -1: look it up; j >= 0: the id of entry j (earlier, same key)
+      for (int64_t k = 0; k < n; ++k) {
         const int64_t e = b0 + k;
-        const int64_t prev0 = (e / group - 1) * group;
-        slot_of[k] = -1;
-        if (prev0 >= 0) {
-          for (int64_t j = prev0; j < prev0 + group; ++j)
-            if (keys[j] == keys[e]) {
-              slot_of[k] = static_cast<int32_t>(j);
-              break;
-            }
-        }
-        if (slot_of[k] < 0) __builtin_prefetch(&slots_[hash(keys[e]) & mask]);
+        same[k] = e >= group && keys[e] == keys[e - group];
+        if (!same[k]) __builtin_prefetch(&slots_[hash(keys[e]) & mask]);
       }
-      for (int64_t k = 0; k < n; ++k)
-        ids[b0 + k] = slot_of[k] >= 0 ? ids[slot_of[k]] : insert_packed(keys[b0 + k]);
+      for (int64_t k = 0; k < n; ++k) {
+        const int64_t e = b0 + k;
+        ids[e] = same[k] ? ids[e - group] : insert_packed(keys[e]);
+      }
     }
   }
   void find_many(const PackedKeyTable& other, int64_t v0, int64_t v1, int32_t* out) const {
@@ -677,6 +674,114 @@ void splat_segments(const SplatArgs& a, const Segment* seg, int64_t count, const
   }
 }
 
+
+// ---- splat as a scatter: each thread owns a range of points and adds its pixels' values in pixel order ----
+
+template <typename R, bool kScaled>
+DLF_INLINE void scatter_small(const int32_t* vertex, const float* weight, int dp1, const float* values,
+                              const float* scale, int64_t S, float* out, int64_t p0, int64_t p1, int64_t i0,
+                              int64_t i1, int64_t offset) {
+  using V = typename R::V;
+  for (int64_t i = i0; i < i1; ++i) {
+    const V x0 = R::load(values + i * S + offset);
+    const V x = kScaled ? x0 * scale[i] : x0;
+    const int32_t* vb = vertex + (i / kBlock) * dp1 * kBlock + i % kBlock;
+    const float* wb = weight + (i / kBlock) * dp1 * kBlock + i % kBlock;
+    for (int r = 0; r < dp1; ++r) {
+      const int64_t p = vb[r * kBlock];
+      if (p < p0 || p >= p1) continue;
+      float* acc = out + p * S + offset;
+      R::store(acc, R::load(acc) + wb[r * kBlock] * x);
+    }
+  }
+}
+
+template <int C, bool kScaled>
+DLF_INLINE void scatter_vec(const int32_t* vertex, const float* weight, int dp1, const float* values,
+                            const float* scale, int64_t S, float* out, int64_t p0, int64_t p1, int64_t i0, int64_t i1,
+                            int64_t offset) {
+  for (int64_t i = i0; i < i1; ++i) {
+    vec8 x[C];
+    const float* v = values + i * S + offset;
+    for (int c = 0; c < C; ++c) x[c] = kScaled ? load8(v + 8 * c) * scale[i] : load8(v + 8 * c);
+    const int32_t* vb = vertex + (i / kBlock) * dp1 * kBlock + i % kBlock;
+    const float* wb = weight + (i / kBlock) * dp1 * kBlock + i % kBlock;
+    for (int r = 0; r < dp1; ++r) {
+      const int64_t p = vb[r * kBlock];
+      if (p < p0 || p >= p1) continue;
+      const float w = wb[r * kBlock];
+      float* acc = out + p * S + offset;
+      for (int c = 0; c < C; ++c) store8(acc + 8 * c, load8(acc + 8 * c) + w * x[c]);
+    }
+  }
+}
+
+template <bool kScaled>
+DLF_INLINE void scatter_float(const int32_t* vertex, const float* weight, int dp1, const float* values,
+                              const float* scale, int64_t S, float* out, int64_t p0, int64_t p1, int64_t i0,
+                              int64_t i1) {
+  for (int64_t p = p0; p < p1; ++p)
+    for (int64_t k = 0; k < S; ++k) out[p * S + k] = 0.0f;
+#define DLF_ARGS vertex, weight, dp1, values, scale, S, out, p0, p1, i0, i1
+  switch (S) {
+    case 1: return scatter_small<Row1, kScaled>(DLF_ARGS, 0);
+    case 2: return scatter_small<Row2, kScaled>(DLF_ARGS, 0);
+    case 4: return scatter_small<Row4, kScaled>(DLF_ARGS, 0);
+    default: break;
+  }
+  if (S % 8 == 0) {
+    int64_t k = 0;
+    for (; k + 64 <= S; k += 64) scatter_vec<8, kScaled>(DLF_ARGS, k);
+    switch ((S - k) / 8) {
+      case 1: scatter_vec<1, kScaled>(DLF_ARGS, k); break;
+      case 2: scatter_vec<2, kScaled>(DLF_ARGS, k); break;
+      case 3: scatter_vec<3, kScaled>(DLF_ARGS, k); break;
+      case 4: scatter_vec<4, kScaled>(DLF_ARGS, k); break;
+      case 5: scatter_vec<5, kScaled>(DLF_ARGS, k); break;
+      case 6: scatter_vec<6, kScaled>(DLF_ARGS, k); break;
+      case 7: scatter_vec<7, kScaled>(DLF_ARGS, k); break;
+      default: break;
+    }
+    return;
+  }
+  for (int64_t k = 0; k < S; ++k) scatter_small<Row1, kScaled>(DLF_ARGS, k);
+#undef DLF_ARGS
+}
+
+template <simd::Level>
+DLF_INLINE void scatter_range_impl(const int32_t* vertex, const float* weight, int dp1, const float* values,
+                                   const float* scale, int64_t S, float* out, int64_t p0, int64_t p1, int64_t i0,
+                                   int64_t i1) {
+  if (scale != nullptr) {
+    scatter_float<true>(vertex, weight, dp1, values, scale, S, out, p0, p1, i0, i1);
+  } else {
+    scatter_float<false>(vertex, weight, dp1, values, scale, S, out, p0, p1, i0, i1);
+  }
+}
+
+DLF_DISPATCH(void, scatter_range,
+             (const int32_t* vertex, const float* weight, int dp1, const float* values, const float* scale, int64_t S,
+              float* out, int64_t p0, int64_t p1, int64_t i0, int64_t i1),
+             (vertex, weight, dp1, values, scale, S, out, p0, p1, i0, i1))
+
+void scatter_range(const int32_t* vertex, const float* weight, int dp1, const double* values, const double* scale,
+                   int64_t S, double* out, int64_t p0, int64_t p1, int64_t i0, int64_t i1) {
+  for (int64_t p = p0; p < p1; ++p)
+    for (int64_t k = 0; k < S; ++k) out[p * S + k] = 0.0;
+  for (int64_t i = i0; i < i1; ++i) {
+    const int32_t* vb = vertex + (i / kBlock) * dp1 * kBlock + i % kBlock;
+    const float* wb = weight + (i / kBlock) * dp1 * kBlock + i % kBlock;
+    const double sc = scale == nullptr ? 1.0 : scale[i];
+    for (int r = 0; r < dp1; ++r) {
+      const int64_t p = vb[r * kBlock];
+      if (p < p0 || p >= p1) continue;
+      const double w = wb[r * kBlock];
+      for (int64_t k = 0; k < S; ++k)
+        out[p * S + k] += scale == nullptr ? w * values[i * S + k] : w * (values[i * S + k] * sc);
+    }
+  }
+}
+
 // ---- blur ----
 //
 // Blurs chains [c0, c1) in place: v[p_t] = v[p_t] + (v[p_t+1] + v[p_t-1]) / 2 with the old values of the
@@ -773,7 +878,9 @@ void blur_chains(const int64_t* chain_begin, const int32_t* points, double* v, i
 
 PermutohedralLattice::PermutohedralLattice(const float* features, int d, int64_t num_pixels, int64_t stride)
     : d_(d), n_(num_pixels), alpha_(lattice::slice_alpha(d)) {
-  // Bands of about 256 KiB of splatted values (a cache-friendly slice of the input), in whole pixel blocks.
+  // The splat is a gather for more than 64 values per pixel (see splat_blur), in bands of about 256 KiB of
+  // splatted values (a cache-friendly slice of the input), in whole pixel blocks.
+  gather_ = stride > 64;
   band_pixels_ = std::max<int64_t>(kBlock, (65536 / std::max<int64_t>(1, stride)) / kBlock * kBlock);
   TORCH_CHECK(d >= 1 && d <= lattice::kMaxDim, "dense_crf: feature dimension must be in [1, ",
               lattice::kMaxDim, "], got ", d);
@@ -828,12 +935,13 @@ void PermutohedralLattice::build(MakeTable make_table, const float* features, co
   using Key = typename Table::Key;
   struct Local {
     Table table;
-    std::vector<int32_t> count;  // per local point: how many of the range's pixels have it as a vertex
+    std::vector<int32_t> count;        // per local point: how many of the range's pixels have it as a vertex
+    std::vector<int32_t> first, last;  // per local point: the first and last such pixel
     bool ok = true;
   };
   std::vector<Local> locals;
   locals.reserve(static_cast<size_t>(ranges));
-  for (int64_t t = 0; t < ranges; ++t) locals.push_back(Local{make_table(initial_points(n_ / ranges)), {}});
+  for (int64_t t = 0; t < ranges; ++t) locals.push_back(Local{make_table(initial_points(n_ / ranges)), {}, {}, {}});
   auto range_begin = [&](int64_t t) { return std::min(n_, blocks * t / ranges * kBlock); };
   {
     StageTimer timer("lattice: embed + hash");
@@ -859,8 +967,13 @@ void PermutohedralLattice::build(MakeTable make_table, const float* features, co
             int32_t* vb = vertex_.data() + (i / kBlock) * dp1 * kBlock + i % kBlock;
             for (int64_t r = 0; r < dp1; ++r) {
               const int32_t v = ids[(i - b0) * dp1 + r];
-              if (v == static_cast<int32_t>(local.count.size())) local.count.push_back(0);  // a new point
+              if (v == static_cast<int32_t>(local.count.size())) {  // a new point
+                local.count.push_back(0);
+                local.first.push_back(static_cast<int32_t>(i));
+                local.last.push_back(0);
+              }
               ++local.count[v];
+              local.last[v] = static_cast<int32_t>(i);
               vb[r * kBlock] = v;
             }
           }
@@ -872,6 +985,8 @@ void PermutohedralLattice::build(MakeTable make_table, const float* features, co
   }
   Table table = std::move(locals[0].table);
   std::vector<int32_t> entries = std::move(locals[0].count);  // per point: its number of contributions
+  first_pixel_ = std::move(locals[0].first);
+  last_pixel_ = std::move(locals[0].last);
   // Per range, its contributions per (global) point; range 0's are `entries` before the merge adds the others.
   std::vector<std::vector<int32_t>> range_count(static_cast<size_t>(ranges));
   {
@@ -893,14 +1008,18 @@ void PermutohedralLattice::build(MakeTable make_table, const float* features, co
         if (map[v] < 0) map[v] = static_cast<int32_t>(-2 - next_id++);  // new: remember its id, negated
       table.reserve(next_id);
       entries.resize(static_cast<size_t>(next_id), 0);
+      first_pixel_.resize(static_cast<size_t>(next_id));
+      last_pixel_.resize(static_cast<size_t>(next_id));
       parallel::for_range(0, count, kPointGrain, [&](int64_t v0, int64_t v1) {
         for (int64_t v = v0; v < v1; ++v) {
           int32_t g = map[v];
           if (g < -1) {
             g = -2 - g;
             table.insert_new(local.table, v, g);
+            first_pixel_[g] = local.first[v];
             map[v] = g;
           }
+          last_pixel_[g] = local.last[v];  // later ranges hold later pixels
           entries[g] += local.count[v];
         }
       });
@@ -923,14 +1042,25 @@ void PermutohedralLattice::build(MakeTable make_table, const float* features, co
       std::vector<float> unused(static_cast<size_t>(dp1));
       lattice::embed_point<0>(origin.data(), d, scale, keys.data(), unused.data());
       for (int64_t r = 0; r < dp1; ++r)
-        if (table.insert(keys.data() + r * d) == static_cast<int32_t>(entries.size())) entries.push_back(0);
+        if (table.insert(keys.data() + r * d) == static_cast<int32_t>(entries.size())) {
+          entries.push_back(0);
+          first_pixel_.push_back(static_cast<int32_t>(n_));  // no pixel splats onto it
+          last_pixel_.push_back(-1);
+        }
     }
     m_ = table.size();
+    entries_ = entries;
   }
 
-  // 3. Each point's contributions in pixel order (a counting sort of the (pixel, vertex) entries by point). Each
-  //    range fills its own pixels' entries, after those of the ranges before it.
-  {
+  // The slice's weights, w * alpha.
+  weight_alpha_.reset(weight_.size());
+  parallel::for_range(0, static_cast<int64_t>(weight_.size()), 4096, [&](int64_t e0, int64_t e1) {
+    for (int64_t e = e0; e < e1; ++e) weight_alpha_[e] = weight_[e] * alpha_;
+  });
+
+  // 3. For the gather splat: each point's contributions in pixel order (a counting sort of the (pixel, vertex)
+  //    entries by point). Each range fills its own pixels' entries, after those of the ranges before it.
+  if (gather_) {
     StageTimer timer("lattice: splat lists");
     point_begin_.assign(static_cast<size_t>(m_ + 1), 0);
     for (int64_t p = 0; p < m_; ++p) point_begin_[p + 1] = point_begin_[p] + entries[p];
@@ -961,9 +1091,9 @@ void PermutohedralLattice::build(MakeTable make_table, const float* features, co
     });
   }
 
-  // 3b. The splat's work: per group of points (one per thread, about equal numbers of contributions), band by band
-  //     of pixels, one segment per point with contributions in the band (see splat_segments).
-  {
+  // 3b. The gather's work: per group of points (one per thread, about equal numbers of contributions), band by
+  //     band of pixels, one segment per point with contributions in the band (see splat_segments).
+  if (gather_) {
     StageTimer timer("lattice: splat segments");
     const int64_t bands = num_bands();
     const int64_t total = n_ * dp1;
@@ -1072,6 +1202,37 @@ void PermutohedralLattice::build(MakeTable make_table, const float* features, co
   }
 }
 
+// Splits the points into ranges with about equal numbers of entries, one per thread; each thread owns a range
+// and scans only the pixels that touch it (points are numbered by first appearance, so a range of points is a
+// band of pixels). Computed once per thread count.
+const std::vector<PermutohedralLattice::SplatPart>& PermutohedralLattice::splat_parts(int64_t threads) const {
+  const int64_t count = std::max<int64_t>(1, std::min<int64_t>(threads, m_ / 64));
+  std::lock_guard<std::mutex> lock(splat_parts_mutex_);
+  if (static_cast<int64_t>(splat_parts_.size()) == count) return splat_parts_;
+  std::vector<int64_t> bounds(static_cast<size_t>(count + 1), m_);
+  bounds[0] = 0;
+  const int64_t total = n_ * (d_ + 1);
+  int64_t seen = 0, part = 1;
+  for (int64_t p = 0; p < m_ && part < count; ++p) {
+    seen += entries_[p];
+    if (seen * count >= part * total) bounds[part++] = p + 1;
+  }
+  splat_parts_.assign(static_cast<size_t>(count), SplatPart{});
+  for (int64_t k = 0; k < count; ++k) {
+    SplatPart& sp = splat_parts_[k];
+    sp.p0 = bounds[k];
+    sp.p1 = bounds[k + 1];
+    sp.i0 = n_;
+    sp.i1 = 0;
+    for (int64_t p = sp.p0; p < sp.p1; ++p) {
+      sp.i0 = std::min<int64_t>(sp.i0, first_pixel_[p]);
+      sp.i1 = std::max<int64_t>(sp.i1, last_pixel_[p] + 1);
+    }
+    sp.i1 = std::max(sp.i0, sp.i1);
+  }
+  return splat_parts_;
+}
+
 template <typename T>
 void PermutohedralLattice::prefetch_band(const T* values, const T* scale, int64_t stride, int64_t band) const {
   const int64_t i0 = band * band_pixels_, i1 = std::min(n_, i0 + band_pixels_);
@@ -1088,6 +1249,19 @@ template <typename T>
 T* PermutohedralLattice::splat_blur(const T* values, const T* scale, int64_t stride, T* out, bool transpose) const {
   {
     StageTimer timer("splat");
+    // Up to 64 values per pixel, a scatter: it reads the input once, in order, and the read-modify-writes of a
+    // point's row mostly hit the cache. Above that, a gather, band by band: the rows it writes (a whole label
+    // vector of each point) would not stay in cache for a scatter.
+    if (!gather_) {
+      const std::vector<SplatPart>& parts = splat_parts(parallel::num_threads());
+      parallel::for_range(0, static_cast<int64_t>(parts.size()), 1, [&](int64_t k0, int64_t k1) {
+        for (int64_t k = k0; k < k1; ++k) {
+          const SplatPart& part = parts[k];
+          scatter_range(vertex_.data(), weight_.data(), d_ + 1, values, scale, stride, out, part.p0, part.p1,
+                        part.i0, part.i1);
+        }
+      });
+    } else {
     const SplatArgs args{point_begin_.data(), contrib_pixel_.data(), contrib_weight_.data(), stride};
     const int64_t bands = num_bands();
     for (const int32_t p : empty_points_)
@@ -1102,6 +1276,7 @@ T* PermutohedralLattice::splat_blur(const T* values, const T* scale, int64_t str
         splat_segments(args, segments_.data() + band_begin[b], band_begin[b + 1] - band_begin[b], values, scale, out);
       }
     });
+    }
   }
   // Blur with [1/2, 1, 1/2] along each axis in turn (in reverse order for the transpose), in place, chain by
   // chain.

@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <mutex>
 #include <type_traits>
 #include <vector>
 
@@ -45,6 +46,10 @@ class PermutohedralLattice {
   // The block holding pixel i: its vertices / weights for vertex r are at [r * kPixelBlock + i % kPixelBlock].
   const int32_t* vertex_block(int64_t i) const { return vertex_.data() + (i / kPixelBlock) * (d_ + 1) * kPixelBlock; }
   const float* weight_block(int64_t i) const { return weight_.data() + (i / kPixelBlock) * (d_ + 1) * kPixelBlock; }
+  // The same for the weights times alpha (rounded, as pydensecrf's slice computes them): w_r * alpha.
+  const float* weight_alpha_block(int64_t i) const {
+    return weight_alpha_.data() + (i / kPixelBlock) * (d_ + 1) * kPixelBlock;
+  }
 
   // Splats values [N, stride], each pixel's row first multiplied by scale[i] (when scale is not null), onto
   // the lattice and blurs them, into `out` (num_points() * stride values), which it returns. With transpose,
@@ -79,6 +84,11 @@ class PermutohedralLattice {
   }
 
  private:
+  struct SplatPart {
+    int64_t p0, p1;  // the points a thread splats
+    int64_t i0, i1;  // the pixels that touch them
+  };
+  const std::vector<SplatPart>& splat_parts(int64_t threads) const;
   template <typename T>
   void prefetch_band(const T* values, const T* scale, int64_t stride, int64_t band) const;
   int64_t num_bands() const { return (n_ + band_pixels_ - 1) / band_pixels_; }
@@ -97,17 +107,22 @@ class PermutohedralLattice {
   float alpha_;
   Buffer<int32_t> vertex_;  // [ceil(N / 16), d+1, 16] lattice point of each simplex vertex (padding pixels: 0)
   Buffer<float> weight_;    // [ceil(N / 16), d+1, 16] barycentric weights (padding pixels: 0)
+  Buffer<float> weight_alpha_;  // the same times alpha
   // Per point p, its contributions [point_begin_[p], point_begin_[p+1]): pixel and weight, in pixel order.
   std::vector<int32_t> point_begin_;
   Buffer<int32_t> contrib_pixel_;
   Buffer<float> contrib_weight_;
   // The splat's work: groups_ groups of points (one per thread), each a list of segments in band order; group g's
   // segments of band b are segments_[group_band_begin_[g (bands + 1) + b] ...  + b + 1]).
+  bool gather_ = false;  // the splat is a gather (else a scatter, over the blocked per-pixel arrays)
   int64_t band_pixels_ = 1;
   int64_t groups_ = 1;
   std::vector<Segment> segments_;
   std::vector<int64_t> group_band_begin_;
   std::vector<int32_t> empty_points_;  // points no pixel splats onto (their splatted value is 0)
+  std::vector<int32_t> entries_, first_pixel_, last_pixel_;  // per point: contributions, first and last pixel
+  mutable std::vector<SplatPart> splat_parts_;  // cached by splat_parts()
+  mutable std::mutex splat_parts_mutex_;
   // Blur chains per axis j: chain c is chain_points_[j][chain_begin_[j][c] .. chain_begin_[j][c+1]), ordered
   // along +axis j; only chains of two or more points are kept.
   std::vector<std::vector<int64_t>> chain_begin_;
