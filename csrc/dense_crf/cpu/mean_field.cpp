@@ -399,37 +399,50 @@ DLF_INLINE void term_message(const TermView& t, int64_t S, int64_t i, int64_t c0
 }
 
 // Labels in C vec8 registers (S = 8 C <= 64).
-template <simd::Level kLevel, int C>
-DLF_INLINE void pixel_range_vec(const PixelPass<float>& a, int64_t begin, int64_t end) {
+// P pixels at a time (their steps interleaved: one pixel's chain of dependent steps - slice, max, exp, sum, division -
+// is longer than the processor can look ahead, and two independent chains fill each other's gaps).
+template <simd::Level kLevel, int C, int P>
+DLF_INLINE void pixels_vec(const PixelPass<float>& a, const SoftmaxLanes& sl, const std::vector<TermView>& terms,
+                           int64_t i) {
   constexpr int64_t S = 8 * C;
   const int64_t L = a.L;
-  const SoftmaxLanes sl(L);
-  const std::vector<TermView> terms = term_views(a);
-  const bool libm_vec = a.libm_vectorised;
-  const float* __restrict unary = a.unary;
-  float* __restrict q = a.q;
-  for (int64_t i = begin; i < end; ++i) {
-    vec8 msg[C];
-    for (int c = 0; c < C; ++c) msg[c] = -load8(unary + i * S + 8 * c);
-    for (const TermView& t : terms) {
-      if (t.kind != lattice::kMatrix) {
-        term_message<C>(t, S, i, 0, msg);
-      } else {  // padded rows; the padding lanes stay -inf (0 * finite)
+  vec8 msg[P][C];
+  for (int j = 0; j < P; ++j)
+    for (int c = 0; c < C; ++c) msg[j][c] = -load8(a.unary + (i + j) * S + 8 * c);
+  for (const TermView& t : terms) {
+    if (t.kind != lattice::kMatrix) {
+      for (int j = 0; j < P; ++j) term_message<C>(t, S, i + j, 0, msg[j]);
+    } else {  // padded rows; the padding lanes stay -inf (0 * finite)
+      for (int j = 0; j < P; ++j) {
         vec8 s[C];
-        slice_term8<C>(*t.term, i, t.term->post, s);
+        slice_term8<C>(*t.term, i + j, t.term->post, s);
         alignas(32) float x[8 * C], mixed[8 * C];
         for (int c = 0; c < C; ++c) store8(x + 8 * c, s[c]);
         matrix_compat8<C>(t.compat_padded, L, x, mixed);
-        for (int c = 0; c < C; ++c) msg[c] = msg[c] - load8(mixed + 8 * c);
+        for (int c = 0; c < C; ++c) msg[j][c] = msg[j][c] - load8(mixed + 8 * c);
       }
     }
-    const float m = max_labels(msg, C);
-    vec8 e[C];
-    exp_labels<kLevel>(sl, C, msg, m, e, libm_vec);
-    const float sum = eigen_sum8(e, L);
-    for (int c = 0; c < C; ++c) store8(q + i * S + 8 * c, e[c] / sum);
-    if (!(sum >= 1.0f)) pixel_in_double(a, i);
   }
+  float m[P], sum[P];
+  vec8 e[P][C];
+  for (int j = 0; j < P; ++j) m[j] = max_labels(msg[j], C);
+  for (int j = 0; j < P; ++j) exp_labels<kLevel>(sl, C, msg[j], m[j], e[j], a.libm_vectorised);
+  for (int j = 0; j < P; ++j) sum[j] = eigen_sum8(e[j], L);
+  for (int j = 0; j < P; ++j)
+    for (int c = 0; c < C; ++c) store8(a.q + (i + j) * S + 8 * c, e[j][c] / sum[j]);
+  for (int j = 0; j < P; ++j)
+    if (!(sum[j] >= 1.0f)) pixel_in_double(a, i + j);
+}
+
+template <simd::Level kLevel, int C>
+DLF_INLINE void pixel_range_vec(const PixelPass<float>& a, int64_t begin, int64_t end) {
+  const SoftmaxLanes sl(a.L);
+  const std::vector<TermView> terms = term_views(a);
+  int64_t i = begin;
+  if constexpr (C <= 4) {
+    for (; i + 2 <= end; i += 2) pixels_vec<kLevel, C, 2>(a, sl, terms, i);
+  }
+  for (; i < end; ++i) pixels_vec<kLevel, C, 1>(a, sl, terms, i);
 }
 
 // Any multiple of 8 labels (used above 64): the messages in a buffer on the stack, each term sliced 64 labels at a
@@ -1090,11 +1103,18 @@ class MeanField {
 
   // Splats q (or, transposed, the backward's gx) through every term's lattice.
   void filter_all(const T* values, bool transpose) {
+    std::vector<const PermutohedralLattice*> lattices;
+    std::vector<const T*> scales;
+    std::vector<T*> outs;
     for (Term<T>& t : terms_) {
       const std::vector<T>& in_scale = transpose ? t.post : t.pre;
-      t.blurred = t.lattice->splat_blur(values, in_scale.empty() ? nullptr : in_scale.data(), S_,
-                                        t.lattice_values.data(), transpose);
+      lattices.push_back(t.lattice.get());
+      scales.push_back(in_scale.empty() ? nullptr : in_scale.data());
+      outs.push_back(t.lattice_values.data());
+      t.blurred = t.lattice_values.data();
     }
+    PermutohedralLattice::splat_blur_many(lattices.data(), lattices.size(), values, scales.data(), S_, outs.data(),
+                                          transpose);
   }
 
   // Writes softmax(-unary [- pairwise]) of every pixel to q_out (or the pairwise energy to energy_out).

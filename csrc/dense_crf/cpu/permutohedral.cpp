@@ -179,19 +179,26 @@ class PackedKeyTable {
   // the same simplex have the same vertices in the same order). The other keys are hashed a batch at a time and
   // their slots prefetched before the probes, so that the cache misses of a batch overlap.
   void insert_block(const uint64_t* keys, int64_t count, int32_t* ids, int group) {
-    bool same[kBatch];
+    int32_t pending[kBatch];  // the entries of a batch that need a lookup
     for (int64_t b0 = 0; b0 < count; b0 += kBatch) {
       const int64_t n = std::min<int64_t>(kBatch, count - b0);
       if (2 * (size() + n) > static_cast<int64_t>(slots_.size())) grow();
       const uint64_t mask = slots_.size() - 1;
-      for (int64_t k = 0; k < n; ++k) {
-        const int64_t e = b0 + k;
-        same[k] = e >= group && keys[e] == keys[e - group];
-        if (!same[k]) __builtin_prefetch(&slots_[hash(keys[e]) & mask]);
+      int np = 0;
+      for (int64_t e = b0; e < b0 + n; ++e) {
+        if (e >= group && keys[e] == keys[e - group]) continue;
+        pending[np++] = static_cast<int32_t>(e);
+        __builtin_prefetch(&slots_[hash(keys[e]) & mask]);
       }
-      for (int64_t k = 0; k < n; ++k) {
-        const int64_t e = b0 + k;
-        ids[e] = same[k] ? ids[e - group] : insert_packed(keys[e]);
+      // In entry order, so that new keys are numbered in order of first appearance.
+      int k = 0;
+      for (int64_t e = b0; e < b0 + n; ++e) {
+        if (k < np && pending[k] == e) {
+          ids[e] = insert_packed(keys[e]);
+          ++k;
+        } else {
+          ids[e] = ids[e - group];
+        }
       }
     }
   }
@@ -306,25 +313,30 @@ inline void insert_keys(PackedKeyTable& table, const uint64_t* keys, int64_t cou
 }
 
 // Bits per coordinate for packed keys, or 0 when some key (or blur neighbour) of these features might not fit.
-// Bound: |elevated_j| <= sum_k |f_k s_k| + d max_k |f_k s_k|; rounding and the simplex offsets add at most
-// 3 (d + 1), and a neighbour another d + 1.
+// Bound: |elevated_j| <= sum_k |f_k s_k| + d max_k |f_k s_k| <= sum_k F_k s_k + d max_k F_k s_k with F_k the largest
+// |f_k| over the pixels; rounding and the simplex offsets add at most 3 (d + 1), and a neighbour another d + 1.
+// (A NaN feature is skipped here and rejected by the embedding; an infinite one makes the bound infinite.)
 int packed_key_bits(const float* features, int d, int64_t n, const float* scale) {
   const int bits = std::min(32, 64 / d);
-  std::vector<double> chunk_max(static_cast<size_t>((n + kPixelGrain - 1) / kPixelGrain), 0.0);
+  const int64_t chunks = (n + kPixelGrain - 1) / kPixelGrain;
+  std::vector<float> chunk_max(static_cast<size_t>(chunks * d), 0.0f);
   parallel::for_range(0, n, kPixelGrain, [&](int64_t begin, int64_t end) {
-    double worst = 0.0;
-    for (int64_t i = begin; i < end; ++i) {
-      double sum = 0.0, largest = 0.0;
-      for (int k = 0; k < d; ++k) {
-        const double c = std::fabs(static_cast<double>(features[k * n + i]) * scale[k]);
-        sum += c;
-        largest = std::max(largest, c);
-      }
-      worst = std::max(worst, sum + d * largest);
+    for (int k = 0; k < d; ++k) {
+      const float* f = features + k * n;
+      float m = 0.0f;
+      for (int64_t i = begin; i < end; ++i) m = std::max(m, std::fabs(f[i]));
+      chunk_max[(begin / kPixelGrain) * d + k] = m;
     }
-    chunk_max[begin / kPixelGrain] = std::max(chunk_max[begin / kPixelGrain], worst);
   });
-  const double bound = *std::max_element(chunk_max.begin(), chunk_max.end()) + 4.0 * (d + 1) + 1.0;
+  double sum = 0.0, largest = 0.0;
+  for (int k = 0; k < d; ++k) {
+    float m = 0.0f;
+    for (int64_t c = 0; c < chunks; ++c) m = std::max(m, chunk_max[c * d + k]);
+    const double c = static_cast<double>(m) * scale[k];
+    sum += c;
+    largest = std::max(largest, c);
+  }
+  const double bound = sum + d * largest + 4.0 * (d + 1) + 1.0;
   return bound < std::ldexp(1.0, bits - 1) ? bits : 0;
 }
 
@@ -675,112 +687,132 @@ void splat_segments(const SplatArgs& a, const Segment* seg, int64_t count, const
 }
 
 
-// ---- splat as a scatter: each thread owns a range of points and adds its pixels' values in pixel order ----
+// ---- splat as a scatter: each thread owns a range of points of each lattice and adds its pixels' values in
+// ---- pixel order, into every lattice in one pass over the pixels ----
 
-template <typename R, bool kScaled>
-DLF_INLINE void scatter_small(const int32_t* vertex, const float* weight, int dp1, const float* values,
-                              const float* scale, int64_t S, float* out, int64_t p0, int64_t p1, int64_t i0,
+struct ScatterTerm {
+  const int32_t* vertex;  // the lattice's blocked arrays
+  const float* weight;
+  int dp1;
+  const float* scale;  // [N] or nullptr
+  float* out;          // [M, S]
+  int64_t p0, p1;      // the points this thread owns
+};
+
+template <typename R>
+DLF_INLINE void scatter_small(const ScatterTerm* terms, int count, const float* values, int64_t S, int64_t i0,
                               int64_t i1, int64_t offset) {
   using V = typename R::V;
   for (int64_t i = i0; i < i1; ++i) {
-    const V x0 = R::load(values + i * S + offset);
-    const V x = kScaled ? x0 * scale[i] : x0;
-    const int32_t* vb = vertex + (i / kBlock) * dp1 * kBlock + i % kBlock;
-    const float* wb = weight + (i / kBlock) * dp1 * kBlock + i % kBlock;
-    for (int r = 0; r < dp1; ++r) {
-      const int64_t p = vb[r * kBlock];
-      if (p < p0 || p >= p1) continue;
-      float* acc = out + p * S + offset;
-      R::store(acc, R::load(acc) + wb[r * kBlock] * x);
+    const V x = R::load(values + i * S + offset);
+    for (int k = 0; k < count; ++k) {
+      const ScatterTerm& t = terms[k];
+      const V xs = t.scale != nullptr ? x * t.scale[i] : x;
+      const int64_t o = (i / kBlock) * t.dp1 * kBlock + i % kBlock;
+      for (int r = 0; r < t.dp1; ++r) {
+        const int64_t p = t.vertex[o + r * kBlock];
+        if (p < t.p0 || p >= t.p1) continue;
+        float* acc = t.out + p * S + offset;
+        R::store(acc, R::load(acc) + t.weight[o + r * kBlock] * xs);
+      }
     }
   }
 }
 
-template <int C, bool kScaled>
-DLF_INLINE void scatter_vec(const int32_t* vertex, const float* weight, int dp1, const float* values,
-                            const float* scale, int64_t S, float* out, int64_t p0, int64_t p1, int64_t i0, int64_t i1,
-                            int64_t offset) {
+template <int C>
+DLF_INLINE void scatter_vec(const ScatterTerm* terms, int count, const float* values, int64_t S, int64_t i0,
+                            int64_t i1, int64_t offset) {
   for (int64_t i = i0; i < i1; ++i) {
     vec8 x[C];
-    const float* v = values + i * S + offset;
-    for (int c = 0; c < C; ++c) x[c] = kScaled ? load8(v + 8 * c) * scale[i] : load8(v + 8 * c);
-    const int32_t* vb = vertex + (i / kBlock) * dp1 * kBlock + i % kBlock;
-    const float* wb = weight + (i / kBlock) * dp1 * kBlock + i % kBlock;
-    for (int r = 0; r < dp1; ++r) {
-      const int64_t p = vb[r * kBlock];
-      if (p < p0 || p >= p1) continue;
-      const float w = wb[r * kBlock];
-      float* acc = out + p * S + offset;
-      for (int c = 0; c < C; ++c) store8(acc + 8 * c, load8(acc + 8 * c) + w * x[c]);
+    for (int c = 0; c < C; ++c) x[c] = load8(values + i * S + offset + 8 * c);
+    for (int k = 0; k < count; ++k) {
+      const ScatterTerm& t = terms[k];
+      vec8 xs[C];
+      if (t.scale != nullptr) {
+        const float sc = t.scale[i];
+        for (int c = 0; c < C; ++c) xs[c] = x[c] * sc;
+      } else {
+        for (int c = 0; c < C; ++c) xs[c] = x[c];
+      }
+      const int64_t o = (i / kBlock) * t.dp1 * kBlock + i % kBlock;
+      for (int r = 0; r < t.dp1; ++r) {
+        const int64_t p = t.vertex[o + r * kBlock];
+        if (p < t.p0 || p >= t.p1) continue;
+        const float w = t.weight[o + r * kBlock];
+        float* acc = t.out + p * S + offset;
+        for (int c = 0; c < C; ++c) store8(acc + 8 * c, load8(acc + 8 * c) + w * xs[c]);
+      }
     }
   }
 }
 
-template <bool kScaled>
-DLF_INLINE void scatter_float(const int32_t* vertex, const float* weight, int dp1, const float* values,
-                              const float* scale, int64_t S, float* out, int64_t p0, int64_t p1, int64_t i0,
-                              int64_t i1) {
-  for (int64_t p = p0; p < p1; ++p)
-    for (int64_t k = 0; k < S; ++k) out[p * S + k] = 0.0f;
-#define DLF_ARGS vertex, weight, dp1, values, scale, S, out, p0, p1, i0, i1
+template <simd::Level>
+DLF_INLINE void scatter_range_impl(const ScatterTerm* terms, int count, const float* values, int64_t S, int64_t i0,
+                                   int64_t i1) {
+  for (int k = 0; k < count; ++k)
+    for (int64_t p = terms[k].p0; p < terms[k].p1; ++p)
+      for (int64_t j = 0; j < S; ++j) terms[k].out[p * S + j] = 0.0f;
+#define DLF_ARGS terms, count, values, S, i0, i1
   switch (S) {
-    case 1: return scatter_small<Row1, kScaled>(DLF_ARGS, 0);
-    case 2: return scatter_small<Row2, kScaled>(DLF_ARGS, 0);
-    case 4: return scatter_small<Row4, kScaled>(DLF_ARGS, 0);
+    case 1: return scatter_small<Row1>(DLF_ARGS, 0);
+    case 2: return scatter_small<Row2>(DLF_ARGS, 0);
+    case 4: return scatter_small<Row4>(DLF_ARGS, 0);
     default: break;
   }
   if (S % 8 == 0) {
     int64_t k = 0;
-    for (; k + 64 <= S; k += 64) scatter_vec<8, kScaled>(DLF_ARGS, k);
+    for (; k + 64 <= S; k += 64) scatter_vec<8>(DLF_ARGS, k);
     switch ((S - k) / 8) {
-      case 1: scatter_vec<1, kScaled>(DLF_ARGS, k); break;
-      case 2: scatter_vec<2, kScaled>(DLF_ARGS, k); break;
-      case 3: scatter_vec<3, kScaled>(DLF_ARGS, k); break;
-      case 4: scatter_vec<4, kScaled>(DLF_ARGS, k); break;
-      case 5: scatter_vec<5, kScaled>(DLF_ARGS, k); break;
-      case 6: scatter_vec<6, kScaled>(DLF_ARGS, k); break;
-      case 7: scatter_vec<7, kScaled>(DLF_ARGS, k); break;
+      case 1: scatter_vec<1>(DLF_ARGS, k); break;
+      case 2: scatter_vec<2>(DLF_ARGS, k); break;
+      case 3: scatter_vec<3>(DLF_ARGS, k); break;
+      case 4: scatter_vec<4>(DLF_ARGS, k); break;
+      case 5: scatter_vec<5>(DLF_ARGS, k); break;
+      case 6: scatter_vec<6>(DLF_ARGS, k); break;
+      case 7: scatter_vec<7>(DLF_ARGS, k); break;
       default: break;
     }
     return;
   }
-  for (int64_t k = 0; k < S; ++k) scatter_small<Row1, kScaled>(DLF_ARGS, k);
+  for (int64_t k = 0; k < S; ++k) scatter_small<Row1>(DLF_ARGS, k);
 #undef DLF_ARGS
 }
 
-template <simd::Level>
-DLF_INLINE void scatter_range_impl(const int32_t* vertex, const float* weight, int dp1, const float* values,
-                                   const float* scale, int64_t S, float* out, int64_t p0, int64_t p1, int64_t i0,
-                                   int64_t i1) {
-  if (scale != nullptr) {
-    scatter_float<true>(vertex, weight, dp1, values, scale, S, out, p0, p1, i0, i1);
-  } else {
-    scatter_float<false>(vertex, weight, dp1, values, scale, S, out, p0, p1, i0, i1);
-  }
-}
-
 DLF_DISPATCH(void, scatter_range,
-             (const int32_t* vertex, const float* weight, int dp1, const float* values, const float* scale, int64_t S,
-              float* out, int64_t p0, int64_t p1, int64_t i0, int64_t i1),
-             (vertex, weight, dp1, values, scale, S, out, p0, p1, i0, i1))
+             (const ScatterTerm* terms, int count, const float* values, int64_t S, int64_t i0, int64_t i1),
+             (terms, count, values, S, i0, i1))
 
-void scatter_range(const int32_t* vertex, const float* weight, int dp1, const double* values, const double* scale,
-                   int64_t S, double* out, int64_t p0, int64_t p1, int64_t i0, int64_t i1) {
-  for (int64_t p = p0; p < p1; ++p)
-    for (int64_t k = 0; k < S; ++k) out[p * S + k] = 0.0;
-  for (int64_t i = i0; i < i1; ++i) {
-    const int32_t* vb = vertex + (i / kBlock) * dp1 * kBlock + i % kBlock;
-    const float* wb = weight + (i / kBlock) * dp1 * kBlock + i % kBlock;
-    const double sc = scale == nullptr ? 1.0 : scale[i];
-    for (int r = 0; r < dp1; ++r) {
-      const int64_t p = vb[r * kBlock];
-      if (p < p0 || p >= p1) continue;
-      const double w = wb[r * kBlock];
-      for (int64_t k = 0; k < S; ++k)
-        out[p * S + k] += scale == nullptr ? w * values[i * S + k] : w * (values[i * S + k] * sc);
+struct ScatterTermDouble {
+  const int32_t* vertex;
+  const float* weight;
+  int dp1;
+  const double* scale;
+  double* out;
+  int64_t p0, p1;
+};
+
+void scatter_range(const ScatterTermDouble* terms, int count, const double* values, int64_t S, int64_t i0,
+                   int64_t i1) {
+  for (int k = 0; k < count; ++k) {
+    const ScatterTermDouble& t = terms[k];
+    for (int64_t p = t.p0; p < t.p1; ++p)
+      for (int64_t j = 0; j < S; ++j) t.out[p * S + j] = 0.0;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t o = (i / kBlock) * t.dp1 * kBlock + i % kBlock;
+      const double sc = t.scale == nullptr ? 1.0 : t.scale[i];
+      for (int r = 0; r < t.dp1; ++r) {
+        const int64_t p = t.vertex[o + r * kBlock];
+        if (p < t.p0 || p >= t.p1) continue;
+        const double w = t.weight[o + r * kBlock];
+        for (int64_t j = 0; j < S; ++j)
+          t.out[p * S + j] += t.scale == nullptr ? w * values[i * S + j] : w * (values[i * S + j] * sc);
+      }
     }
   }
 }
+
+template <typename T>
+using ScatterTermOf = typename std::conditional<std::is_same<T, float>::value, ScatterTerm, ScatterTermDouble>::type;
 
 // ---- blur ----
 //
@@ -963,17 +995,22 @@ void PermutohedralLattice::build(MakeTable make_table, const float* features, co
           const int64_t b1 = std::min(r1, b0 + kChunk);
           local.ok &= embed_pixels(features, d, n_, scale, out, weight_.data(), b0, b1);
           insert_keys(local.table, keys.data(), (b1 - b0) * dp1, ids.data(), static_cast<int>(dp1));
+          int32_t points = static_cast<int32_t>(local.count.size());
+          const int32_t* id = ids.data();
           for (int64_t i = b0; i < b1; ++i) {
             int32_t* vb = vertex_.data() + (i / kBlock) * dp1 * kBlock + i % kBlock;
-            for (int64_t r = 0; r < dp1; ++r) {
-              const int32_t v = ids[(i - b0) * dp1 + r];
-              if (v == static_cast<int32_t>(local.count.size())) {  // a new point
+            for (int64_t r = 0; r < dp1; ++r, ++id) {
+              const int32_t v = *id;
+              if (v == points) {  // a new point
                 local.count.push_back(0);
                 local.first.push_back(static_cast<int32_t>(i));
                 local.last.push_back(0);
+                ++points;
               }
-              ++local.count[v];
-              local.last[v] = static_cast<int32_t>(i);
+              int32_t* count = local.count.data();
+              int32_t* last = local.last.data();
+              ++count[v];
+              last[v] = static_cast<int32_t>(i);
               vb[r * kBlock] = v;
             }
           }
@@ -1247,54 +1284,100 @@ void PermutohedralLattice::prefetch_band(const T* values, const T* scale, int64_
 
 template <typename T>
 T* PermutohedralLattice::splat_blur(const T* values, const T* scale, int64_t stride, T* out, bool transpose) const {
+  const PermutohedralLattice* self = this;
+  splat_blur_many(&self, 1, values, &scale, stride, &out, transpose);
+  return out;
+}
+
+template <typename T>
+void PermutohedralLattice::splat_blur_many(const PermutohedralLattice* const* lattices, size_t count, const T* values,
+                                           const T* const* scales, int64_t stride, T* const* outs, bool transpose) {
   {
     StageTimer timer("splat");
-    // Up to 64 values per pixel, a scatter: it reads the input once, in order, and the read-modify-writes of a
-    // point's row mostly hit the cache. Above that, a gather, band by band: the rows it writes (a whole label
-    // vector of each point) would not stay in cache for a scatter.
-    if (!gather_) {
-      const std::vector<SplatPart>& parts = splat_parts(parallel::num_threads());
-      parallel::for_range(0, static_cast<int64_t>(parts.size()), 1, [&](int64_t k0, int64_t k1) {
-        for (int64_t k = k0; k < k1; ++k) {
-          const SplatPart& part = parts[k];
-          scatter_range(vertex_.data(), weight_.data(), d_ + 1, values, scale, stride, out, part.p0, part.p1,
-                        part.i0, part.i1);
+    // Up to 64 values per pixel, a scatter, all the lattices in one pass over the pixels: it reads the input once,
+    // in order, and the read-modify-writes of a point's row mostly hit the cache (the lattices' chains of additions
+    // to the same point run side by side). Above that, a gather per lattice, band by band: the rows it writes (a
+    // whole label vector of each point) would not stay in cache for a scatter.
+    const int64_t threads = parallel::num_threads();
+    std::vector<const PermutohedralLattice*> scattered;
+    std::vector<size_t> which;
+    for (size_t k = 0; k < count; ++k) {
+      if (lattices[k]->gather_) {
+        lattices[k]->splat_gather(values, scales[k], stride, outs[k]);
+      } else {
+        scattered.push_back(lattices[k]);
+        which.push_back(k);
+      }
+    }
+    if (!scattered.empty()) {
+      std::vector<const std::vector<SplatPart>*> parts;
+      int64_t chunks = 0;
+      for (const PermutohedralLattice* lat : scattered) {
+        parts.push_back(&lat->splat_parts(threads));
+        chunks = std::max<int64_t>(chunks, static_cast<int64_t>(parts.back()->size()));
+      }
+      const int64_t n = scattered[0]->n_;
+      parallel::for_range(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+        std::vector<ScatterTermOf<T>> terms;
+        for (int64_t c = k0; c < k1; ++c) {
+          terms.clear();
+          int64_t i0 = n, i1 = 0;
+          for (size_t k = 0; k < scattered.size(); ++k) {
+            const PermutohedralLattice& lat = *scattered[k];
+            if (c >= static_cast<int64_t>(parts[k]->size())) continue;
+            const SplatPart& part = (*parts[k])[c];
+            terms.push_back(ScatterTermOf<T>{lat.vertex_.data(), lat.weight_.data(), lat.d_ + 1, scales[which[k]],
+                                             outs[which[k]], part.p0, part.p1});
+            i0 = std::min(i0, part.i0);
+            i1 = std::max(i1, part.i1);
+          }
+          scatter_range(terms.data(), static_cast<int>(terms.size()), values, stride, i0, std::max(i0, i1));
         }
       });
-    } else {
-    const SplatArgs args{point_begin_.data(), contrib_pixel_.data(), contrib_weight_.data(), stride};
-    const int64_t bands = num_bands();
-    for (const int32_t p : empty_points_)
-      for (int64_t k = 0; k < stride; ++k) out[p * stride + k] = T(0);
-    parallel::for_each(groups_, [&](int64_t g) {
-      const int64_t* band_begin = group_band_begin_.data() + g * (bands + 1);
-      // The segments read a band's values in no particular order: prefetch the next band in order meanwhile (the
-      // hardware prefetcher does not follow a gather), so that it comes from memory at full bandwidth.
-      prefetch_band(values, scale, stride, 0);
-      for (int64_t b = 0; b < bands; ++b) {
-        if (b + 1 < bands) prefetch_band(values, scale, stride, b + 1);
-        splat_segments(args, segments_.data() + band_begin[b], band_begin[b + 1] - band_begin[b], values, scale, out);
-      }
-    });
     }
   }
   // Blur with [1/2, 1, 1/2] along each axis in turn (in reverse order for the transpose), in place, chain by
   // chain.
   StageTimer timer("blur");
-  for (int step = 0; step <= d_; ++step) {
-    const int j = transpose ? d_ - step : step;
-    const std::vector<int64_t>& begin_j = chain_begin_[j];
-    const int64_t chains = static_cast<int64_t>(begin_j.size()) - 1;
-    parallel::for_range(0, chains, kChainGrain, [&](int64_t c0, int64_t c1) {
-      blur_chains(begin_j.data(), chain_points_[j].data(), out, stride, c0, c1);
-    });
+  for (size_t k = 0; k < count; ++k) {
+    const PermutohedralLattice& lat = *lattices[k];
+    for (int step = 0; step <= lat.d_; ++step) {
+      const int j = transpose ? lat.d_ - step : step;
+      const std::vector<int64_t>& begin_j = lat.chain_begin_[j];
+      const int64_t chains = static_cast<int64_t>(begin_j.size()) - 1;
+      parallel::for_range(0, chains, kChainGrain, [&](int64_t c0, int64_t c1) {
+        blur_chains(begin_j.data(), lat.chain_points_[j].data(), outs[k], stride, c0, c1);
+      });
+    }
   }
-  return out;
+}
+
+template <typename T>
+void PermutohedralLattice::splat_gather(const T* values, const T* scale, int64_t stride, T* out) const {
+  const SplatArgs args{point_begin_.data(), contrib_pixel_.data(), contrib_weight_.data(), stride};
+  const int64_t bands = num_bands();
+  for (const int32_t p : empty_points_)
+    for (int64_t k = 0; k < stride; ++k) out[p * stride + k] = T(0);
+  parallel::for_each(groups_, [&](int64_t g) {
+    const int64_t* band_begin = group_band_begin_.data() + g * (bands + 1);
+    // The segments read a band's values in no particular order: prefetch the next band in order meanwhile (the
+    // hardware prefetcher does not follow a gather), so that it comes from memory at full bandwidth.
+    prefetch_band(values, scale, stride, 0);
+    for (int64_t b = 0; b < bands; ++b) {
+      if (b + 1 < bands) prefetch_band(values, scale, stride, b + 1);
+      splat_segments(args, segments_.data() + band_begin[b], band_begin[b + 1] - band_begin[b], values, scale, out);
+    }
+  });
 }
 
 template float* PermutohedralLattice::splat_blur<float>(const float*, const float*, int64_t, float*, bool) const;
 template double* PermutohedralLattice::splat_blur<double>(const double*, const double*, int64_t, double*,
                                                           bool) const;
+template void PermutohedralLattice::splat_blur_many<float>(const PermutohedralLattice* const*, size_t, const float*,
+                                                           const float* const*, int64_t, float* const*, bool);
+template void PermutohedralLattice::splat_blur_many<double>(const PermutohedralLattice* const*, size_t,
+                                                            const double*, const double* const*, int64_t,
+                                                            double* const*, bool);
 
 }  // namespace cpu
 }  // namespace dense_crf

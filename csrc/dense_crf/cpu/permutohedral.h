@@ -58,6 +58,11 @@ class PermutohedralLattice {
   // Permutohedral::compute(..., reverse=true)). T is float (the bit-exact path) or double.
   template <typename T>
   T* splat_blur(const T* values, const T* scale, int64_t stride, T* out, bool transpose = false) const;
+  // The same for several lattices of the same pixels at once (lattice k with scales[k] into outs[k]): one pass
+  // over the values for all of them.
+  template <typename T>
+  static void splat_blur_many(const PermutohedralLattice* const* lattices, size_t count, const T* values,
+                              const T* const* scales, int64_t stride, T* const* outs, bool transpose = false);
 
   // Slices pixel i from blurred lattice values: out[0..stride) = sum_r alpha w_r lattice[vertex_r].
   // kSequentialOrder evaluates each term as (w * v) * alpha, as pydensecrf does for at most two values per
@@ -89,6 +94,8 @@ class PermutohedralLattice {
     int64_t i0, i1;  // the pixels that touch them
   };
   const std::vector<SplatPart>& splat_parts(int64_t threads) const;
+  template <typename T>
+  void splat_gather(const T* values, const T* scale, int64_t stride, T* out) const;
   template <typename T>
   void prefetch_band(const T* values, const T* scale, int64_t stride, int64_t band) const;
   int64_t num_bands() const { return (n_ + band_pixels_ - 1) / band_pixels_; }
