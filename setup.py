@@ -11,14 +11,25 @@ Environment:
                  else /usr/local/cuda). See find_cuda_toolkit() for what is tried when it has no headers.
   CUTLASS_PATH   a CUTLASS checkout (its include/ is used); default: the headers of the nvidia-cutlass wheel
                  (`pip install nvidia-cutlass`, found through its cutlass_library package).
+  MAX_JOBS       parallel compile jobs (default: ninja's, the number of cores + 2).
 CUDA sources (csrc/**/cuda/*.cu) are compiled only when torch is a CUDA build and a CUDA toolkit is found, or with
 FORCE_CUDA=1; otherwise the build is CPU-only and says so. The CUDA build needs the CUTLASS headers.
+
+Progress: the build prints a line per stage and per compiled unit, and its total time, as "deeplab_fast: ..."
+lines. pip keeps a build's output to itself unless -v is given, so these lines also go to the terminal pip runs
+in (/dev/tty), when there is one. With ninja (pip install ninja) the units compile in parallel; without it torch
+compiles them one at a time, several times slower, and the build says so.
 """
+import contextlib
 import glob
 import os
 import re
+import shlex
 import shutil
 import subprocess
+import sys
+import threading
+import time
 
 import torch
 import torch.utils.cpp_extension as cpp_extension
@@ -170,7 +181,174 @@ def use_cuda_toolkit(home):
     os.environ["CUDA_HOME"] = home
 
 
-def _extension():
+# ---- progress lines ----
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+
+
+class Progress:
+    """The build's progress lines, "deeplab_fast: ...": printed to stdout (the build log, which pip shows with -v)
+    and, when stdout is not a terminal (pip captures it), also to the controlling terminal, so that a plain
+    ``pip install`` shows them. Without a terminal (CI, a script), the log alone has them."""
+
+    def __init__(self, tty_path="/dev/tty"):
+        self.start = time.monotonic()
+        self.tty = None
+        if not _isatty(sys.stdout):
+            try:
+                self.tty = open(tty_path, "w")  # noqa: SIM115 - kept for the whole build
+            except OSError:
+                self.tty = None
+
+    def elapsed(self) -> str:
+        return _duration(time.monotonic() - self.start)
+
+    def line(self, text: str, log_detail: str = "") -> None:
+        """Prints "deeplab_fast: text" (+ log_detail in the build log only)."""
+        msg = f"deeplab_fast: {text}"
+        print(msg + log_detail, flush=True)
+        if self.tty is not None:
+            try:  # \r and erase-line: start clean after pip's spinner character
+                self.tty.write(f"\r\033[K{msg}\n")
+                self.tty.flush()
+            except OSError:
+                self.tty = None
+
+
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+NINJA_STATUS = re.compile(rb"^\[(\d+)/(\d+)\] (.*)$")
+
+
+SOURCE_SUFFIXES = (".cpp", ".cc", ".cxx", ".c", ".cu")
+
+
+def compiled_source(command) -> str:
+    """The source file that a compile command (a string or an argument list) compiles: its last argument with a
+    source suffix, relative to the working folder (the source tree, as pip builds) when inside it; the command
+    itself, shortened, when there is none."""
+    args = shlex.split(command) if isinstance(command, str) else [str(a) for a in command]
+    sources = [a for a in args if a.endswith(SOURCE_SUFFIXES) and not a.startswith("-")]
+    if not sources:
+        return " ".join(args)[:80]
+    path = sources[-1]
+    rel = os.path.relpath(path, os.getcwd()) if os.path.isabs(path) else path
+    return path if rel.startswith("..") else rel
+
+
+class _Tee:
+    """The reading side of ninja_status_lines: echoes each line to the saved log descriptor and reports ninja's
+    status lines; sync() waits until everything written to fd 1 so far has been read."""
+
+    SYNC = b"\0deeplab_fast-sync\0\n"
+
+    def __init__(self, read_end: int, log_fd: int, on_unit):
+        self.read_end, self.log_fd, self.on_unit = read_end, log_fd, on_unit
+        self.synced = threading.Event()
+        self.thread = threading.Thread(target=self._pump, name="ninja-status", daemon=True)
+        self.thread.start()
+
+    def _pump(self):
+        with os.fdopen(self.read_end, "rb") as lines:
+            for raw in lines:
+                if raw == self.SYNC:
+                    self.synced.set()
+                    continue
+                os.write(self.log_fd, raw)
+                m = NINJA_STATUS.match(raw.rstrip(b"\r\n"))
+                if m:
+                    self.on_unit(int(m.group(1)), int(m.group(2)), m.group(3).decode(errors="replace"))
+
+    def sync(self, timeout: float = 10.0):
+        sys.stdout.flush()
+        self.synced.clear()
+        os.write(1, self.SYNC)
+        self.synced.wait(timeout)
+
+
+@contextlib.contextmanager
+def ninja_status_lines(on_unit):
+    """Copies file descriptor 1 through a pipe for the duration: every byte still reaches the build log, and each
+    of ninja's status lines ("[k/N] command", printed as each unit finishes when ninja's output is not a terminal)
+    calls on_unit(k, N, command). Yields the reader (its sync() waits until it has caught up)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 1)
+    os.close(write_end)
+    tee = _Tee(read_end, saved, on_unit)
+    try:
+        yield tee
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)  # the pipe's last write end closes: the reader sees its end
+        tee.thread.join()
+        os.close(saved)
+
+
+class BuildWithProgress(BuildExtension):
+    """torch's BuildExtension, with a progress line per compiled unit, the link, and the total time."""
+
+    progress = None
+
+    def build_extensions(self):
+        progress = self.progress or Progress()
+        units = sum(len(e.sources) for e in self.extensions)
+        started = time.monotonic()
+        jobs = os.environ.get("MAX_JOBS")
+        if self.use_ninja:
+            progress.line(f"compiling {units} units with ninja, "
+                          + (f"{jobs} at a time (MAX_JOBS)" if jobs else f"ninja's default of {(os.cpu_count() or 1) + 2} at a time"))
+        else:
+            progress.line(f"ninja not found: compiling {units} units one at a time, which takes several times longer "
+                          "(pip install ninja, then build again)")
+        count = [0]
+        compiler = self.compiler
+        originals = {name: getattr(compiler, name) for name in ("spawn", "call", "link") if hasattr(compiler, name)}
+
+        def run_command(original):  # setuptools runs each compile through compiler.call (older ones: spawn)
+            def run(cmd, *args, **kwargs):
+                if not self.use_ninja and "-c" in [str(c) for c in cmd]:
+                    count[0] += 1
+                    progress.line(f"[{count[0]}/{units}] compiling {compiled_source(cmd)} ({progress.elapsed()})")
+                return original(cmd, *args, **kwargs)
+            return run
+
+        tee = None
+
+        def link(target_desc, objects, output_filename, *args, **kwargs):
+            if tee is not None:
+                tee.sync()  # the last units' lines first
+            progress.line(f"linking {os.path.basename(output_filename)} ({progress.elapsed()})")
+            return originals["link"](target_desc, objects, output_filename, *args, **kwargs)
+
+        def on_unit(k, n, command):
+            progress.line(f"[{k}/{n}] compiled {compiled_source(command)} ({progress.elapsed()})")
+
+        for name in ("spawn", "call"):
+            if name in originals:
+                setattr(compiler, name, run_command(originals[name]))
+        compiler.link = link
+        try:
+            with ninja_status_lines(on_unit) if self.use_ninja else contextlib.nullcontext() as tee:
+                super().build_extensions()
+        finally:
+            for name, original in originals.items():
+                setattr(compiler, name, original)
+        progress.line(f"built {', '.join(e.name for e in self.extensions)} in "
+                      f"{_duration(time.monotonic() - started)} ({units} units; the whole build so far "
+                      f"{progress.elapsed()})")
+
+
+def _extension(progress=None):
     debug = os.environ.get("DEBUG", "0") == "1"
     sanitize = os.environ.get("SANITIZE", "0") == "1"
     force_cuda = os.environ.get("FORCE_CUDA", "0") == "1"
@@ -223,14 +401,15 @@ def _extension():
     build = "debug" if debug else ("-O1 -g" if sanitize else "release")
     if sanitize:
         build += " + ASan/UBSan (SANITIZE=1)"
-    print(f"deeplab_fast: building {kind} extension ({why}); {toolkit}{build} build; "
-          f"{'CUTLASS ' + cutlass + '; ' if cutlass else ''}{len(kwargs['sources'])} sources: "
-          f"{', '.join(kwargs['sources'])}")
+    summary = (f"building {kind} extension ({why}); {toolkit}{build} build; "
+               f"{'CUTLASS ' + cutlass + '; ' if cutlass else ''}{len(kwargs['sources'])} sources")
+    (progress or Progress()).line(summary, f": {', '.join(kwargs['sources'])}")
     return (CUDAExtension if with_cuda else CppExtension)(**kwargs)
 
 
 if __name__ == "__main__":  # also under pip (setuptools' build backend runs this file as __main__)
+    BuildWithProgress.progress = Progress()
     setup(
-        ext_modules=[_extension()],
-        cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)},
+        ext_modules=[_extension(BuildWithProgress.progress)],
+        cmdclass={"build_ext": BuildWithProgress.with_options(no_python_abi_suffix=False)},
     )

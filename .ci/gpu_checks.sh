@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # GPU runbook for deeplab_fast, on a machine with an NVIDIA GPU (such as the lent H100 / H200: torch 2.11+cu130,
 # nvcc 13, compute-sanitizer, no internet). CI never runs this; it has no GPU.
+# The setup it shares with the other GPU script (carried wheels, photos, the machine report, the pytest
+# verdict) is .ci/gpu_common.sh, sourced.
 #
 # Usage: bash .ci/gpu_checks.sh [STEP ...]       (no step: all of them, in this order)
 #   env         always runs first: GPU, driver, torch, nvcc, compute-sanitizer; installs what CARRY_DIR holds;
@@ -13,8 +15,8 @@
 #   sanitize    compute-sanitizer memcheck (PYTORCH_NO_CUDA_MEMORY_CACHING=1) and racecheck on
 #               tests/cuda/sanitize_dense_crf.py and tests/cuda/sanitize_atrous_conv.py; initcheck and synccheck
 #               too, reported but never failing
-#   bench       DEEPLAB_FAST_BENCH_NAME=gpu-<device> pytest benchmarks -k "cuda or gpu": the JSON goes to
-#               benchmarks/results/ and is copied beside the logs
+#   bench       DEEPLAB_FAST_BENCH_NAME=gpu-<device> pytest benchmarks --full -k "cuda or gpu": the JSON (one file
+#               per benchmark file, benchmarks/results/gpu-<device>-<file>.json) is copied beside the logs
 # A device call runs at most 10 minutes: split the steps over two calls if needed (or use .ci/gpu_quick.sh, the
 # quick form that fits one call), e.g.
 #   bash .ci/gpu_checks.sh build cuda-tests sanitize      then      bash .ci/gpu_checks.sh build tests bench
@@ -22,7 +24,7 @@
 #
 # Environment:
 #   GPU_CHECKS_OUT  folder for the logs (default: $OUT where set, else gpu-checks/ in the repository). At most 7
-#                   files: env.log build.log tests.log sanitizer.log bench.log <bench name>.json summary.txt
+#                   files: env.log build.log tests.log sanitizer.log bench.log <bench name>-<file>.json summary.txt
 #   CARRY_DIR       carried files (default: .whl): *.whl (nvidia_cutlass-*.whl: the CUTLASS headers the build
 #                   needs; pytest_benchmark, ...) are installed with pip --no-index into a private
 #                   folder put on PYTHONPATH; a pydensecrf2-*.tar.gz source is built (needs a compiler and
@@ -36,13 +38,9 @@
 set -u
 set -o pipefail
 
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$REPO"
-PY="${PYTHON:-python3}"
+# shellcheck source=.ci/gpu_common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_common.sh" deeplab_fast-gpu-checks-site
 LOGS="${GPU_CHECKS_OUT:-${OUT:-$REPO/gpu-checks}}"
-CARRY="${CARRY_DIR:-.whl}"
-SITE="${TMPDIR:-/tmp}/deeplab_fast-gpu-checks-site"
-export PYTHONUNBUFFERED=1
 export MAX_JOBS="${MAX_JOBS:-$(nproc 2>/dev/null || echo 8)}"
 mkdir -p "$LOGS"
 
@@ -64,38 +62,22 @@ end() {
   NAMES+=("$1") STATUS+=("$2") TIMES+=("$((SECONDS - START))") NOTES+=("${3:-}")
   echo "=== [gpu] $1: $2${3:+ ($3)}"
 }
-pyok() { "$PY" -c "$1" >/dev/null 2>&1; }
 
 # ---- env: the machine, carried packages and data, what is missing ----
 step_env() {
   begin "env"
   local missing=() note=""
-  {
-    echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC'), host $(hostname), $(nproc) cores, commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
-    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 || echo "nvidia-smi failed"
-    "$PY" -c 'import sys, torch; print("python", sys.version.split()[0], "| torch", torch.__version__, "| CUDA", torch.version.cuda, "| available", torch.cuda.is_available(), "| devices", torch.cuda.device_count())'
-    echo "nvcc: $( (command -v nvcc && nvcc --version | tail -n 1) 2>&1 | tr '\n' ' ')"
-    echo "compute-sanitizer: $(sanitizer_bin || echo 'not found')"
-  } 2>&1 | tee "$LOGS/env.log"
+  machine_report 2>&1 | tee "$LOGS/env.log"
 
   # Carried wheels, then a pydensecrf2 source package, into a private folder on PYTHONPATH.
-  mkdir -p "$SITE"
-  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-  if compgen -G "$CARRY/*.whl" >/dev/null; then
-    echo "installing carried wheels: $(cd "$CARRY" && ls ./*.whl | tr '\n' ' ')" | tee -a "$LOGS/env.log"
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$CARRY"/*.whl \
-      2>&1 | tee -a "$LOGS/env.log" || note="carried wheels failed to install"
-  fi
-  if ! pyok "import pydensecrf.densecrf" && compgen -G "$CARRY/pydensecrf2-*.tar.gz" >/dev/null; then
-    build_pydensecrf 2>&1 | tee -a "$LOGS/env.log"
+  install_carried_wheels > >(tee -a "$LOGS/env.log") 2>&1 || note="carried wheels failed to install"
+  if sdist="$(pydensecrf_sdist)"; then
+    bash .ci/build_pydensecrf.sh "$sdist" "$SITE" "$PY" 2>&1 | tee -a "$LOGS/env.log"
   fi
 
   # The tests' shared photos (tests/conftest.py looks in ../shared/data/densecrf).
-  local data="$REPO/../shared/data/densecrf"
-  if [[ ! -e "$data/im1.png" && -e "$CARRY/densecrf/im1.png" ]]; then
-    mkdir -p "$(dirname "$data")" && cp -r "$CARRY/densecrf" "$data" && echo "shared photos: copied $CARRY/densecrf to $data"
-  fi
-  [[ -e "$data/im1.png" ]] || missing+=("the shared photos ($data; carry them as $CARRY/densecrf): photo tests skip")
+  copy_carried_photos 2>&1 | tee -a "$LOGS/env.log"
+  [[ -e "$DATA/im1.png" ]] || missing+=("the shared photos ($DATA; carry them as $CARRY/densecrf): photo tests skip")
 
   pyok "import torch; assert torch.cuda.is_available()" || missing+=("a CUDA GPU visible to torch")
   pyok "import pytest" || missing+=("pytest")
@@ -116,20 +98,6 @@ step_env() {
   else
     end env PASS
   fi
-}
-
-sanitizer_bin() {
-  local c
-  for c in "$(command -v compute-sanitizer)" "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" \
-    /usr/local/cuda/bin/compute-sanitizer; do
-    if [[ -n "$c" && -x "$c" ]]; then echo "$c"; return 0; fi
-  done
-  return 1
-}
-
-# pydensecrf2 from a carried sdist: .ci/build_pydensecrf.sh (shared with .ci/gpu_quick.sh).
-build_pydensecrf() {
-  bash .ci/build_pydensecrf.sh "$(ls "$CARRY"/pydensecrf2-*.tar.gz | head -n 1)" "$SITE" "$PY"
 }
 
 # ---- build ----
@@ -156,15 +124,9 @@ run_pytest() {
   shift
   echo "\$ pytest $*" >>"$LOGS/tests.log"
   "$PY" -m pytest "$@" 2>&1 | tee -a "$LOGS/tests.log" || rc=$?
-  local last
-  last="$(grep -E '(passed|failed|skipped|deselected|error|no tests ran).* in [0-9.]+s' "$LOGS/tests.log" | tail -n 1)"
-  if [[ $rc -ne 0 ]]; then
-    end "$name" FAIL "pytest exit $rc: $last"
-  elif ! grep -qE '[0-9]+ passed' <<<"$last"; then
-    end "$name" FAIL "nothing passed: $last"
-  else
-    end "$name" PASS "$last"
-  fi
+  local verdict
+  verdict="$(pytest_verdict "$rc" <"$LOGS/tests.log")"
+  end "$name" "${verdict%% *}" "${verdict#* }"
 }
 
 step_cuda_tests() {
@@ -230,17 +192,19 @@ step_bench() {
   local slug name rc=0
   slug="$("$PY" -c 'import re, torch; print(re.sub("[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-"))')"
   name="${DEEPLAB_FAST_BENCH_NAME:-gpu-$slug}"
-  rm -f "benchmarks/results/$name.json"
+  rm -f "benchmarks/results/$name"-*.json
   # shellcheck disable=SC2086  # BENCH_ARGS is a list of words
-  DEEPLAB_FAST_BENCH_NAME="$name" "$PY" -m pytest benchmarks -k "cuda or gpu" -q -rfEs ${BENCH_ARGS:-} 2>&1 |
+  DEEPLAB_FAST_BENCH_NAME="$name" "$PY" -m pytest benchmarks --full -k "cuda or gpu" -q -rfEs ${BENCH_ARGS:-} 2>&1 |
     tee "$LOGS/bench.log" || rc=$?
-  if [[ -f "benchmarks/results/$name.json" ]]; then cp "benchmarks/results/$name.json" "$LOGS/"; fi
+  local written=()
+  mapfile -t written < <(compgen -G "benchmarks/results/$name-*.json" || true)
+  if [[ ${#written[@]} -gt 0 ]]; then cp "${written[@]}" "$LOGS/"; fi
   if [[ $rc -ne 0 ]]; then
     end bench FAIL "pytest exit $rc, see bench.log"
   elif ! grep -qE '[0-9]+ passed' "$LOGS/bench.log"; then
     end bench FAIL "no benchmark passed"
-  elif [[ -f "benchmarks/results/$name.json" ]]; then
-    end bench PASS "benchmarks/results/$name.json"
+  elif [[ ${#written[@]} -gt 0 ]]; then
+    end bench PASS "${written[*]}"
   else
     end bench PASS "not timed (no JSON)"
   fi

@@ -2,6 +2,8 @@
 # The GPU check that fits ONE device call: at most 8 minutes of wall time (GPU_QUICK_BUDGET, default 450 s,
 # leaves room for the call's own overhead), with a summary and at most 6 files under $OUT whatever happens.
 # The long form, with the full suite and four sanitizer tools, is .ci/gpu_checks.sh.
+# The setup it shares with the other GPU script (carried wheels, photos, the machine report, the pytest
+# verdict) is .ci/gpu_common.sh, sourced.
 #
 # Usage: bash .ci/gpu_quick.sh [--dry-run]
 #
@@ -14,8 +16,9 @@
 #   build        [200]  pip install --no-index --no-build-isolation -v -e . with MAX_JOBS=16; the log must say
 #                       "building CUDA + CPU extension"; .ci/check_cuda_build.py --triton (every op with a CPU
 #                       kernel has a CUDA kernel; the Triton ASPP module imports)
-#   tests        [120]  pytest -k "cuda and not compile" over tests/test_{dense_crf,atrous_conv,aspp}*.py (the
-#                       *_cuda.py files, or CUDA-parametrised tests with "cuda" in their ids), per-test timeout
+#   tests        [120]  pytest -k "cuda and not compile and not opcheck" over tests/test_{dense_crf,atrous_conv,
+#                       aspp}*.py (the *_cuda.py files, or CUDA-parametrised tests with "cuda" in their ids),
+#                       per-test timeout
 #   memcheck      [75]  compute-sanitizer memcheck (PYTORCH_NO_CUDA_MEMORY_CACHING=1) on one small case per op:
 #                       .ci/gpu_quick_cases.py small --ops crf,conv,aspp
 #   racecheck     [60]  compute-sanitizer racecheck on the CRF case with the CUDA graph off
@@ -26,7 +29,8 @@
 #                       (F.conv2d + ReLU, cudnn.benchmark), then the targets summary
 #   bench_aspp    [60]  benchmarks/test_aspp.py: the v3 heads (output stride 16 and 8, batch 1 and 16), ours
 #                       against torchvision's eager ASPP, then the targets summary
-#   tests_compile [75]  pytest -k "cuda and compile": the torch.compile cases, last (slow to compile)
+#   tests_compile [75]  pytest -k "cuda and (compile or opcheck)": the torch.compile and opcheck cases (opcheck on
+#                       every sample of tests/samples.py), last (slow to compile)
 # Files under $OUT (the run tool brings back at most 8): summary.txt (rewritten before and after every step, so
 # even a killed run leaves one), setup.log (env + build), tests.log, sanitizer.log, bench.log, bench.json (the
 # benchmark rows of the three files, merged).
@@ -44,8 +48,8 @@
 set -u
 set -o pipefail
 
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$REPO"
+# shellcheck source=.ci/gpu_common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_common.sh" deeplab_fast-gpu-quick-site
 DRY="${GPU_QUICK_DRY_RUN:-0}"
 for arg in "$@"; do
   case "$arg" in
@@ -54,15 +58,11 @@ for arg in "$@"; do
     *) echo "unknown argument '$arg' (usage: bash .ci/gpu_quick.sh [--dry-run])" >&2; exit 2 ;;
   esac
 done
-PY="${PYTHON:-python3}"
 LOGS="${GPU_QUICK_OUT:-${OUT:-$REPO/gpu-quick}}"
-CARRY="${CARRY_DIR:-.whl}"
 BUDGET="${GPU_QUICK_BUDGET:-450}"
 PER_TEST="${GPU_QUICK_PER_TEST:-60}"
 RESERVE="${GPU_QUICK_RESERVE:-8}"     # seconds kept back for the summary
 MIN_STEP="${GPU_QUICK_MIN_STEP:-15}"  # a step that would get less is skipped
-SITE="${TMPDIR:-/tmp}/deeplab_fast-gpu-quick-site"
-export PYTHONUNBUFFERED=1
 export MAX_JOBS="${MAX_JOBS:-16}"
 export DEEPLAB_FAST_POISON=1
 mkdir -p "$LOGS"
@@ -175,34 +175,17 @@ run_step() {
 
 # judge_pytest STEP: PASS when pytest exited 0 and something passed (its summary line, in the step's part of the log).
 judge_pytest() {
-  local step="$1" last
-  last="$(tail -n +"$LOG_FROM" "$LOGS/${LOGOF[$step]}" |
-    grep -E '(passed|failed|skipped|deselected|error|no tests ran).* in [0-9.]+s' | tail -n 1 |
-    sed 's/=//g; s/^ *//; s/ *$//')"
-  if [[ $RC -ne 0 ]]; then
-    record "$step" FAIL "pytest exit $RC: ${last:-no summary line}"
-  elif ! grep -qE '[0-9]+ passed' <<<"$last"; then
-    record "$step" FAIL "nothing passed: ${last:-no summary line}"
-  else
-    record "$step" PASS "$last"
-  fi
-}
-
-sanitizer_bin() {
-  local c
-  for c in "$(command -v compute-sanitizer)" "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" \
-    /usr/local/cuda/bin/compute-sanitizer; do
-    if [[ -n "$c" && -x "$c" ]]; then echo "$c"; return 0; fi
-  done
-  return 1
+  local step="$1" verdict
+  verdict="$(tail -n +"$LOG_FROM" "$LOGS/${LOGOF[$step]}" | pytest_verdict "$RC")"
+  record "$step" "${verdict%% *}" "${verdict#* }"
 }
 
 # The tests of the three ops (file names survive the planned merge of *_cuda.py into the CPU files).
 mapfile -t TEST_FILES < <(ls tests/test_dense_crf*.py tests/test_atrous_conv*.py tests/test_aspp*.py 2>/dev/null)
 PYTEST_COMMON=(-p no:cacheprovider -rfEs -o "faulthandler_timeout=$PER_TEST")
 if "$PY" -c 'import pytest_timeout' >/dev/null 2>&1; then PYTEST_COMMON+=("--timeout=$PER_TEST"); fi
-SEL_TESTS="cuda and not compile"
-SEL_COMPILE="cuda and compile"
+SEL_TESTS="cuda and not compile and not opcheck"
+SEL_COMPILE="cuda and (compile or opcheck)"
 SEL_CRF="test_gpu_cuda and (500x375 or 16x512x512 or no_graph)"
 SEL_CONV="(test_cuda_atrous_conv and n1- and not cudnn_relu and not compile) or test_cuda_atrous_conv_targets"
 SEL_ASPP="(test_cuda_aspp and v3 and not compile) or test_cuda_aspp_targets"
@@ -224,7 +207,7 @@ EOF
 # bench STEP FILE SELECTION NAME: one benchmark file's selected rows, the JSON merged into bench.json.
 bench() {
   local step="$1" file="$2" sel="$3" name="$4"
-  rm -f "benchmarks/results/$name.json"
+  rm -f "benchmarks/results/$name"-*.json
   if run_step "$step" env DEEPLAB_FAST_BENCH_NAME="$name" DEEPLAB_FAST_BENCH_NO_COMPILE=1 \
     "$PY" -m pytest "$file" -k "$sel" -q "${PYTEST_COMMON[@]}"; then
     merge_bench_json
@@ -244,7 +227,7 @@ if [[ $DRY == 1 ]]; then
   caps=0
   for s in "${STEPS[@]}"; do caps=$((caps + CAP[$s])); done
   compgen -G "$CARRY/nvidia_cutlass-*.whl" >/dev/null ||
-    echo "note: no $CARRY/nvidia_cutlass-*.whl here: carry it for the GPU run (see README)" | tee -a "$LOGS/setup.log"
+    echo "note: no $CARRY/nvidia_cutlass-*.whl here: carry it for the GPU run (see CONTRIBUTING.md)" | tee -a "$LOGS/setup.log"
   {
     echo "plan: ${#STEPS[@]} steps, caps summing to ${caps}s, cut to the ${BUDGET}s budget (steps get"
     echo "  min(cap, budget left - ${RESERVE}s)); test files: ${TEST_FILES[*]}"
@@ -282,41 +265,25 @@ else
   CURRENT="env" CURRENT_LIMIT=${CAP[env]}
   write_summary
   {
-    echo "date: $STARTED, host $(hostname), $(nproc) cores, commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
-    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 || echo "nvidia-smi failed"
-    timeout 30 "$PY" -c 'import sys, torch; print("python", sys.version.split()[0], "| torch", torch.__version__, "| CUDA", torch.version.cuda, "| available", torch.cuda.is_available(), "| devices", torch.cuda.device_count())' 2>&1
-    echo "nvcc: $( (command -v nvcc && nvcc --version | tail -n 1) 2>&1 | tr '\n' ' ')"
-    echo "compute-sanitizer: $(sanitizer_bin || echo 'not found')"
+    machine_report
     echo "MAX_JOBS=$MAX_JOBS; per-test timeout ${PER_TEST}s ($("$PY" -c 'import pytest_timeout' 2>/dev/null && echo 'pytest-timeout' || echo 'faulthandler_timeout only'))"
   } 2>&1 | tee -a "$LOGS/setup.log"
   GPU_LINE="$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -n 1)"
   GPU_LINE="gpu: ${GPU_LINE:-none}"
   env_note=""
-  mkdir -p "$SITE"
-  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-  if compgen -G "$CARRY/*.whl" >/dev/null; then
-    echo "installing carried wheels: $(cd "$CARRY" && ls ./*.whl | tr '\n' ' ')" | tee -a "$LOGS/setup.log"
-    timeout 60 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
-      "$CARRY"/*.whl >>"$LOGS/setup.log" 2>&1 || env_note="carried wheels failed to install; "
-  fi
+  install_carried_wheels >>"$LOGS/setup.log" 2>&1 || env_note="carried wheels failed to install; "
   # pydensecrf2 (the CRF tests' reference): no wheel for the GPU machine's Python, so a carried sdist is built in
-  # the background while the extension builds (gpu_checks.sh knows how).
+  # the background while the extension builds.
   PYDENSECRF_PID=""
-  if ! "$PY" -c 'import pydensecrf.densecrf' >/dev/null 2>&1 && compgen -G "$CARRY/pydensecrf2-*.tar.gz" >/dev/null; then
-    timeout 200 bash .ci/build_pydensecrf.sh "$(ls "$CARRY"/pydensecrf2-*.tar.gz | head -n 1)" "$SITE" "$PY" \
+  if sdist="$(pydensecrf_sdist)"; then
+    timeout 200 bash .ci/build_pydensecrf.sh "$sdist" "$SITE" "$PY" \
       >"${TMPDIR:-/tmp}/deeplab_fast-gpu-quick-pydensecrf.log" 2>&1 &
     PYDENSECRF_PID=$!
   fi
-  data="$REPO/../shared/data/densecrf"
-  for src in "$CARRY/densecrf" "$REPO/shared/data/densecrf"; do
-    if [[ ! -e "$data/im1.png" && -e "$src/im1.png" ]]; then
-      mkdir -p "$(dirname "$data")" 2>/dev/null && cp -r "$src" "$data" 2>/dev/null &&
-        echo "photos: copied $src to $data" | tee -a "$LOGS/setup.log"
-    fi
-  done
-  [[ -e "$data/im1.png" ]] || env_note+="no photos (carry $CARRY/densecrf): photo tests skip; "
-  "$PY" -c 'import cutlass_library' >/dev/null 2>&1 || env_note+="no nvidia-cutlass (carry its wheel); "
-  "$PY" -c 'import pytest_benchmark' >/dev/null 2>&1 || env_note+="no pytest-benchmark; "
+  copy_carried_photos 2>&1 | tee -a "$LOGS/setup.log"
+  [[ -e "$DATA/im1.png" ]] || env_note+="no photos (carry $CARRY/densecrf): photo tests skip; "
+  pyok 'import cutlass_library' || env_note+="no nvidia-cutlass (carry its wheel); "
+  pyok 'import pytest_benchmark' || env_note+="no pytest-benchmark; "
   sanitizer_bin >/dev/null || env_note+="no compute-sanitizer; "
   if ! timeout 30 "$PY" -c 'import torch; assert torch.cuda.is_available()' >/dev/null 2>&1; then
     record env FAIL "no CUDA GPU visible to torch"

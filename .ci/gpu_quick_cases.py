@@ -1,9 +1,11 @@
 """Small GPU cases for .ci/gpu_quick.sh (a script, not collected by pytest).
 
     python .ci/gpu_quick_cases.py small [--ops crf,conv,aspp] [--graph on|off]
-        one small case per op on CUDA, each compared with the CPU op or the plain-torch reference; prints OK.
-        Made to run under compute-sanitizer (memcheck with PYTORCH_NO_CUDA_MEMORY_CACHING=1; racecheck):
-          crf   dense_crf 1x21x37x29, 3 iterations, default kernels (max |dQ| <= 1e-4 against the CPU op)
+        one small case per op on CUDA (the samples of tests/samples.py), each compared with the CPU op or the
+        plain-torch reference; prints OK. Made to run under compute-sanitizer (memcheck with
+        PYTORCH_NO_CUDA_MEMORY_CACHING=1; racecheck):
+          crf   dense_crf 1x21x37x29, 3 iterations, default kernels (max |dQ| <= 1e-4 against the CPU op), and the
+                backward of 1x21x11x13 with a matrix and a Potts compatibility (1e-3 relative)
           conv  atrous_conv2d, bf16 channels_last, N1 C16 17x17 K24, rate 18, padding 18 (every tap region),
                 tap skipping on (relative error <= 2e-2 against float64)
           aspp  ASPP(64, (2, 4, 6), 32) eval, bf16 channels_last 1x64x9x9, the fused path (Triton) against the
@@ -18,81 +20,66 @@ Exit status: 0 OK, 1 a mismatch or error, 2 no CUDA or a build without CUDA kern
 import argparse
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("DEEPLAB_FAST_POISON", "1")  # outputs start as NaN (read once, at the first op call)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # samples.py
 
 import torch  # noqa: E402
 
-DEFAULT = dict(gaussian_sxy=3.0, gaussian_compat=3.0, bilateral_sxy=80.0, bilateral_srgb=13.0, bilateral_compat=10.0)
-DEEPLAB_V2 = dict(gaussian_sxy=1.0, gaussian_compat=3.0, bilateral_sxy=67.0, bilateral_srgb=3.0, bilateral_compat=4.0)
+from samples import DEEPLAB_V2_KERNELS, DEFAULT_KERNELS, INPUTS, crf_problem, on_device, reference  # noqa: E402
+
+KERNEL_SETS = {"default": DEFAULT_KERNELS, "deeplab_v2": DEEPLAB_V2_KERNELS}
 
 
 def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def crf_inputs(gen, B, L, H, W):
-    """Smooth unaries (bilinear upsampling of coarse logits) and a blocky RGB image: photo-like lattices."""
-    low = torch.randn(B, L, max(1, H // 8), max(1, W // 8), generator=gen) * 3
-    logits = torch.nn.functional.interpolate(low, size=(H, W), mode="bilinear", align_corners=False)
-    unary = (-torch.log_softmax(logits, 1)).contiguous()
-    blocks = torch.randint(0, 256, (B, 3, max(1, H // 16), max(1, W // 16)), generator=gen).float()
-    image = torch.nn.functional.interpolate(blocks, size=(H, W), mode="nearest")
-    image = (image + torch.randint(-8, 9, image.shape, generator=gen)).clamp(0, 255).to(torch.uint8)
-    return unary, image.contiguous()
+def sample(op: str, name: str, device: str = "cuda", requires_grad: bool = False):
+    return next(s for s in INPUTS[op](device, requires_grad) if s.name == name)
 
 
 def case_crf(gen) -> bool:
-    from deeplab_fast.ops import dense_crf
-
-    unary, image = crf_inputs(gen, 1, 21, 37, 29)
-    got = dense_crf(unary.cuda(), image.cuda(), iterations=3, **DEFAULT).cpu()
-    ref = dense_crf(unary, image, iterations=3, **DEFAULT)
+    op = torch.ops.deeplab_fast.dense_crf
+    s = sample("dense_crf", "1x21x37x29_default")
+    got = op(*s.args).cpu()
+    ref = reference("dense_crf", s)
     finite = bool(torch.isfinite(got).all())
     diff = (got - ref).abs().max().item() if finite else float("nan")
     ok = finite and diff <= 1e-4
-    log(f"{'ok  ' if ok else 'FAIL'} crf: dense_crf 1x21x37x29 it=3 default, graph "
-        f"{os.environ.get('DEEPLAB_FAST_CUDA_GRAPH', '1')}: max |dQ| {diff:.3g}")
+    graph = os.environ.get("DEEPLAB_FAST_CUDA_GRAPH", "1")
+    log(f"{'ok  ' if ok else 'FAIL'} crf: dense_crf {s.name} it=3, graph {graph}: max |dQ| {diff:.3g}")
     # The backward (kept history, a matrix and a Potts compatibility) against the CPU op's.
     grads = {}
     for device in ("cuda", "cpu"):
-        u = unary.to(device).requires_grad_(True)
-        m = (-3.0 * torch.eye(21) + 0.1 * torch.randn(21, 21, generator=torch.Generator().manual_seed(1)))
-        m = m.to(device).requires_grad_(True)
-        w = torch.tensor(10.0, device=device, requires_grad=True)
-        q = dense_crf(u, image.to(device), iterations=3, gaussian_compat=m, bilateral_compat=w)
-        weights = torch.arange(21, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        s = sample("dense_crf", "1x21x11x13_matrix_potts", device, requires_grad=True)
+        q = op(*s.args)
+        weights = torch.arange(q.shape[1], dtype=torch.float32, device=q.device).view(1, -1, 1, 1)
         (q * weights).sum().backward()
-        grads[device] = [u.grad.cpu(), m.grad.cpu(), w.grad.cpu()]
+        grads[device] = [s.args[i].grad.cpu() for i in (0, 4, 7)]
     rel = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
               for a, b in zip(grads["cuda"], grads["cpu"]))
     finite = all(bool(torch.isfinite(g).all()) for g in grads["cuda"])
     ok_grad = finite and rel <= 1e-3
-    log(f"{'ok  ' if ok_grad else 'FAIL'} crf: backward 1x21x37x29 it=3 (matrix + Potts): max relative "
+    log(f"{'ok  ' if ok_grad else 'FAIL'} crf: backward {s.name} it=3 (matrix + Potts): max relative "
         f"difference to the CPU op {rel:.3g}")
     return ok and ok_grad
 
 
 def case_conv(gen) -> bool:
-    import torch.nn.functional as F
+    from deeplab_fast.ops import atrous_conv2d_plan, tap_skipping
 
-    from deeplab_fast.ops import atrous_conv2d, atrous_conv2d_plan, tap_skipping
-
-    x64 = torch.randn(1, 16, 17, 17, generator=gen, dtype=torch.float64)
-    w64 = torch.randn(24, 16, 3, 3, generator=gen, dtype=torch.float64) / 12.0
-    b64 = torch.randn(24, generator=gen, dtype=torch.float64)
-    x = x64.to(torch.bfloat16).cuda().contiguous(memory_format=torch.channels_last)
-    w, b = w64.to(torch.bfloat16).cuda(), b64.to(torch.bfloat16).cuda()
-    ref = F.relu(F.conv2d(x.double().cpu(), w.double().cpu(), b.double().cpu(), 1, 18, 18))
+    s = sample("atrous_conv2d", "cutlass_bf16_rate18_every_region")
+    ref = reference("atrous_conv2d", s)
     with tap_skipping(True):
-        plan = atrous_conv2d_plan(x, w, b, None, 1, 18, 18, True)
-        y = atrous_conv2d(x, w, b, None, 1, 18, 18, relu=True)
+        plan = atrous_conv2d_plan(*s.args)
+        y = torch.ops.deeplab_fast.atrous_conv2d(*s.args)
     torch.cuda.synchronize()
     finite = bool(torch.isfinite(y).all())
     err = ((y.double().cpu() - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item() if finite else float("nan")
-    ok = finite and err <= 2e-2 and plan["path"] == "cutlass"
-    log(f"{'ok  ' if ok else 'FAIL'} conv: atrous_conv2d bf16 N1 C16 17x17 K24 rate 18, path {plan['path']}: "
-        f"rel err {err:.3g}")
+    ok = finite and err <= s.tol and plan["path"] == "cutlass"
+    log(f"{'ok  ' if ok else 'FAIL'} conv: atrous_conv2d {s.name}, path {plan['path']}: rel err {err:.3g}")
     return ok
 
 
@@ -151,12 +138,13 @@ def profile() -> int:
     import deeplab_fast  # noqa: F401
     from deeplab_fast.ops import dense_crf
 
-    gen = torch.Generator().manual_seed(0)
     bad = 0
-    for B, H, W, name, kernels in [(1, 375, 500, "default", DEFAULT), (1, 375, 500, "deeplab_v2", DEEPLAB_V2),
-                                   (16, 512, 512, "default", DEFAULT)]:
-        unary, image = crf_inputs(gen, B, 21, H, W)
-        unary, image = unary.cuda(), image.cuda()
+    for seed, (B, H, W, name) in enumerate([(1, 375, 500, "default"), (1, 375, 500, "deeplab_v2"),
+                                            (16, 512, 512, "default")]):
+        unary, image = (on_device(t, "cuda") for t in crf_problem(seed, B, 21, H, W))
+        gs, gc, bs, bsrgb, bc = KERNEL_SETS[name]
+        kernels = dict(gaussian_sxy=gs, gaussian_compat=gc, bilateral_sxy=bs, bilateral_srgb=bsrgb,
+                       bilateral_compat=bc)
         os.environ["DEEPLAB_FAST_PROFILE"] = "0"
         dense_crf(unary, image, iterations=10, **kernels)  # warm-up (and the graph-on result)
         torch.cuda.synchronize()

@@ -21,7 +21,7 @@ graph replays) is checked against a float32 reference computed by the float32 pe
 ``KazutoASPP`` for v2) on the same input (the bf16 input upcast), with TF32 off for the reference:
 max |y - ref| / max |ref| <= 2e-2.
 
-Timing as in test_atrous_conv.py (conftest's ``cuda_timed``, ``event_times``, ``queued_times``): each call
+Timing as in test_atrous_conv.py (conftest's ``time_gpu_row``): each call
 between two CUDA events on the current stream and synchronised, after warm-up calls (cuDNN's benchmark search,
 our BN folding cache, the compile, the CUDA graph); 20 to 200 calls, about 0.3 s per row; no L2 flush. Each row
 also keeps ``queued_median_ms`` (calls queued back to back, one synchronisation at the end: the GPU's time with
@@ -50,45 +50,26 @@ timed by pytest-benchmark (wall clock, 25 calls after 3 warm-ups).
 """
 import copy
 import importlib
-import math
 import statistics
-import sys
-import types
 
-# torchvision's wheel cannot load its C ops with the CPU torch build; its Python model code needs none of them, and
-# an empty module in place of torchvision._meta_registrations keeps `import torchvision` from registering them.
-# Must come before the first import of torchvision.
-sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+import pytest
+import torch
+from torch import nn
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import deeplab_fast  # noqa: F401
+from deeplab_fast.nn import ASPP, ASPP_L, ASPPv2
 
-import deeplab_fast  # noqa: E402,F401
-from deeplab_fast.nn import ASPP, ASPP_L, ASPPv2  # noqa: E402
+from conftest import (PEER_SKIPS, RESULTS, TORCHVISION, TORCHVISION_NOTE, geomean, gpu_description, gpu_name,
+                      max_autotune_peer, needs_cuda, no_compile, one_gpu_case, randomise_bn_, record, rel_err,
+                      require_cuda_kernels, skip_peer, summary_row, time_gpu_row)
 
-from conftest import (RESULTS, cuda_timed, event_times, gpu_description, gpu_name, max_autotune_peer,  # noqa: E402
-                      no_compile, one_gpu_case, queued_times, record)
-
+if TORCHVISION is None:
+    pytest.skip(f"torchvision (the v3 peer) {TORCHVISION_NOTE}", allow_module_level=True)
 aspp_ops = importlib.import_module("deeplab_fast.ops.aspp")  # the module whose ops the fused paths call
-tv_deeplabv3 = pytest.importorskip("torchvision.models.segmentation.deeplabv3")
-TorchvisionASPP = tv_deeplabv3.ASPP
-
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+TorchvisionASPP = importlib.import_module("torchvision.models.segmentation.deeplabv3").ASPP
 
 BF16_TOL = 2e-2
 FP32_TOL = 1e-5
-
-
-def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |y - ref| / max |ref|, in float64."""
-    ref = ref.to(torch.float64)
-    return float((y.to(torch.float64) - ref).abs().max() / ref.abs().max())
-
-
-def geomean(values) -> float:
-    values = list(values)
-    return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -109,26 +90,6 @@ class KazutoASPP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return sum([stage(x) for stage in self.children()])
-
-
-def randomise_bn_(module: nn.Module, generator: torch.Generator) -> nn.Module:
-    """Random running statistics and affine parameters for every BatchNorm in ``module`` (in place, CPU
-    generator): mean U(-0.2, 0.2), var U(0.5, 2), weight U(0.5, 1.5), bias U(-0.1, 0.1)."""
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                n = m.num_features
-
-                def u(lo, hi):
-                    return lo + (hi - lo) * torch.rand(n, generator=generator)
-
-                m.running_mean.copy_(u(-0.2, 0.2))
-                m.running_var.copy_(u(0.5, 2.0))
-                if m.weight is not None:
-                    m.weight.copy_(u(0.5, 1.5))
-                if m.bias is not None:
-                    m.bias.copy_(u(-0.1, 0.1))
-    return module
 
 
 def build_peer(head: str, C: int, K: int, rates, seed: int) -> nn.Module:
@@ -229,7 +190,6 @@ GPU_GROUP_PREFIX = "gpu aspp "
 TARGETS_PREFIX = "gpu aspp targets: "
 GPU_WARMUP_ROUNDS = 5
 GPU_ROW_SECONDS = 0.3
-PEER_SKIPS: dict = {}  # {group: {impl name: reason}}
 
 
 def gpu_group(case: str) -> str:
@@ -273,10 +233,7 @@ def _build_gpu_problem(case: str) -> dict:
 
 
 def _skip_peer(p: dict, impl: str, reason: str):
-    """Skips a peer's row (pytest.skip) and keeps the reason (its first line) for the targets' report."""
-    reason = (reason.strip().splitlines() or [""])[0][:200]
-    PEER_SKIPS.setdefault(gpu_group(p["case"]), {})[IMPL_NAMES[p["head"]][impl]] = reason
-    pytest.skip(f"{IMPL_NAMES[p['head']][impl]}: {reason}")
+    skip_peer(gpu_group(p["case"]), IMPL_NAMES[p["head"]][impl], reason)
 
 
 def gpu_call(impl: str, p: dict):
@@ -298,27 +255,12 @@ def gpu_call(impl: str, p: dict):
     return (lambda: ours(x)), info
 
 
-def _ours_can_fuse():
-    assert aspp_ops.HAVE_TRITON, "CUDA is available but triton is not importable: the ASPP modules cannot fuse"
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("deeplab_fast::atrous_conv2d", "CUDA"), (
-        "CUDA is available but deeplab_fast was built without CUDA kernels (pip install --no-build-isolation -v -e . "
-        "on a machine with nvcc: the build log must say 'building CUDA + CPU extension')")
-
-
-@pytest.fixture(scope="module")
-def cudnn_benchmark():
-    old = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = True
-    yield
-    torch.backends.cudnn.benchmark = old
-
-
 @needs_cuda
 @pytest.mark.parametrize("case,impl", [pytest.param(case, impl, id=f"cuda-{case}-{impl}")
                                        for case in GPU_CASES for impl in GPU_IMPLS])
 def test_cuda_aspp(benchmark, cudnn_benchmark, monkeypatch, case, impl):
     if impl == OURS:
-        _ours_can_fuse()
+        require_cuda_kernels("atrous_conv2d", triton=True)
     p = gpu_problem(case)
     head, N, H, W, K = p["head"], p["N"], p["H"], p["W"], p["K"]
     group = gpu_group(case)
@@ -352,13 +294,8 @@ def test_cuda_aspp(benchmark, cudnn_benchmark, monkeypatch, case, impl):
         info.update(rel_err=err, checked_against="float32 peer module (TF32 off), same input",
                     ref_positive_fraction=p["ref_positive_fraction"])
         del y
-        rounds = 1
-        if not benchmark.disabled:
-            est = statistics.median(event_times(fn, rounds=3))
-            rounds = int(min(200, max(20, GPU_ROW_SECONDS / max(est, 1e-6))))
-        _, times = cuda_timed(benchmark, fn, rounds=rounds, warmup_rounds=GPU_WARMUP_ROUNDS)
-        if times:
-            info["queued_median_ms"] = 1e3 * statistics.median(queued_times(fn, rounds))
+        times, queued = time_gpu_row(benchmark, fn, GPU_WARMUP_ROUNDS, GPU_ROW_SECONDS)
+        info.update(queued)
     median = statistics.median(times) if times else None
     flops = head_flops(head, N, p["C"], K, H, W, p["rates"])
     info.update(head=head, C=p["C"], K=K, rates=list(p["rates"]), H=H, W=W, N=N, dtype="bfloat16",
@@ -367,13 +304,6 @@ def test_cuda_aspp(benchmark, cudnn_benchmark, monkeypatch, case, impl):
                 **traffic_info(head, N, H, W, K, 2, fused=impl == OURS))
     record(benchmark, group, impl_name, threads=None, device=gpu_description(), backend="cuda", times_s=times,
            batch=N, **info)
-
-
-def _summary_row(group: str, impl: str, median_s: float, min_s: float, batch: int, **extra) -> None:
-    """A row in RESULTS with record()'s fields, for figures computed from other rows (no benchmark of its own)."""
-    RESULTS.setdefault(group, {})[impl] = dict(median_s=median_s, min_s=min_s, threads=None,
-                                               device=gpu_description(), backend="cuda", timer="cuda events",
-                                               wall_median_s=None, batch=batch, target_ms=None, extra=extra)
 
 
 @needs_cuda
@@ -425,8 +355,8 @@ def test_cuda_aspp_targets(capsys):
             peer_name, peer = worst["peers"][kind]
             title = f"{head} vs {kind}" + (f" (target >= {target}x)" if target else " (no target)")
             g = f"{TARGETS_PREFIX}{title}, worst: {worst['group'][len(GPU_GROUP_PREFIX):]}"
-            _summary_row(g, peer_name, peer["median_s"], peer["min_s"], peer["batch"], **common)
-            _summary_row(g, worst["ours_name"], worst["ours"]["median_s"], worst["ours"]["min_s"],
+            summary_row(g, peer_name, peer["median_s"], peer["min_s"], peer["batch"], **common)
+            summary_row(g, worst["ours_name"], worst["ours"]["median_s"], worst["ours"]["min_s"],
                          worst["ours"]["batch"], **common)
 
         def fmt(r):

@@ -23,7 +23,7 @@ checked once too). cudnn.benchmark is on for every GPU row, so our ATen fallback
 
 Correctness first: every row's output (peers and ours, the compiled one after its CUDA graph replays) is
 checked against a float64 reference of the same module on the same input (stricter than float32, and free of
-TF32): max |y - ref| / max |ref| <= 2e-2. Timing: as in test_crf_fps.py, each call between two CUDA events on
+TF32): max |y - ref| / max |ref| <= 2e-2. Timing (conftest's ``time_gpu_row``): as in test_crf_fps.py, each call between two CUDA events on
 the current stream and synchronised, after warm-up calls (cuDNN's benchmark search, the compile, the CUDA
 graph), so the time includes the host's launch work as a caller waiting for the result sees it; there is no L2
 flush between calls, for any row. The number of timed calls is chosen for about 0.3 s per row (20 to 200). Each
@@ -66,10 +66,9 @@ import deeplab_fast  # noqa: F401
 from deeplab_fast.nn import AtrousConv2dReLU
 from deeplab_fast.ops import atrous_conv2d, atrous_conv2d_plan
 
-from conftest import (RESULTS, cuda_timed, event_times, gpu_description, gpu_name, max_autotune_peer,
-                      no_compile, one_gpu_case, queued_times, record)
-
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+from conftest import (PEER_SKIPS, RESULTS, geomean, gpu_description, gpu_name, max_autotune_peer, needs_cuda,
+                      no_compile, one_gpu_case, randomise_bn_, record, rel_err, require_cuda_kernels, skip_peer,
+                      summary_row, time_gpu_row)
 
 BF16_TOL = 2e-2
 FP32_TOL = 1e-4
@@ -106,16 +105,6 @@ def kept_fraction(H: int, W: int, dilation: int, padding: int, stride: int = 1) 
     return float(atrous_conv2d_plan(x, w, None, None, stride, padding, dilation, True)["kept_fraction"])
 
 
-def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |y - ref| / max |ref|, in float64."""
-    return float((y.to(torch.float64) - ref).abs().max() / ref.abs().max())
-
-
-def geomean(values) -> float:
-    values = list(values)
-    return math.exp(sum(math.log(v) for v in values) / len(values))
-
-
 # ----------------------------------------------------------------------------------------------------------
 # GPU cases
 
@@ -144,8 +133,6 @@ GPU_GROUP_PREFIX = "gpu atrous "
 TARGETS_PREFIX = "gpu atrous targets: "
 GPU_WARMUP_ROUNDS = 5
 GPU_ROW_SECONDS = 0.3
-# Peers that did not run, per group: {group: {impl: reason}}.
-PEER_SKIPS: dict = {}
 
 
 def gpu_group(case: str) -> str:
@@ -169,12 +156,7 @@ def _build_gpu_problem(case: str) -> dict:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         conv = nn.Conv2d(C, K, 3, stride=1, padding=d, dilation=d, bias=True)
-        bn = nn.BatchNorm2d(K)
-        with torch.no_grad():
-            bn.running_mean.uniform_(-0.2, 0.2)
-            bn.running_var.uniform_(0.5, 2.0)
-            bn.weight.uniform_(0.5, 1.5)
-            bn.bias.uniform_(-0.1, 0.1)
+        bn = randomise_bn_(nn.BatchNorm2d(K), torch.Generator().manual_seed(seed))
     seq = nn.Sequential(conv, bn, nn.ReLU()).eval().requires_grad_(False)
     seq = seq.to(device="cuda", dtype=torch.bfloat16, memory_format=torch.channels_last)
     fused = AtrousConv2dReLU.from_modules(seq[0], seq[1], seq[2]).requires_grad_(False)
@@ -210,11 +192,7 @@ def gpu_call(impl: str, p: dict):
 
 
 def _skip_peer(p: dict, impl: str, reason: str):
-    """Skips a peer's row (pytest.skip) and keeps the reason (its first line) for our row and the targets'
-    report."""
-    reason = (reason.strip().splitlines() or [""])[0][:200]
-    PEER_SKIPS.setdefault(gpu_group(p["case"]), {})[impl] = reason
-    pytest.skip(f"{impl}: {reason}")
+    skip_peer(gpu_group(p["case"]), impl, reason)
 
 
 def best_peer(group: str):
@@ -236,26 +214,12 @@ def rate_info(p: dict, median_s, kept: float) -> dict:
     return info
 
 
-@pytest.fixture(scope="module")
-def cudnn_benchmark():
-    old = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = True
-    yield
-    torch.backends.cudnn.benchmark = old
-
-
-def _ours_has_cuda_kernels():
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("deeplab_fast::atrous_conv2d", "CUDA"), (
-        "CUDA is available but deeplab_fast was built without CUDA kernels (pip install --no-build-isolation -v -e . "
-        "on a machine with nvcc: the build log must say 'building CUDA + CPU extension')")
-
-
 @needs_cuda
 @pytest.mark.parametrize("case,impl", [pytest.param(case, impl, id=f"cuda-{case}-{GPU_IMPL_IDS[impl]}")
                                        for case in GPU_CASES for impl in GPU_IMPLS])
 def test_cuda_atrous_conv(benchmark, cudnn_benchmark, case, impl):
     if impl == OURS:
-        _ours_has_cuda_kernels()
+        require_cuda_kernels("atrous_conv2d")
     p = gpu_problem(case)
     group = gpu_group(case)
     with torch.no_grad():
@@ -287,13 +251,8 @@ def test_cuda_atrous_conv(benchmark, cudnn_benchmark, case, impl):
             impl_name = f"deeplab_fast (CUDA {label})"
         else:
             impl_name = impl
-        rounds = 1
-        if not benchmark.disabled:
-            est = statistics.median(event_times(fn, rounds=3))
-            rounds = int(min(200, max(20, GPU_ROW_SECONDS / max(est, 1e-6))))
-        _, times = cuda_timed(benchmark, fn, rounds=rounds, warmup_rounds=GPU_WARMUP_ROUNDS)
-        if times:
-            info["queued_median_ms"] = 1e3 * statistics.median(queued_times(fn, rounds))
+        times, queued = time_gpu_row(benchmark, fn, GPU_WARMUP_ROUNDS, GPU_ROW_SECONDS)
+        info.update(queued)
     median = statistics.median(times) if times else None
     kept = info["plan"]["kept_fraction"] if impl == OURS else kept_fraction(p["H"], p["W"], p["dilation"],
                                                                               p["dilation"])
@@ -305,13 +264,6 @@ def test_cuda_atrous_conv(benchmark, cudnn_benchmark, case, impl):
                     peers_skipped=PEER_SKIPS.get(group, {}))
     record(benchmark, group, impl_name, threads=None, device=gpu_description(), backend="cuda", times_s=times,
            batch=p["N"], **info)
-
-
-def _summary_row(group: str, impl: str, median_s: float, min_s: float, **extra) -> None:
-    """A row in RESULTS with record()'s fields, for figures computed from other rows (no benchmark of its own)."""
-    RESULTS.setdefault(group, {})[impl] = dict(median_s=median_s, min_s=min_s, threads=None,
-                                               device=gpu_description(), backend="cuda", timer="cuda events",
-                                               wall_median_s=None, batch=1, target_ms=None, extra=extra)
 
 
 @needs_cuda
@@ -361,17 +313,17 @@ def test_cuda_atrous_conv_targets(capsys):
             return geomean(r[field] for r in rows)
 
         g = f"{TARGETS_PREFIX}geomean of {len(distinct)} shapes"
-        _summary_row(g, "best peer per shape (geomean)", gm_of([s["peer_row"] for s in distinct], "median_s"),
+        summary_row(g, "best peer per shape (geomean)", gm_of([s["peer_row"] for s in distinct], "median_s"),
                      gm_of([s["peer_row"] for s in distinct], "min_s"), **common)
-        _summary_row(g, "deeplab_fast (CUDA, geomean)", gm_of([s["ours_row"] for s in distinct], "median_s"),
+        summary_row(g, "deeplab_fast (CUDA, geomean)", gm_of([s["ours_row"] for s in distinct], "median_s"),
                      gm_of([s["ours_row"] for s in distinct], "min_s"), **common)
         singles = [("worst shape", worst)]
         if big_rates:
             singles.insert(0, ("rate>=18 at 33x33, worst", min(big_rates, key=lambda s: s["ratio"])))
         for title, s in singles:
             g = f"{TARGETS_PREFIX}{title}: {s['group'][len(GPU_GROUP_PREFIX):]}"
-            _summary_row(g, f"best peer: {s['peer']}", s["peer_row"]["median_s"], s["peer_row"]["min_s"], **common)
-            _summary_row(g, s["ours"], s["ours_row"]["median_s"], s["ours_row"]["min_s"], **common)
+            summary_row(g, f"best peer: {s['peer']}", s["peer_row"]["median_s"], s["peer_row"]["min_s"], **common)
+            summary_row(g, s["ours"], s["ours_row"]["median_s"], s["ours_row"]["min_s"], **common)
 
         def ok(f):
             return "ok" if f["met"] else "MISS"

@@ -15,6 +15,7 @@ __all__ = ["settings", "check", "poison_outputs"]
 
 # Variables read by the test and benchmark tools, not by the library.
 TOOL_VARIABLES = ("DEEPLAB_FAST_BENCH_NAME", "DEEPLAB_FAST_BENCH_BATCHES", "DEEPLAB_FAST_BENCH_NO_COMPILE",
+                  "DEEPLAB_FAST_BENCH_FULL",
                   "DEEPLAB_FAST_PYDENSECRF_SDIST", "DEEPLAB_FAST_REFERENCE_CACHE",
                   "DEEPLAB_FAST_SKIP_REFERENCE_BUILD", "DEEPLAB_FAST_CI_VENV")
 

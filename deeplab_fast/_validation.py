@@ -5,9 +5,10 @@ model builders; without it the message starts with the argument's name (the pyde
 """
 from __future__ import annotations
 
+import math
 import numbers
 
-__all__ = ["is_int", "positive_int", "host_array", "MAX_INT32"]
+__all__ = ["is_int", "is_real", "positive_int", "positive_float", "per_axis", "host_array", "MAX_INT32"]
 
 MAX_INT32 = 2**31 - 1
 
@@ -15,6 +16,46 @@ MAX_INT32 = 2**31 - 1
 def is_int(value) -> bool:
     """An integral number that is not a bool (Python int, numpy integer, ...)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value) -> bool:
+    """A real number that is not a bool (Python int or float, numpy scalar, ...)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _prefix(owner: str | None) -> str:
+    return f"{owner}: " if owner else ""
+
+
+def positive_float(value, name: str, owner: str | None = None) -> float:
+    """``float(value)`` if ``value`` is a finite real number > 0 (not a bool); else ValueError naming ``name``."""
+    if not is_real(value):
+        raise ValueError(f"{_prefix(owner)}{name} must be a positive number, got {type(value).__name__} {value!r}")
+    if not (math.isfinite(float(value)) and float(value) > 0.0):
+        raise ValueError(f"{_prefix(owner)}{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def per_axis(value, n: int, name: str, owner: str | None = None, what: str = "axis") -> tuple:
+    """A positive quantity given once for all ``n`` axes (a number) or once per axis (a sequence of ``n``
+    numbers: list, tuple, 1-D numpy array or tensor), as a tuple of ``n`` floats; ValueError naming ``name``
+    (and the offending entry) otherwise. ``what`` names the entries in the messages ("axis", "channel")."""
+    value = host_array(value, name)
+    if is_real(value) or (hasattr(value, "ndim") and getattr(value, "ndim") == 0 and not isinstance(value, str)):
+        return (positive_float(value.item() if hasattr(value, "item") else value, name, owner),) * n
+    else:
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+            raise ValueError(f"{_prefix(owner)}{name} must be a number or a sequence of {n} numbers (one per "
+                             f"{what}), got {type(value).__name__}")
+        values = list(value)
+        if len(values) != n:
+            raise ValueError(f"{_prefix(owner)}{name} must be a number or a sequence of {n} numbers (one per "
+                             f"{what}), got {len(values)} values")
+    out = []
+    for k, v in enumerate(values):
+        v = v.item() if hasattr(v, "item") and getattr(v, "ndim", 1) == 0 else v
+        out.append(positive_float(v, f"{name}[{k}]" if n > 1 else name, owner))
+    return tuple(out)
 
 
 def positive_int(value, name: str, owner: str | None = None, high: int = MAX_INT32) -> int:

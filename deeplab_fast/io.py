@@ -11,6 +11,9 @@ writing images, palette PNGs and checkpoints atomically.
   completes (a temporary file beside it, then ``os.replace``), with a normal new file's permissions
   (``0o666 & ~umask``), so an interrupted run never leaves a truncated file behind.
 - ``save_image``, ``save_palette_png``, ``save_checkpoint``: writes through ``atomic_write``.
+- ``load_volume(path)`` / ``save_volume(arr, path, like=...)``: NIfTI (``.nii``, ``.nii.gz``, through nibabel,
+  imported when first needed) and NumPy ``.npy`` volumes; a NIfTI volume keeps its affine and header (voxel
+  spacing from the header's zooms), and ``save_volume`` writes them back with the new data (atomically).
 
 Errors: a missing file raises FileNotFoundError; an unreadable or unsupported image, ValueError; a failed write,
 OSError or ValueError. Every message names the file (and ``what``, the role the caller gives it).
@@ -21,18 +24,21 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-__all__ = ["IMAGE_EXTS", "ANNO_EXTS", "LOSSY_EXTS", "open_image", "load_photo", "load_annotation", "list_images",
-           "same_file", "atomic_write", "save_image", "save_palette_png", "save_checkpoint"]
+__all__ = ["IMAGE_EXTS", "ANNO_EXTS", "LOSSY_EXTS", "VOLUME_EXTS", "open_image", "load_photo", "load_annotation",
+           "list_images", "same_file", "atomic_write", "save_image", "save_palette_png", "save_checkpoint", "Volume",
+           "volume_format", "load_volume", "save_volume"]
 
 # File extensions (lower case) taken as images, and as annotations in order of preference when one stem has
 # several (lossless formats first).
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
 ANNO_EXTS = (".png", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".webp", ".jpg", ".jpeg")
 LOSSY_EXTS = (".jpg", ".jpeg", ".webp")
+# Volume files: NIfTI-1/2 (nibabel) and NumPy arrays.
+VOLUME_EXTS = (".nii", ".nii.gz", ".npy")
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 
@@ -181,3 +187,107 @@ def save_checkpoint(obj, path) -> None:
 
     with atomic_write(path) as f:
         torch.save(obj, f)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Volumes
+
+
+class Volume(NamedTuple):
+    """A volume read by :func:`load_volume`: ``data`` (the array, float32 for NIfTI files: scaling applied),
+    ``spacing`` (the voxel size along the first three axes in the file's units, mm for NIfTI; None for .npy) and
+    ``nifti`` (the nibabel image, for its affine and header; None for .npy)."""
+
+    data: np.ndarray
+    spacing: tuple | None
+    nifti: Any
+
+
+def volume_format(path) -> str | None:
+    """"nifti", "npy" or None, from the file name (``.nii``, ``.nii.gz``, ``.npy``, any case)."""
+    name = Path(path).name.lower()
+    if name.endswith(".nii") or name.endswith(".nii.gz"):
+        return "nifti"
+    if name.endswith(".npy"):
+        return "npy"
+    return None
+
+
+def _nibabel(path, what: str):
+    try:
+        import nibabel
+    except ImportError:
+        raise ImportError(f"{what} {str(path)!r}: NIfTI files need nibabel (pip install nibabel, or the package's "
+                          "[test] extra); .npy volumes do not") from None
+    return nibabel
+
+
+def load_volume(path, what: str = "volume") -> Volume:
+    """Reads a NIfTI (``.nii``, ``.nii.gz``) or NumPy (``.npy``) volume.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a folder, an unknown extension, a file that is not a readable volume (corrupt, truncated, a
+            pickled object array), a NIfTI file without data.
+        ImportError: a NIfTI file without nibabel installed.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {str(path)!r}: no such file")
+    if path.is_dir():
+        raise ValueError(f"{what} {str(path)!r} is a folder, expected a volume file ({', '.join(VOLUME_EXTS)})")
+    kind = volume_format(path)
+    if kind is None:
+        raise ValueError(f"{what} {str(path)!r}: unknown volume format; use {', '.join(VOLUME_EXTS)}")
+    if kind == "npy":
+        try:
+            data = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
+            raise ValueError(f"{what} {str(path)!r}: not a NumPy .npy array ({exc})") from None
+        if data.dtype.kind not in "biuf":
+            raise ValueError(f"{what} {str(path)!r}: a {data.dtype} array; expected numbers")
+        return Volume(data, None, None)
+    nibabel = _nibabel(path, what)
+    try:
+        image = nibabel.load(str(path))
+        data = image.get_fdata(dtype=np.float32)
+    except Exception as exc:  # nibabel raises many types on corrupt files (ImageFileError, EOFError, zlib errors)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{what} {str(path)!r}: not a NIfTI volume nibabel can read ({first})") from None
+    spacing = tuple(float(z) for z in image.header.get_zooms()[:3])
+    return Volume(data, spacing, image)
+
+
+def save_volume(arr: np.ndarray, path, what: str = "volume", like: Volume | None = None,
+                spacing: Sequence[float] | None = None) -> None:
+    """Writes ``arr`` to ``path`` (``.nii``, ``.nii.gz`` or ``.npy``), atomically. A NIfTI file takes the affine
+    and header of ``like`` when it is a NIfTI volume (its data type, shape and scaling set for ``arr``), else an
+    affine from ``spacing`` (default 1). OSError / ValueError naming the file on failure."""
+    path = Path(path)
+    kind = volume_format(path)
+    if kind is None:
+        raise ValueError(f"{what} {str(path)!r}: unknown volume format; use {', '.join(VOLUME_EXTS)}")
+    try:
+        if kind == "npy":
+            with atomic_write(path) as f:
+                np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
+            return
+        nibabel = _nibabel(path, what)
+        if like is not None and like.nifti is not None:
+            header = like.nifti.header.copy()
+            header.set_data_dtype(arr.dtype)
+            header.set_slope_inter(None, None)
+            image = type(like.nifti)(arr, like.nifti.affine, header)
+        else:
+            zooms = list(spacing) if spacing is not None else [1.0, 1.0, 1.0]
+            image = nibabel.Nifti1Image(arr, np.diag(zooms[:3] + [1.0]))
+            image.header.set_xyzt_units("mm")
+        data = image.to_bytes()
+        if path.name.lower().endswith(".gz"):
+            import gzip
+
+            data = gzip.compress(data, compresslevel=6)
+        with atomic_write(path) as f:
+            f.write(data)
+    except (OSError, ValueError, TypeError) as exc:
+        raise OSError(f"cannot write {what} {str(path)!r}: {exc}") from None

@@ -2,7 +2,7 @@
 
 ``optimize(model)`` walks any ``nn.Module`` and applies only rewrites whose dataflow it can prove:
 
-1. **Conv [+ BN] [+ ReLU] chains inside a chain container.** A chain container is a module whose forward
+1. **Conv (+ BN) (+ ReLU) chains inside a chain container.** A chain container is a module whose forward
    is known to feed each child's output to the next child: ``nn.Sequential`` and its subclasses that keep
    ``Sequential.forward`` (torchvision's ``DeepLabHead``, ``FCNHead``, ``ASPPConv``, ...), torchvision's
    ``ASPPPooling`` (children in order, then an upsampling) and torchvision's ``IntermediateLayerGetter``
@@ -13,7 +13,11 @@
    Eligible: an ``nn.Conv2d`` (exactly that class) with ``groups == 1``, ``padding_mode='zeros'``, integer
    padding or ``'valid'`` or a symmetric ``'same'``, float32/float64/float16/bfloat16 weights, any kernel
    size, stride, dilation, with or without bias; an ``nn.BatchNorm2d`` (or ``nn.SyncBatchNorm``) over its
-   output channels; an ``nn.ReLU``.
+   output channels; an ``nn.ReLU``. A **grouped** conv (the depthwise convs of MobileNets) followed by an
+   eval-mode BN becomes one ``nn.Conv2d`` with the BN folded into its weight and bias (the fused op takes
+   groups = 1 only); its activation (ReLU, ReLU6, hard-swish) stays a torch op, as do MobileNetV3's
+   squeeze-excitation blocks: elementwise passes and a per-image gate that a fused kernel would not
+   speed up on the CPU.
 2. **torchvision ResNet blocks** (``torchvision.models.resnet.Bottleneck`` and ``BasicBlock``, exactly those
    classes, whose forward computes ``relu(bn3(conv3(relu(bn2(conv2(relu(bn1(conv1(x))))))))) + shortcut)``
    with the ReLU after the residual add) become ``FusedResNetBlock``: the main path as a ``Sequential``
@@ -25,6 +29,10 @@
    the same weights, buffers, per-submodule training flags and ``requires_grad`` flags), whose eval path on
    CUDA is fused. Only when the two module trees match layer for layer (3 atrous rates, the same conv / BN /
    dropout settings); otherwise its inner Sequentials are fused by rule 1.
+
+The layers of ``deeplab_fast.nn`` (``ASPP``, ``AtrousSeparableConv2d``, ``AtrousConv2dReLU``) are already
+fused: in eval mode they fold their BNs at each call and run the fused op, so DeepLab v3+ and the mobile DeepLabs
+are optimized end to end by rules 1 and 2 on their backbones, decoders and heads.
 
 Nothing else is touched: a custom module's attributes are never fused by their names (its forward is not
 visible), ``deeplab_fast.nn`` modules, TorchScript modules and ``torch.fx.GraphModule`` s are not entered,
@@ -120,7 +128,7 @@ class FusedResNetBlock(nn.Module):
 
 
 def optimize(model: nn.Module, inplace: bool = False, verbose: bool = False) -> nn.Module:
-    """Returns ``model`` with its Conv [+ BN] [+ ReLU] chains fused into ``AtrousConv2dReLU`` layers,
+    """Returns ``model`` with its Conv (+ BN) (+ ReLU) chains fused into ``AtrousConv2dReLU`` layers,
     torchvision ResNet blocks into ``FusedResNetBlock`` s and torchvision's ASPP swapped for
     ``deeplab_fast.nn.ASPP`` (the rules are in this module's docstring): the same outputs, faster.
 
@@ -274,6 +282,34 @@ def _has_running_stats(bn: nn.Module) -> bool:
     return bn.track_running_stats and bn.running_mean is not None and bn.running_var is not None
 
 
+def _grouped_conv_ok(conv) -> bool:
+    """A grouped (e.g. depthwise) ``nn.Conv2d`` whose BN can be folded into it: rule 1's conditions but groups."""
+    return (type(conv) is nn.Conv2d and conv.groups != 1 and not _has_hooks(conv) and not _forward_overridden(conv)
+            and conv.padding_mode == "zeros" and conv.weight.dtype in _OP_DTYPES)
+
+
+def _foldable_now(conv: nn.Conv2d, bn: nn.Module) -> bool:
+    return not conv.training and not bn.training and _has_running_stats(bn)
+
+
+def _fold_grouped(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
+    """A new ``nn.Conv2d`` computing ``bn(conv(x))`` in eval mode (weight * s, bias beta + (b - mean) * s)."""
+    from .nn.atrous import _bn_scale_shift
+
+    scale, shift = _bn_scale_shift(bn, conv.bias)
+    w = conv.weight
+    new = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                    conv.dilation, conv.groups, bias=True, device=w.device, dtype=w.dtype)
+    needs_grad = any(p.requires_grad for p in (w, conv.bias, bn.weight, bn.bias) if p is not None)
+    with torch.no_grad():
+        new.weight.copy_(w * scale.view(-1, 1, 1, 1).to(w.dtype))
+        new.bias.copy_(shift.to(w.dtype))
+    new.weight.requires_grad_(needs_grad)
+    new.bias.requires_grad_(needs_grad)
+    new.training = conv.training
+    return new
+
+
 def _fuse(conv: nn.Conv2d, padding: Tuple[int, int], bn: Optional[nn.Module],
           relu: Optional[nn.Module]) -> Tuple[AtrousConv2dReLU, str]:
     """The fused layer for one chain, and how BN was handled (for the log)."""
@@ -313,6 +349,19 @@ def _fuse_chains(container: nn.Module, slots: Sequence[tuple], observed: set, ct
         key, path, conv, position = slots[i]
         padding = _conv_padding(conv) if conv is not None else None
         if padding is None:
+            if (i + 1 < n and key not in observed and _grouped_conv_ok(conv) and slots[i + 1][2] is not None
+                    and _bn_ok(slots[i + 1][2], conv) and _foldable_now(conv, slots[i + 1][2])):
+                container._modules[key] = _fold_grouped(conv, slots[i + 1][2])
+                k, bn_path, bn, _ = slots[i + 1]
+                identity = nn.Identity()
+                identity.training = bn.training
+                container._modules[k] = identity
+                ctx.log.append((position, f"{path}: grouped Conv2d+BatchNorm2d -> Conv2d (BN folded)"
+                                          + (f"; {bn_path} -> Identity" if log_placeholders else f" (with {bn_path})")))
+                ctx.chains += 1
+                fused_count += 1
+                i += 2
+                continue
             i += 1
             continue
         chain = [slots[i]]

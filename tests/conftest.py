@@ -10,13 +10,13 @@
 - Devices: tests take the device as a parameter (tests/helpers.py: ``cpu_and_cuda()``, ``on_cuda(...)``,
   ``needs_cuda``); the CUDA cases carry the ``cuda`` mark and skip without a GPU. Where CUDA is available, a build
   without CUDA kernels fails them (they must not pass by skipping).
-- torchvision (the reference for the ASPP and model tests) cannot load its C ops with the CPU torch wheel; its
-  Python model code needs none of them, and with that wheel an empty module in place of
-  ``torchvision._meta_registrations`` keeps ``import torchvision`` from registering them.
+- torchvision (the reference of the ASPP and model tests; not a dependency of deeplab_fast) is imported once here,
+  by ``deeplab_fast.benchmark.load_torchvision(python_only=True)``: where its compiled ops cannot load with the
+  installed torch (PyPI's CUDA-built torchvision beside a CPU-only torch, as on CI's machine), its Python model code
+  is imported without them, and the session header says so. The README's install commands install a matching
+  torchvision, for which nothing of that happens.
 """
 import os
-import sys
-import types
 from pathlib import Path
 
 os.environ.setdefault("DEEPLAB_FAST_POISON", "1")
@@ -25,10 +25,29 @@ import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-if torch.version.cuda is None:  # the CPU wheel: torchvision's C ops cannot load
-    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
 
 import pytest  # noqa: E402
+
+from deeplab_fast.benchmark import load_torchvision  # noqa: E402
+
+TORCHVISION, TORCHVISION_NOTE = load_torchvision(python_only=True)
+
+
+def pytest_report_header(config):
+    if TORCHVISION is None:
+        return [f"torchvision (reference of the model and ASPP tests): {TORCHVISION_NOTE}; the test files that "
+                "import it are not collected"]
+    return [f"torchvision {TORCHVISION.__version__}" + (f": {TORCHVISION_NOTE}" if TORCHVISION_NOTE else "")]
+
+
+def pytest_ignore_collect(collection_path, config):
+    """Without torchvision, the test files that import it at module level are left out (the header says so)."""
+    if TORCHVISION is not None or collection_path.suffix != ".py" or not collection_path.name.startswith("test_"):
+        return None
+    text = collection_path.read_text(errors="replace")
+    if "\nimport torchvision" in text or "\nfrom torchvision" in text:
+        return True
+    return None
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "densecrf"
 

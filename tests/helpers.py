@@ -102,3 +102,20 @@ def load_setup_py():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def volume_features_numpy(image: np.ndarray, spacing, gaussian_sigma, bilateral_sigma, intensity_sigma):
+    """dense_crf_3d's features by their definition, with numpy: image [C, D, H, W] -> ([3, N], [3 + C, N]) float32
+    (positions float32(i * spacing / sigma) in float64 along D, H, W; intensities float32(x) / float32(sigma))."""
+    F32 = np.float32
+    c, d, h, w = image.shape
+    per = lambda v, n: [v] * n if np.ndim(v) == 0 else list(v)  # noqa: E731
+    sp, gs, bs, isg = per(spacing, 3), per(gaussian_sigma, 3), per(bilateral_sigma, 3), per(intensity_sigma, c)
+    index = np.meshgrid(np.arange(d), np.arange(h), np.arange(w), indexing="ij")
+
+    def positions(sigmas):
+        return np.stack([(index[a].astype(np.float64) * np.float64(F32(sp[a])) / np.float64(F32(sigmas[a])))
+                         .astype(F32).reshape(-1) for a in range(3)])
+
+    intensities = np.stack([image[k].astype(F32).reshape(-1) / F32(isg[k]) for k in range(c)])
+    return positions(gs), np.concatenate([positions(bs), intensities]).astype(F32)

@@ -112,8 +112,9 @@ def aspp_eval_reference(m, x, rates, separable=False):
     for i, r in enumerate(rates, 1):
         seq = m.convs[i]
         if separable:
-            y = bn_relu(F.conv2d(x, w(seq[0]), padding=r, dilation=r, groups=C), seq[1], f"depthwise {i}")
-            outs.append(bn_relu(F.conv2d(y, w(seq[3])), seq[4], f"pointwise {i}"))
+            y = bn_relu(F.conv2d(x, w(seq.depthwise), padding=r, dilation=r, groups=C), seq.depthwise_bn,
+                        f"depthwise {i}")
+            outs.append(bn_relu(F.conv2d(y, w(seq.pointwise)), seq.pointwise_bn, f"pointwise {i}"))
         else:
             outs.append(bn_relu(F.conv2d(x, w(seq[0]), padding=r, dilation=r), seq[1], f"atrous branch {i}"))
     pooled = bn_relu(F.conv2d(x.mean(dim=(2, 3), keepdim=True), w(m.convs[4][1])), m.convs[4][2], "pooling")
@@ -369,12 +370,12 @@ def test_separable():
     m = randomize_(ASPP(C, rates, CB, separable=True), 9).eval()
     assert m.separable
     for i, r in enumerate(rates, 1):
-        dw, pw = m.convs[i][0], m.convs[i][3]
+        dw, pw = m.convs[i].depthwise, m.convs[i].pointwise
         assert dw.groups == C and dw.weight.shape == (C, 1, 3, 3) and dw.dilation == (r, r) and dw.padding == (r, r)
         assert pw.weight.shape == (CB, C, 1, 1) and pw.groups == 1
     assert m.convs[0][0].weight.shape == (CB, C, 1, 1)
     keys = set(m.state_dict())
-    assert "convs.1.3.weight" in keys and "convs.1.4.running_var" in keys
+    assert "convs.1.pointwise.weight" in keys and "convs.1.pointwise_bn.running_var" in keys
     assert keys != set(TorchvisionASPP(C, list(rates), CB).state_dict())
     x = random_input(2, C, 7, 6, seed=10)
     ref = aspp_eval_reference(m, x, rates, separable=True)
@@ -387,7 +388,7 @@ def test_separable():
     out = m(x.requires_grad_())
     out.square().sum().backward()
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
-    assert m.convs[2][0].weight.grad.abs().sum() > 0
+    assert m.convs[2].depthwise.weight.grad.abs().sum() > 0
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -153,3 +153,88 @@ def test_release_flags_have_no_sanitizer(setup_py, isolated_env, capsys):
     assert "-O3" in ext.extra_compile_args["cxx"]
     assert not any("sanitize" in f for f in ext.extra_compile_args["cxx"] + ext.extra_link_args)
     assert "building CPU-only extension" in capsys.readouterr().out
+
+
+# ---- progress lines (a plain `pip install` shows them on the terminal; the log has them too) ----
+
+
+def test_compiled_source_names_the_unit(setup_py, monkeypatch):
+    root = setup_py.ROOT
+    monkeypatch.chdir(root)
+    cmd = (f"c++ -MMD -MF /tmp/b/x.o.d -I{root}/csrc -c {root}/csrc/dense_crf/cpu/mean_field.cpp "
+           f"-o /tmp/b/x.o -O3")
+    assert setup_py.compiled_source(cmd) == os.path.join("csrc", "dense_crf", "cpu", "mean_field.cpp")
+    assert setup_py.compiled_source("/usr/bin/nvcc -c '/elsewhere/k.cu' -o k.o") == "/elsewhere/k.cu"
+    assert setup_py.compiled_source(["c++", "-O3", "-c", "-c", f"{root}/csrc/a.cpp", "-o", "a.o"]) == os.path.join(
+        "csrc", "a.cpp")  # torch's ninja rule repeats -c
+    assert setup_py.compiled_source("g++ -shared a.o -o _C.so") == "g++ -shared a.o -o _C.so"
+    assert setup_py._duration(42.4) == "42 s" and setup_py._duration(151) == "2 min 31 s"
+
+
+def test_ninja_status_lines_reach_the_log_and_the_callback(setup_py, capfd):
+    """ninja's "[k/N] command" lines, written by a child process to file descriptor 1, call back per unit and
+    still reach the build log (fd 1) byte for byte."""
+    units = []
+    text = "[1/2] c++ -c /src/a.cpp -o a.o\nwarning: something\n[2/2] c++ -c /src/b.cpp -o b.o\n"
+    with setup_py.ninja_status_lines(lambda k, n, cmd: units.append((k, n, cmd))):
+        import subprocess
+
+        subprocess.run(["printf", "%s", text], check=True)
+    assert units == [(1, 2, "c++ -c /src/a.cpp -o a.o"), (2, 2, "c++ -c /src/b.cpp -o b.o")]
+    assert capfd.readouterr().out == text
+
+
+def test_progress_lines_go_to_the_log_and_the_terminal(setup_py, tmp_path, capsys):
+    tty = tmp_path / "tty"
+    tty.write_text("")
+    progress = setup_py.Progress(tty_path=str(tty))  # pytest captures stdout: not a terminal, as under pip
+    progress.line("[3/13] compiled csrc/x.cpp (12 s)", ": details for the log only")
+    progress.tty.close()
+    assert capsys.readouterr().out == "deeplab_fast: [3/13] compiled csrc/x.cpp (12 s): details for the log only\n"
+    assert tty.read_bytes() == b"\r\033[Kdeeplab_fast: [3/13] compiled csrc/x.cpp (12 s)\n"
+    assert setup_py.Progress(tty_path=str(tmp_path / "no" / "tty")).tty is None  # no terminal: the log alone
+
+
+TINY_SETUP = """
+import sys
+sys.path.insert(0, sys.argv.pop(1))  # tests/, for helpers.load_setup_py
+from helpers import load_setup_py
+dlf = load_setup_py()
+from setuptools import Extension, setup
+dlf.BuildWithProgress.progress = dlf.Progress(tty_path="/nonexistent/tty")
+setup(name="tiny", ext_modules=[Extension("tiny_ext", ["a.cpp", "b.cpp"], language="c++")],
+      cmdclass={"build_ext": dlf.BuildWithProgress.with_options(use_ninja=USE_NINJA)})
+"""
+
+
+@pytest.mark.parametrize("use_ninja", [True, False], ids=["ninja", "serial"])
+def test_build_prints_a_line_per_unit_the_link_and_the_total(setup_py, tmp_path, use_ninja):
+    """A two-file extension (no torch headers, so it compiles in a second) built by BuildWithProgress, its output
+    piped as pip pipes it: a line per compiled unit, the link, and the total time."""
+    import shutil
+    import subprocess
+    import sys
+
+    if use_ninja and shutil.which("ninja") is None:
+        pytest.skip("ninja is not installed")
+    (tmp_path / "a.cpp").write_text("int a() { return 1; }\n")
+    (tmp_path / "b.cpp").write_text('#include <Python.h>\nstatic struct PyModuleDef m = {PyModuleDef_HEAD_INIT, '
+                                    '"tiny_ext", 0, -1, 0};\nPyMODINIT_FUNC PyInit_tiny_ext(void) { return '
+                                    'PyModule_Create(&m); }\n')
+    (tmp_path / "setup_tiny.py").write_text(TINY_SETUP.replace("USE_NINJA", str(use_ninja)))
+    r = subprocess.run([sys.executable, "setup_tiny.py", str(Path(__file__).parent), "build_ext", "--inplace"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    lines = [line for line in r.stdout.splitlines() if line.startswith("deeplab_fast: ")]
+    if use_ninja:
+        assert lines[0].startswith("deeplab_fast: compiling 2 units with ninja")
+        assert sorted(line.split(" (")[0] for line in lines[1:3]) == [
+            "deeplab_fast: [1/2] compiled a.cpp", "deeplab_fast: [2/2] compiled b.cpp"] or sorted(
+            line.split(" (")[0] for line in lines[1:3]) == [
+            "deeplab_fast: [1/2] compiled b.cpp", "deeplab_fast: [2/2] compiled a.cpp"]
+    else:
+        assert lines[0].startswith("deeplab_fast: ninja not found: compiling 2 units one at a time")
+        assert [line.split(" (")[0] for line in lines[1:3]] == ["deeplab_fast: [1/2] compiling a.cpp",
+                                                                "deeplab_fast: [2/2] compiling b.cpp"]
+    assert lines[3].startswith("deeplab_fast: linking tiny_ext")
+    assert lines[4].startswith("deeplab_fast: built tiny_ext in ") and "2 units" in lines[4]

@@ -151,6 +151,50 @@ def test_bench_writes_json(tmp_path, capsys):
     assert all(r["images_per_s"] > 0 for r in rows["rows"])
 
 
+def test_bench_cpu_defaults_batch_1_three_calls(tmp_path, capsys):
+    """On the CPU, bench defaults to batch 1 and 3 timed calls (about a minute per model at 513 on 2 cores)."""
+    out = tmp_path / "bench.json"
+    assert run("bench", "--models", "deeplab_v1_largefov", "--size", "33", "--device", "cpu", "--json", out) == 0
+    text = capsys.readouterr().out
+    assert "batch 1, 3 timed calls per row after a warm-up (--batch 1 16 adds the batch-16 rows)" in text
+    doc = json.loads(out.read_text())
+    assert doc["batches"] == [1] and doc["repeat"] == 3
+    assert {r["batch"] for r in doc["rows"]} == {1}
+
+
+def test_bench_counts_calls_for_the_progress_bar():
+    from deeplab_fast.benchmark import bench_forms, bench_rows
+
+    calls = []
+    rows = bench_rows("deeplab_v2_resnet101", 33, 1, torch.device("cpu"), torch.float32, repeat=2, crf=True,
+                      on_call=lambda: calls.append(1))
+    forms = bench_forms("deeplab_v2_resnet101", crf=True)
+    assert [r["impl"] for r in rows] == forms and len(calls) == len(forms) * (2 + 1)
+
+
+def test_bench_torchvision_column(tmp_path, capsys, monkeypatch):
+    """torchvision's DeepLabV3 is measured where it loads; where it does not, its row says why (never silently
+    missing)."""
+    out = tmp_path / "bench.json"
+    assert run("bench", "--models", "deeplab_v3_resnet50", "--size", "33", "--repeat", "1", "--device", "cpu",
+               "--json", out) == 0
+    rows = {r["impl"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["torchvision"]["images_per_s"] > 0
+    capsys.readouterr()
+    import deeplab_fast.benchmark as bench
+
+    monkeypatch.setattr(bench, "load_torchvision", lambda python_only=False: (None, "not installed (install it)"))
+    assert run("bench", "--models", "deeplab_v3_resnet50", "--size", "33", "--repeat", "1", "--device", "cpu",
+               "--json", out) == 0
+    text = capsys.readouterr().out
+    assert "torchvision: not installed (install it)" in text
+    assert "torchvision                        not measured: torchvision not installed (install it)" in text
+    doc = json.loads(out.read_text())
+    skipped = [r for r in doc["rows"] if r["impl"] == "torchvision"]
+    assert doc["torchvision"] == "not installed (install it)"
+    assert skipped and skipped[0]["median_s"] is None and "not installed" in skipped[0]["skipped"]
+
+
 def test_bench_bad_arguments(capsys):
     assert run("bench", "--models", "nope", "--device", "cpu") == 2
     assert "--models: invalid choice: 'nope'" in capsys.readouterr().err

@@ -192,6 +192,82 @@ def test_layer_errors():
         DenseCRF(trainable=True)(logits, image[..., :4, :4])
 
 
+# ---------------------------------------------------------------------------------------------------------
+# the layer's kernel normalisation (pydensecrf's choices; CRF-as-RNN normalises after filtering)
+
+
+def _image_features(image, sxy_g, sxy_b, srgb):
+    """pydensecrf DenseCRF2D's features, made here from pixel positions and colours (not by the op)."""
+    B, _, H, W = image.shape
+    y, x = torch.meshgrid(torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32), indexing="ij")
+    pos = torch.stack([x.reshape(-1), y.reshape(-1)])[None].expand(B, 2, H * W)
+    rgb = image.reshape(B, 3, H * W).float()
+    return [pos / sxy_g, torch.cat([pos / sxy_b, rgb / srgb], 1)]
+
+
+NORMALIZATION_NUMBERS = {"none": 0, "before": 1, "after": 2, "symmetric": 3}
+
+
+@pytest.mark.parametrize("normalization", ["none", "before", "after", "symmetric", 2])
+def test_layer_normalization_is_dense_crf_features_with_it(normalization):
+    """DenseCRF(normalization=n) computes dense_crf_features with the image's features and n for both terms."""
+    from deeplab_fast.ops import dense_crf_features
+
+    logits, image = _inputs(B=2, L=4)
+    preset = dict(iterations=5, gaussian_sxy=3.0, gaussian_compat=3.0, bilateral_sxy=20.0, bilateral_srgb=13.0,
+                  bilateral_compat=10.0)
+    crf = DenseCRF(**preset, normalization=normalization)
+    q = crf(logits, image)
+    n = NORMALIZATION_NUMBERS.get(normalization, normalization)
+    unary = crf.unary(logits, image)
+    B, L, H, W = unary.shape
+    ref = dense_crf_features(unary.reshape(B, L, H * W), _image_features(image, 3.0, 20.0, 13.0), [3.0, 10.0],
+                             [n, n], iterations=5).reshape(B, L, H, W)
+    torch.testing.assert_close(q, ref, rtol=0, atol=1e-5)
+    others = {m: DenseCRF(**preset, normalization=m)(logits, image) for m in ("symmetric", "after")}
+    assert (others["symmetric"] - others["after"]).abs().max() > 1e-3  # the argument changes the model
+    assert crf.config()["normalization"] == {2: "after"}.get(normalization, normalization)
+    assert DenseCRF(**crf.config()).normalization == crf.normalization
+
+
+def test_layer_normalize_after_matches_pydensecrf():
+    """CRF-as-RNN's model (NORMALIZE_AFTER) against pydensecrf2 on a real photo: bit for bit on the CPU (bar 1e-4)."""
+    dcrf = pytest.importorskip("pydensecrf.densecrf")
+    skdata = pytest.importorskip("skimage.data")
+    img = np.ascontiguousarray(skdata.astronaut()[100:164, 180:260])  # 64x80 RGB
+    H, W, _ = img.shape
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(1, 5, H // 4, W // 4, generator=g) * 2
+    image = torch.from_numpy(img).permute(2, 0, 1)[None].contiguous()
+    crf = DenseCRF.from_preset("pydensecrf", normalization=dcrf.NORMALIZE_AFTER)
+    q = crf(logits, image)[0].reshape(5, -1).numpy()
+    d = dcrf.DenseCRF2D(W, H, 5)
+    d.setUnaryEnergy(np.ascontiguousarray(crf.unary(logits, image)[0].reshape(5, -1).numpy()))
+    d.addPairwiseGaussian(sxy=3, compat=3, normalization=dcrf.NORMALIZE_AFTER)
+    d.addPairwiseBilateral(sxy=80, srgb=13, rgbim=img, compat=10, normalization=dcrf.NORMALIZE_AFTER)
+    ref = np.array(d.inference(10))
+    assert np.abs(q - ref).max() <= 1e-4
+    symmetric = DenseCRF.from_preset("pydensecrf")(logits, image)[0].reshape(5, -1).numpy()
+    assert np.abs(symmetric - ref).max() > 1e-3  # and the default is another model
+
+
+def test_trainable_layer_with_normalize_after_learns():
+    logits, image = _inputs(L=3)
+    lg = logits.clone().requires_grad_(True)
+    crf = DenseCRF(trainable=True, compat="matrix", num_classes=3, iterations=3, normalization="after")
+    q = crf(lg, image)
+    q[:, 0].sum().backward()
+    for t in (lg.grad, crf.gaussian_compat.grad, crf.bilateral_compat.grad):
+        assert t is not None and torch.isfinite(t).all() and t.abs().sum() > 0
+    assert "normalization='after'" in repr(crf)
+
+
+@pytest.mark.parametrize("bad", ["sym", 4, -1, True, 2.0, None])
+def test_layer_normalization_errors(bad):
+    with pytest.raises(ValueError, match=r"normalization must be one of \('none', 'before', 'after', 'symmetric'\)"):
+        DenseCRF(normalization=bad)
+
+
 class _Segmenter(nn.Module):
     """A model with the trainable CRF inside its forward (uint8 image in, marginals out)."""
 

@@ -581,3 +581,14 @@ def test_lenient_inputs_match_strict_ones():
     unary_nc = np.asfortranarray(unary.astype(np.float64))
     lenient = build(dcrf, ("2d", W, H, L), unary_nc, image_terms(DEFAULT_KERNELS, im_nc)).inference(3)
     np.testing.assert_array_equal(strict, lenient)
+
+
+@pytest.mark.parametrize("compat", [3.5e38, -3.5e38, 10**40])
+def test_scalar_compat_beyond_float32_is_refused_when_added(compat):
+    """A Potts weight that is finite in double but overflows float32 is refused by the call that adds it, not
+    accepted there and refused later by klDivergence (found by the fuzz suite: inference(0) then klDivergence)."""
+    d = dcrf.DenseCRF2D(4, 3, 2)
+    with pytest.raises(ValueError, match="compat must be finite in float32"):
+        d.addPairwiseGaussian(sxy=3, compat=compat)
+    with pytest.raises(ValueError, match="compat must be finite in float32"):
+        d.addPairwiseEnergy(np.ones((2, 12), np.float32), compat=compat)

@@ -47,8 +47,8 @@ def summary(out: Path) -> dict:
     return rows
 
 
-@pytest.mark.parametrize("name", ["gpu_quick.sh", "gpu_checks.sh", "compile_cuda_kernels.sh", "build_pydensecrf.sh",
-                                  "run"])
+@pytest.mark.parametrize("name", ["gpu_quick.sh", "gpu_checks.sh", "gpu_common.sh", "compile_cuda_kernels.sh",
+                                  "build_pydensecrf.sh", "run"])
 def test_ci_scripts_parse(name):
     subprocess.run(["bash", "-n", str(ROOT / ".ci" / name)], check=True)
 

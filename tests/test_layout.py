@@ -112,11 +112,60 @@ def test_test_helpers_live_in_helpers_py():
         assert "spec_from_file_location" not in text, f"{path.name} loads a file as a module"
 
 
-def test_readme_recipe_table_is_generated_from_the_recipes():
+def _between(text: str, start_marker: str, end_marker: str) -> str:
+    start = text.index("\n", text.index(start_marker)) + 1
+    return text[start:text.index(end_marker)]
+
+
+def test_docs_recipe_table_is_generated_from_the_recipes():
     from deeplab_fast.train import recipes_table
 
+    page = (ROOT / "docs" / "guide" / "training.md").read_text()
+    assert _between(page, "<!-- recipes table:", "<!-- end of recipes table -->") == recipes_table(), (
+        "docs/guide/training.md's recipe table is stale: paste recipes_table()")
+
+
+def test_readme_headline_table_is_generated_from_the_benchmark_results():
+    """README's benchmark table is docs/hooks/benchmark_tables.py's headline_table(), made from
+    benchmarks/results/*.json (run the script's function and paste it after a benchmark run)."""
+    import runpy
+
+    tables = runpy.run_path(str(ROOT / "docs" / "hooks" / "benchmark_tables.py"))
     readme = (ROOT / "README.md").read_text()
-    start = readme.index("<!-- recipes table:")
-    start = readme.index("\n", start) + 1
-    end = readme.index("<!-- end of recipes table -->")
-    assert readme[start:end] == recipes_table(), "README's recipe table is stale: paste recipes_table()"
+    assert _between(readme, "<!-- headline table:", "<!-- end of headline table -->") == tables["headline_table"](), (
+        "README's headline table is stale: paste docs/hooks/benchmark_tables.py's headline_table()")
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    """.ci/run's step 3 runs the test command the README gives, character for character."""
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    command = ci[ci.index("  # README test command") + 1].strip()
+    readme = (ROOT / "README.md").read_text()
+    assert f"\n{command}\n" in readme, f"README.md does not give CI's test command {command!r}"
+    assert len(readme.splitlines()) <= 200, "README.md is the front page: at most ~200 lines, the rest in docs/"
+
+
+def test_cpp_includes_run_down_into_device_folders_only():
+    """csrc/: a file shared by the devices (csrc/common/, csrc/<op>/*) includes nothing from a cpu/ or cuda/ folder,
+    and a device folder nothing from the other device's: the include graph runs from the device folders to the
+    shared files, never back up."""
+    import re
+
+    csrc = ROOT / "csrc"
+    offenders = []
+    for path in sorted(csrc.rglob("*")):
+        if path.suffix not in (".h", ".cpp", ".cu", ".cuh"):
+            continue
+        folder = path.parent.name
+        for line in path.read_text().splitlines():
+            m = re.match(r'\s*#\s*include\s+"([^"]+)"', line)
+            if not m:
+                continue
+            target = (path.parent / m.group(1)).resolve()
+            if not target.exists():
+                target = (csrc / m.group(1)).resolve()
+            parts = target.relative_to(csrc).parts[:-1]
+            device = next((p for p in parts if p in ("cpu", "cuda")), None)
+            if device is not None and device != folder:
+                offenders.append(f"{path.relative_to(ROOT)} includes {m.group(1)}")
+    assert not offenders, "includes running up into a device folder:\n" + "\n".join(offenders)

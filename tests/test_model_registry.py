@@ -109,7 +109,10 @@ def _same_weights(a, b) -> bool:
 def test_list_models_and_weights_enums():
     names = models.list_models()
     assert names == sorted(models.MODELS) == ["deeplab_v1_largefov", "deeplab_v1_msc_largefov",
-                                              "deeplab_v2_resnet101", "deeplab_v3_resnet101", "deeplab_v3_resnet50"]
+                                              "deeplab_v2_resnet101", "deeplab_v3_mobilenet_v3_large",
+                                              "deeplab_v3_resnet101", "deeplab_v3_resnet50",
+                                              "deeplab_v3plus_mobilenet_v2", "deeplab_v3plus_resnet101",
+                                              "deeplab_v3plus_resnet50", "lraspp_mobilenet_v3_large"]
     for name in names:
         enum = models.get_model_weights(name)
         assert issubclass(enum, models.WeightsEnum) and len(enum) >= 1

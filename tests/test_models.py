@@ -28,7 +28,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from deeplab_fast.models import (MODELS, VGG16_CONV_INDICES, DeepLabV1, DeepLabV2, DeepLabV3,
+from deeplab_fast.models import (LRASPP, MODELS, VGG16_CONV_INDICES, DeepLabV1, DeepLabV2, DeepLabV3,
+                                 DeepLabV3MobileNetV3, DeepLabV3Plus,
                                  convert_kazuto_deeplabv2, deeplab_v1_largefov, deeplab_v1_msc_largefov,
                                  deeplab_v2_resnet101, deeplab_v3_resnet50, deeplab_v3_resnet101,
                                  from_torchvision, get_model, load_checkpoint, load_torchvision_deeplabv3,
@@ -98,12 +99,14 @@ def tv_vgg16():
 
 
 def test_registry():
-    assert set(MODELS) == {"deeplab_v1_largefov", "deeplab_v1_msc_largefov", "deeplab_v2_resnet101",
-                           "deeplab_v3_resnet50", "deeplab_v3_resnet101"}
+    classes = {"deeplab_v1_largefov": DeepLabV1, "deeplab_v1_msc_largefov": DeepLabV1,
+               "deeplab_v2_resnet101": DeepLabV2, "deeplab_v3_resnet50": DeepLabV3, "deeplab_v3_resnet101": DeepLabV3,
+               "deeplab_v3_mobilenet_v3_large": DeepLabV3MobileNetV3, "lraspp_mobilenet_v3_large": LRASPP,
+               "deeplab_v3plus_resnet50": DeepLabV3Plus, "deeplab_v3plus_resnet101": DeepLabV3Plus,
+               "deeplab_v3plus_mobilenet_v2": DeepLabV3Plus}
+    assert set(MODELS) == set(classes)
     with torch.device("meta"):
-        for name, cls in [("deeplab_v1_largefov", DeepLabV1), ("deeplab_v1_msc_largefov", DeepLabV1),
-                          ("deeplab_v2_resnet101", DeepLabV2), ("deeplab_v3_resnet50", DeepLabV3),
-                          ("deeplab_v3_resnet101", DeepLabV3)]:
+        for name, cls in classes.items():
             m = get_model(name, num_classes=7)
             assert type(m) is cls and m.arch == name and m.num_classes == 7
             assert isinstance(m.output_stride, int)
@@ -189,8 +192,10 @@ def test_shapes_meta(name, kwargs):
         x = torch.empty(2, 3, H, W, device="meta")
         y = m(x)
         assert tuple(_out(y).shape) == (2, 5, H, W), f"{name} {kwargs} at {H}x{W}"
-        if isinstance(y, dict):
-            assert tuple(y["aux"].shape) == (2, 5, H, W)
+        if name.startswith("deeplab_v3"):  # torchvision's return: an OrderedDict, "aux" with aux_loss only
+            assert isinstance(y, OrderedDict) and set(y) == ({"out", "aux"} if kwargs.get("aux_loss") else {"out"})
+        for k in set(y) - {"out"} if isinstance(y, dict) else ():
+            assert tuple(y[k].shape) == (2, 5, H, W)
         lo = m.forward_logits(x)
         if isinstance(m, DeepLabV2) and m.backbone_style == "caffe":  # ceil-mode stem pool: Caffe's sizes
             assert tuple(lo.shape[-2:]) == (caffe_resnet_os8_size(H), caffe_resnet_os8_size(W))
@@ -219,7 +224,7 @@ def test_real_shapes_odd_sizes():
     m = deeplab_v2_resnet101(num_classes=5, msc=True).eval()
     assert m(random_input(1, 321, 321, 12)).shape == (1, 5, 321, 321)
     m = deeplab_v3_resnet50(num_classes=5, head="paper").eval()
-    y = m(random_input(1, 375, 500, 13))
+    y = m(random_input(1, 375, 500, 13))["out"]
     assert y.shape == (1, 5, 375, 500) and torch.isfinite(y).all()
 
 
@@ -331,7 +336,7 @@ def test_deeplabv3_matches_torchvision(depth, tv_deeplab50, tv_deeplab101):
     _check_deeplab_equal(conv, tv, x, f"resnet{depth} from_torchvision")
     # without the aux head: torchvision's aux weights are dropped, "out" unchanged
     no_aux = load_torchvision_deeplabv3(builder(num_classes=21).eval(), tv.state_dict())
-    assert_matches(no_aux(x), tv(x)["out"], TOL32, f"resnet{depth} without aux")
+    assert_matches(no_aux(x)["out"], tv(x)["out"], TOL32, f"resnet{depth} without aux")
 
 
 def test_deeplabv3_train_mode_matches_torchvision(tv_deeplab50):
@@ -363,7 +368,7 @@ def test_from_torchvision_other_num_classes_and_os16():
     ours = from_torchvision(tv)
     assert ours.num_classes == 4 and not ours.aux_loss and ours.output_stride == 16
     x = random_input(1, 65, 65, 42)
-    assert_matches(ours(x), tv(x)["out"], TOL32, "OS 16, 4 classes")
+    assert_matches(ours(x)["out"], tv(x)["out"], TOL32, "OS 16, 4 classes")
     with pytest.raises(ValueError, match="not a torchvision DeepLabV3"):
         from_torchvision(nn.Conv2d(3, 3, 1))
 
@@ -605,7 +610,7 @@ def test_load_checkpoint(tmp_path):
     fresh = deeplab_v3_resnet50(num_classes=3, head="paper").eval()
     load_weights(fresh, load_checkpoint(tmp_path / "plain.pth"))
     x = random_input(1, 41, 41, 91)
-    assert_matches(fresh(x), m(x), 0.0, "reloaded model")
+    assert_matches(fresh(x)["out"], m(x)["out"], 0.0, "reloaded model")
 
     missing = tmp_path / "nope" / "weights.pth"
     with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):

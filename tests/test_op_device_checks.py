@@ -4,7 +4,8 @@ kernels run the real kernels' shape / dtype / range checks (issue 14, items 1 an
 
 Ops: atrous_conv2d, atrous_conv2d_plan, aspp_project, aspp_sum (Triton, run by the interpreter on CPU tensors;
 tests/conftest.py sets TRITON_INTERPRET=1 without a GPU), and the dense CRF ops, whose fake kernels live in
-deeplab_fast/ops/dense_crf.py.
+deeplab_fast/ops/_dense_crf_registrations.py. The arguments come from tests/samples.py. Argument mistakes raise
+ValueError (DEVELOPERS.md); the plan query of a meta tensor, which cannot be answered, RuntimeError.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ import torch.nn.functional as F
 from deeplab_fast.ops import (atrous_conv2d, atrous_conv2d_plan, dense_crf, dense_crf_features,
                               dense_crf_pairwise_energy)
 from deeplab_fast.ops.aspp import HAVE_TRITON
-from helpers import seeded
+from helpers import CUDA_MARKS, seeded
+from samples import ERRORS, INPUTS, atrous_conv2d_inputs, conv_reference, prefix
 
 CONV_OP = torch.ops.deeplab_fast.atrous_conv2d
 PLAN_OP = torch.ops.deeplab_fast.atrous_conv2d_plan
@@ -46,18 +48,8 @@ CONV_NAMES = ("input", "weight", "bias", "scale")
 
 
 def _conv_args(dtype=torch.float32):
-    g = seeded(1400)
-    x = torch.randn(2, 3, 7, 6, generator=g).to(dtype)
-    w = torch.randn(4, 3, 3, 3, generator=g).to(dtype)
-    b = torch.randn(4, generator=g).to(dtype)
-    s = torch.randn(4, generator=g).to(dtype)
-    return [x, w, b, s]
-
-
-def _conv_reference(x, w, b, s, stride, padding, dilation, relu):
-    y = F.conv2d(x.double(), w.double(), None, stride, padding, dilation)
-    y = y * s.double().view(1, -1, 1, 1) + b.double().view(1, -1, 1, 1)
-    return y.relu() if relu else y
+    """input, weight, bias and scale of the first atrous_conv2d sample (tests/samples.py)."""
+    return [t.to(dtype) for t in atrous_conv2d_inputs("cpu")[0].args[:4]]
 
 
 @pytest.mark.parametrize("devices", [d for d in itertools.product(("cpu", "meta"), repeat=4)
@@ -71,7 +63,7 @@ def test_conv_mixed_devices_refused(devices, fn):
             "plan": lambda: PLAN_OP(*args, [1, 1], [1, 1], [1, 1], True),
             "wrapper": lambda: atrous_conv2d(*args, padding=1, relu=True, check_finite=True),
             "wrapper_plan": lambda: atrous_conv2d_plan(*args, padding=1)}[fn]
-    err = _raises_naming(RuntimeError, CONV_NAMES, call)
+    err = _raises_naming(ValueError, CONV_NAMES, call)
     assert re.search(r"\b(is on|must be a CPU or CUDA tensor)\b", str(err)), str(err)
     odd = [n for n, d in zip(CONV_NAMES, devices) if d != devices[0]]
     assert any(n in str(err) for n in odd + ["input"]), str(err)
@@ -86,7 +78,7 @@ def test_conv_meta_in_each_position_optional_absent(position, drop):
     if drop is not None and drop != position:
         args[drop] = None
     for op in (CONV_OP, PLAN_OP):
-        _raises_naming(RuntimeError, CONV_NAMES, lambda: op(*args, [1, 1], [0, 0], [1, 1], False))
+        _raises_naming(ValueError, CONV_NAMES, lambda: op(*args, [1, 1], [0, 0], [1, 1], False))
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -106,8 +98,7 @@ def test_conv_all_meta_matches_cpu(channels_last, with_bias, with_scale):
         assert meta.is_contiguous(memory_format=torch.channels_last) == ref.is_contiguous(
             memory_format=torch.channels_last)
         assert meta.stride() == ref.stride()
-        ex = _conv_reference(x, w, b if b is not None else torch.zeros(4), s if s is not None else torch.ones(4),
-                             stride, padding, dilation, True)
+        ex = conv_reference(x, w, b, s, stride, padding, dilation, True)
         torch.testing.assert_close(ref.double(), ex, rtol=1e-4, atol=1e-4)
 
 
@@ -158,9 +149,9 @@ def test_conv_checks_real_and_fake_alike(device, case, fn):
     op = CONV_OP if fn == "op" else PLAN_OP
     if any(abs(v) >= 2**63 for v in (*stride, *padding, *dilation)):
         pytest.skip("not an int64: the schema refuses it before any kernel")
-    err = _raises_naming(RuntimeError, names, lambda: op(*args, list(stride), list(padding), list(dilation), False))
+    err = _raises_naming(ValueError, names, lambda: op(*args, list(stride), list(padding), list(dilation), False))
     if device == "meta":  # the same message as the C++ check, device names aside
-        with pytest.raises(RuntimeError) as cpu:
+        with pytest.raises(ValueError) as cpu:
             op(*cpu_args, list(stride), list(padding), list(dilation), False)
         assert str(err).splitlines()[0] == str(cpu.value).splitlines()[0]
 
@@ -173,9 +164,9 @@ def test_conv_checks_real_and_fake_alike(device, case, fn):
     (dict(padding=2**62), ValueError, "padding"),
     (dict(padding=(0, -2**63 - 1)), ValueError, "padding"),
     (dict(dilation=(1, 2**62)), ValueError, "dilation"),
-    (dict(padding=(2**31 - 1, 2**31 - 1)), RuntimeError, "padding"),
-    (dict(dilation=(2**31 - 1, 1)), RuntimeError, "dilation"),
-    (dict(stride=0), RuntimeError, "stride"),
+    (dict(padding=(2**31 - 1, 2**31 - 1)), ValueError, "padding"),
+    (dict(dilation=(2**31 - 1, 1)), ValueError, "dilation"),
+    (dict(stride=0), ValueError, "stride"),
     (dict(stride=True), ValueError, "stride"),
     (dict(padding=(1, False)), ValueError, "padding"),
     (dict(dilation=2.0), ValueError, "dilation"),
@@ -212,14 +203,14 @@ def test_conv_padded_extent_bound():
     for device in ("cpu", "meta"):
         x = torch.zeros(1, 1, 1, 1, device=device).expand(1, 1, 2**62 - 1, 1)
         w = torch.zeros(1, 1, 1, 1, device=device)
-        _raises_naming(RuntimeError, ("padding",), lambda: CONV_OP(x, w, None, None, [1, 1], [1, 0], [1, 1], False))
-        _raises_naming(RuntimeError, ("padding",), lambda: PLAN_OP(x, w, None, None, [1, 1], [1, 0], [1, 1], False))
+        _raises_naming(ValueError, ("padding",), lambda: CONV_OP(x, w, None, None, [1, 1], [1, 0], [1, 1], False))
+        _raises_naming(ValueError, ("padding",), lambda: PLAN_OP(x, w, None, None, [1, 1], [1, 0], [1, 1], False))
 
 
 def test_plan_fake_refuses_after_checks():
     args = [t.to(META) for t in _conv_args()]
     _raises_naming(RuntimeError, ("input",), lambda: atrous_conv2d_plan(*args, padding=1))
-    _raises_naming(RuntimeError, ("weight",), lambda: atrous_conv2d_plan(args[0], args[1][:, :1], padding=1))
+    _raises_naming(ValueError, ("weight",), lambda: atrous_conv2d_plan(args[0], args[1][:, :1], padding=1))
 
 
 def test_conv_compiles_with_fake_checks():
@@ -303,30 +294,32 @@ def test_aspp_all_meta_shapes_and_checks():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The dense CRF ops (their fake kernels: deeplab_fast/ops/dense_crf.py)
+# The dense CRF ops (their fake kernels: deeplab_fast/ops/_dense_crf_registrations.py)
 
 CRF_NAMES = ("unary", "image", "features[0]", "features[1]", "compat[0]", "compat[1]", "q_init", "q",
              "gaussian_compat", "bilateral_compat")
 
 
 def _crf_image_args():
-    g = seeded(1404)
-    return torch.randn(1, 3, 4, 5, generator=g), torch.randint(0, 256, (1, 3, 4, 5), generator=g, dtype=torch.uint8)
+    """unary and image of a small dense_crf sample (tests/samples.py)."""
+    return sample_args("dense_crf", "2x3x5x6_diagonal_matrix")[:2]
 
 
 def _crf_feature_args():
-    g = seeded(1405)
-    unary = torch.randn(1, 3, 6, generator=g)
-    features = [torch.randn(1, 2, 6, generator=g), torch.randn(1, 3, 6, generator=g)]
-    q = torch.softmax(-unary, 1)
-    return unary, features, [torch.tensor(1.0), torch.full((3,), 2.0)], q
+    """unary, features, compat (Potts and matrix) and marginals of a dense_crf_features sample."""
+    unary, features, compat = sample_args("dense_crf_features", "D3_2_potts_matrix")[:3]
+    return unary, features, compat, torch.softmax(-unary, 1)
+
+
+def sample_args(op, name):
+    return next(s for s in INPUTS[op]("cpu") if s.name == name).args
 
 
 @pytest.mark.parametrize("position", range(2))
 def test_dense_crf_meta_in_each_position(position):
     args = list(_crf_image_args())
     args[position] = args[position].to(META)
-    _raises_naming(RuntimeError, CRF_NAMES, lambda: dense_crf(*args, iterations=1))
+    _raises_naming(ValueError, CRF_NAMES, lambda: dense_crf(*args, iterations=1))
 
 
 @pytest.mark.parametrize("position", ["unary", "features0", "features1", "compat1", "q_init"])
@@ -345,7 +338,45 @@ def test_dense_crf_features_device_mix(position, all_meta):
     if all_meta and position == "compat1":  # meta compat with a meta unary: legal; the fake kernel's output
         assert call().device == META
         return
-    _raises_naming(RuntimeError, CRF_NAMES, call)
+    _raises_naming(ValueError, CRF_NAMES, call)
     if position != "q_init":
-        _raises_naming(RuntimeError, CRF_NAMES, lambda: dense_crf_pairwise_energy(
+        _raises_naming(ValueError, CRF_NAMES, lambda: dense_crf_pairwise_energy(
             q if position != "unary" else unary, features, compat))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One description of the checks: every bad call of tests/samples.py raises ValueError with its message from the
+# real kernel (C++) and, for mistakes in devices, dtypes and shapes, the same first line from the fake kernel
+# (deeplab_fast/ops: conv_output, dense_crf's check_*), under FakeTensorMode as torch.compile traces it.
+
+
+def _bad_calls():
+    return [pytest.param(op, case, device, id=f"{op}-{case.name}-{device}", marks=CUDA_MARKS if device == "cuda"
+                         else ()) for device in ("cpu", "cuda") for op, errors in ERRORS.items()
+            for case in (errors(device) if device == "cpu" or torch.cuda.is_available() else errors("cpu"))]
+
+
+def _fake(x, mode):
+    if isinstance(x, torch.Tensor):
+        return mode.from_tensor(x)
+    if isinstance(x, list) and x and isinstance(x[0], torch.Tensor):
+        return [mode.from_tensor(t) for t in x]
+    return x
+
+
+@pytest.mark.parametrize("op,case,device", _bad_calls())
+def test_bad_calls_real_and_fake_alike(op, case, device):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    fn = getattr(torch.ops.deeplab_fast, op)
+    with pytest.raises(ValueError) as real:
+        fn(*case.args)
+    message = str(real.value).splitlines()[0]
+    assert message.startswith(prefix(op) + case.message), message
+    if case.values:
+        return
+    mode = FakeTensorMode()
+    args = [_fake(a, mode) for a in case.args]
+    with pytest.raises(ValueError) as fake, mode:
+        fn(*args)
+    assert str(fake.value).splitlines()[0] == message

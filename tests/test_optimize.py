@@ -104,7 +104,8 @@ def custom_model(seed=0) -> nn.Sequential:
         nn.Conv2d(3, C, 3, padding=1, bias=False), nn.BatchNorm2d(C), nn.ReLU(inplace=True),   # 0-2: fused
         nn.Conv2d(C, C, 3, padding=2, dilation=2), nn.ReLU(),                                   # 3-4: fused
         nn.Conv2d(C, C, 1), nn.BatchNorm2d(C),                                                  # 5-6: fused, no ReLU
-        nn.Conv2d(C, C, 3, padding=1, groups=2, bias=False), nn.BatchNorm2d(C), nn.ReLU(),      # 7-9: grouped
+        nn.Conv2d(C, C, 3, padding=1, groups=2, bias=False), nn.BatchNorm2d(C), nn.ReLU(),      # 7-9: grouped:
+                                                                                                 # BN folded
         nn.Conv2d(C, C, 3, padding=1), nn.LeakyReLU(0.1),                                       # 10-11: not ReLU
         ConvBNReLUBlock(C),                                                                     # 12: opaque
         nn.Conv2d(C, C, 3, padding="same", dilation=3, stride=1), nn.BatchNorm2d(C), nn.ReLU(),  # 13-15: fused
@@ -117,6 +118,7 @@ def custom_model(seed=0) -> nn.Sequential:
 
 
 FUSED_IN_CUSTOM = {0: (1, 2), 3: (4,), 5: (6,), 13: (14, 15), 19: (20,)}
+GROUPED_IN_CUSTOM = {7: 8}  # grouped conv -> nn.Conv2d with the BN folded; the BN -> Identity; the ReLU kept
 
 
 def test_custom_model_fuses_exactly_the_eligible_chains(capsys):
@@ -137,7 +139,9 @@ def test_custom_model_fuses_exactly_the_eligible_chains(capsys):
             assert new.bn is None, f"[{i}]: the eval BN was not folded"
             assert (new.stride, new.padding, new.dilation) == (
                 orig.stride, {13: (3, 3), 19: (0, 0)}.get(i, orig.padding), orig.dilation)
-        elif i in fused_members:
+        elif i in GROUPED_IN_CUSTOM:
+            assert type(new) is nn.Conv2d and new.groups == orig.groups and new.bias is not None, f"[{i}]"
+        elif i in fused_members or i in GROUPED_IN_CUSTOM.values():
             assert type(new) is nn.Identity, f"[{i}] {type(orig).__name__} should be an Identity placeholder"
         else:
             assert new is not orig and type(new) is type(orig), f"[{i}] {type(orig).__name__} was replaced"
@@ -146,13 +150,13 @@ def test_custom_model_fuses_exactly_the_eligible_chains(capsys):
     assert [type(m) for m in opt[18].children()] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU]
     # untouched children keep their state-dict keys and values
     new_sd, old_sd = opt.state_dict(), model.state_dict()
-    for key in ("7.weight", "8.running_var", "10.bias", "12.conv.weight", "12.bn.running_mean", "16.weight",
-                "18.1.weight", "21.bias"):
+    for key in ("10.bias", "12.conv.weight", "12.bn.running_mean", "16.weight", "18.1.weight", "21.bias"):
         assert torch.equal(new_sd[key], old_sd[key]), key
-    assert not any(k.startswith(("1.", "6.", "14.")) for k in new_sd), "folded BN left state behind"
+    assert not any(k.startswith(("1.", "6.", "8.", "14.")) for k in new_sd), "folded BN left state behind"
 
     lines = replacement_lines(capsys.readouterr().out)
-    assert len(lines) == len(FUSED_IN_CUSTOM), lines
+    assert len(lines) == len(FUSED_IN_CUSTOM) + len(GROUPED_IN_CUSTOM), lines
+    assert any("7: grouped Conv2d+BatchNorm2d -> Conv2d (BN folded); 8 -> Identity" in line for line in lines)
     assert "0: Conv2d+BatchNorm2d+ReLU -> AtrousConv2dReLU (BN folded); 1, 2 -> Identity" in lines[0]
     assert "3: Conv2d+ReLU -> AtrousConv2dReLU; 4 -> Identity" in lines[1]
     assert "5: Conv2d+BatchNorm2d -> AtrousConv2dReLU (BN folded); 6 -> Identity" in lines[2]
@@ -333,7 +337,7 @@ def test_intermediate_layer_getter_and_basic_blocks():
 
 
 def test_bottleneck_with_grouped_conv_and_hooks():
-    """ResNeXt-style Bottleneck: conv1 and conv3 chains fused, the grouped conv2 + bn2 + relu kept."""
+    """ResNeXt-style Bottleneck: conv1 and conv3 chains fused, bn2 folded into the grouped conv2, relu kept."""
     torch.manual_seed(3)
     blocks = nn.Sequential(Bottleneck(64, 16, groups=4), Bottleneck(64, 16))
     blocks = randomize_(blocks, 17).eval()
@@ -342,9 +346,9 @@ def test_bottleneck_with_grouped_conv_and_hooks():
     ref = run(blocks, x)
     opt = optimize(blocks)
     assert type(opt[0]) is FusedResNetBlock and type(opt[1]) is Bottleneck
-    assert [type(m) for m in opt[0].body] == [AtrousConv2dReLU, nn.Conv2d, nn.BatchNorm2d, nn.ReLU,
-                                              AtrousConv2dReLU]
-    assert opt[0].body[0].relu and not opt[0].body[4].relu
+    assert [type(m) for m in opt[0].body] == [AtrousConv2dReLU, nn.Conv2d, nn.ReLU, AtrousConv2dReLU]
+    assert opt[0].body[1].groups == 4 and opt[0].body[1].bias is not None
+    assert opt[0].body[0].relu and not opt[0].body[3].relu
     assert_matches(run(opt, x), ref, 1e-5, "bottlenecks")
 
 

@@ -297,7 +297,10 @@ def test_param_groups_every_model(name):
     _check_groups(model, groups, 2.5e-4, heads)
     expected_heads = {"deeplab_v1_largefov": ["fc8"], "deeplab_v1_msc_largefov": ["fc8", "msc"],
                       "deeplab_v2_resnet101": ["aspp"], "deeplab_v3_resnet50": ["classifier"],
-                      "deeplab_v3_resnet101": ["classifier"]}[name]
+                      "deeplab_v3_resnet101": ["classifier"], "deeplab_v3_mobilenet_v3_large": ["classifier"],
+                      "lraspp_mobilenet_v3_large": ["classifier"],
+                      **{f"deeplab_v3plus_{b}": ["aspp", "classifier", "low_level", "decoder"]
+                         for b in ("resnet50", "resnet101", "mobilenet_v2")}}[name]
     assert heads == [getattr(model, a) for a in expected_heads]
 
 

@@ -1,13 +1,11 @@
-// Torch glue for the fused atrous convolution: op schemas and the CPU registration (argument checks:
-// atrous_conv_args.h; the CPU path: cpu/; the CUDA registration: cuda/atrous_conv_cuda_ops.cpp).
+// The fused atrous convolution's op schemas (the checked call: atrous_conv_args.h; the kernels register per
+// device: cpu/atrous_conv_cpu_ops.cpp, cuda/atrous_conv_cuda_ops.cpp).
 //
 //   deeplab_fast::atrous_conv2d(input[N,C,H,W], weight[K,C,R,S], bias[K]?, scale[K]?, stride, padding,
 //                               dilation, relu) -> relu?(conv(input, weight) * scale + bias)  [N,K,P,Q]
 //   deeplab_fast::atrous_conv2d_plan(<the same arguments>) -> str: JSON naming the path that would run
 //       (device, path, reason, tap_skipping, kept_fraction, regions; on CUDA also the tile configuration)
 #include <torch/library.h>
-
-#include "cpu/atrous_conv_cpu.h"
 
 TORCH_LIBRARY_FRAGMENT(deeplab_fast, m) {
   m.def(
@@ -16,9 +14,4 @@ TORCH_LIBRARY_FRAGMENT(deeplab_fast, m) {
   m.def(
       "atrous_conv2d_plan(Tensor input, Tensor weight, Tensor? bias, Tensor? scale, int[2] stride, "
       "int[2] padding, int[2] dilation, bool relu) -> str");
-}
-
-TORCH_LIBRARY_IMPL(deeplab_fast, CPU, m) {
-  m.impl("atrous_conv2d", &deeplab_fast::atrous_conv::cpu::atrous_conv2d);
-  m.impl("atrous_conv2d_plan", &deeplab_fast::atrous_conv::cpu::plan);
 }

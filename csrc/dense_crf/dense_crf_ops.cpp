@@ -1,5 +1,5 @@
-// Torch glue for the dense CRF: op schemas, the image-level composite and the CPU registration (argument checks:
-// dense_crf_args.h; the CPU path: cpu/; the CUDA registration: cuda/dense_crf_cuda_ops.cpp).
+// The dense CRF ops: schemas and the image-level composite (argument checks: dense_crf_args.h; the kernels register
+// per device: cpu/dense_crf_cpu_ops.cpp, cuda/dense_crf_cuda_ops.cpp).
 //
 //   deeplab_fast::dense_crf_features(unary[B,L,N], features[], compat[], normalization[], iterations,
 //                                    q_init?) -> Q[B,L,N]
@@ -22,13 +22,9 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
-#include <string>
-#include <utility>
-
 #include <vector>
 
-#include "cpu/buffer.h"
-#include "cpu/dense_crf_cpu.h"
+#include "common/block_pool.h"
 #include "dense_crf_args.h"
 
 namespace deeplab_fast {
@@ -43,11 +39,15 @@ c10::TypedOperatorHandle<Signature> op(const char* name) {
 
 // dense_crf = dense_crf_image_features + dense_crf_features, for every backend and under autograd (the features op
 // carries the gradient): when a gradient is wanted and checkpoint is false, through the history-keeping forward.
-// Errors of the inner op name the image op's arguments. Sizes are symbolic, so it traces with dynamic shapes.
+// Its own arguments are checked here under their names (the compatibilities before the inner op sees them as
+// compat[0] and compat[1]), in the inner op's order. Sizes are symbolic, so it traces with dynamic shapes.
 at::Tensor dense_crf_composite(const at::Tensor& unary, const at::Tensor& image, int64_t iterations,
                                double gaussian_sxy, const at::Tensor& gaussian_compat, double bilateral_sxy,
                                double bilateral_srgb, const at::Tensor& bilateral_compat, bool checkpoint) {
   check_image_args(unary, image, gaussian_sxy, bilateral_sxy, bilateral_srgb);
+  check_iterations(iterations);
+  check_compat(gaussian_compat, unary.sym_size(1), "gaussian_compat", unary);
+  check_compat(bilateral_compat, unary.sym_size(1), "bilateral_compat", unary);
   static const auto features_of = op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, double, double, double)>(
       "deeplab_fast::dense_crf_image_features");
   using Forward = at::Tensor(const at::Tensor&, at::TensorList, at::TensorList, at::IntArrayRef, int64_t,
@@ -64,31 +64,12 @@ at::Tensor dense_crf_composite(const at::Tensor& unary, const at::Tensor& image,
                             (unary.requires_grad() || gaussian_compat.requires_grad() ||
                              bilateral_compat.requires_grad());
   const at::Tensor u = unary.reshape_symint({B, L, H * W});
-  at::Tensor q;
-  try {
-    q = keep_history ? std::get<0>(mean_field_with_history.call(u, {gaussian, bilateral},
-                                                               {gaussian_compat, bilateral_compat}, normalization,
-                                                               iterations, c10::nullopt))
-                     : mean_field.call(u, {gaussian, bilateral}, {gaussian_compat, bilateral_compat}, normalization,
-                                       iterations, c10::nullopt);
-  } catch (const std::exception& e) {
-    // A C++ error, or the Python exception of an autograd or fake kernel registered from Python. Anything that
-    // does not name a compat argument (an interrupt, say) goes on unchanged.
-    const auto* error = dynamic_cast<const c10::Error*>(&e);
-    std::string message = error != nullptr ? error->what_without_backtrace() : e.what();
-    if (message.find("compat[") == std::string::npos) throw;
-    if (error == nullptr) {  // a Python exception's text: "RuntimeError: <message>\n\nAt: <traceback>"
-      message = message.substr(0, message.find('\n'));
-      const size_t colon = message.find("Error: ");
-      if (colon != std::string::npos) message = message.substr(colon + 7);
-    }
-    for (const auto& [inner, outer] : {std::pair<std::string, std::string>{"compat[0]", "gaussian_compat"},
-                                       {"compat[1]", "bilateral_compat"}}) {
-      for (size_t at = message.find(inner); at != std::string::npos; at = message.find(inner, at + outer.size()))
-        message.replace(at, inner.size(), outer);
-    }
-    TORCH_CHECK(false, message);
-  }
+  const at::Tensor q =
+      keep_history ? std::get<0>(mean_field_with_history.call(u, {gaussian, bilateral},
+                                                             {gaussian_compat, bilateral_compat}, normalization,
+                                                             iterations, c10::nullopt))
+                   : mean_field.call(u, {gaussian, bilateral}, {gaussian_compat, bilateral_compat}, normalization,
+                                     iterations, c10::nullopt);
   return q.view_symint({B, L, H, W});
 }
 
@@ -130,17 +111,9 @@ TORCH_LIBRARY_FRAGMENT(deeplab_fast, m) {
       "-> (Tensor, Tensor)");
   m.def("dense_crf_pairwise_energy(Tensor q, Tensor[] features, Tensor[] compat, int[] normalization) -> Tensor",
         tags);
-  // Frees the CPU working memory the dense CRF keeps for reuse between calls (see cpu/buffer.h).
-  m.def("empty_cache() -> ()", [] { cpu::empty_cache(); });
+  // Frees the host memory the CPU dense CRF keeps for reuse between calls (common/block_pool.h).
+  m.def("empty_cache() -> ()", [] { BlockPool::instance().empty(); });
   m.impl("dense_crf", c10::DispatchKey::CompositeImplicitAutograd, TORCH_FN(dense_crf_composite));
-}
-
-TORCH_LIBRARY_IMPL(deeplab_fast, CPU, m) {
-  m.impl("dense_crf_features", &cpu::dense_crf_features);
-  m.impl("dense_crf_features_with_history", &cpu::dense_crf_features_with_history);
-  m.impl("dense_crf_features_backward", &cpu::dense_crf_features_backward);
-  m.impl("dense_crf_image_features", &cpu::dense_crf_image_features);
-  m.impl("dense_crf_pairwise_energy", &cpu::dense_crf_pairwise_energy);
 }
 
 }  // namespace dense_crf

@@ -1,6 +1,7 @@
 """``deeplab-fast``: the command-line tool of deeplab_fast. One module per command family:
 
     crf.py       deeplab-fast crf IMAGE ANNO OUT / crf IMAGES/ ANNOS/ OUT/ / demo   (dense CRF refinement)
+    crf3d.py     deeplab-fast crf3d IMAGE [IMAGE ...] PROB OUT                      (volumes: NIfTI, .npy)
     segment.py   deeplab-fast segment IMAGE... --weights NAME|FILE|URL / bench     (the models)
     train.py     deeplab-fast train / eval                                         (training, evaluation)
     _common.py   what they share: CLIError and exit codes, argument types, parent parsers for the shared
@@ -27,22 +28,23 @@ from ._common import EXIT_INTERRUPTED, EXIT_USAGE, PROG, CLIError
 
 __all__ = ["main", "build_parser", "CLIError", "CrfParams", "refine_annotation", "make_overlay"]
 
-COMMANDS = ("crf", "demo", "segment", "bench", "train", "eval")
+COMMANDS = ("crf", "demo", "crf3d", "segment", "bench", "train", "eval")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
-    from . import crf, segment, train
+    from . import crf, crf3d, segment, train
 
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="deeplab_fast command-line tool: DeepLab segmentation and dense CRF refinement.",
+        description="deeplab_fast command-line tool: DeepLab segmentation and dense CRF refinement (images and volumes).",
         epilog="Run 'deeplab-fast COMMAND --help' for a command's options. 'python -m deeplab_fast' is "
                "the same as 'deeplab-fast'.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
     crf.add_parsers(sub)
+    crf3d.add_parsers(sub)
     segment.add_parsers(sub)
     train.add_parsers(sub)
     return parser

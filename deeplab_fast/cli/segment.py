@@ -1,7 +1,7 @@
 """``deeplab-fast segment`` and ``deeplab-fast bench``: the DeepLab models from the command line.
 
     deeplab-fast segment IMAGE... --model deeplab_v3_resnet101 --weights NAME|FILE|URL [--crf PRESET] [--out DIR]
-    deeplab-fast bench [--models NAME...] [--size 513] [--batch 1 16] [--device cpu|cuda] [--json FILE]
+    deeplab-fast bench [--models NAME...] [--size 513] [--batch 1 [16]] [--device cpu|cuda] [--json FILE]
 
 ``segment`` writes, per image, ``<stem>.png`` (the labels as a palette PNG, PASCAL VOC colours) and
 ``<stem>_overlay.png`` (the colours blended over the photo) into ``--out``, and prints the per-image time split
@@ -10,8 +10,9 @@ into network and CRF. Folders are expanded to their images, with a progress bar;
 a registered weights name, a checkpoint file or a URL; the input is normalised as the weights' ``transforms()``
 say.
 
-``bench`` measures images/s of each model in its forms on the same input (``deeplab_fast.benchmark``) and prints
-a table naming the device; ``--json`` writes it.
+``bench`` measures images/s of each model in its forms on the same input (``deeplab_fast.benchmark``), with a
+progress bar, and prints a table naming the device; ``--json`` writes it. On the CPU it defaults to batch 1 and 3
+timed calls (about a minute per model on 2 cores); ``--batch 1 16`` adds the batch-16 rows.
 """
 from __future__ import annotations
 
@@ -148,30 +149,49 @@ def run_segment(args) -> int:
 
 def run_bench(args) -> int:
     import torch
+    from tqdm import tqdm
 
     from .. import models
-    from ..benchmark import bench_rows, device_name
+    from ..benchmark import bench_forms, bench_rows, device_name, load_torchvision
 
     names = args.models or models.list_models()
     device = resolve_device(args.device)
+    gpu = device.type == "cuda"
     if args.dtype is None:
-        args.dtype = "bf16" if device.type == "cuda" else "fp32"
+        args.dtype = "bf16" if gpu else "fp32"
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    if dtype == torch.bfloat16 and device.type != "cuda":
+    if dtype == torch.bfloat16 and not gpu:
         raise CLIError("--dtype bf16 is for the GPU (--device cuda)")
+    batches = args.batch or ([1, 16] if gpu else [1])
+    repeat = args.repeat or (10 if gpu else 3)
+    crf = not args.no_crf
     described = device_name(device)
-    print(f"device: {described}; {args.dtype}, {args.size}x{args.size}, {args.repeat} timed calls per row")
+    print(f"device: {described}; {args.dtype}, {args.size}x{args.size}, batch {' '.join(map(str, batches))}, "
+          f"{repeat} timed calls per row after a warm-up" + ("" if gpu or 16 in batches else
+                                                              " (--batch 1 16 adds the batch-16 rows)"))
+    tv, note = load_torchvision()
+    if tv is None or note:
+        print(f"torchvision: {note}")
+    calls = sum(len(bench_forms(name, crf)) * len(batches) * (repeat + 1) for name in names)
     rows = []
-    for name in names:
-        for batch in args.batch:
-            for row in bench_rows(name, args.size, batch, device, dtype, args.repeat, crf=not args.no_crf):
-                rows.append(row)
-                print(f"  {row['model']:<26} batch {batch:>3}  {row['impl']:<34} {1e3 * row['median_s']:9.1f} ms"
-                      f"  {row['images_per_s']:8.2f} img/s", flush=True)
+    with tqdm(total=calls, unit="call", desc="bench", dynamic_ncols=True, disable=None) as bar:
+        for name in names:
+            for batch in batches:
+                bar.set_postfix_str(f"{name} batch {batch}")
+                for row in bench_rows(name, args.size, batch, device, dtype, repeat, crf=crf,
+                                      on_call=lambda: bar.update(1)):
+                    rows.append(row)
+                    if row["median_s"] is None:
+                        bar.write(f"  {row['model']:<26} batch {batch:>3}  {row['impl']:<34} not measured: "
+                                  f"{row['skipped']}")
+                    else:
+                        bar.write(f"  {row['model']:<26} batch {batch:>3}  {row['impl']:<34} "
+                                  f"{1e3 * row['median_s']:9.1f} ms  {row['images_per_s']:8.2f} img/s")
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(dict(device=described, dtype=args.dtype, size=args.size, rows=rows), indent=1))
+        path.write_text(json.dumps(dict(device=described, dtype=args.dtype, size=args.size, batches=batches,
+                                        repeat=repeat, torchvision=note or None, rows=rows), indent=1))
         print(f"written: {path}")
     return 0
 
@@ -215,11 +235,13 @@ def add_parsers(sub) -> None:
     bench.add_argument("--models", nargs="+", metavar="NAME", default=None, choices=model_names(),
                        help="models to measure (default: all): " + ", ".join(model_names()))
     bench.add_argument("--size", type=positive_int, default=513, metavar="PX", help="input side (default 513)")
-    bench.add_argument("--batch", type=positive_int, nargs="+", default=[1, 16], metavar="N",
-                       help="batch sizes (default 1 16)")
+    bench.add_argument("--batch", type=positive_int, nargs="+", default=None, metavar="N",
+                       help="batch sizes (default: 1 on the CPU, about a minute per model on 2 cores; 1 16 on "
+                            "CUDA). --batch 1 16 adds the batch-16 rows on the CPU (about 10 minutes per model)")
     bench.add_argument("--dtype", choices=("fp32", "bf16"), default=None,
                        help="default: bf16 on CUDA (channels_last), fp32 on the CPU")
-    bench.add_argument("--repeat", type=positive_int, default=3, metavar="N", help="timed calls per row")
+    bench.add_argument("--repeat", type=positive_int, default=None, metavar="N",
+                       help="timed calls per row, after one warm-up call (default 3 on the CPU, 10 on CUDA)")
     bench.add_argument("--no-crf", action="store_true", help="skip the v2 + dense CRF row")
     bench.add_argument("--json", metavar="FILE", default=None, help="write the rows as JSON")
     bench.set_defaults(run=run_bench)

@@ -6,9 +6,12 @@ smoke runs.
 - ``TrainTransform`` / ``EvalTransform`` (``deeplab_fast.data.transforms``): random scale, pad, crop, flip and
   normalisation (torchvision's ImageNet or the Caffe BGR mean).
 - ``make_synthetic_voc(root, ...)``: writes coloured shapes on textured backgrounds in the VOC layout.
+- ``synthetic_volume(shape, labels, channels)``: an MR-like volume with blobs and a noisy probability map (the
+  volumetric dense CRF's tests and benchmarks).
 """
 from .synthetic import make_synthetic_voc
+from .synthetic_volume import SyntheticVolume, synthetic_volume
 from .transforms import EvalTransform, TrainTransform, denormalize, normalize
 from .voc import VOC_CLASSES, VOCSegmentation, colorize, find_voc_root, voc_palette
 
-__all__ = ["VOCSegmentation", "VOC_CLASSES", "voc_palette", "colorize", "find_voc_root", "TrainTransform", "EvalTransform", "normalize", "denormalize", "make_synthetic_voc"]
+__all__ = ["VOCSegmentation", "VOC_CLASSES", "voc_palette", "colorize", "find_voc_root", "TrainTransform", "EvalTransform", "normalize", "denormalize", "make_synthetic_voc", "synthetic_volume", "SyntheticVolume"]

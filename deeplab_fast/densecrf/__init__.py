@@ -43,8 +43,9 @@ import numbers
 import numpy as np
 import torch
 
-from .._validation import MAX_INT32, host_array, positive_int
+from .._validation import MAX_INT32, positive_int
 from ..ops.dense_crf import dense_crf_features, dense_crf_pairwise_energy
+from ._args import compat_tensor, enum_value, float_matrix, per_axis
 
 __all__ = [
     "KernelType",
@@ -94,81 +95,6 @@ FULL_KERNEL = KernelType.FULL_KERNEL
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Argument checks.
-
-
-def _enum_value(x, enum_cls, name: str) -> int:
-    if isinstance(x, bool) or not isinstance(x, numbers.Integral):
-        raise ValueError(f"{name} must be one of {[m.name for m in enum_cls]}, got {type(x).__name__} {x!r}")
-    try:
-        return int(enum_cls(int(x)))
-    except ValueError:
-        raise ValueError(f"{name} must be one of {[f'{m.name} ({int(m)})' for m in enum_cls]}, got {x!r}") from None
-
-
-def _float_matrix(a, name: str) -> np.ndarray:
-    """``a`` as a fresh C-contiguous float32 2-D array; a ValueError naming ``name`` if it is not a 2-D float array."""
-    arr = np.asarray(host_array(a, name))
-    if arr.dtype.kind != "f":
-        raise ValueError(f"{name} must be a float array (float32 like pydensecrf), got dtype {arr.dtype}")
-    if arr.ndim != 2:
-        raise ValueError(f"{name} must be 2-D, got {arr.ndim}-D with shape {arr.shape}")
-    return np.array(arr, dtype=np.float32, order="C", copy=True)
-
-
-def _compat_tensor(compat, nlabels: int) -> torch.Tensor:
-    """pydensecrf's ``compat`` argument as the op takes it: a number is a Potts weight, a 1-D array a diagonal
-    compatibility, a 2-D array a label compatibility matrix (symmetrised by the op, as pydensecrf does)."""
-    if isinstance(compat, bool):
-        raise ValueError("compat must be a number or a float array, got bool")
-    if isinstance(compat, numbers.Real):
-        w = float(compat)
-        if not np.isfinite(w):
-            raise ValueError(f"compat must be finite, got {compat}")
-        return torch.tensor(w, dtype=torch.float32)
-    compat = host_array(compat, "compat")
-    try:
-        arr = np.asarray(compat)
-    except Exception as e:  # pragma: no cover - exotic objects
-        raise ValueError(f"compat must be a number or an array, got {type(compat).__name__}") from e
-    if arr.dtype.kind not in "fiu":
-        raise ValueError(f"compat must be a number or a real-valued array, got dtype {arr.dtype}")
-    if arr.ndim > 2:
-        raise ValueError(f"LabelCompatibility of dimension > 2 not meaningful: compat has shape {arr.shape}")
-    if arr.ndim == 1 and arr.shape != (nlabels,):
-        raise ValueError(f"compat as a vector (diagonal compatibility) must have shape ({nlabels},), got {arr.shape}")
-    if arr.ndim == 2 and arr.shape != (nlabels, nlabels):
-        raise ValueError(f"compat as a matrix must have shape ({nlabels}, {nlabels}), got {arr.shape}")
-    arr = np.array(arr, dtype=np.float32, order="C", copy=True)
-    if not np.isfinite(arr).all():
-        raise ValueError("compat must be finite")
-    return torch.from_numpy(arr)  # 0-d: Potts weight; [L]: diagonal; [L, L]: matrix
-
-
-def _per_axis(s, n: int, name: str) -> tuple:
-    """A standard deviation given as a scalar (all axes) or a sequence of ``n`` values, as float32 values."""
-    s = host_array(s, name)
-    if isinstance(s, numbers.Real) or (isinstance(s, np.ndarray) and s.ndim == 0):
-        vals = [s] * n
-    else:
-        try:
-            vals = list(s)
-        except TypeError:
-            raise ValueError(f"{name} must be a number or a sequence of {n} numbers, got {type(s).__name__}") from None
-        if len(vals) != n:
-            raise ValueError(f"{name} must be a number or a sequence of {n} numbers, got {len(vals)} values")
-    out = []
-    for v in vals:
-        if isinstance(v, bool) or not isinstance(v, (numbers.Real, np.ndarray)) or np.ndim(v) != 0:
-            raise ValueError(f"{name} must hold numbers, got {v!r}")
-        f = np.float32(v)  # pydensecrf passes them to C++ as float
-        if not (np.isfinite(f) and f > 0):
-            raise ValueError(f"{name} must be finite and > 0, got {v!r}")
-        out.append(f)
-    return tuple(out)
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Unary objects (pydensecrf's ``setUnary`` API).
 
 
@@ -189,7 +115,7 @@ class ConstUnary(Unary):
     """
 
     def __init__(self, u):
-        self._energy = _float_matrix(u, "u")
+        self._energy = float_matrix(u, "u")
 
 
 class LogisticUnary(Unary):
@@ -264,7 +190,7 @@ class DenseCRF:
         self._set_unary(u._energy, "u")
 
     def _set_unary(self, u, name: str) -> None:
-        arr = _float_matrix(u, name)
+        arr = float_matrix(u, name)
         if arr.shape != (self._nlabel, self._nvar):
             raise ValueError(
                 f"Bad shape for unary energy {name} (need {(self._nlabel, self._nvar)} = (nlabels, nvar), "
@@ -296,7 +222,7 @@ class DenseCRF:
                 (dimension > 2, or length not L); an unknown ``kernel`` or ``normalization``.
             NotImplementedError: D = 0 or D > 16 (outside what the lattice implements).
         """
-        feats = _float_matrix(features, "features")
+        feats = float_matrix(features, "features")
         if feats.shape[1] != self._nvar:
             raise ValueError(
                 f"Bad shape for pairwise energy features (need (?, {self._nvar}) = (D, nvar), got {feats.shape})"
@@ -311,9 +237,9 @@ class DenseCRF:
             )
         if not np.isfinite(feats).all():
             raise ValueError("features must be finite (check the standard deviations sxy / srgb)")
-        c = _compat_tensor(compat, self._nlabel)
-        k = _enum_value(kernel, KernelType, "kernel")
-        n = _enum_value(normalization, NormalizationType, "normalization")
+        c = compat_tensor(compat, self._nlabel)
+        k = enum_value(kernel, KernelType, "kernel")
+        n = enum_value(normalization, NormalizationType, "normalization")
         self._features.append(torch.from_numpy(feats)[None])
         self._compat.append(c)
         self._normalization.append(n)
@@ -470,7 +396,7 @@ class DenseCRF2D(DenseCRF):
             ValueError: ``sxy`` not positive and finite or not 1 or 2 values; a bad ``compat``, ``kernel`` or
                 ``normalization``.
         """
-        sx, sy = _per_axis(sxy, 2, "sxy")
+        sx, sy = per_axis(sxy, 2, "sxy")
         fx, fy = self._positions(sx, sy)
         self._add_term(np.ascontiguousarray(np.stack([fx, fy])), compat, kernel, normalization)
 
@@ -491,8 +417,8 @@ class DenseCRF2D(DenseCRF):
             ValueError: ``rgbim`` not uint8, not of shape (H, W, 3); ``sxy`` / ``srgb`` not positive and
                 finite or of the wrong length; a bad ``compat``, ``kernel`` or ``normalization``.
         """
-        sx, sy = _per_axis(sxy, 2, "sxy")
-        sr, sg, sb = _per_axis(srgb, 3, "srgb")
+        sx, sy = per_axis(sxy, 2, "sxy")
+        sr, sg, sb = per_axis(srgb, 3, "srgb")
         im = np.asarray(rgbim)
         if im.dtype != np.uint8:
             raise ValueError(f"rgbim must be a uint8 array of shape (H, W, 3), got dtype {im.dtype}")

@@ -195,7 +195,7 @@ def refine_annotation(image: np.ndarray, anno: np.ndarray, params: CrfParams = C
         q = dense_crf_features(batch(unary), [batch(gaussian), batch(bilateral)],
                                [params.gaussian_compat, params.bilateral_compat],
                                [NORMALIZE_SYMMETRIC, NORMALIZE_SYMMETRIC], iterations=params.iterations)
-    except RuntimeError as exc:  # what the checks above cannot foresee
+    except (ValueError, RuntimeError) as exc:  # what the checks above cannot foresee
         raise ValueError(f"the dense CRF failed on {image_name}: {str(exc).splitlines()[0]} (options "
                          "--gaussian-sxy, --bilateral-sxy, --bilateral-srgb)") from None
     best = q[0].argmax(dim=0).numpy()

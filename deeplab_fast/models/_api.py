@@ -45,7 +45,7 @@ from torch import nn
 
 __all__ = ["Weights", "WeightsEnum", "ModelEntry", "register_model", "list_models", "get_model", "build_model",
            "get_model_builder", "get_model_weights", "get_weight", "model_entry", "resolve_weights",
-           "load_weights_state_dict", "preprocess"]
+           "resolve_backbone_weights", "load_weights_state_dict", "preprocess"]
 
 _URL_SCHEMES = ("http", "https", "file")
 
@@ -112,10 +112,15 @@ class WeightsEnum(enum.Enum):
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """A registered model: its builder, weights enum, family (``"v1"``, ``"v2"``, ``"v3"``: the training loss
-    and BN handling follow it), default input normalisation (``"caffe"`` or ``"torchvision"``) for weights that
-    do not say, and ``classifier_key(**kwargs)``: the state-dict key of the classifier's weight for a model built
-    with ``kwargs`` (the class count is its first dimension)."""
+    """A registered model: its builder (the architecture's constructor, called with the model keyword
+    arguments), weights enum, family (``"v1"``, ``"v2"``, ``"v3"``: the training loss and BN handling follow it),
+    default input normalisation (``"caffe"`` or ``"torchvision"``) for weights that do not say,
+    ``classifier_key(**kwargs)``: the state-dict key of the classifier's weight for a model built with ``kwargs``
+    (the class count is its first dimension), and ``function``: the public builder in torchvision's form
+    (``name(*, weights=None, progress=True, weights_backbone=None, **kwargs)``), which ``get_model_builder``
+    returns. ``foreign(state_dict, kwargs)``: recognises another library's layout of this model's state dicts
+    (e.g. segmentation_models_pytorch's) and returns it in the model's key names, checking ``kwargs`` (the
+    builder arguments) fit it; other state dicts unchanged."""
 
     name: str
     builder: Callable[..., nn.Module]
@@ -123,17 +128,21 @@ class ModelEntry:
     family: str
     default_mode: str
     classifier_key: Callable[..., str]
+    function: Optional[Callable[..., nn.Module]] = None
+    foreign: Optional[Callable[[Mapping, dict], Mapping]] = None
 
 
 _REGISTRY: "OrderedDict[str, ModelEntry]" = OrderedDict()
 
 
 def register_model(name: str, builder: Callable[..., nn.Module], *, weights: Type[WeightsEnum], family: str,
-                   default_mode: str, classifier_key: Callable[..., str]) -> ModelEntry:
+                   default_mode: str, classifier_key: Callable[..., str],
+                   function: Optional[Callable[..., nn.Module]] = None,
+                   foreign: Optional[Callable[[Mapping, dict], Mapping]] = None) -> ModelEntry:
     """Adds a model to the registry (ValueError for a name that is taken); returns its entry."""
     if name in _REGISTRY:
         raise ValueError(f"register_model: {name!r} is already registered")
-    entry = ModelEntry(name, builder, weights, family, default_mode, classifier_key)
+    entry = ModelEntry(name, builder, weights, family, default_mode, classifier_key, function, foreign)
     _REGISTRY[name] = entry
     return entry
 
@@ -152,14 +161,17 @@ def model_entry(name: str) -> ModelEntry:
 
 
 def get_model_builder(name: str) -> Callable[..., nn.Module]:
-    return model_entry(name).builder
+    """The public builder of ``name`` (torchvision's form: ``builder(*, weights=None, progress=True,
+    weights_backbone=None, **kwargs)``)."""
+    entry = model_entry(name)
+    return entry.function or entry.builder
 
 
 def get_model_weights(name) -> Type[WeightsEnum]:
     """The ``WeightsEnum`` class of model ``name`` (or of the model a builder function registers)."""
     if callable(name) and not isinstance(name, str):
         for entry in _REGISTRY.values():
-            if entry.builder is name:
+            if entry.builder is name or entry.function is name:
                 return entry.weights
         raise ValueError(f"get_model_weights: {name!r} is not a registered model builder")
     return model_entry(name).weights
@@ -204,6 +216,17 @@ def _available(entry: ModelEntry) -> str:
     return ", ".join(entry.weights.__members__) or "none"
 
 
+def _by_url(entry: ModelEntry, weights) -> WeightsEnum:
+    """Another library's weights member (torchvision's ``WeightsEnum``: it has a ``url``) as the member of
+    ``entry`` for the same file; ValueError when none is."""
+    file_name = os.path.basename(urlparse(weights.url).path)
+    member = _registered_by_file_name(entry, file_name)
+    if member is None:
+        raise ValueError(f"weights {weights!r} ({weights.url}) are not registered for {entry.name} (its weights: "
+                         f"{entry.weights.__name__}: {_available(entry)})")
+    return member
+
+
 def resolve_weights(name: str, weights) -> Union[WeightsEnum, Weights]:
     """What ``get_model(name, weights=weights)`` loads: a registered member, or for a path / URL a ``Weights``
     whose ``url`` is that location (with the registered entry's converter and meta when the file name is that
@@ -218,6 +241,8 @@ def resolve_weights(name: str, weights) -> Union[WeightsEnum, Weights]:
         return weights
     if isinstance(weights, os.PathLike):
         weights = os.fspath(weights)
+    if isinstance(weights, enum.Enum) and isinstance(getattr(weights, "url", None), str):
+        return _by_url(entry, weights)
     if not isinstance(weights, str) or not weights:
         raise ValueError(f"weights must be None, a weights name, a path or a URL, got {weights!r}")
     if weights in entry.weights.__members__:
@@ -313,16 +338,48 @@ def _load_backbone(model: nn.Module, state: Mapping, name: str) -> None:
     model.load_state_dict(state, strict=False)
 
 
-def get_model(name: str, *, weights=None, progress: bool = True, **kwargs) -> nn.Module:
+def resolve_backbone_weights(name: str, weights_backbone) -> Union[WeightsEnum, Weights]:
+    """``weights_backbone`` of ``get_model(name, weights_backbone=...)`` as backbone-only weights: a
+    ``backbone_only`` member of the model's enum (or its name), torchvision's member for the same file (e.g.
+    ``ResNet50_Weights.IMAGENET1K_V1``), or a path / URL of such a file (torchvision's classifier state dict,
+    converted as the model's registered backbone weights are). ValueError otherwise."""
+    entry = model_entry(name)
+    backbone_members = [m for m in entry.weights if m.backbone_only]
+    if not backbone_members:
+        raise ValueError(f"{name} has no registered backbone weights; weights_backbone must be None")
+    if isinstance(weights_backbone, enum.Enum) and not isinstance(weights_backbone, WeightsEnum):
+        w = _by_url(entry, weights_backbone)
+    elif isinstance(weights_backbone, (str, os.PathLike)) and not (
+            isinstance(weights_backbone, str) and (weights_backbone in entry.weights.__members__
+                                                   or weights_backbone.split(".", 1)[0] == entry.weights.__name__)):
+        location = os.fspath(weights_backbone)
+        if not _is_url(location) and not os.path.exists(location):
+            raise FileNotFoundError(f"weights_backbone {location!r}: no such file, and not a registered backbone "
+                                    f"weights name of {name} ({', '.join(m.name for m in backbone_members)})")
+        return dataclasses.replace(backbone_members[0].value, url=location, check_hash=False, file_name=None)
+    else:
+        w = entry.weights.verify(weights_backbone)
+    if not w.backbone_only:
+        raise ValueError(f"weights_backbone {w!r} are the whole model's weights; give them as weights= (backbone "
+                         f"weights of {name}: {', '.join(m.name for m in backbone_members)})")
+    return w
+
+
+def get_model(name: str, *, weights=None, progress: bool = True, weights_backbone=None, **kwargs) -> nn.Module:
     """Builds model ``name`` with ``kwargs``; with ``weights`` (see the module docstring), loads them.
 
-    A registered name fixes its ``model_kwargs`` (``num_classes``, ``aux_loss``); with a path or URL and no
+    As torchvision's builders: ``num_classes=None`` and ``aux_loss=None`` mean "the default, or what the weights
+    fix"; a registered name fixes its ``model_kwargs`` (``num_classes``, ``aux_loss``); with a path or URL and no
     ``num_classes``, the class count is read from the checkpoint. ``backbone_only`` weights fill the backbone
-    and leave the rest initialised. ValueError for unknown names, unreadable files and weights that do not
-    fit."""
+    and leave the rest initialised. ``weights_backbone`` (``resolve_backbone_weights``) loads ImageNet weights
+    into the backbone of a model built without ``weights`` (ignored when ``weights`` is given, as in
+    torchvision). ValueError for unknown names, unreadable files and weights that do not fit."""
     entry = model_entry(name)
+    kwargs = {k: v for k, v in kwargs.items() if not (v is None and k in ("num_classes", "aux_loss"))}
     if weights is None:
-        return entry.builder(**kwargs)
+        if weights_backbone is None:
+            return entry.builder(**kwargs)
+        weights = resolve_backbone_weights(name, weights_backbone)
     w = resolve_weights(name, weights)
     return build_model(name, load_weights_state_dict(w, progress=progress), weights=w, **kwargs)
 
@@ -342,6 +399,8 @@ def build_model(name: str, state_dict: Mapping, *, weights=None, **kwargs) -> nn
             raise ValueError(f"get_model: {name} with weights {wname}: {key}={kwargs[key]!r} does not fit these "
                              f"weights ({key}={value!r})")
         kwargs[key] = value
+    if entry.foreign is not None:
+        state_dict = entry.foreign(state_dict, kwargs)
     if kwargs.get("num_classes") is None:
         key = entry.classifier_key(**kwargs)
         if key not in state_dict:
@@ -358,9 +417,7 @@ def build_model(name: str, state_dict: Mapping, *, weights=None, **kwargs) -> nn
 
 def _drop_unused(model: nn.Module, state: Mapping) -> Mapping:
     """torchvision's DeepLabV3 weights carry the auxiliary head; a model built without it takes the rest."""
-    from .deeplab import DeepLabV3
-
-    if isinstance(model, DeepLabV3) and model.aux_classifier is None:
+    if getattr(model, "aux_classifier", False) is None:
         return OrderedDict((k, v) for k, v in state.items() if not k.startswith("aux_classifier."))
     return state
 

@@ -1,11 +1,13 @@
 """The DeepLab models: v1 (VGG-16 LargeFOV, with or without MSC), v2 (ResNet-101 + ASPP, optional multi-scale
 inputs) and v3 (ResNet-50/101 + ASPP, torchvision's head or the paper's).
 
-Every model takes ``num_classes``, accepts ``Tensor[N, 3, H, W]`` (floating point, any H, W) and returns logits
-``Tensor[N, num_classes, H, W]``: the network's scores at its ``output_stride`` (an int attribute), upsampled
-bilinearly (``align_corners=False``) to the input size. Exceptions, both documented at the model: DeepLab v3 with
-``aux_loss=True`` returns torchvision's dict ``{"out", "aux"}``; DeepLab v2 with ``msc=True`` in training mode
-returns the list of per-scale logits for the MSC loss. ``forward_logits(x)`` returns the scores before the
+Every model takes ``num_classes`` and accepts ``Tensor[N, 3, H, W]`` (floating point, any H, W). Returns:
+
+- DeepLab v1 and v2: logits ``Tensor[N, num_classes, H, W]``, the network's scores at its ``output_stride`` (an
+  int attribute) upsampled bilinearly (``align_corners=False``) to the input size; DeepLab v2 with ``msc=True``
+  in training mode returns the list of per-scale logits for the MSC loss (see ``DeepLabV2``).
+- DeepLab v3: what torchvision's ``deeplabv3_resnet*`` returns, an ``OrderedDict`` with ``"out"`` (those
+  logits) and, with ``aux_loss=True``, ``"aux"`` (the auxiliary head's, upsampled alike). ``forward_logits(x)`` returns the scores before the
 upsampling (for v3 the main head's only). Bad input (not a tensor, not 4-D, not 3 channels, empty, integer
 dtype) raises ValueError.
 
@@ -29,8 +31,7 @@ from .._validation import positive_int
 from ..nn.aspp import ASPP, ASPP_L, ASPP_S, ASPPv2
 from .backbones import RESNET_LAYERS, ResNet, vgg16_features
 
-__all__ = ["DeepLabV1", "DeepLabV2", "DeepLabV3", "deeplab_v1_largefov", "deeplab_v1_msc_largefov",
-           "deeplab_v2_resnet101", "deeplab_v3_resnet50", "deeplab_v3_resnet101", "check_rgb_input"]
+__all__ = ["DeepLabV1", "DeepLabV2", "DeepLabV3", "check_rgb_input"]
 
 
 def check_rgb_input(x, owner: str) -> None:
@@ -160,19 +161,9 @@ class DeepLabV1(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits Tensor[N, num_classes, H, W] (the 1/8 scores upsampled bilinearly)."""
+        """Logits Tensor[N, num_classes, H, W] (the 1/8 scores upsampled bilinearly): a Tensor, not
+        torchvision's dict (DeepLab v1 has no torchvision counterpart)."""
         return _upsample(self.forward_logits(x), x.shape[-2:])
-
-
-def deeplab_v1_largefov(num_classes: int = 21, width_divisor: int = 1, dropout: float = 0.5) -> DeepLabV1:
-    """DeepLab v1 LargeFOV (VGG-16, fc6 at dilation 12, output stride 8). ``width_divisor`` > 1: a narrow variant
-    (every channel count divided) for quick experiments. See ``DeepLabV1``."""
-    return DeepLabV1(num_classes, msc=False, width_divisor=width_divisor, dropout=dropout)
-
-
-def deeplab_v1_msc_largefov(num_classes: int = 21, width_divisor: int = 1, dropout: float = 0.5) -> DeepLabV1:
-    """DeepLab v1 MSc-LargeFOV: LargeFOV plus the five multi-scale branches. See ``DeepLabV1``."""
-    return DeepLabV1(num_classes, msc=True, width_divisor=width_divisor, dropout=dropout)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -272,16 +263,11 @@ class DeepLabV2(nn.Module):
         return self._single_scale(x)
 
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
+        """Logits Tensor[N, num_classes, H, W] (a Tensor, as kazuto1011's model returns, not torchvision's dict);
+        with MSC in training mode the per-scale list (see the class docstring)."""
         if self.msc and self.training:
             return self.msc_logits(x)
         return _upsample(self.forward_logits(x), x.shape[-2:])
-
-
-def deeplab_v2_resnet101(num_classes: int = 21, aspp: Union[str, Sequence[int]] = "L", msc: bool = False,
-                         **kwargs) -> DeepLabV2:
-    """DeepLab v2 ResNet-101 + ASPP-L ("L") or ASPP-S ("S"), optional multi-scale inputs (``msc=True``).
-    kwargs: ``msc_scales``, ``backbone_style``. See ``DeepLabV2``."""
-    return DeepLabV2(num_classes, aspp=aspp, msc=msc, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -319,8 +305,8 @@ class DeepLabV3(nn.Module):
               36 at OS 8; no dropout), then a 1x1 conv to ``num_classes``.
         aux_loss (bool): add torchvision's auxiliary FCN head on layer3 (``aux_classifier``). Default False.
 
-    ``forward(x)`` returns Tensor[N, num_classes, H, W], or with ``aux_loss=True`` torchvision's dict
-    ``{"out": ..., "aux": ...}`` (both upsampled to the input size). The ASPP is ``deeplab_fast.nn.ASPP`` (key
+    ``forward(x)`` returns what torchvision's model returns: ``OrderedDict([("out", Tensor[N, num_classes, H,
+    W])])``, with ``aux_loss=True`` also ``"aux"`` (both upsampled to the input size). The ASPP is ``deeplab_fast.nn.ASPP`` (key
     compatible with torchvision's; fused on CUDA in eval mode). ``backbone`` is a ``ResNet`` without
     ``avgpool``/``fc`` (keys ``backbone.*`` as torchvision's IntermediateLayerGetter).
     """
@@ -376,25 +362,11 @@ class DeepLabV3(nn.Module):
         check_rgb_input(x, "DeepLabV3")
         return self.classifier(self.backbone(x))
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
         out, aux = self._heads(x)
-        out = _upsample(out, x.shape[-2:])
-        if aux is None:
-            return out
-        return {"out": out, "aux": _upsample(aux, x.shape[-2:])}
+        result = OrderedDict([("out", _upsample(out, x.shape[-2:]))])
+        if aux is not None:
+            result["aux"] = _upsample(aux, x.shape[-2:])
+        return result
 
 
-def deeplab_v3_resnet50(num_classes: int = 21, output_stride: Optional[int] = None,
-                        multi_grid: Optional[Sequence[int]] = None, head: str = "torchvision",
-                        aux_loss: bool = False) -> DeepLabV3:
-    """DeepLab v3 ResNet-50. Defaults reproduce torchvision's ``deeplabv3_resnet50`` (OS 8, no multi-grid);
-    ``head="paper"`` defaults to OS 16 and multi-grid (1, 2, 4). See ``DeepLabV3``."""
-    return DeepLabV3(50, num_classes, output_stride, multi_grid, head, aux_loss)
-
-
-def deeplab_v3_resnet101(num_classes: int = 21, output_stride: Optional[int] = None,
-                         multi_grid: Optional[Sequence[int]] = None, head: str = "torchvision",
-                         aux_loss: bool = False) -> DeepLabV3:
-    """DeepLab v3 ResNet-101. Defaults reproduce torchvision's ``deeplabv3_resnet101`` (OS 8, no multi-grid);
-    ``head="paper"`` defaults to OS 16 and multi-grid (1, 2, 4). See ``DeepLabV3``."""
-    return DeepLabV3(101, num_classes, output_stride, multi_grid, head, aux_loss)

@@ -1,5 +1,6 @@
 """Loading weights into the DeepLab models: checkpoint files, and the key maps of torchvision's DeepLab v3 and
-backbones and of kazuto1011/deeplab-pytorch's DeepLab v2 checkpoints. Nothing here downloads anything (the
+backbones (ResNet, VGG-16, MobileNetV2/V3), of kazuto1011/deeplab-pytorch's DeepLab v2 checkpoints and of
+segmentation_models_pytorch's DeepLabV3Plus. Nothing here downloads anything (the
 registry, ``deeplab_fast.models.get_model(weights=...)``, does) or imports torchvision.
 
 - ``load_checkpoint(path)``: a state dict from a file, read with ``torch.load(weights_only=True)``; ValueError
@@ -28,7 +29,9 @@ from .deeplab import DeepLabV1, DeepLabV2, DeepLabV3
 
 __all__ = ["CheckpointError", "load_checkpoint", "as_state_dict", "load_weights", "load_torchvision_deeplabv3", "from_torchvision",
            "load_vgg16_features", "convert_kazuto_deeplabv2", "to_kazuto_deeplabv2", "is_kazuto_deeplabv2",
-           "vgg16_to_deeplab_v1", "resnet_to_deeplab_backbone", "key_list"]
+           "vgg16_to_deeplab_v1", "resnet_to_deeplab_backbone", "key_list", "mobilenet_to_features_backbone",
+           "mobilenet_v2_to_deeplab_backbone", "is_smp_deeplabv3plus", "convert_smp_deeplabv3plus",
+           "smp_deeplabv3plus_foreign"]
 
 _SHOW = 8  # keys listed per category in error messages
 
@@ -349,3 +352,96 @@ def to_kazuto_deeplabv2(state_dict: Mapping, prefix: str = "base.") -> "OrderedD
         (re.compile(r"^backbone\.layer([1-4])\.(\d+)\.(conv[123]|bn[123]|downsample\.[01])\.(\w+)$"), block),
         (re.compile(r"^aspp\.c(\d+)\.(weight|bias)$"), lambda m: f"aspp.c{m.group(1)}.{m.group(2)}"),
     ], "to_kazuto_deeplabv2", "DeepLabV2 names", prefix)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# MobileNet backbones (torchvision) and segmentation_models_pytorch's DeepLabV3Plus
+
+
+def mobilenet_to_features_backbone(state_dict: Mapping) -> "OrderedDict[str, torch.Tensor]":
+    """torchvision's ``mobilenet_v3_large`` state dict -> the mobile DeepLabs' ``backbone.{i}.*`` entries
+    (``features.{i}`` -> ``backbone.{i}``, the classifier dropped), as torchvision's segmentation builders
+    load ``weights_backbone``."""
+    _check_state_dict(state_dict, "mobilenet_to_features_backbone")
+    out = OrderedDict((f"backbone.{k[len('features.'):]}", v) for k, v in state_dict.items()
+                      if k.startswith("features."))
+    if not out:
+        raise ValueError("mobilenet_to_features_backbone: no 'features.*' entries: not a torchvision MobileNet")
+    return out
+
+
+def mobilenet_v2_to_deeplab_backbone(state_dict: Mapping) -> "OrderedDict[str, torch.Tensor]":
+    """torchvision's ``mobilenet_v2`` state dict -> DeepLab v3+'s ``backbone.features.*`` entries (the
+    classifier dropped; ``features.18`` too, which the paper flavor does not have: the smp flavor's then keeps
+    its initialisation, as segmentation_models_pytorch's ImageNet encoder would not)."""
+    _check_state_dict(state_dict, "mobilenet_v2_to_deeplab_backbone")
+    out = OrderedDict((f"backbone.{k}", v) for k, v in state_dict.items()
+                      if k.startswith("features.") and not k.startswith("features.18."))
+    if not out:
+        raise ValueError("mobilenet_v2_to_deeplab_backbone: no 'features.*' entries: not a torchvision MobileNetV2")
+    return out
+
+
+_SMP_MARKERS = ("segmentation_head.0.weight", "decoder.block1.0.weight")
+_SMP_RULES = [
+    (re.compile(r"^encoder\.(.+)$"), lambda m: f"backbone.{m.group(1)}"),
+    (re.compile(r"^decoder\.aspp\.0\.convs\.([1-3])\.0\.0\.weight$"), lambda m: f"aspp.convs.{m.group(1)}.depthwise.weight"),
+    (re.compile(r"^decoder\.aspp\.0\.convs\.([1-3])\.0\.1\.(weight|bias)$"),
+     lambda m: f"aspp.convs.{m.group(1)}.pointwise.{m.group(2)}"),
+    (re.compile(r"^decoder\.aspp\.0\.convs\.([1-3])\.1\.(\w+)$"), lambda m: f"aspp.convs.{m.group(1)}.pointwise_bn.{m.group(2)}"),
+    (re.compile(r"^decoder\.aspp\.0\.((?:convs\.[04]|project)\.\d+\.\w+)$"), lambda m: f"aspp.{m.group(1)}"),
+    (re.compile(r"^decoder\.aspp\.1\.0\.weight$"), lambda m: "aspp_conv.depthwise.weight"),
+    (re.compile(r"^decoder\.aspp\.1\.1\.(weight|bias)$"), lambda m: f"aspp_conv.pointwise.{m.group(1)}"),
+    (re.compile(r"^decoder\.aspp\.2\.(\w+)$"), lambda m: f"aspp_conv.pointwise_bn.{m.group(1)}"),
+    (re.compile(r"^decoder\.block1\.(\d+\.\w+)$"), lambda m: f"low_level.{m.group(1)}"),
+    (re.compile(r"^decoder\.block2\.0\.0\.weight$"), lambda m: "decoder.0.depthwise.weight"),
+    (re.compile(r"^decoder\.block2\.0\.1\.(weight|bias)$"), lambda m: f"decoder.0.pointwise.{m.group(1)}"),
+    (re.compile(r"^decoder\.block2\.1\.(\w+)$"), lambda m: f"decoder.0.pointwise_bn.{m.group(1)}"),
+    (re.compile(r"^segmentation_head\.0\.(weight|bias)$"), lambda m: f"classifier.{m.group(1)}"),
+]
+
+
+def is_smp_deeplabv3plus(state_dict: Mapping) -> bool:
+    """Whether the keys are segmentation_models_pytorch's ``DeepLabV3Plus`` (``segmentation_head.0.weight`` and
+    ``decoder.block1.0.weight``)."""
+    return all(k in state_dict for k in _SMP_MARKERS)
+
+
+def convert_smp_deeplabv3plus(state_dict: Mapping) -> "OrderedDict[str, torch.Tensor]":
+    """segmentation_models_pytorch 0.6.0 ``DeepLabV3Plus`` key names -> ``DeepLabV3Plus(flavor="smp")``'s
+    (tensors shared). The map (i = 1..3):
+
+    ===============================================  ==========================================
+    smp                                              ``DeepLabV3Plus(flavor="smp")``
+    ===============================================  ==========================================
+    ``encoder.*``                                    ``backbone.*``
+    ``decoder.aspp.0.convs.{0,4}.*``, ``.project.*``  ``aspp.convs.{0,4}.*``, ``aspp.project.*``
+    ``decoder.aspp.0.convs.{i}.0.0`` / ``.0.1``      ``aspp.convs.{i}.depthwise`` / ``.pointwise``
+    ``decoder.aspp.0.convs.{i}.1``                   ``aspp.convs.{i}.pointwise_bn``
+    ``decoder.aspp.1.0`` / ``.1.1``, ``.2``          ``aspp_conv.depthwise`` / ``.pointwise``, ``.pointwise_bn``
+    ``decoder.block1.*``                             ``low_level.*``
+    ``decoder.block2.0.0`` / ``.0.1``, ``.1``        ``decoder.0.depthwise`` / ``.pointwise``, ``.pointwise_bn``
+    ``segmentation_head.0.*``                        ``classifier.*``
+    ===============================================  ==========================================
+
+    smp's optional classification head (``aux_params``) has no counterpart: ValueError, as for any other key no
+    rule maps."""
+    _check_state_dict(state_dict, "convert_smp_deeplabv3plus")
+    return _rename(state_dict, _SMP_RULES, "convert_smp_deeplabv3plus",
+                   "segmentation_models_pytorch DeepLabV3Plus names (without aux_params)")
+
+
+def smp_deeplabv3plus_foreign(state_dict: Mapping, kwargs: dict) -> Mapping:
+    """The registry's ``foreign`` hook of the DeepLab v3+ models: an smp ``DeepLabV3Plus`` state dict is
+    converted (``convert_smp_deeplabv3plus``) when the model is built with ``flavor="smp"`` and an explicit
+    ``output_stride`` (smp's state dicts do not record the encoder's output stride, and both strides have the
+    same tensors); ValueError otherwise. Other state dicts pass unchanged."""
+    if not is_smp_deeplabv3plus(state_dict):
+        return state_dict
+    if kwargs.get("flavor") != "smp" or kwargs.get("output_stride") is None:
+        raise ValueError("these are segmentation_models_pytorch DeepLabV3Plus weights: build the model with "
+                         "flavor='smp' and the output_stride they were trained with (smp's "
+                         "encoder_output_stride, 16 or 8: its state dicts do not record it), e.g. "
+                         "get_model(name, weights=path, flavor='smp', output_stride=16); got "
+                         f"flavor={kwargs.get('flavor')!r}, output_stride={kwargs.get('output_stride')!r}")
+    return convert_smp_deeplabv3plus(state_dict)

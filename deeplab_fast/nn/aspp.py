@@ -10,7 +10,9 @@ installed (``deeplab_fast.ops.aspp``): every BN folded into its conv, the branch
 (``deeplab_fast.ops.atrous_conv2d``), and one Triton kernel for the concat + projection (v3) or the sum (v2).
 Otherwise (training, CPU, gradients, no triton) they run the plain-torch reference, which is torchvision's
 formulation and fully differentiable. ``fused_forward`` runs the fused path on request (on CPU tensors only
-under ``TRITON_INTERPRET=1``).
+under ``TRITON_INTERPRET=1``). Under ``torch.autocast`` the fused path runs in the autocast dtype (the input is
+cast to it, ``deeplab_fast.nn.atrous.autocast_dtype``); while exporting (``torch.export``, ONNX) the modules always
+take the plain-torch path, so exported graphs hold standard ops only.
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ from torch import nn
 from ..ops import aspp as _aspp_ops
 from ..ops.atrous_conv import atrous_conv2d
 from .._validation import positive_int
-from .atrous import _bn_scale_shift
+from .atrous import _bn_scale_shift, autocast_dtype
+from .separable import AtrousSeparableConv2d
 
 __all__ = ["ASPP", "ASPPv2", "ASPP_L", "ASPP_S"]
 
@@ -79,24 +82,12 @@ class _ASPPConv(nn.Sequential):
         )
 
 
-class _ASPPSeparableConv(nn.Sequential):
-    """Depthwise 3x3 atrous conv + BN + ReLU, then pointwise 1x1 + BN + ReLU (DeepLab v3+, Chen et al. 2018,
-    sec. 3.2)."""
-
-    def __init__(self, in_channels: int, out_channels: int, dilation: int):
-        super().__init__(
-            nn.Conv2d(in_channels, in_channels, 3, padding=dilation, dilation=dilation, groups=in_channels,
-                      bias=False),
-            nn.BatchNorm2d(in_channels),
-            nn.ReLU(),
-            nn.Conv2d(in_channels, out_channels, 1, bias=False),
-            nn.BatchNorm2d(out_channels),
-            nn.ReLU(),
-        )
-
-
 class _ASPPPooling(nn.Sequential):
-    """Image pooling: global average pool + 1x1 conv + BN + ReLU, broadcast back: torchvision's ASPPPooling."""
+    """Image pooling: global average pool + 1x1 conv + BN + ReLU, broadcast back: torchvision's ASPPPooling.
+
+    The pool is computed as a mean over H and W (what ``nn.AdaptiveAvgPool2d(1)``, kept at index 0 for the key
+    layout, computes) and the 1x1 result is broadcast with ``expand`` (a bilinear resize of a 1x1 map, with or
+    without ``align_corners``, is that broadcast): both export as plain ONNX ops (ReduceMean, Expand)."""
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__(
@@ -107,10 +98,11 @@ class _ASPPPooling(nn.Sequential):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        size = x.shape[-2:]
-        for mod in self:
+        n, _, h, w = x.shape
+        x = x.mean(dim=(2, 3), keepdim=True)
+        for mod in list(self)[1:]:
             x = mod(x)
-        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        return x.expand(n, x.shape[1], h, w)
 
 
 class ASPP(nn.Module):
@@ -126,8 +118,12 @@ class ASPP(nn.Module):
             the paper's output stride 16 uses (6, 12, 18) (``ASPP.v3_paper``).
         out_channels (int): channels of every branch and of the output. Default 256.
         dropout (float): after the projection (training only). Default 0.5, torchvision's.
-        separable (bool): depthwise-separable atrous branches (DeepLab v3+). Default False. Such a module does
-            not match torchvision's key names and always runs the plain-torch path.
+        separable (bool): depthwise-separable atrous branches (DeepLab v3+: ``AtrousSeparableConv2d``). Default
+            False. Such a module does not match torchvision's key names and never takes the Triton path (its
+            branches fold their BNs in eval mode).
+        depthwise_bn (bool): with ``separable``, BN + ReLU after each depthwise conv (the paper's layout, default
+            True); False: segmentation_models_pytorch's (none between the depthwise and pointwise convs).
+        eps (float): every BN's epsilon. Default 1e-5.
 
     Parameter and buffer names are torchvision's ``ASPP``'s (``convs.{0..4}.*``, ``project.{0,1}.*``), so
     ``load_state_dict`` from a torchvision ASPP works, as does ``ASPP.from_torchvision``.
@@ -136,7 +132,7 @@ class ASPP(nn.Module):
     """
 
     def __init__(self, in_channels: int, atrous_rates: Sequence[int] = (12, 24, 36), out_channels: int = 256,
-                 dropout: float = 0.5, separable: bool = False):
+                 dropout: float = 0.5, separable: bool = False, depthwise_bn: bool = True, eps: float = 1e-5):
         super().__init__()
         self.in_channels = positive_int(in_channels, "in_channels", "ASPP")
         self.out_channels = positive_int(out_channels, "out_channels", "ASPP")
@@ -144,15 +140,22 @@ class ASPP(nn.Module):
         if not isinstance(dropout, numbers.Real) or not 0.0 <= dropout <= 1.0:
             raise ValueError(f"ASPP: dropout must be a probability in [0, 1], got {dropout!r}")
         self.separable = bool(separable)
-        branch = _ASPPSeparableConv if self.separable else _ASPPConv
-        modules = [nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels),
-                                 nn.ReLU())]
-        modules += [branch(in_channels, out_channels, r) for r in self.atrous_rates]
+        self.depthwise_bn = bool(depthwise_bn) if self.separable else None
+        modules = [nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False),
+                                 nn.BatchNorm2d(out_channels, eps=eps), nn.ReLU())]
+        for r in self.atrous_rates:
+            if self.separable:
+                modules.append(AtrousSeparableConv2d(in_channels, out_channels, 3, dilation=r,
+                                                     depthwise_bn=self.depthwise_bn, eps=eps))
+            else:
+                modules.append(_ASPPConv(in_channels, out_channels, r))
+                modules[-1][1].eps = eps
         modules.append(_ASPPPooling(in_channels, out_channels))
+        modules[-1][2].eps = eps
         self.convs = nn.ModuleList(modules)
         self.project = nn.Sequential(
             nn.Conv2d(len(self.convs) * out_channels, out_channels, 1, bias=False),
-            nn.BatchNorm2d(out_channels),
+            nn.BatchNorm2d(out_channels, eps=eps),
             nn.ReLU(),
             nn.Dropout(float(dropout)),
         )
@@ -198,7 +201,7 @@ class ASPP(nn.Module):
 
     def _use_fused(self, x: torch.Tensor) -> bool:
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-        return (x.is_cuda and x.dtype in _FUSED_DTYPES and not torch.is_autocast_enabled("cuda")
+        return (x.is_cuda and x.dtype in _FUSED_DTYPES and not torch.compiler.is_exporting()
                 and not any(m.training for m in self.modules()) and not needs_grad and not self.separable
                 and _aspp_ops.HAVE_TRITON and self._bn_have_stats())
 
@@ -249,8 +252,12 @@ class ASPP(nn.Module):
         if self.separable or not self._bn_have_stats():
             raise ValueError("ASPP.fused_forward: needs the standard (non-separable) branches and BN running "
                              "statistics")
-        dtype = x.dtype
-        x = x.contiguous(memory_format=torch.channels_last)  # the fast layout of the convs and the kernel
+        dtype = autocast_dtype(x) or x.dtype  # under autocast: the autocast dtype (deeplab_fast.nn.atrous)
+        x = x.to(dtype).contiguous(memory_format=torch.channels_last)  # the fast layout of the convs and kernel
+        with torch.autocast(x.device.type, enabled=False):  # cast by hand above; the float32 parts stay so
+            return self._fused(x, dtype)
+
+    def _fused(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         # The four spatial branches, pre-activation (their ReLU is applied by the projection kernel on load).
         branches = []
         for i in range(4):
@@ -340,7 +347,7 @@ class ASPPv2(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.in_channels, "ASPPv2")
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-        if (x.is_cuda and x.dtype in _FUSED_DTYPES and not torch.is_autocast_enabled("cuda") and not needs_grad
+        if (x.is_cuda and x.dtype in _FUSED_DTYPES and not torch.compiler.is_exporting() and not needs_grad
                 and len(self.atrous_rates) == 4 and _aspp_ops.HAVE_TRITON):
             return self.fused_forward(x)
         return self.reference_forward(x)
@@ -357,8 +364,9 @@ class ASPPv2(nn.Module):
             raise RuntimeError("ASPPv2.fused_forward needs triton (pip install triton)")
         if len(self.atrous_rates) != 4:
             raise ValueError(f"ASPPv2.fused_forward: needs 4 branches, has {len(self.atrous_rates)}")
-        x = x.contiguous(memory_format=torch.channels_last)
-        outs = [atrous_conv2d(x, conv.weight.to(x.dtype), None, None, 1, r, r, relu=False)
-                for conv, r in zip(self.branches(), self.atrous_rates)]
-        bias = sum(conv.bias.float() for conv in self.branches())
-        return _aspp_ops.aspp_sum(outs, bias)
+        x = x.to(autocast_dtype(x) or x.dtype).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(x.device.type, enabled=False):
+            outs = [atrous_conv2d(x, conv.weight.to(x.dtype), None, None, 1, r, r, relu=False)
+                    for conv, r in zip(self.branches(), self.atrous_rates)]
+            bias = sum(conv.bias.float() for conv in self.branches())
+            return _aspp_ops.aspp_sum(outs, bias)

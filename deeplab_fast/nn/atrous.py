@@ -1,5 +1,16 @@
 """``AtrousConv2dReLU``: a drop-in for ``nn.Conv2d(..., dilation=r)`` [+ ``nn.BatchNorm2d``] + ``nn.ReLU`` that runs
-as one fused op (``deeplab_fast.ops.atrous_conv2d``)."""
+as one fused op (``deeplab_fast.ops.atrous_conv2d``), and ``fused_conv``: the one place where the layers of
+``deeplab_fast.nn`` call that op, with its export and mixed-precision policy:
+
+- **Export** (``torch.export``, ``torch.onnx.export(..., dynamo=True)``: ``torch.compiler.is_exporting()``): the op
+  is written as standard ops, ``F.conv2d`` then ``* scale + bias`` and ``relu``, so the exported graph has no
+  ``deeplab_fast`` op and runs anywhere (onnxruntime, ExecuTorch, AOTInductor) with the same outputs up to
+  rounding. ``torch.compile`` keeps the fused op.
+- **Autocast** (``torch.autocast`` on the input's device, CPU bfloat16 or CUDA float16 / bfloat16): the op has one
+  dtype for all its tensors, so the input, weight, bias and scale are cast to the autocast dtype
+  (``torch.get_autocast_dtype``) and the op runs in it, as autocast runs ``F.conv2d``; the output has that
+  dtype. float64 inputs are left alone (autocast leaves them too).
+"""
 from __future__ import annotations
 
 import math
@@ -11,9 +22,43 @@ from torch import nn
 
 from ..ops.atrous_conv import _pair, atrous_conv2d
 
-__all__ = ["AtrousConv2dReLU"]
+__all__ = ["AtrousConv2dReLU", "fused_conv", "autocast_dtype"]
 
 IntPair = Union[int, tuple]
+_AUTOCAST_FROM = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype ``torch.autocast`` computes convolutions in for ``x``'s device, or None when autocast is off
+    there (or ``x`` is float64, which autocast leaves alone)."""
+    device_type = x.device.type
+    if device_type not in ("cpu", "cuda") or x.dtype not in _AUTOCAST_FROM:
+        return None
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def fused_conv(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+               scale: Optional[torch.Tensor] = None, stride=1, padding=0, dilation=1,
+               relu: bool = False) -> torch.Tensor:
+    """``relu?(conv2d(input, weight) * scale + bias)`` (groups = 1; per-channel ``scale`` and ``bias`` [K],
+    optional): ``deeplab_fast.ops.atrous_conv2d``, or standard ops while exporting, with the autocast cast policy
+    of this module's docstring (under autocast every tensor is cast to the autocast dtype; otherwise they must
+    share the input's dtype, as the op requires)."""
+    dtype = autocast_dtype(input)
+    if dtype is not None:
+        input, weight = input.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+        scale = None if scale is None else scale.to(dtype)
+    if torch.compiler.is_exporting():
+        y = F.conv2d(input, weight, None, stride, padding, dilation)
+        if scale is not None:
+            y = y * scale.view(1, -1, 1, 1)
+        if bias is not None:
+            y = y + bias.view(1, -1, 1, 1)
+        return torch.relu(y) if relu else y
+    return atrous_conv2d(input, weight, bias, scale, stride, padding, dilation, relu)
 
 
 class AtrousConv2dReLU(nn.Module):
@@ -118,15 +163,15 @@ class AtrousConv2dReLU(nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if self.bn is None:
-            return atrous_conv2d(input, self.weight, self.bias, None, self.stride, self.padding, self.dilation,
-                                 self.relu)
+            return fused_conv(input, self.weight, self.bias, None, self.stride, self.padding, self.dilation,
+                              self.relu)
         if _uses_batch_stats(self.bn):
-            y = atrous_conv2d(input, self.weight, self.bias, None, self.stride, self.padding, self.dilation, False)
+            y = fused_conv(input, self.weight, self.bias, None, self.stride, self.padding, self.dilation, False)
             y = self.bn(y)
             return F.relu(y) if self.relu else y
         scale, shift = _bn_scale_shift(self.bn, self.bias)
-        return atrous_conv2d(input, self.weight, shift.to(self.weight.dtype), scale.to(self.weight.dtype),
-                             self.stride, self.padding, self.dilation, self.relu)
+        return fused_conv(input, self.weight, shift.to(self.weight.dtype), scale.to(self.weight.dtype),
+                          self.stride, self.padding, self.dilation, self.relu)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -11,9 +12,35 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.dense_crf import dense_crf
+from ..ops.dense_crf import (NO_NORMALIZATION, NORMALIZE_AFTER, NORMALIZE_BEFORE, NORMALIZE_SYMMETRIC, dense_crf,
+                              dense_crf_features)
 
-__all__ = ["DenseCRF", "CRFPreset", "PRESETS", "TRAINABLE_TERMS", "COMPAT_FORMS"]
+__all__ = ["DenseCRF", "CRFPreset", "PRESETS", "TRAINABLE_TERMS", "COMPAT_FORMS", "NORMALIZATIONS",
+           "ONNX_EXPORT_ERROR"]
+
+# What exporting a model with the CRF layer to ONNX raises (torch.export keeps the deeplab_fast ops, which run
+# wherever deeplab_fast is imported; ONNX has no permutohedral-lattice operator).
+ONNX_EXPORT_ERROR = (
+    "DenseCRF cannot be exported to ONNX: the dense CRF (deeplab_fast::dense_crf, a permutohedral-lattice mean-field "
+    "op) has no ONNX operator. Export the network without the CRF layer (torch.onnx.export(network, (x,), "
+    "dynamo=True)), run it in onnxruntime, and run the CRF on its logits in Python: "
+    "deeplab_fast.nn.DenseCRF(...)(torch.from_numpy(logits), image) or deeplab_fast.ops.dense_crf (on the CPU or "
+    "CUDA). torch.export keeps the CRF as a deeplab_fast op (the program runs where deeplab_fast is imported).")
+
+
+def _in_onnx_export() -> bool:
+    """Whether torch.onnx.export is capturing the model. Its second capture strategy (torch.export with
+    strict=True, i.e. dynamo) folds ``torch.onnx.is_in_onnx_export()`` to False, so the exporter's own flag is
+    read too (a module global, read at trace time)."""
+    if torch.onnx.is_in_onnx_export():
+        return True
+    flags = sys.modules.get("torch.onnx._internal.exporter._flags")
+    return bool(getattr(flags, "_is_onnx_exporting", False))
+
+
+# The kernel normalisations, by name, with pydensecrf's NormalizationType numbers (which DenseCRF also takes).
+NORMALIZATIONS = {"none": NO_NORMALIZATION, "before": NORMALIZE_BEFORE, "after": NORMALIZE_AFTER,
+                  "symmetric": NORMALIZE_SYMMETRIC}
 
 
 @dataclass(frozen=True)
@@ -48,25 +75,79 @@ _BANDWIDTHS = ("gaussian_sxy", "bilateral_sxy", "bilateral_srgb")
 COMPAT_FORMS = ("potts", "matrix")
 
 
-def _trained_terms(trainable) -> tuple:
-    """``trainable`` (a bool, a term name or a sequence of them) as a tuple of term names, checked."""
+def _trained_terms(trainable, owner: str = "DenseCRF", terms: tuple = TRAINABLE_TERMS,
+                   bandwidths: tuple = _BANDWIDTHS) -> tuple:
+    """``trainable`` (a bool, a term name or a sequence of them) as a tuple of term names, checked. Shared by
+    the 2-D and 3-D layers (``owner`` names the layer in the messages, ``bandwidths`` its kernel widths)."""
     if isinstance(trainable, bool):
-        return TRAINABLE_TERMS if trainable else ()
+        return terms if trainable else ()
     names = (trainable,) if isinstance(trainable, str) else trainable
     try:
         names = tuple(names)
     except TypeError:
-        raise ValueError(f"DenseCRF: trainable must be a bool or term names from {TRAINABLE_TERMS}, got "
+        raise ValueError(f"{owner}: trainable must be a bool or term names from {terms}, got "
                          f"{trainable!r}") from None
     for name in names:
-        if name in _BANDWIDTHS:
+        if name in bandwidths:
             raise NotImplementedError(
-                f"DenseCRF: learning {name} (a kernel bandwidth) is not implemented: the dense CRF op has no "
-                f"gradient with respect to the kernel features; only {' and '.join(TRAINABLE_TERMS)} can be trained")
-        if name not in TRAINABLE_TERMS:
-            raise ValueError(f"DenseCRF: trainable names must be among {TRAINABLE_TERMS} (iterations is an integer; "
+                f"{owner}: learning {name} (a kernel bandwidth) is not implemented: the dense CRF op has no "
+                f"gradient with respect to the kernel features; only {' and '.join(terms)} can be trained")
+        if name not in terms:
+            raise ValueError(f"{owner}: trainable names must be among {terms} (iterations is an integer; "
                              f"the bandwidths have no gradient), got {name!r}")
-    return tuple(t for t in TRAINABLE_TERMS if t in names)
+    return tuple(t for t in terms if t in names)
+
+
+def _check_compat_form(compat: str, trained: tuple, num_classes, owner: str = "DenseCRF") -> None:
+    """The learned compatibilities' form (``compat``) and ``num_classes``, checked as the 2-D layer does."""
+    if compat not in COMPAT_FORMS:
+        raise ValueError(f"{owner}: compat must be one of {COMPAT_FORMS}, got {compat!r}")
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                    or num_classes < 1):
+        raise ValueError(f"{owner}: num_classes must be a positive int, got {num_classes!r}")
+    if compat == "matrix":
+        if not trained:
+            raise ValueError(f"{owner}: compat='matrix' is the form of the learned compatibilities; it needs "
+                             "trainable=True")
+        if num_classes is None:
+            raise ValueError(f"{owner}: compat='matrix' needs num_classes (the [L, L] matrices' size)")
+
+
+def _compat_parameter(value, name: str, compat: str, num_classes, owner: str = "DenseCRF") -> nn.Parameter:
+    """A learned compatibility initialised from a Potts weight: a 0-d parameter ``w`` ("potts") or ``-w * I``
+    ("matrix"), which give the same messages."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{owner}: the initial {name} of a trainable layer must be a finite number (a "
+                         f"Potts weight), got {value!r}")
+    w = torch.tensor(float(value), dtype=torch.float32)
+    return nn.Parameter(w if compat == "potts" else -w * torch.eye(num_classes))
+
+
+def _check_layer_inputs(owner: str, logits, image, image_name: str, logits_layout: str, image_layout: str) -> None:
+    """The CRF layers' input checks: tensors, of the layouts' dimensions, floating-point logits."""
+    if not isinstance(logits, torch.Tensor) or not isinstance(image, torch.Tensor):
+        raise ValueError(f"{owner} expects tensors: logits {logits_layout} and {image_name} {image_layout}, got "
+                         f"{type(logits).__name__} and {type(image).__name__}")
+    dims = logits_layout.count(",") + 1
+    if logits.dim() != dims or image.dim() != dims:
+        raise ValueError(f"{owner} expects {dims}-D logits {logits_layout} and {image_name} {image_layout}, got "
+                         f"shapes {tuple(logits.shape)} and {tuple(image.shape)}")
+    if not logits.is_floating_point():
+        raise ValueError(f"{owner}: logits must be floating point, got {logits.dtype}")
+
+
+def _normalization_name(normalization) -> str:
+    """``normalization`` (a name of NORMALIZATIONS, or pydensecrf's number 0-3) as its name, checked."""
+    if isinstance(normalization, str):
+        if normalization in NORMALIZATIONS:
+            return normalization
+    elif isinstance(normalization, numbers.Integral) and not isinstance(normalization, bool):
+        for name, number in NORMALIZATIONS.items():
+            if int(normalization) == number:
+                return name
+    raise ValueError(f"DenseCRF: normalization must be one of {tuple(NORMALIZATIONS)} or pydensecrf's "
+                     f"NO_NORMALIZATION / NORMALIZE_BEFORE / NORMALIZE_AFTER / NORMALIZE_SYMMETRIC (0-3), got "
+                     f"{normalization!r}")
 
 
 class DenseCRF(nn.Module):
@@ -96,10 +177,17 @@ class DenseCRF(nn.Module):
         num_classes (int): L, needed for ``compat="matrix"``.
         checkpoint (bool): in training, keep only the inputs between forward and backward and recompute the
             iterations in the backward (see Memory).
+        normalization (str | int): how both kernels are normalised (keyword only; default ``"symmetric"``),
+            pydensecrf's choices: ``"symmetric"`` (``NORMALIZE_SYMMETRIC``, 3: ``1 / sqrt(K 1)`` on both sides of the
+            filter; pydensecrf's ``DenseCRF2D`` default and DeepLab's), ``"after"`` (``NORMALIZE_AFTER``, 2:
+            ``1 / (K 1)`` after filtering, the NIPS 2011 paper's and CRF-as-RNN's model), ``"before"``
+            (``NORMALIZE_BEFORE``, 1) or ``"none"`` (``NO_NORMALIZATION``, 0). The numbers are pydensecrf's
+            ``NormalizationType`` (``deeplab_fast.ops.NORMALIZE_AFTER``, ``deeplab_fast.densecrf.NORMALIZE_AFTER``).
 
     Defaults are pydensecrf's; ``DenseCRF.from_preset("deeplab_v2_voc")`` gives DeepLab-v2's VOC kernels, and
     ``DenseCRF.from_preset("deeplab_v2_voc", trainable=True, compat="matrix", num_classes=21)`` a CRF-as-RNN
-    head initialised from them.
+    head initialised from them. CRF-as-RNN (Zheng et al., ICCV 2015; crfasrnn_pytorch) normalises each kernel
+    after filtering: ``DenseCRF(..., normalization="after")`` is its model.
 
     What is learned (``trainable``): each trained term's compatibility becomes an ``nn.Parameter`` of the same
     name, initialised from the given (preset) weight. With the op's convention (pydensecrf's) the mean-field
@@ -130,7 +218,8 @@ class DenseCRF(nn.Module):
             constructor arguments (``compat``, ``num_classes``, ``trainable`` names), logits with another number
             of classes than a ``"matrix"`` layer's ``num_classes``.
         NotImplementedError: ``trainable`` naming a bandwidth.
-        RuntimeError: the errors of :func:`deeplab_fast.ops.dense_crf` (dtype, batch size, channels, NaN...).
+        ValueError, RuntimeError: those of :func:`deeplab_fast.ops.dense_crf` (dtype, batch size, channels...;
+            NaN in the unary).
 
     With ``trainable=False`` (the default) the layer has no parameters and is post-processing: it runs under
     ``no_grad``. A trainable layer works inside a model's ``forward`` and under ``torch.compile(fullgraph=True)``,
@@ -140,20 +229,11 @@ class DenseCRF(nn.Module):
     def __init__(self, iterations: int = 10, gaussian_sxy: float = 3.0, gaussian_compat: float = 3.0,
                  bilateral_sxy: float = 80.0, bilateral_srgb: float = 13.0, bilateral_compat: float = 10.0, *,
                  trainable=False, compat: str = "potts", num_classes: Optional[int] = None,
-                 checkpoint: bool = False):
+                 checkpoint: bool = False, normalization="symmetric"):
         super().__init__()
         trained = _trained_terms(trainable)
-        if compat not in COMPAT_FORMS:
-            raise ValueError(f"DenseCRF: compat must be one of {COMPAT_FORMS}, got {compat!r}")
-        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
-                                        or num_classes < 1):
-            raise ValueError(f"DenseCRF: num_classes must be a positive int, got {num_classes!r}")
-        if compat == "matrix":
-            if not trained:
-                raise ValueError("DenseCRF: compat='matrix' is the form of the learned compatibilities; it needs "
-                                 "trainable=True")
-            if num_classes is None:
-                raise ValueError("DenseCRF: compat='matrix' needs num_classes (the [L, L] matrices' size)")
+        self.normalization = _normalization_name(normalization)
+        _check_compat_form(compat, trained, num_classes)
         self.iterations = iterations
         self.gaussian_sxy = gaussian_sxy
         self.bilateral_sxy = bilateral_sxy
@@ -164,19 +244,12 @@ class DenseCRF(nn.Module):
         self.checkpoint = bool(checkpoint)
         self._init_compat = dict(gaussian_compat=gaussian_compat, bilateral_compat=bilateral_compat)
         for name, value in self._init_compat.items():
-            if name not in trained:
-                setattr(self, name, value)
-                continue
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-                raise ValueError(f"DenseCRF: the initial {name} of a trainable layer must be a finite number (a "
-                                 f"Potts weight), got {value!r}")
-            w = torch.tensor(float(value), dtype=torch.float32)
-            setattr(self, name, nn.Parameter(w if compat == "potts" else -w * torch.eye(num_classes)))
+            setattr(self, name, _compat_parameter(value, name, compat, num_classes) if name in trained else value)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "DenseCRF":
         """A ``DenseCRF`` with the named kernel settings (see ``PRESETS``), optionally overriding some or passing
-        ``trainable``, ``compat``, ``num_classes``, ``checkpoint``."""
+        ``trainable``, ``compat``, ``num_classes``, ``checkpoint``, ``normalization``."""
         if name not in PRESETS:
             raise ValueError(f"unknown DenseCRF preset {name!r}; choose one of {sorted(PRESETS)}")
         kwargs = {k: v for k, v in asdict(PRESETS[name]).items() if k != "source"}
@@ -193,7 +266,8 @@ class DenseCRF(nn.Module):
         values are in the ``state_dict``)."""
         return dict(iterations=self.iterations, gaussian_sxy=self.gaussian_sxy, bilateral_sxy=self.bilateral_sxy,
                     bilateral_srgb=self.bilateral_srgb, **self._init_compat, trainable=list(self.trained),
-                    compat=self.compat, num_classes=self.num_classes, checkpoint=self.checkpoint)
+                    compat=self.compat, num_classes=self.num_classes, checkpoint=self.checkpoint,
+                    normalization=self.normalization)
 
     def _compat_repr(self, name: str) -> str:
         value = getattr(self, name)
@@ -209,18 +283,12 @@ class DenseCRF(nn.Module):
                 f"bilateral_srgb={self.bilateral_srgb}, {self._compat_repr('bilateral_compat')}"
                 + (f", compat={self.compat!r}" if self.trained else "")
                 + (f", num_classes={self.num_classes}" if self.num_classes is not None else "")
-                + (", checkpoint=True" if self.checkpoint else ""))
+                + (", checkpoint=True" if self.checkpoint else "")
+                + (f", normalization={self.normalization!r}" if self.normalization != "symmetric" else ""))
 
     def unary(self, logits: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         """The unary energies ``-log_softmax`` of the logits at image resolution, Tensor[B, L, H, W] float32."""
-        if not isinstance(logits, torch.Tensor) or not isinstance(image, torch.Tensor):
-            raise ValueError("DenseCRF expects tensors: logits [B, L, h, w] and image [B, 3, H, W] uint8, got "
-                             f"{type(logits).__name__} and {type(image).__name__}")
-        if logits.dim() != 4 or image.dim() != 4:
-            raise ValueError(f"DenseCRF expects 4-D logits [B, L, h, w] and image [B, 3, H, W], got shapes "
-                             f"{tuple(logits.shape)} and {tuple(image.shape)}")
-        if not logits.is_floating_point():
-            raise ValueError(f"logits must be floating point, got {logits.dtype}")
+        _check_layer_inputs("DenseCRF", logits, image, "image", "[B, L, h, w]", "[B, 3, H, W] uint8")
         (h, w), (H, W) = logits.shape[-2:], image.shape[-2:]
         if h > H or w > W:
             raise ValueError(f"logits ({h}x{w}) are larger than the image ({H}x{W}); resize them first")
@@ -230,12 +298,26 @@ class DenseCRF(nn.Module):
         return -F.log_softmax(logits, dim=1)
 
     def _infer(self, logits: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        return dense_crf(self.unary(logits, image), image, iterations=self.iterations,
-                         gaussian_sxy=self.gaussian_sxy, gaussian_compat=self.gaussian_compat,
-                         bilateral_sxy=self.bilateral_sxy, bilateral_srgb=self.bilateral_srgb,
-                         bilateral_compat=self.bilateral_compat, checkpoint=self.checkpoint)
+        unary = self.unary(logits, image)
+        if self.normalization == "symmetric":  # the image-level op: DenseCRF2D's defaults
+            return dense_crf(unary, image, iterations=self.iterations,
+                             gaussian_sxy=self.gaussian_sxy, gaussian_compat=self.gaussian_compat,
+                             bilateral_sxy=self.bilateral_sxy, bilateral_srgb=self.bilateral_srgb,
+                             bilateral_compat=self.bilateral_compat, checkpoint=self.checkpoint)
+        # The same kernels (the features the image-level op builds) with another normalisation.
+        features = torch.ops.deeplab_fast.dense_crf_image_features(image, float(self.gaussian_sxy),
+                                                                   float(self.bilateral_sxy),
+                                                                   float(self.bilateral_srgb))
+        B, L, H, W = unary.shape
+        norm = NORMALIZATIONS[self.normalization]
+        q = dense_crf_features(unary.reshape(B, L, H * W), list(features),
+                               [self.gaussian_compat, self.bilateral_compat], [norm, norm],
+                               iterations=self.iterations, checkpoint=self.checkpoint)
+        return q.reshape(B, L, H, W)
 
     def forward(self, logits: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        if _in_onnx_export():
+            raise RuntimeError(ONNX_EXPORT_ERROR)
         if not self.trained:
             with torch.no_grad():
                 return self._infer(logits, image)

@@ -11,6 +11,7 @@ from .dense_crf import (
     dense_crf_pairwise_energy,
     empty_cache,
 )
+from .dense_crf_3d import dense_crf_3d, dense_crf_3d_memory
 
 __all__ = [
     "atrous_conv2d",
@@ -19,6 +20,8 @@ __all__ = [
     "dense_crf",
     "dense_crf_features",
     "dense_crf_pairwise_energy",
+    "dense_crf_3d",
+    "dense_crf_3d_memory",
     "empty_cache",
     "NO_NORMALIZATION",
     "NORMALIZE_BEFORE",

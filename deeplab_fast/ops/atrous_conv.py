@@ -21,7 +21,7 @@ from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
-from ._common import check_device
+from ._common import c10_dtype, c10_shape, check_device, check_value
 
 __all__ = ["atrous_conv2d", "atrous_conv2d_plan", "tap_skipping"]
 
@@ -36,8 +36,8 @@ _LOWEST = {"stride": 1, "padding": 0, "dilation": 1}
 
 
 def _pair(v: IntPair, name: str) -> list[int]:
-    """``v`` as [height, width]. Values that are not 32-bit ints raise ValueError here (they cannot be in range,
-    and the largest do not fit the op's int64); the op checks the lower bound (RuntimeError), as documented."""
+    """``v`` as [height, width]. Values that are not 32-bit ints are refused here (they cannot be in range, and the
+    largest do not fit the op's int64); the op checks the bounds, with its own message. Both raise ValueError."""
     if isinstance(v, bool):
         raise ValueError(f"atrous_conv2d: {name} must be an int or a pair of ints, got bool")
     if isinstance(v, numbers.Integral):
@@ -104,13 +104,12 @@ def atrous_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         ``P = (H + 2 pad_h - dilation_h (R - 1) - 1) // stride_h + 1``, Q likewise.
 
     Raises:
-        ValueError: a non-tensor argument, a malformed stride / padding / dilation or one outside the 32-bit
-            ints, or (``check_finite``) NaN or Inf in an argument.
-        RuntimeError: wrong dims, dtype or device (every tensor on the input's device, the CPU or CUDA; a meta
-            tensor is refused, as in the fake kernel, which runs the same checks), channel mismatch (weight dim 1
-            vs input dim 1), bias or scale not ``[K]``, an empty batch, an empty output, stride or dilation not
-            in [1, 2^31 - 1], padding not in [0, 2^31 - 1], a padded input over 2^62, or an output of more than
-            2^63 - 1 bytes.
+        ValueError: a non-tensor argument; a malformed stride / padding / dilation, or one outside its range
+            (stride and dilation in [1, 2^31 - 1], padding in [0, 2^31 - 1]); wrong dims, dtype or device (every
+            tensor on the input's device, the CPU or CUDA; a meta tensor is refused, as in the fake kernel, which
+            runs the same checks); a channel mismatch (weight dim 1 vs input dim 1); bias or scale not ``[K]``; an
+            empty batch or output; a padded input over 2^62 or an output of more than 2^63 - 1 bytes; or
+            (``check_finite``) NaN or Inf in an argument.
 
     Gradients flow to input, weight, bias and scale (through ATen's convolution backward; the ReLU mask is
     taken from the output).
@@ -165,69 +164,62 @@ def tap_skipping(mode: Union[bool, str]) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Fake (meta) kernels: the C++ argument checks (atrous_conv_args.cpp: same order, same messages, RuntimeError
-# through torch._check), then the output's shape, dtype and memory format, so that torch.compile traces through
-# the op and a meta or misplaced argument is refused as by the real kernels.
+# Fake kernels. conv_output() is the op's argument checks on devices, dims, dtypes and sizes (check_args of
+# csrc/atrous_conv/atrous_conv_args.cpp: the same messages and ValueError, held to the C++ by
+# tests/test_op_device_checks.py on the bad calls of tests/samples.py) and the output it makes; the fake kernels
+# call it, so torch.compile traces through the op and a meta or misplaced argument is refused as by the real kernels.
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    """The dtype as c10 prints it in the C++ messages ("Float", "BFloat16", "Int")."""
-    try:
-        return torch.empty(0, dtype=dtype).type().rpartition(".")[2].removesuffix("Tensor")
-    except (RuntimeError, TypeError):
-        return str(dtype)
-
-
-def _check(cond, msg) -> None:
-    torch._check(cond, lambda: f"atrous_conv2d: {msg()}")
+_OP = "atrous_conv2d"
 
 
 def _check_pair(v, name: str, note: str = "") -> None:
-    _check(len(v) == 2, lambda: f"{name} must have 2 values (height, width), got {len(v)}")
+    check_value(len(v) == 2, _OP, lambda: f"{name} must have 2 values (height, width), got {len(v)}")
     low = _LOWEST[name]
-    _check(all(low <= x <= MAX_PARAM for x in v), lambda: f"{name} must be >= {low} and <= {MAX_PARAM}{note}, "
-                                                          f"got {list(v)}")
+    check_value(all(low <= x <= MAX_PARAM for x in v), _OP,
+                lambda: f"{name} must be >= {low} and <= {MAX_PARAM}{note}, got {c10_shape(v)}")
 
 
 def _check_vector(t, input, k: int, name: str) -> None:
     if t is None:
         return
-    _check(t.dim() == 1 and t.shape[0] == k, lambda: f"{name} must be a 1-D tensor of one value per output channel "
-                                                     f"([{k}]), got shape {list(t.shape)}")
-    _check(t.dtype == input.dtype, lambda: f"{name} must have the input's dtype ({_dtype_name(input.dtype)}), got "
-                                           f"{_dtype_name(t.dtype)}")
+    check_value(t.dim() == 1 and t.shape[0] == k, _OP, lambda: f"{name} must be a 1-D tensor of one value per output "
+                                                               f"channel ([{k}]), got shape {c10_shape(t.shape)}")
+    check_value(t.dtype == input.dtype, _OP, lambda: f"{name} must have the input's dtype ({c10_dtype(input.dtype)}), "
+                                                     f"got {c10_dtype(t.dtype)}")
 
 
 def _out_size(size: int, taps: int, stride: int, pad: int, dilation: int, axis: str, padding) -> int:
-    _check(size + 2 * pad <= MAX_EXTENT, lambda: f"the padded input {axis} (input {axis} {size} + 2 x padding "
-                                                 f"{pad}) exceeds 2^62; lower the padding {list(padding)}")
+    check_value(size + 2 * pad <= MAX_EXTENT, _OP,
+                lambda: f"the padded input {axis} (input {axis} {size} + 2 x padding {pad}) exceeds 2^62; lower the "
+                        f"padding {c10_shape(padding)}")
     span = size + 2 * pad - dilation * (taps - 1) - 1  # Python ints: no overflow
     return span // stride + 1 if span >= 0 else 0
 
 
-def _check_conv_args(input, weight, bias, scale, stride, padding, dilation):
-    """check_args of atrous_conv_args.cpp; returns the output's shape [N, K, P, Q]."""
-    op = "atrous_conv2d"
+def conv_output(input, weight, bias, scale, stride, padding, dilation) -> tuple[list, torch.memory_format]:
+    """The checks of the op's arguments (their devices, dims, dtypes and sizes, in the C++ order) and its output's
+    shape [N, K, P, Q] and memory format (channels_last iff the input is)."""
     for t, name in ((weight, "weight"), (bias, "bias"), (scale, "scale")):
         if t is not None:
-            check_device(t, input, op, name, "input")
-    _check(input.dim() == 4, lambda: f"input must be 4-D [N, C, H, W], got {input.dim()}-D with shape "
-                                      f"{list(input.shape)}")
-    _check(weight.dim() == 4, lambda: f"weight must be 4-D [K, C, R, S], got {weight.dim()}-D with shape "
-                                       f"{list(weight.shape)}")
-    _check(input.dtype in _DTYPES, lambda: f"input must be float32, float64, bfloat16 or float16, got "
-                                           f"{_dtype_name(input.dtype)}")
-    _check(weight.dtype == input.dtype, lambda: f"weight must have the input's dtype ({_dtype_name(input.dtype)}), "
-                                                f"got {_dtype_name(weight.dtype)}")
+            check_device(t, input, _OP, name, "input")
+    check_value(input.dim() == 4, _OP, lambda: f"input must be 4-D [N, C, H, W], got {input.dim()}-D with shape "
+                                               f"{c10_shape(input.shape)}")
+    check_value(weight.dim() == 4, _OP, lambda: f"weight must be 4-D [K, C, R, S], got {weight.dim()}-D with shape "
+                                                f"{c10_shape(weight.shape)}")
+    check_value(input.dtype in _DTYPES, _OP, lambda: f"input must be float32, float64, bfloat16 or float16, got "
+                                                     f"{c10_dtype(input.dtype)}")
+    check_value(weight.dtype == input.dtype, _OP, lambda: f"weight must have the input's dtype "
+                                                          f"({c10_dtype(input.dtype)}), got {c10_dtype(weight.dtype)}")
     n, c, h, w = input.shape
     k, c_w, r, s = weight.shape
-    _check(n > 0, lambda: "input has an empty batch (N = 0)")
-    _check(c > 0 and h > 0 and w > 0, lambda: f"input must have C, H, W > 0, got shape {list(input.shape)}")
-    _check(k > 0 and r > 0 and s > 0, lambda: f"weight must have K, R, S > 0, got shape {list(weight.shape)}")
-    _check(c_w == c, lambda: f"weight has {c_w} input channels (dim 1) but the input has {c} (only groups = 1 is "
-                             "supported)")
+    check_value(n > 0, _OP, lambda: "input has an empty batch (N = 0)")
+    check_value(c > 0 and h > 0 and w > 0, _OP, lambda: f"input must have C, H, W > 0, got shape "
+                                                        f"{c10_shape(input.shape)}")
+    check_value(k > 0 and r > 0 and s > 0, _OP, lambda: f"weight must have K, R, S > 0, got shape "
+                                                        f"{c10_shape(weight.shape)}")
+    check_value(c_w == c, _OP, lambda: f"weight has {c_w} input channels (dim 1) but the input has {c} (only "
+                                       "groups = 1 is supported)")
     _check_pair(stride, "stride")
     _check_pair(padding, "padding")
     _check_pair(dilation, "dilation", " (the atrous rate)")
@@ -235,27 +227,26 @@ def _check_conv_args(input, weight, bias, scale, stride, padding, dilation):
     _check_vector(scale, input, k, "scale")
     p = _out_size(h, r, stride[0], padding[0], dilation[0], "height", padding)
     q = _out_size(w, s, stride[1], padding[1], dilation[1], "width", padding)
-    _check(p > 0 and q > 0, lambda: f"the output would be empty: input {h}x{w} with a {r}x{s} filter, padding "
-                                    f"{list(padding)} and dilation {list(dilation)} (the dilated filter spans "
-                                    f"{(r - 1) * dilation[0] + 1}x{(s - 1) * dilation[1] + 1}); pad the input or "
-                                    "lower the dilation")
-    _check(n * k * p * q * input.element_size() <= 2**63 - 1,
-           lambda: f"the output [N, K, P, Q] = [{n}, {k}, {p}, {q}] would take more than 2^63 - 1 bytes; lower the "
-                   f"padding {list(padding)} or raise the stride {list(stride)}")
-    return n, k, p, q
+    check_value(p > 0 and q > 0, _OP, lambda: f"the output would be empty: input {h}x{w} with a {r}x{s} filter, "
+                                              f"padding {c10_shape(padding)} and dilation {c10_shape(dilation)} (the "
+                                              f"dilated filter spans {(r - 1) * dilation[0] + 1}x"
+                                              f"{(s - 1) * dilation[1] + 1}); pad the input or lower the dilation")
+    check_value(n * k * p * q * input.element_size() <= 2**63 - 1, _OP,
+                lambda: f"the output [N, K, P, Q] = [{n}, {k}, {p}, {q}] would take more than 2^63 - 1 bytes; lower "
+                        f"the padding {c10_shape(padding)} or raise the stride {c10_shape(stride)}")
+    channels_last = torch._prims_common.suggest_memory_format(input) == torch.channels_last
+    return [n, k, p, q], torch.channels_last if channels_last else torch.contiguous_format
 
 
 @torch.library.register_fake("deeplab_fast::atrous_conv2d")
 def _atrous_conv2d_fake(input, weight, bias, scale, stride, padding, dilation, relu):
-    shape = _check_conv_args(input, weight, bias, scale, stride, padding, dilation)
-    channels_last = torch._prims_common.suggest_memory_format(input) == torch.channels_last
-    return input.new_empty(shape).contiguous(
-        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    shape, memory_format = conv_output(input, weight, bias, scale, stride, padding, dilation)
+    return input.new_empty(shape).contiguous(memory_format=memory_format)
 
 
 @torch.library.register_fake("deeplab_fast::atrous_conv2d_plan")
 def _atrous_conv2d_plan_fake(input, weight, bias, scale, stride, padding, dilation, relu):
-    _check_conv_args(input, weight, bias, scale, stride, padding, dilation)
+    conv_output(input, weight, bias, scale, stride, padding, dilation)
     raise RuntimeError(f"atrous_conv2d_plan is a debug query of concrete tensors; it cannot be traced (the input is "
                        f"a fake or meta tensor on {input.device})")
 

@@ -15,20 +15,15 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 
-from ._common import check_device, register_no_backward
+# The fake kernels and autograd formulas (registered on import), the normalisation types (numbered as pydensecrf's
+# NormalizationType) and the ops' bounds.
+from ._dense_crf_registrations import (MAX_ITERATIONS, NO_NORMALIZATION, NORMALIZE_AFTER, NORMALIZE_BEFORE,
+                                       NORMALIZE_SYMMETRIC, label_stride)
 
-__all__ = ["dense_crf", "dense_crf_features", "dense_crf_pairwise_energy", "empty_cache", "label_stride"]
-
-# Normalisation types, numbered as pydensecrf's NormalizationType.
-NO_NORMALIZATION = 0
-NORMALIZE_BEFORE = 1
-NORMALIZE_AFTER = 2
-NORMALIZE_SYMMETRIC = 3
+__all__ = ["dense_crf", "dense_crf_features", "dense_crf_pairwise_energy", "empty_cache", "label_stride",
+           "NO_NORMALIZATION", "NORMALIZE_BEFORE", "NORMALIZE_AFTER", "NORMALIZE_SYMMETRIC"]
 
 Compat = Union[float, torch.Tensor, np.ndarray]
-
-# The most mean-field iterations a call takes (the C++ kernels' bound too).
-MAX_ITERATIONS = 2**31 - 1
 
 
 def _as_compat(compat: Compat, name: str) -> torch.Tensor:
@@ -124,12 +119,13 @@ def dense_crf(
     messages overflow (``|compat|`` near 3.4e38) saturate: those pixels are recomputed in float64.
 
     Raises:
-        ValueError: a non-tensor ``unary`` or ``image``, or a bad ``iterations``, ``*_sxy``, ``*_srgb`` or
-            ``*_compat`` value.
-        RuntimeError: wrong dtype, shape or device (every tensor must be on the unary's device; compatibilities
-            may also be on the CPU); image size or batch size not matching the unary; an empty batch; L = 0;
-            NaN or -inf in the unary; a standard deviation too small for the lattice (the message gives the
-            smallest usable value).
+        ValueError: a non-tensor ``unary`` or ``image``; a bad ``iterations``, ``*_sxy``, ``*_srgb`` or
+            ``*_compat`` value; wrong dtype, shape or device (every tensor must be on the unary's device;
+            compatibilities may also be on the CPU); image size or batch size not matching the unary; an empty
+            batch; L = 0; a standard deviation too small for the lattice (the message gives the smallest usable
+            value).
+        RuntimeError: what the kernels find: NaN or -inf in the unary, a pixel whose unary is +inf for every
+            label.
 
     Inputs need not be contiguous. The lattice of each image is built once and reused across iterations;
     ``torch.set_num_threads`` sets the parallelism, and results are identical for any thread count.
@@ -250,185 +246,3 @@ def empty_cache() -> None:
     1024; 0 disables the cache) stay cached; this releases them.
     """
     torch.ops.deeplab_fast.empty_cache()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Fake (meta) kernels: the C++ argument checks on shapes, dtypes and devices, then empty outputs, so that
-# torch.compile and FakeTensor tracing go through the ops and a meta (or misplaced) argument is refused.
-
-_OP = "dense_crf"
-
-
-def _check(cond, msg):
-    torch._check(cond, lambda: f"{_OP}: {msg()}")
-
-
-def _check_values(t: torch.Tensor, name: str) -> None:
-    ok = t.dtype == torch.float32 or (t.dtype == torch.float64 and t.device.type != "cuda")
-    _check(ok, lambda: f"{name} must be {'float32' if t.device.type == 'cuda' else 'float32 or float64'}, "
-                       f"got {t.dtype}")
-
-
-def _check_unary(unary: torch.Tensor, dims: int, layout: str) -> None:
-    _check_values(unary, "unary")
-    _check(unary.dim() == dims, lambda: f"unary must be {dims}-D {layout}, got {unary.dim()}-D with shape "
-                                        f"{tuple(unary.shape)}")
-    _check(unary.shape[0] >= 1, lambda: "unary has an empty batch (B = 0)")
-    _check(unary.shape[1] >= 1, lambda: "unary must have at least one label (L >= 1), got L = 0")
-    for d in range(2, dims):
-        _check(unary.shape[d] >= 1, lambda: f"unary must have at least one pixel, got shape {tuple(unary.shape)}")
-
-
-def _check_iterations(iterations: int) -> None:
-    _check(0 <= iterations <= MAX_ITERATIONS, lambda: f"iterations must be in [0, {MAX_ITERATIONS}], got {iterations}")
-
-
-def _check_term_args(ref, features, compat, normalization) -> None:
-    b, l, n = ref.shape
-    _check(len(features) == len(compat) == len(normalization),
-           lambda: f"features, compat and normalization must have one entry per pairwise term, got "
-                   f"{len(features)}, {len(compat)} and {len(normalization)}")
-    for k, (f, c, norm) in enumerate(zip(features, compat, normalization)):
-        check_device(f, ref, _OP, f"features[{k}]", "unary")
-        _check(f.dtype in (torch.float32, torch.float64),
-               lambda: f"features[{k}] must be float32 or float64, got {f.dtype}")
-        _check(f.dim() == 3 and f.shape[0] == b and f.shape[2] == n,
-               lambda: f"features[{k}] must have shape [B, D, N] = [{b}, D, {n}], got {tuple(f.shape)}")
-        _check(1 <= f.shape[1] <= 16, lambda: f"features[{k}] must have between 1 and 16 feature dimensions, "
-                                              f"got {f.shape[1]}")
-        check_device(c, ref, _OP, f"compat[{k}]", "unary", allow_cpu=True)
-        _check(c.is_floating_point(), lambda: f"compat[{k}] must be a floating-point tensor, got {c.dtype}")
-        _check(c.dim() == 0 or tuple(c.shape) == (l,) or tuple(c.shape) == (l, l),
-               lambda: f"compat[{k}] must be a scalar (Potts weight), a vector [L] or a matrix [L, L] with "
-                       f"L = {l}, got shape {tuple(c.shape)}")
-        _check(NO_NORMALIZATION <= norm <= NORMALIZE_SYMMETRIC,
-               lambda: f"normalization[{k}] must be 0 (none), 1 (before), 2 (after) or 3 (symmetric), got {norm}")
-
-
-def _check_q_init(q_init, unary) -> None:
-    if q_init is None:
-        return
-    check_device(q_init, unary, _OP, "q_init", "unary")
-    _check(q_init.dtype == unary.dtype, lambda: f"q_init must have the unary's dtype ({unary.dtype}), "
-                                                f"got {q_init.dtype}")
-    _check(q_init.shape == unary.shape, lambda: f"q_init must have the unary's shape {tuple(unary.shape)}, "
-                                                f"got {tuple(q_init.shape)}")
-
-
-def _check_features_call(unary, features, compat, normalization, iterations, q_init) -> None:
-    _check_unary(unary, 3, "[B, L, N]")
-    _check_iterations(iterations)
-    _check_term_args(unary, features, compat, normalization)
-    _check_q_init(q_init, unary)
-
-
-def label_stride(num_labels: int, device: torch.device) -> int:
-    """The label stride S of the kernels' pixel-major layout: CUDA rounds L up to 4; the CPU keeps L <= 2, takes
-    4 for 3 and 4 labels, and rounds larger L up to 8."""
-    if torch.device(device).type == "cuda":
-        return (num_labels + 3) // 4 * 4
-    if num_labels <= 2:
-        return num_labels
-    return 4 if num_labels <= 4 else (num_labels + 7) // 8 * 8
-
-
-@torch.library.register_fake("deeplab_fast::dense_crf_features")
-def _dense_crf_features_fake(unary, features, compat, normalization, iterations, q_init):
-    _check_features_call(unary, features, compat, normalization, iterations, q_init)
-    return torch.empty_like(unary, memory_format=torch.contiguous_format)
-
-
-@torch.library.register_fake("deeplab_fast::dense_crf_features_with_history")
-def _dense_crf_features_with_history_fake(unary, features, compat, normalization, iterations, q_init):
-    _check_features_call(unary, features, compat, normalization, iterations, q_init)
-    b, l, n = unary.shape
-    history = unary.new_empty((b, iterations, n, label_stride(l, unary.device)))
-    return torch.empty_like(unary, memory_format=torch.contiguous_format), history
-
-
-@torch.library.register_fake("deeplab_fast::dense_crf_features_backward")
-def _dense_crf_features_backward_fake(grad_q, q, history, unary, features, compat, normalization, iterations,
-                                      q_init, compat_grad):
-    _check_features_call(unary, features, compat, normalization, iterations, q_init)
-    for t, name in ((grad_q, "grad_q"), (q, "q")):
-        check_device(t, unary, _OP, name, "unary")
-        _check(t.dtype == unary.dtype and t.shape == unary.shape,
-               lambda: f"backward: {name} must match the unary ({unary.dtype}, {tuple(unary.shape)})")
-    _check(len(compat_grad) == len(compat), lambda: "backward: compat_grad needs one flag per term")
-    grad_q_init = torch.empty_like(unary) if q_init is not None else unary.new_empty((0,))
-    return torch.empty_like(unary), [torch.empty_like(c) for c in compat], grad_q_init
-
-
-@torch.library.register_fake("deeplab_fast::dense_crf_image_features")
-def _dense_crf_image_features_fake(image, gaussian_sxy, bilateral_sxy, bilateral_srgb):
-    _check(image.dtype == torch.uint8, lambda: f"image must be uint8 RGB, got {image.dtype}")
-    _check(image.dim() == 4, lambda: f"image must be 4-D [B, 3, H, W], got shape {tuple(image.shape)}")
-    _check(image.shape[1] == 3, lambda: f"image must have 3 channels (RGB) in dim 1, got {image.shape[1]}")
-    _check(image.shape[0] >= 1, lambda: "image has an empty batch (B = 0)")
-    _check(image.shape[2] >= 1 and image.shape[3] >= 1,
-           lambda: f"image must have at least one pixel, got shape {tuple(image.shape)}")
-    for v, name in ((gaussian_sxy, "gaussian_sxy"), (bilateral_sxy, "bilateral_sxy"),
-                    (bilateral_srgb, "bilateral_srgb")):
-        _check(math.isfinite(v) and v > 0, lambda: f"{name} must be a finite value > 0, got {v}")
-    b, _, h, w = image.shape
-    return (image.new_empty((b, 2, h * w), dtype=torch.float32),
-            image.new_empty((b, 5, h * w), dtype=torch.float32))
-
-
-@torch.library.register_fake("deeplab_fast::dense_crf_pairwise_energy")
-def _dense_crf_pairwise_energy_fake(q, features, compat, normalization):
-    _check_values(q, "q")
-    _check(q.dim() == 3 and q.numel() > 0, lambda: f"q must be a non-empty [B, L, N] tensor, got shape "
-                                                    f"{tuple(q.shape)}")
-    _check_term_args(q, features, compat, normalization)
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Autograd: the vector-Jacobian product of mean-field inference (dense_crf_features_backward). The plain op
-# keeps its inputs and recomputes the iterations in the backward (checkpointing); the history op keeps every
-# iteration's marginals.
-
-
-def _setup_context(ctx, inputs, output):
-    unary, features, compat, normalization, iterations, q_init = inputs
-    history = None
-    if isinstance(output, (tuple, list)):
-        q, history = output
-        ctx.mark_non_differentiable(history)
-    else:
-        q = output
-    ctx.normalization, ctx.iterations = list(normalization), iterations
-    ctx.num_terms, ctx.has_q_init, ctx.has_history = len(features), q_init is not None, history is not None
-    ctx.features_need_grad = [f.requires_grad for f in features]
-    ctx.compat_need_grad = [c.requires_grad for c in compat]
-    ctx.save_for_backward(unary, q, history, q_init, *features, *compat)
-
-
-def _backward(ctx, grad_q, *unused):
-    unary, q, history, q_init, *rest = ctx.saved_tensors
-    features, compat = rest[:ctx.num_terms], rest[ctx.num_terms:]
-    for k, needed in enumerate(ctx.features_need_grad):
-        if needed:
-            raise NotImplementedError(
-                f"dense_crf: the gradient with respect to features[{k}] (the kernel bandwidths) is not implemented; "
-                "detach the features (gradients flow to the unary, q_init and the compatibilities)")
-    if grad_q is None:
-        grad_q = torch.zeros_like(q)
-    grad_unary, grad_compat, grad_q_init = torch.ops.deeplab_fast.dense_crf_features_backward(
-        grad_q.contiguous(), q, history if ctx.has_history else None, unary, features, compat, ctx.normalization,
-        ctx.iterations, q_init if ctx.has_q_init else None, ctx.compat_need_grad)
-    grad_compat = [g if needed else None for g, needed in zip(grad_compat, ctx.compat_need_grad)]
-    # torch's structure check takes a non-empty int list as one leaf but an empty one as a list.
-    grad_normalization = None if ctx.normalization else []
-    return (grad_unary, [None] * ctx.num_terms, grad_compat, grad_normalization, None,
-            grad_q_init if ctx.has_q_init else None)
-
-
-for _name in ("dense_crf_features", "dense_crf_features_with_history"):
-    torch.library.register_autograd(f"deeplab_fast::{_name}", _backward, setup_context=_setup_context)
-register_no_backward("deeplab_fast::dense_crf_pairwise_energy",
-                     "has no backward: the pairwise energy is an inference-time diagnostic (pydensecrf's KL "
-                     "divergence); differentiate dense_crf / dense_crf_features instead")
-register_no_backward("deeplab_fast::dense_crf_features_backward",
-                     "has no backward: second derivatives of the dense CRF are not implemented")

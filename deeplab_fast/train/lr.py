@@ -19,8 +19,9 @@ __all__ = ["poly_lr", "param_groups", "HEAD_ATTRIBUTES"]
 
 # Attribute names of the classifier ("head") modules trained at head_lr_mult: deeplab_fast.models use ``fc8`` and
 # ``msc`` (v1 LargeFOV / MSc-LargeFOV: the final 1x1 conv and the multi-scale branches), ``aspp`` (v2: the
-# ASPP classifier), ``classifier`` / ``aux_classifier`` (v3, torchvision's names).
-HEAD_ATTRIBUTES = ("fc8", "aspp", "classifier", "aux_classifier", "msc")
+# ASPP classifier), ``classifier`` / ``aux_classifier`` (v3, LR-ASPP and v3+: torchvision's names),
+# ``low_level`` / ``decoder`` (v3+: the low-level projection and the decoder, new layers like the ASPP).
+HEAD_ATTRIBUTES = ("fc8", "aspp", "classifier", "aux_classifier", "msc", "low_level", "decoder")
 
 
 def poly_lr(optimizer: torch.optim.Optimizer, max_steps: int, power: float = 0.9,

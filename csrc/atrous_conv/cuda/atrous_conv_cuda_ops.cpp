@@ -1,7 +1,7 @@
 // Torch glue of the CUDA atrous convolution: TORCH_LIBRARY_IMPL(deeplab_fast, CUDA) for atrous_conv2d and its
-// plan query. It checks the arguments (atrous_conv_args.h, as on the CPU), picks the path (CUTLASS or the ATen
-// fallback), folds a scale into the filter, and hands raw pointers to the torch-free launcher
-// (atrous_conv_cuda.h).
+// plan query. The call's plan (../atrous_conv_args.h, as on the CPU) carries the checks, the tap regions, the
+// tap-skipping decision and the output; here the path is picked (CUTLASS or the ATen fallback), a scale is folded
+// into the filter, and raw pointers go to the torch-free launcher (atrous_conv_cuda.h).
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <c10/cuda/CUDAException.h>
@@ -14,8 +14,6 @@
 
 #include <cstdint>
 #include <limits>
-#include <iomanip>
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -29,18 +27,17 @@ namespace cuda {
 namespace {
 
 // Tap skipping is used when it removes at least 5% of the multiply-accumulates: below that the regions' thin
-// border bands waste more of their tiles than the skipped taps save. Untuned (no GPU yet): to be measured.
+// border bands waste more of their tiles than the skipped taps save (the threshold's status: DEVELOPERS.md).
 constexpr double kMaxKeptFraction = 0.95;
 
 constexpr int64_t kMaxInt32 = std::numeric_limits<int32_t>::max();
 
+// The CUDA path of a call: CUTLASS (its dtype, tile and tap skipping) or the ATen fallback, and why.
 struct Decision {
   bool cutlass = false;
   std::string reason;  // why the path (the fallback's cause, or the CUTLASS configuration)
   DType dtype = DType::kBFloat16;
   bool tap_skipping = false;
-  double kept_fraction = 1.0;
-  std::vector<TapRegion> regions;  // all regions, including those without taps
   Tile tile = Tile::kLarge;
 };
 
@@ -86,9 +83,10 @@ bool nhwc_strides_ok(const at::Tensor& t) {
   return true;
 }
 
-Decision decide(const at::Tensor& input, const at::Tensor& weight, const ConvArgs& a) {
+Decision decide(const ConvPlan& a) {
+  const at::Tensor& input = a.input;
+  const at::Tensor& weight = a.weight;
   Decision d;
-  d.regions = plan_regions(a, &d.kept_fraction);
   const auto fallback = [&](std::string why) {
     d.cutlass = false;
     d.reason = "ATen convolution (cuDNN) + epilogue: " + why;
@@ -123,20 +121,16 @@ Decision decide(const at::Tensor& input, const at::Tensor& weight, const ConvArg
     return fallback("a tensor over 2 GiB (CUTLASS's 32-bit indexing)");
   }
   // CUTLASS computes input coordinates p * stride - pad + r * dilation in int: keep them (<= H + 2 pad) in range.
-  if (a.pad_h > kMaxInt32 / 4 || a.pad_w > kMaxInt32 / 4 || a.H + 2 * a.pad_h > kMaxInt32 ||
-      a.W + 2 * a.pad_w > kMaxInt32 || a.stride_h > kMaxInt32 || a.stride_w > kMaxInt32 ||
-      a.dilation_h > kMaxInt32 || a.dilation_w > kMaxInt32) {
+  if (a.padding[0] > kMaxInt32 / 4 || a.padding[1] > kMaxInt32 / 4 || a.H + 2 * a.padding[0] > kMaxInt32 ||
+      a.W + 2 * a.padding[1] > kMaxInt32 || a.stride[0] > kMaxInt32 || a.stride[1] > kMaxInt32 ||
+      a.dilation[0] > kMaxInt32 || a.dilation[1] > kMaxInt32) {
     return fallback("stride / padding / dilation beyond CUTLASS's 32-bit index arithmetic");
   }
   if (a.K > int64_t(65535) * tile_n(Tile::kSmall)) {
     return fallback("K = " + std::to_string(a.K) + " needs more than 65535 threadblock columns");
   }
   d.cutlass = true;
-  switch (tap_skipping_mode()) {
-    case TapSkipping::kOff: d.tap_skipping = false; break;
-    case TapSkipping::kOn: d.tap_skipping = d.kept_fraction < 1.0; break;
-    case TapSkipping::kAuto: d.tap_skipping = d.kept_fraction <= kMaxKeptFraction; break;
-  }
+  d.tap_skipping = a.tap_skipping(a.kept_fraction <= kMaxKeptFraction);
   // Tile: the large one when it alone gives every SM a threadblock, else the small one (more CTAs).
   ConvParams probe;
   probe.N = int(a.N);
@@ -144,7 +138,7 @@ Decision decide(const at::Tensor& input, const at::Tensor& weight, const ConvArg
   probe.P = int(a.P);
   probe.Q = int(a.Q);
   probe.tap_skipping = d.tap_skipping;
-  for (const TapRegion& g : d.regions) {
+  for (const TapRegion& g : a.regions) {
     if (!g.empty_taps()) probe.regions.push_back(g);
   }
   d.tile = tile_count(probe, Tile::kLarge) >= device.sms ? Tile::kLarge : Tile::kSmall;
@@ -169,12 +163,12 @@ at::Tensor atrous_conv2d_cuda(const at::Tensor& input, const at::Tensor& weight,
                               const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& scale,
                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                               bool relu) {
-  const ConvArgs a = check_args(input, weight, bias, scale, stride, padding, dilation, relu);
+  const ConvPlan a = check_args(input, weight, bias, scale, stride, padding, dilation, relu);
   c10::cuda::CUDAGuard device_guard(input.device());
-  const at::Tensor b = a.has_bias ? *bias : at::Tensor();
-  const at::Tensor s = a.has_scale ? *scale : at::Tensor();
-  const Decision d = decide(input, weight, a);
-  at::Tensor out = new_output(input, a);
+  const at::Tensor& b = a.bias;
+  const at::Tensor& s = a.scale;
+  const Decision d = decide(a);
+  at::Tensor out = a.new_output();
 
   if (!d.cutlass) {
     const at::Tensor conv = at::convolution(input, weight, c10::nullopt, stride, padding, dilation, false, {0, 0}, 1);
@@ -210,18 +204,18 @@ at::Tensor atrous_conv2d_cuda(const at::Tensor& input, const at::Tensor& weight,
   p.S = int(a.S);
   p.P = int(a.P);
   p.Q = int(a.Q);
-  p.stride_h = int(a.stride_h);
-  p.stride_w = int(a.stride_w);
-  p.pad_h = int(a.pad_h);
-  p.pad_w = int(a.pad_w);
-  p.dilation_h = int(a.dilation_h);
-  p.dilation_w = int(a.dilation_w);
+  p.stride_h = int(a.stride[0]);
+  p.stride_w = int(a.stride[1]);
+  p.pad_h = int(a.padding[0]);
+  p.pad_w = int(a.padding[1]);
+  p.dilation_h = int(a.dilation[0]);
+  p.dilation_w = int(a.dilation[1]);
   p.relu = relu;
   p.tap_skipping = d.tap_skipping;
   p.stream = c10::cuda::getCurrentCUDAStream().stream();
   if (d.tap_skipping) {
     at::Tensor fill;  // relu?(bias) (or 0) per channel: the output where every tap reads padding
-    for (const TapRegion& g : d.regions) {
+    for (const TapRegion& g : a.regions) {
       if (!g.empty_taps()) {
         p.regions.push_back(g);
         continue;
@@ -230,7 +224,7 @@ at::Tensor atrous_conv2d_cuda(const at::Tensor& input, const at::Tensor& weight,
         fill = at::empty({1, a.K, 1, 1}, out.options());
         aten_epilogue(at::zeros({1, 1, 1, 1}, input.options()), fill, at::Tensor(), b, relu);
       }
-      at::Tensor region = out.narrow(2, g.p_begin, g.rows()).narrow(3, g.q_begin, g.cols());
+      at::Tensor region = a.region_of(out, g);
       region.copy_(fill.expand_as(region));
     }
   }
@@ -243,16 +237,12 @@ std::string atrous_conv2d_plan_cuda(const at::Tensor& input, const at::Tensor& w
                                     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& scale,
                                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                     bool relu) {
-  const ConvArgs a = check_args(input, weight, bias, scale, stride, padding, dilation, relu);
+  const ConvPlan a = check_args(input, weight, bias, scale, stride, padding, dilation, relu);
   c10::cuda::CUDAGuard device_guard(input.device());
-  const Decision d = decide(input, weight, a);
-  std::ostringstream js;
-  js << "{\"device\": \"cuda\", \"path\": \"" << (d.cutlass ? "cutlass" : "aten") << "\", \"reason\": \""
-     << d.reason << "\", \"tap_skipping\": " << (d.tap_skipping ? "true" : "false")
-     << ", \"kept_fraction\": " << std::setprecision(17) << d.kept_fraction << ", \"tile\": "
-     << (d.cutlass ? std::string("\"") + tile_shape(d.dtype, d.tile) + "\"" : std::string("null"))
-     << ", \"split_k\": 1, \"regions\": " << regions_json(d.regions) << "}";
-  return js.str();
+  const Decision d = decide(a);
+  const std::string tile = d.cutlass ? std::string("\"") + tile_shape(d.dtype, d.tile) + "\"" : "null";
+  return a.json("cuda", d.cutlass ? "cutlass" : "aten", d.reason, d.tap_skipping,
+                "\"tile\": " + tile + ", \"split_k\": 1, ");
 }
 
 }  // namespace

@@ -106,7 +106,7 @@ struct RegionSwizzle : cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzl
   }
 };
 
-// Tile configurations (threadblock MxNxK, warps, cp.async stages; untuned: the first GPU session measures them).
+// Tile configurations (threadblock MxNxK, warps, cp.async stages; how they were chosen: DEVELOPERS.md).
 // Large: 128x128x32, 4 warps of 64x64, 4 stages (64 KiB of shared memory for 16-bit types; 240 registers
 // and no spills for sm_80). Small, for small maps and batch 1 (more CTAs): 64x64x64, 4 warps of 32x32.
 // TF32 (4-byte elements): 128x128x16 and 64x64x32, the same 64 KiB of shared memory (128x128x32 took 96 KiB, one

@@ -1,7 +1,8 @@
 // Torch glue for the dense CRF on CUDA: the CUDA registrations of the deeplab_fast::dense_crf_* ops (the image-level
-// dense_crf is a composite of them, registered once in ../dense_crf_ops.cpp). Arguments are checked exactly as on
-// the CPU (dense_crf_args.h); the kernels (mean_field.cu, permutohedral.cu) see raw pointers, the current stream and
-// an allocator backed by torch's CUDA caching allocator. Compiled only in CUDA builds (setup.py, CMake WITH_CUDA).
+// dense_crf is a composite of them, registered once in ../dense_crf_ops.cpp). Arguments are checked as on the CPU
+// (../dense_crf_args.h), plus the kernels' limits; the kernels (mean_field.cu, permutohedral.cu) see raw pointers,
+// the current stream and an allocator backed by torch's CUDA caching allocator. Compiled only in CUDA builds
+// (setup.py, CMake WITH_CUDA).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -34,27 +35,27 @@ class TorchAllocator final : public cuda::Allocator {
   std::vector<at::Tensor> blocks_;
 };
 
-// The kernels' problem description, on the current stream (the caller holds a device guard). `keep` holds the
-// device copies of the compatibilities.
-cuda::Problem make_problem(const at::Tensor& unary, const at::Tensor& q_init, int64_t B, int64_t L, int64_t N,
-                           const TermInputs& in, std::vector<at::Tensor>& keep, cuda::Allocator* allocator,
+// The kernels' problem description for the call, on the current stream (the caller holds a device guard). `keep`
+// holds the device copies of the compatibilities.
+cuda::Problem make_problem(const Call& c, std::vector<at::Tensor>& keep, cuda::Allocator* allocator,
                            cuda::Allocator* scratch) {
   cuda::Problem p;
-  p.batch = B;
-  p.num_labels = L;
-  p.num_pixels = N;
-  p.unary = unary.defined() ? unary.data_ptr<float>() : nullptr;
-  p.q_init = q_init.defined() ? q_init.data_ptr<float>() : nullptr;
+  p.batch = c.B;
+  p.num_labels = c.L;
+  p.num_pixels = c.N;
+  p.unary = c.unary.defined() ? c.unary.data_ptr<float>() : nullptr;
+  p.q_init = c.q_init.defined() ? c.q_init.data_ptr<float>() : nullptr;
   p.stream = c10::cuda::getCurrentCUDAStream().stream();
   p.allocator = allocator;
   p.scratch = scratch;
+  const TermInputs& in = c.terms;
   for (size_t k = 0; k < in.features.size(); ++k) {
     cuda::Term t;
     t.features = in.features[k].data_ptr<float>();
     t.dim = static_cast<int>(in.features[k].size(1));
     t.compat_kind = in.compat[k].first;
     if (t.compat_kind == lattice::kPotts) {
-      t.potts_weight = in.compat[k].second.data_ptr<float>()[0];  // a CPU tensor (prepare_compat)
+      t.potts_weight = in.compat[k].second.data_ptr<float>()[0];  // a CPU tensor (check_compat)
     } else {
       keep.push_back(in.compat[k].second.to(in.features[k].device()));
       t.compat = keep.back().data_ptr<float>();
@@ -65,38 +66,23 @@ cuda::Problem make_problem(const at::Tensor& unary, const at::Tensor& q_init, in
   return p;
 }
 
-// The call's inputs, checked as on the CPU, with the kernels' limits on top. A CUDA argument sends a call here
-// even when the unary is on the CPU: the device checks name it.
-struct Call {
-  at::Tensor unary, q_init;
-  TermInputs in;
-  int64_t B = 0, L = 0, N = 0;
-};
-
-Call check_call(const at::Tensor& unary_in, at::TensorList features, at::TensorList compat,
-                at::IntArrayRef normalization, int64_t iterations, const c10::optional<at::Tensor>& q_init_in) {
-  check_unary_shape(unary_in, 3, "[B, L, N]");
-  check_iterations(iterations);
-  Call c;
-  c.B = unary_in.size(0);
-  c.L = unary_in.size(1);
-  c.N = unary_in.size(2);
-  c.in = check_terms(unary_in, c.B, c.L, c.N, features, compat, normalization);
-  c.q_init = check_q_init(q_init_in, unary_in);
-  TORCH_CHECK(unary_in.is_cuda(), "dense_crf: unary is on ", unary_in.device(),
-              " but another argument is on a CUDA device");
-  TORCH_CHECK(c.L <= cuda::kMaxLabels, "dense_crf: the CUDA kernels take at most ", cuda::kMaxLabels,
-              " labels, got L = ", c.L);
-  c.unary = unary_in.contiguous();
-  return c;
+// The CUDA kernels' own limits, after the shared checks. A CUDA argument sends a call here even when `ref` (the
+// unary, or q) is on the CPU: the device checks name it.
+void check_cuda_call(const Call& c, const at::Tensor& ref, const char* name) {
+  TORCH_CHECK_VALUE(ref.is_cuda(), "dense_crf: ", name, " is on ", ref.device(),
+                    " but another argument is on a CUDA device");
+  TORCH_CHECK_VALUE(c.L <= cuda::kMaxLabels, "dense_crf: the CUDA kernels take at most ", cuda::kMaxLabels,
+                    " labels, got L = ", c.L);
 }
 
-// Runs fn(problem) on the unary's device and current stream; kernel errors become RuntimeErrors with their text.
+// Runs fn(problem) on the call's device and current stream; kernel errors become RuntimeErrors with their text.
 template <typename Fn>
 void run_cuda(const Call& c, Fn fn) {
-  TorchAllocator allocator(c.unary), scratch(c.unary);
+  const at::Tensor& ref = c.unary.defined() ? c.unary : c.q_init;
+  c10::cuda::CUDAGuard device_guard(ref.device());
+  TorchAllocator allocator(ref), scratch(ref);
   std::vector<at::Tensor> keep;
-  const cuda::Problem p = make_problem(c.unary, c.q_init, c.B, c.L, c.N, c.in, keep, &allocator, &scratch);
+  const cuda::Problem p = make_problem(c, keep, &allocator, &scratch);
   try {
     fn(p);
   } catch (const cuda::Error& e) {
@@ -104,10 +90,11 @@ void run_cuda(const Call& c, Fn fn) {
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& unary_in, at::TensorList features, at::TensorList compat,
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& unary, at::TensorList features, at::TensorList compat,
                                            at::IntArrayRef normalization, int64_t iterations,
-                                           const c10::optional<at::Tensor>& q_init_in, bool keep_history) {
-  const Call c = check_call(unary_in, features, compat, normalization, iterations, q_init_in);
+                                           const c10::optional<at::Tensor>& q_init, bool keep_history) {
+  const Call c = check_call(unary, features, compat, normalization, iterations, q_init);
+  check_cuda_call(c, unary, "unary");
   c10::cuda::CUDAGuard device_guard(c.unary.device());
   at::Tensor out = new_output(c.unary, {c.B, c.L, c.N});
   at::Tensor history =
@@ -131,16 +118,14 @@ std::tuple<at::Tensor, at::Tensor> dense_crf_features_with_history_cuda(
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> dense_crf_features_backward_cuda(
-    const at::Tensor& grad_q_in, const at::Tensor& q_in, const c10::optional<at::Tensor>& history_in,
-    const at::Tensor& unary_in, at::TensorList features, at::TensorList compat, at::IntArrayRef normalization,
-    int64_t iterations, const c10::optional<at::Tensor>& q_init_in, const c10::List<bool>& compat_grad) {
-  const Call c = check_call(unary_in, features, compat, normalization, iterations, q_init_in);
-  check_backward_args(grad_q_in, q_in, history_in, unary_in, iterations, cuda::label_stride(c.L));
-  TORCH_CHECK(compat_grad.size() == compat.size(), "dense_crf backward: compat_grad needs one flag per term (",
-              compat.size(), "), got ", compat_grad.size());
+    const at::Tensor& grad_q, const at::Tensor& q, const c10::optional<at::Tensor>& history,
+    const at::Tensor& unary, at::TensorList features, at::TensorList compat, at::IntArrayRef normalization,
+    int64_t iterations, const c10::optional<at::Tensor>& q_init, const c10::List<bool>& compat_grad) {
+  const BackwardCall bc = check_backward_call(grad_q, q, history, unary, features, compat, normalization, iterations,
+                                              q_init, compat_grad, &cuda::label_stride);
+  const Call& c = bc.forward;
+  check_cuda_call(c, unary, "unary");
   c10::cuda::CUDAGuard device_guard(c.unary.device());
-  const at::Tensor grad_q = grad_q_in.contiguous(), q = q_in.contiguous();
-  const at::Tensor history = history_in.has_value() ? history_in->contiguous() : at::Tensor();
   at::Tensor grad_unary = new_output(c.unary, {c.B, c.L, c.N});
   at::Tensor grad_q_init = c.q_init.defined() ? new_output(c.unary, {c.B, c.L, c.N})
                                               : at::empty({0}, c.unary.options());
@@ -149,47 +134,30 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> dense_crf_features_b
   grads.unary = grad_unary.data_ptr<float>();
   grads.q_init = c.q_init.defined() ? grad_q_init.data_ptr<float>() : nullptr;
   for (size_t k = 0; k < compat.size(); ++k) {
-    const lattice::CompatKind kind = c.in.compat[k].first;
-    const int64_t width = kind == lattice::kPotts ? 1 : kind == lattice::kDiagonal ? c.L : c.L * c.L;
-    if (compat_grad.get(k)) acc[k] = at::zeros({width}, c.unary.options().dtype(at::kDouble));
+    if (bc.compat_grad_width[k] > 0)
+      acc[k] = at::zeros({bc.compat_grad_width[k]}, c.unary.options().dtype(at::kDouble));
     grads.compat.push_back(acc[k].defined() ? acc[k].data_ptr<double>() : nullptr);
   }
   run_cuda(c, [&](const cuda::Problem& p) {
-    cuda::mean_field_backward(p, iterations, grad_q.data_ptr<float>(), q.data_ptr<float>(),
-                              history.defined() ? history.data_ptr<float>() : nullptr, grads);
+    cuda::mean_field_backward(p, iterations, bc.grad_q.data_ptr<float>(), bc.q.data_ptr<float>(),
+                              bc.history.defined() ? bc.history.data_ptr<float>() : nullptr, grads);
   });
-  std::vector<at::Tensor> grad_compat;
+  std::vector<std::vector<double>> totals(compat.size());
   for (size_t k = 0; k < compat.size(); ++k) {
-    if (!acc[k].defined()) {
-      grad_compat.push_back(at::zeros_like(compat[k]));
-      continue;
-    }
+    if (!acc[k].defined()) continue;
     const at::Tensor host = acc[k].cpu();  // the one host sync of the backward, at its end
-    const std::vector<double> g(host.data_ptr<double>(), host.data_ptr<double>() + host.numel());
-    grad_compat.push_back(compat_gradient(g, c.in.compat[k].first, c.L, compat[k]));
+    totals[k].assign(host.data_ptr<double>(), host.data_ptr<double>() + host.numel());
   }
-  return {grad_unary, grad_compat, grad_q_init};
+  return {grad_unary, compat_gradients(bc, totals, compat), grad_q_init};
 }
 
-at::Tensor dense_crf_pairwise_energy_cuda(const at::Tensor& q_in, at::TensorList features, at::TensorList compat,
+at::Tensor dense_crf_pairwise_energy_cuda(const at::Tensor& q, at::TensorList features, at::TensorList compat,
                                           at::IntArrayRef normalization) {
-  check_marginals(q_in);
-  const int64_t B = q_in.size(0), L = q_in.size(1), N = q_in.size(2);
-  const TermInputs in = check_terms(q_in, B, L, N, features, compat, normalization);
-  TORCH_CHECK(q_in.is_cuda(), "dense_crf: q is on ", q_in.device(), " but another argument is on a CUDA device");
-  TORCH_CHECK(L <= cuda::kMaxLabels, "dense_crf: the CUDA kernels take at most ", cuda::kMaxLabels,
-              " labels, got L = ", L);
-  c10::cuda::CUDAGuard device_guard(q_in.device());
-  const at::Tensor q = q_in.contiguous();
-  at::Tensor out = new_output(q, {B, L, N});
-  TorchAllocator allocator(q), scratch(q);
-  std::vector<at::Tensor> keep;
-  const cuda::Problem p = make_problem(at::Tensor(), q, B, L, N, in, keep, &allocator, &scratch);
-  try {
-    cuda::pairwise_energy(p, out.data_ptr<float>());
-  } catch (const cuda::Error& e) {
-    TORCH_CHECK(false, e.what());
-  }
+  const Call c = check_pairwise_energy_call(q, features, compat, normalization);
+  check_cuda_call(c, q, "q");
+  c10::cuda::CUDAGuard device_guard(c.q_init.device());
+  at::Tensor out = new_output(c.q_init, {c.B, c.L, c.N});
+  run_cuda(c, [&](const cuda::Problem& p) { cuda::pairwise_energy(p, out.data_ptr<float>()); });
   return out;
 }
 

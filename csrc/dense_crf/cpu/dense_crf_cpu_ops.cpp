@@ -1,12 +1,16 @@
-// The CPU registrations of the dense CRF ops (see dense_crf_cpu.h).
-#include "dense_crf_cpu.h"
+// The CPU kernels of the dense CRF ops (schemas: ../dense_crf_ops.cpp) and their registration: the arguments are
+// checked as on CUDA (../dense_crf_args.h), then each image runs through the kernels of mean_field.cpp. float32 is
+// bit-exact with pydensecrf; float64 runs the same algorithm in double on the same (float32-built) lattice, for
+// gradcheck.
+#include <ATen/ATen.h>
+#include <torch/library.h>
 
-#include "common/parallel.h"
-
+#include <tuple>
 #include <vector>
 
 #include "../dense_crf.h"
 #include "../dense_crf_args.h"
+#include "common/parallel.h"
 #include "stage_timer.h"
 
 namespace deeplab_fast {
@@ -31,11 +35,14 @@ void for_each_image(int64_t batch, Fn fn) {
   }
 }
 
+// Image b's problem: pointers into the call's unary, q_init (or marginals) and features.
 template <typename T>
-Problem<T> make_problem(const T* unary, const T* q_init, int64_t L, int64_t N, const TermInputs& in, int64_t b) {
+Problem<T> make_problem(const Call& c, int64_t b) {
+  const int64_t L = c.L, N = c.N;
+  const TermInputs& in = c.terms;
   Problem<T> p;
-  p.unary = unary;
-  p.q_init = q_init;
+  p.unary = c.unary.defined() ? c.unary.data_ptr<T>() + b * L * N : nullptr;
+  p.q_init = c.q_init.defined() ? c.q_init.data_ptr<T>() + b * L * N : nullptr;
   p.num_labels = L;
   p.num_pixels = N;
   for (size_t k = 0; k < in.features.size(); ++k) {
@@ -51,32 +58,24 @@ Problem<T> make_problem(const T* unary, const T* q_init, int64_t L, int64_t N, c
 }
 
 // Shared by the plain and the history-keeping forward.
-std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& unary_in, at::TensorList features, at::TensorList compat,
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& unary, at::TensorList features, at::TensorList compat,
                                            at::IntArrayRef normalization, int64_t iterations,
-                                           const c10::optional<at::Tensor>& q_init_in, bool keep_history) {
-  check_unary_shape(unary_in, 3, "[B, L, N]");
-  check_iterations(iterations);
-  const int64_t B = unary_in.size(0), L = unary_in.size(1), N = unary_in.size(2), S = label_stride(L);
-  const at::Tensor unary = unary_in.contiguous();
-  const TermInputs in = check_terms(unary, B, L, N, features, compat, normalization);
-  const at::Tensor q_init = check_q_init(q_init_in, unary);
-  at::Tensor out = new_output(unary, {B, L, N});
-  at::Tensor history = keep_history ? new_output(unary, {B, iterations, N, S}) : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES(unary.scalar_type(), "dense_crf_features", [&] {
-    const scalar_t* u = unary.data_ptr<scalar_t>();
-    const scalar_t* q0 = q_init.defined() ? q_init.data_ptr<scalar_t>() : nullptr;
+                                           const c10::optional<at::Tensor>& q_init, bool keep_history) {
+  const Call c = check_call(unary, features, compat, normalization, iterations, q_init);
+  const int64_t B = c.B, L = c.L, N = c.N, S = label_stride(L);
+  at::Tensor out = new_output(c.unary, {B, L, N});
+  at::Tensor history = keep_history ? new_output(c.unary, {B, iterations, N, S}) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(c.unary.scalar_type(), "dense_crf_features", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
     scalar_t* h = keep_history ? history.data_ptr<scalar_t>() : nullptr;
     for_each_image(B, [&](int64_t b) {
-      const Problem<scalar_t> p = make_problem(u + b * L * N, q0 ? q0 + b * L * N : nullptr, L, N, in, b);
+      const Problem<scalar_t> p = make_problem<scalar_t>(c, b);
       StageTimer timer("mean_field (whole)");
       mean_field(p, iterations, o + b * L * N, h ? h + b * iterations * N * S : nullptr);
     });
   });
   return {out, history};
 }
-
-}  // namespace
 
 at::Tensor dense_crf_features(const at::Tensor& unary, at::TensorList features, at::TensorList compat,
                               at::IntArrayRef normalization, int64_t iterations,
@@ -92,76 +91,52 @@ std::tuple<at::Tensor, at::Tensor> dense_crf_features_with_history(const at::Ten
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> dense_crf_features_backward(
-    const at::Tensor& grad_q_in, const at::Tensor& q_in, const c10::optional<at::Tensor>& history_in,
-    const at::Tensor& unary_in, at::TensorList features, at::TensorList compat, at::IntArrayRef normalization,
-    int64_t iterations, const c10::optional<at::Tensor>& q_init_in, const c10::List<bool>& compat_grad) {
-  check_unary_shape(unary_in, 3, "[B, L, N]");
-  check_iterations(iterations);
-  const int64_t B = unary_in.size(0), L = unary_in.size(1), N = unary_in.size(2), S = label_stride(L);
-  check_backward_args(grad_q_in, q_in, history_in, unary_in, iterations, S);
-  TORCH_CHECK(compat_grad.size() == compat.size(), "dense_crf backward: compat_grad needs one flag per term (",
-              compat.size(), "), got ", compat_grad.size());
-  const at::Tensor unary = unary_in.contiguous(), grad_q = grad_q_in.contiguous(), q = q_in.contiguous();
-  const at::Tensor history = history_in.has_value() ? history_in->contiguous() : at::Tensor();
-  const TermInputs in = check_terms(unary, B, L, N, features, compat, normalization);
-  const at::Tensor q_init = check_q_init(q_init_in, unary);
-  at::Tensor grad_unary = new_output(unary, {B, L, N});
-  at::Tensor grad_q_init = q_init.defined() ? new_output(unary, {B, L, N}) : at::empty({0}, unary.options());
+    const at::Tensor& grad_q, const at::Tensor& q, const c10::optional<at::Tensor>& history,
+    const at::Tensor& unary, at::TensorList features, at::TensorList compat, at::IntArrayRef normalization,
+    int64_t iterations, const c10::optional<at::Tensor>& q_init, const c10::List<bool>& compat_grad) {
+  const BackwardCall bc = check_backward_call(grad_q, q, history, unary, features, compat, normalization, iterations,
+                                              q_init, compat_grad, &label_stride);
+  const Call& c = bc.forward;
+  const int64_t B = c.B, L = c.L, N = c.N, S = label_stride(L);
+  at::Tensor grad_unary = new_output(c.unary, {B, L, N});
+  at::Tensor grad_q_init = c.q_init.defined() ? new_output(c.unary, {B, L, N}) : at::empty({0}, c.unary.options());
   // Per image and term, dL/dcompat in double; summed over the images in order afterwards.
-  std::vector<int64_t> width(compat.size());
-  for (size_t k = 0; k < compat.size(); ++k) {
-    const lattice::CompatKind kind = in.compat[k].first;
-    width[k] = compat_grad.get(k) ? (kind == lattice::kPotts ? 1 : kind == lattice::kDiagonal ? L : L * L) : 0;
-  }
   std::vector<std::vector<std::vector<double>>> per_image(static_cast<size_t>(B));
-  AT_DISPATCH_FLOATING_TYPES(unary.scalar_type(), "dense_crf_features_backward", [&] {
-    const scalar_t* u = unary.data_ptr<scalar_t>();
-    const scalar_t* q0 = q_init.defined() ? q_init.data_ptr<scalar_t>() : nullptr;
-    const scalar_t* h = history.defined() ? history.data_ptr<scalar_t>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES(c.unary.scalar_type(), "dense_crf_features_backward", [&] {
+    const scalar_t* h = bc.history.defined() ? bc.history.data_ptr<scalar_t>() : nullptr;
     for_each_image(B, [&](int64_t b) {
-      const Problem<scalar_t> p = make_problem(u + b * L * N, q0 ? q0 + b * L * N : nullptr, L, N, in, b);
+      const Problem<scalar_t> p = make_problem<scalar_t>(c, b);
       std::vector<std::vector<double>>& acc = per_image[b];
       acc.resize(compat.size());
       Gradients<scalar_t> grads;
       grads.unary = grad_unary.data_ptr<scalar_t>() + b * L * N;
-      grads.q_init = q0 ? grad_q_init.data_ptr<scalar_t>() + b * L * N : nullptr;
+      grads.q_init = p.q_init ? grad_q_init.data_ptr<scalar_t>() + b * L * N : nullptr;
       for (size_t k = 0; k < compat.size(); ++k) {
-        acc[k].assign(static_cast<size_t>(width[k]), 0.0);
-        grads.compat.push_back(width[k] > 0 ? acc[k].data() : nullptr);
+        acc[k].assign(static_cast<size_t>(bc.compat_grad_width[k]), 0.0);
+        grads.compat.push_back(bc.compat_grad_width[k] > 0 ? acc[k].data() : nullptr);
       }
       StageTimer timer("mean_field backward (whole)");
-      mean_field_backward(p, iterations, grad_q.data_ptr<scalar_t>() + b * L * N, q.data_ptr<scalar_t>() + b * L * N,
-                          h ? h + b * iterations * N * S : nullptr, grads);
+      mean_field_backward(p, iterations, bc.grad_q.data_ptr<scalar_t>() + b * L * N,
+                          bc.q.data_ptr<scalar_t>() + b * L * N, h ? h + b * iterations * N * S : nullptr, grads);
     });
   });
-  std::vector<at::Tensor> grad_compat;
+  std::vector<std::vector<double>> totals(compat.size());
   for (size_t k = 0; k < compat.size(); ++k) {
-    if (width[k] == 0) {
-      grad_compat.push_back(at::zeros_like(compat[k]));
-      continue;
-    }
-    std::vector<double> total(static_cast<size_t>(width[k]), 0.0);
+    totals[k].assign(static_cast<size_t>(bc.compat_grad_width[k]), 0.0);
     for (int64_t b = 0; b < B; ++b)
-      for (int64_t j = 0; j < width[k]; ++j) total[j] += per_image[b][k][j];
-    grad_compat.push_back(compat_gradient(total, in.compat[k].first, L, compat[k]));
+      for (int64_t j = 0; j < bc.compat_grad_width[k]; ++j) totals[k][j] += per_image[b][k][j];
   }
-  return {grad_unary, grad_compat, grad_q_init};
+  return {grad_unary, compat_gradients(bc, totals, compat), grad_q_init};
 }
 
-at::Tensor dense_crf_pairwise_energy(const at::Tensor& q_in, at::TensorList features, at::TensorList compat,
+at::Tensor dense_crf_pairwise_energy(const at::Tensor& q, at::TensorList features, at::TensorList compat,
                                      at::IntArrayRef normalization) {
-  check_marginals(q_in);
-  const int64_t B = q_in.size(0), L = q_in.size(1), N = q_in.size(2);
-  const at::Tensor q = q_in.contiguous();
-  const TermInputs in = check_terms(q, B, L, N, features, compat, normalization);
-  at::Tensor out = new_output(q, {B, L, N});
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "dense_crf_pairwise_energy", [&] {
-    const scalar_t* qp = q.data_ptr<scalar_t>();
+  const Call c = check_pairwise_energy_call(q, features, compat, normalization);
+  const int64_t B = c.B, L = c.L, N = c.N;
+  at::Tensor out = new_output(c.q_init, {B, L, N});
+  AT_DISPATCH_FLOATING_TYPES(c.q_init.scalar_type(), "dense_crf_pairwise_energy", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
-    for_each_image(B, [&](int64_t b) {
-      const Problem<scalar_t> p = make_problem(static_cast<const scalar_t*>(nullptr), qp + b * L * N, L, N, in, b);
-      pairwise_energy(p, o + b * L * N);
-    });
+    for_each_image(B, [&](int64_t b) { pairwise_energy(make_problem<scalar_t>(c, b), o + b * L * N); });
   });
   return out;
 }
@@ -195,6 +170,16 @@ std::tuple<at::Tensor, at::Tensor> dense_crf_image_features(const at::Tensor& im
     }
   });
   return {gaussian, bilateral};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(deeplab_fast, CPU, m) {
+  m.impl("dense_crf_features", &dense_crf_features);
+  m.impl("dense_crf_features_with_history", &dense_crf_features_with_history);
+  m.impl("dense_crf_features_backward", &dense_crf_features_backward);
+  m.impl("dense_crf_image_features", &dense_crf_image_features);
+  m.impl("dense_crf_pairwise_energy", &dense_crf_pairwise_energy);
 }
 
 }  // namespace cpu

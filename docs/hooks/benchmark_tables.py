@@ -1,0 +1,116 @@
+"""The benchmark tables of the documentation, generated from benchmarks/results/*.json (what ``pytest benchmarks/``
+writes, one file per benchmark file and device).
+
+- In a page, ``<!-- benchmark-table: crf-fps -->`` becomes the table of every results file of that benchmark file
+  (``benchmarks/results/<device>-crf-fps.json``), each under its device, each row with its date (an MkDocs hook:
+  mkdocs.yml ``hooks:``).
+- ``headline_table()`` is README.md's table (between ``<!-- headline table -->`` markers; tests/test_layout.py keeps
+  them equal): the dense CRF against pydensecrf2 and ours forward + backward, on the CPU.
+- ``python docs/hooks/benchmark_tables.py [SLUG]`` prints the tables (all, or one benchmark file's).
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "benchmarks" / "results"
+MARKER = re.compile(r"<!-- benchmark-table: ([a-z0-9-]+) -->")
+SLUGS = ("crf-fps", "crf-grad", "crf-contention", "atrous-conv", "aspp", "models-fps")
+
+
+def results(slug: str) -> list[tuple[Path, dict]]:
+    """(path, document) of every results file of one benchmark file, CPU devices first."""
+    found = []
+    for path in sorted(RESULTS.glob(f"*-{slug}.json")):
+        device_part = path.name[: -len(f"-{slug}.json")]
+        if any(path.name.endswith(f"-{other}.json") and len(other) > len(slug) for other in SLUGS):
+            continue  # e.g. "*-crf-fps.json" must not take "*-x-crf-fps.json" of a longer slug
+        found.append((device_part, path, json.loads(path.read_text())))
+    found.sort(key=lambda t: (not t[0].startswith("cpu"), t[0]))
+    return [(p, d) for _, p, d in found]
+
+
+def _ms(value) -> str:
+    if value is None:
+        return ""
+    return f"{value:.3f} ms" if value < 10 else f"{value:.1f} ms"
+
+
+def _x(value) -> str:
+    return "" if value is None else f"{value:.2f}x"
+
+
+def _target(row: dict) -> str:
+    text = row.get("target") or (f"<= {row['target_ms']:g} ms" if row.get("target_ms") else "")
+    met = row.get("meets_target")
+    if met is None:
+        met = row.get("extra", {}).get("meets_target")
+    if not text and row.get("extra", {}).get("target_backward_over_forward"):
+        text = f"bwd/fwd <= {row['extra']['target_backward_over_forward']:g}"
+    if not text:
+        return ""
+    return f"{text}: {'met' if met else 'missed'}" if met is not None else text
+
+
+EXTRA_COLUMNS = (  # optional columns, shown when a file's rows have them
+    ("backward_over_forward", "bwd / fwd", lambda v: f"{v:.2f}"),
+    ("peak_mb", "peak memory", lambda v: f"{v:.0f} MB"),
+    ("two_over_one", "2 thr / 1 thr", lambda v: f"{v:.2f}"),
+)
+
+
+def file_table(slug: str) -> str:
+    """The tables of one benchmark file: one per device, with the date each row was measured."""
+    docs = results(slug)
+    if not docs:
+        return f"*No results yet: `pytest benchmarks/test_{slug.replace('-', '_')}.py` writes them.*\n"
+    out = []
+    for path, doc in docs:
+        rows = [r for r in doc["rows"] if r.get("median_ms")]
+        extras = [c for c in EXTRA_COLUMNS if any(r.get("extra", {}).get(c[0]) is not None for r in rows)]
+        out.append(f"**{doc['device']}** (`benchmarks/results/{path.name}`)\n")
+        head = ["case", "implementation", "median", "best", "fps", "speed-up"] + [c[1] for c in extras] + [
+            "target", "measured"]
+        out.append("| " + " | ".join(head) + " |")
+        out.append("|" + "|".join("---" if h in ("case", "implementation", "target") else "---:" for h in head) + "|")
+        for r in rows:
+            cells = [r["group"], r["impl"], _ms(r["median_ms"]), _ms(r.get("best_ms")),
+                     "" if r.get("fps") is None else f"{r['fps']:.2f}", _x(r.get("speedup_vs_peer"))]
+            cells += ["" if r.get("extra", {}).get(k) is None else fmt(r["extra"][k]) for k, _, fmt in extras]
+            cells += [_target(r), r.get("date") or doc.get("date", "")]
+            out.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def headline_table() -> str:
+    """README's table: per CPU results file of the dense CRF, ours against pydensecrf2 (forward) and our forward +
+    backward (Potts, 2 threads), from the JSON."""
+    lines = ["| measurement (512x512 photo, 21 labels, 10 iterations) | implementation | median | vs the peer | "
+             "target | measured |", "|---|---|---:|---:|---|---|"]
+    for slug, keep in (("crf-fps", lambda r: "default" in r["group"]),
+                       ("crf-grad", lambda r: r["group"].endswith("2thr") and " potts " in r["group"])):
+        for path, doc in results(slug):
+            if not path.name.startswith("cpu-"):
+                continue
+            for r in doc["rows"]:
+                if r.get("median_ms") and keep(r):
+                    what = r["group"] if slug == "crf-fps" else r["group"].replace("crf 512x512 L=21 ", "crf ")
+                    lines.append(f"| {what} | {r['impl']} | {_ms(r['median_ms'])} | {_x(r.get('speedup_vs_peer'))} "
+                                 f"| {_target(r)} | {r.get('date') or doc.get('date', '')} |")
+    device = next((doc["device"] for _, doc in results("crf-fps") if doc["device"]), "")
+    return "\n".join(lines) + f"\n\nDevice: {device}. Every row: `benchmarks/results/*.json`; all tables: " \
+                              "[docs/benchmarks.md](docs/benchmarks.md).\n"
+
+
+def on_page_markdown(markdown: str, page=None, config=None, files=None, **kwargs) -> str:
+    """MkDocs hook: fills the benchmark-table markers of a page."""
+    return MARKER.sub(lambda m: file_table(m.group(1)), markdown)
+
+
+if __name__ == "__main__":
+    for slug in sys.argv[1:] or SLUGS:
+        print(f"## {slug}\n\n{file_table(slug)}")
