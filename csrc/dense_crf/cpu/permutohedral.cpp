@@ -1063,9 +1063,13 @@ void PermutohedralLattice::build(MakeTable make_table, const float* features, co
       range_count[t].assign(static_cast<size_t>(next_id), 0);
       for (int64_t v = 0; v < count; ++v) range_count[t][map[v]] = local.count[v];
     }
+    // Whole blocks: a range ends at a block boundary, or at N, whose partial last block holds the entries of its
+    // pixels (and of its padding lanes, vertex 0 with weight 0) up to the block's end.
     parallel::for_range(1, ranges, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t)
-        for (int64_t e = range_begin(t) * dp1; e < range_begin(t + 1) * dp1; ++e) vertex_[e] = to_global[t][vertex_[e]];
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t e1 = (range_begin(t + 1) + kBlock - 1) / kBlock * kBlock * dp1;
+        for (int64_t e = range_begin(t) * dp1; e < e1; ++e) vertex_[e] = to_global[t][vertex_[e]];
+      }
     });
     locals.clear();
 
