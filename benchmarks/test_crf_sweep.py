@@ -16,8 +16,9 @@ Timing: ours with 1 thread, pydensecrf2 and ours with 2 threads are called in tu
 process on the same input (so that all three see the same load), after a warm-up call each. One thread and
 pydensecrf2 (single-threaded) are timed by process CPU time, which a busy machine inflates least; 2 threads by
 wall clock. The rows give the median and the best of the rounds; ``speed-up`` is pydensecrf2's median over ours.
-Each row also records ns per pixel x label x iteration, the peak memory of one call (VmHWM after a reset with
-``clear_refs``, minus VmRSS before, our working-memory cache emptied first) and the SIMD level that ran
+Rounds: 5 up to 512x512x21 (pixels x labels), 3 up to 512x512x60, 1 above. Each row also records ns per pixel x
+label x iteration, the peak memory of the warm-up call (VmHWM after a reset with ``clear_refs``, minus VmRSS
+before, our working-memory cache emptied first) and the SIMD level that ran
 (``torch.ops.deeplab_fast._cpu_simd()``).
 
 Correctness (always, also under ``--benchmark-disable``, CI's smoke run, where every case runs once on a 64x64
@@ -78,7 +79,7 @@ def sweep_cases():
 
 def rounds_for(size: int, labels: int) -> int:
     work = size * size * labels
-    return 5 if work <= 512 * 512 * 21 else 3 if work <= 512 * 512 * 150 else 2 if size <= 1024 else 1
+    return 5 if work <= 512 * 512 * 21 else 3 if work <= 512 * 512 * 60 else 1
 
 
 def photo(size: int) -> np.ndarray:
@@ -134,16 +135,17 @@ def _status_kb(field: str) -> int:
     raise KeyError(field)
 
 
-def peak_mb(fn) -> float | None:
-    """The peak resident memory one call of fn adds, in MiB (None where clear_refs cannot be written)."""
+def peak_mb(fn):
+    """(the peak resident memory one call of fn adds in MiB, or None where clear_refs cannot be written; fn's
+    result). Our working-memory cache is emptied first, so the call allocates what it needs."""
     empty_cache()
     before = _status_kb("VmRSS")
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
-        return None
-    fn()
-    return (_status_kb("VmHWM") - before) / 1024.0
+        return None, fn()
+    out = fn()
+    return (_status_kb("VmHWM") - before) / 1024.0, out
 
 
 def timed(fn, clock):
@@ -182,31 +184,29 @@ def test_sweep(benchmark, labels, size, kernels):
     }
     times = {impl: [] for impl in calls}
     walls = {impl: [] for impl in calls}
-    outputs = {}
-    for r in range(rounds + 1):  # round 0 warms up
+    outputs, peaks = {}, {}
+    for impl, (fn, _, _) in calls.items():  # round 0: warm-up calls, which measure the peak memory
+        peaks[impl], outputs[impl] = peak_mb(fn)
+    for r in range(rounds):
         for impl, (fn, clock, _) in calls.items():
             seconds, wall, outputs[impl] = timed(fn, clock)
-            if r > 0:
-                times[impl].append(seconds)
-                walls[impl].append(wall)
-    # One more call of ours (1 thread) through pytest-benchmark, for its own statistics (wall clock); the rows
-    # below use the interleaved times.
-    outputs["pytest-benchmark"] = benchmark.pedantic(run_ours, args=(p, 1), rounds=1, iterations=1)
+            times[impl].append(seconds)
+            walls[impl].append(wall)
     ref = outputs["pydensecrf2 1.1"]
-    for impl in ("deeplab_fast (1 thr)", "deeplab_fast (2 thr)", "pytest-benchmark"):
+    for impl in ("deeplab_fast (1 thr)", "deeplab_fast (2 thr)"):
         diff = float(np.abs(outputs[impl] - ref).max())
         assert np.array_equal(outputs[impl], ref), f"{impl}: max |dQ| = {diff:.3g} vs pydensecrf2"
     level = simd_level()
     group = group_name(labels, size, kernels)
     one_wall = statistics.median(walls["deeplab_fast (1 thr)"])
     two = statistics.median(times["deeplab_fast (2 thr)"])
-    for impl, (fn, _, timer) in calls.items():
+    for impl, (_, _, timer) in calls.items():
         med = statistics.median(times[impl])
         ours = impl.startswith("deeplab_fast")
         threads = 2 if impl.endswith("(2 thr)") else 1
         info = dict(labels=labels, size=f"{size}x{size}", kernels=kernels, iterations=ITERATIONS, rounds=rounds,
                     ns_per_pixel_label_iteration=1e9 * med / (size * size * labels * ITERATIONS),
-                    peak_mb=peak_mb(fn), simd=level if ours else None, bitwise_equal_to_pydensecrf2=True,
+                    peak_mb=peaks[impl], simd=level if ours else None, bitwise_equal_to_pydensecrf2=True,
                     wall_median_ms=1e3 * statistics.median(walls[impl]), load_average_1min=os.getloadavg()[0])
         if impl == "deeplab_fast (2 thr)":  # wall clock against wall clock
             info["two_over_one"] = one_wall / two

@@ -197,6 +197,7 @@ struct PixelPass {
   bool sequential_slice;
   bool with_pairwise;
   bool libm_vectorised;  // simd::libm_exp_vectorised()
+  int64_t N;
 };
 
 // One pixel's messages, recomputed in double from the same lattice values: the float path's fallback when its
@@ -301,12 +302,24 @@ struct TermView {
   float nw;                    // Potts: -w
   const float* compat_padded;  // diagonal [S], matrix [L, S]
   const Term<float>* term;
+  bool prefetch;               // the lattice's values do not fit in the cache: prefetch the rows of pixels ahead
 
   explicit TermView(const Term<float>& t)
       : vertex(t.lattice->vertex_block(0)), weight(t.lattice->weight_block(0)),
         weight_alpha(t.lattice->weight_alpha_block(0)), dp1(t.lattice->dim() + 1), alpha(t.lattice->alpha()),
         blurred(t.blurred), post(t.post.empty() ? nullptr : t.post.data()), kind(t.spec->compat_kind),
-        nw(-t.spec->compat[0]), compat_padded(t.compat_padded.empty() ? nullptr : t.compat_padded.data()), term(&t) {}
+        nw(-t.spec->compat[0]), compat_padded(t.compat_padded.empty() ? nullptr : t.compat_padded.data()), term(&t),
+        prefetch(static_cast<int64_t>(t.lattice_values.size()) * 4 > (int64_t{4} << 20)) {}
+
+  // Prefetches the lattice rows of pixel i's vertices ([offset, offset + bytes) of each).
+  void prefetch_pixel(int64_t i, int64_t S, int64_t bytes) const {
+    const int64_t o = block_offset(i);
+    constexpr int B = PermutohedralLattice::kPixelBlock;
+    for (int r = 0; r < dp1; ++r) {
+      const char* row = reinterpret_cast<const char*>(blurred + static_cast<int64_t>(vertex[o + r * B]) * S);
+      for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b, 0, 3);
+    }
+  }
 
   // Pixel i's entries: vertex r at [r * kPixelBlock].
   int64_t block_offset(int64_t i) const {
@@ -374,15 +387,17 @@ DLF_INLINE float max_labels(const X& x, int64_t chunks) {
 
 // Pixel i's contribution of one term to its messages, for chunks [c0, c0 + C) of 8 labels: msg -= compat(post *
 // slice). `post` is the term's post-normalisation (empty: none). Potts and diagonal only (matrix: the caller).
-template <int C>
-DLF_INLINE void term_message(const TermView& t, int64_t S, int64_t i, int64_t c0, vec8* __restrict msg) {
+// DP1: the term's d + 1 when it is one of the unrolled dimensions (d = 2 to 5), 0 for any other.
+template <int C, int DP1>
+DLF_INLINE void term_message_dp1(const TermView& t, int64_t S, int64_t i, int64_t c0, vec8* __restrict msg) {
   constexpr int B = PermutohedralLattice::kPixelBlock;
-  const int64_t o = t.block_offset(i);
+  const int dp1 = DP1 > 0 ? DP1 : t.dp1;
+  const int64_t o = (i / B) * dp1 * B + i % B;
   const int32_t* __restrict vert = t.vertex + o;
   const float* __restrict wa = t.weight_alpha + o;
   vec8 s[C];
   for (int c = 0; c < C; ++c) s[c] = splat8(0.0f);
-  for (int r = 0; r < t.dp1; ++r) {
+  for (int r = 0; r < dp1; ++r) {
     const float* __restrict v = t.blurred + static_cast<int64_t>(vert[r * B]) * S + 8 * c0;
     const float w = wa[r * B];
     for (int c = 0; c < C; ++c) s[c] += w * load8(v + 8 * c);
@@ -398,6 +413,19 @@ DLF_INLINE void term_message(const TermView& t, int64_t S, int64_t i, int64_t c0
   }
 }
 
+// The slice's vertex loop unrolled for the common feature dimensions: DenseCRF2D's Gaussian (d = 2) and bilateral
+// (5), and the volumes' Gaussian (3) and bilateral (3-D position + intensity, 4).
+template <int C>
+DLF_INLINE void term_message(const TermView& t, int64_t S, int64_t i, int64_t c0, vec8* __restrict msg) {
+  switch (t.dp1) {
+    case 3: return term_message_dp1<C, 3>(t, S, i, c0, msg);
+    case 4: return term_message_dp1<C, 4>(t, S, i, c0, msg);
+    case 5: return term_message_dp1<C, 5>(t, S, i, c0, msg);
+    case 6: return term_message_dp1<C, 6>(t, S, i, c0, msg);
+    default: return term_message_dp1<C, 0>(t, S, i, c0, msg);
+  }
+}
+
 // Labels in C vec8 registers (S = 8 C <= 64).
 // P pixels at a time (their steps interleaved: one pixel's chain of dependent steps - slice, max, exp, sum, division -
 // is longer than the processor can look ahead, and two independent chains fill each other's gaps).
@@ -410,6 +438,7 @@ DLF_INLINE void pixels_vec(const PixelPass<float>& a, const SoftmaxLanes& sl, co
   for (int j = 0; j < P; ++j)
     for (int c = 0; c < C; ++c) msg[j][c] = -load8(a.unary + (i + j) * S + 8 * c);
   for (const TermView& t : terms) {
+    if (t.prefetch && i + P + 4 < a.N) t.prefetch_pixel(i + P + 4, S, 4 * S);
     if (t.kind != lattice::kMatrix) {
       for (int j = 0; j < P; ++j) term_message<C>(t, S, i + j, 0, msg[j]);
     } else {  // padded rows; the padding lanes stay -inf (0 * finite)
@@ -520,10 +549,27 @@ DLF_INLINE vec8 gather_rows(const float* values, const int32_t* vert) {
   }
 }
 
+// The slice of pixels i .. i + 8 / S - 1 (S labels each) of one term; DP1 as term_message_dp1.
+template <int S, int DP1>
+DLF_INLINE vec8 slice_packed(const TermView& t, int64_t i, bool sequential) {
+  constexpr int B = PermutohedralLattice::kPixelBlock;
+  const int dp1 = DP1 > 0 ? DP1 : t.dp1;
+  const int64_t o = (i / B) * dp1 * B + i % B;
+  const int32_t* __restrict vert = t.vertex + o;
+  vec8 s = splat8(0.0f);
+  if (sequential) {
+    const float* __restrict w = t.weight + o;
+    for (int r = 0; r < dp1; ++r) s += (spread<S>(w + r * B) * gather_rows<S>(t.blurred, vert + r * B)) * t.alpha;
+  } else {
+    const float* __restrict wa = t.weight_alpha + o;
+    for (int r = 0; r < dp1; ++r) s += spread<S>(wa + r * B) * gather_rows<S>(t.blurred, vert + r * B);
+  }
+  return s;
+}
+
 template <simd::Level kLevel, int S>
 DLF_INLINE void pixel_range_packed(const PixelPass<float>& a, float* scratch, int64_t begin, int64_t end) {
   constexpr int G = 8 / S;
-  constexpr int B = PermutohedralLattice::kPixelBlock;
   const int64_t L = a.L;
   const bool sequential = a.sequential_slice;
   const std::vector<TermView> terms = term_views(a);
@@ -537,15 +583,14 @@ DLF_INLINE void pixel_range_packed(const PixelPass<float>& a, float* scratch, in
     vec8 msg = -load8(a.unary + i * S);
     for (size_t k = 0; k < terms.size(); ++k) {
       const TermView& t = terms[k];
-      const int64_t o = t.block_offset(i);
-      const int32_t* __restrict vert = t.vertex + o;
-      vec8 s = splat8(0.0f);
-      if (sequential) {
-        const float* __restrict w = t.weight + o;
-        for (int r = 0; r < t.dp1; ++r) s += (spread<S>(w + r * B) * gather_rows<S>(t.blurred, vert + r * B)) * t.alpha;
-      } else {
-        const float* __restrict wa = t.weight_alpha + o;
-        for (int r = 0; r < t.dp1; ++r) s += spread<S>(wa + r * B) * gather_rows<S>(t.blurred, vert + r * B);
+      if (t.prefetch && i + 2 * G < end) t.prefetch_pixel(i + 2 * G, S, 4 * S);
+      vec8 s;
+      switch (t.dp1) {  // as term_message
+        case 3: s = slice_packed<S, 3>(t, i, sequential); break;
+        case 4: s = slice_packed<S, 4>(t, i, sequential); break;
+        case 5: s = slice_packed<S, 5>(t, i, sequential); break;
+        case 6: s = slice_packed<S, 6>(t, i, sequential); break;
+        default: s = slice_packed<S, 0>(t, i, sequential); break;
       }
       if (t.post != nullptr) s = spread<S>(t.post + i) * s;
       if (t.kind == lattice::kPotts) {
@@ -1121,7 +1166,7 @@ class MeanField {
   void pixel_pass(bool with_pairwise, T* energy_out, T* q_out) {
     StageTimer timer(with_pairwise ? "slice+compat+softmax" : "softmax");
     const PixelPass<T> pass{terms_.data(), terms_.size(), unary_.data(), q_out, energy_out, L_, S_, seq_,
-                            with_pairwise, simd::libm_exp_vectorised()};
+                            with_pairwise, simd::libm_exp_vectorised(), N_};
     parallel::for_range(0, N_, kPixelGrain, [&](int64_t begin, int64_t end) {
       std::vector<T> scratch(static_cast<size_t>(4 * S_ + 16));
       pixel_range(pass, scratch.data(), begin, end);

@@ -697,7 +697,37 @@ struct ScatterTerm {
   const float* scale;  // [N] or nullptr
   float* out;          // [M, S]
   int64_t p0, p1;      // the points this thread owns
+  bool prefetch;       // the lattice's values do not fit in the cache: prefetch the rows of pixels ahead
 };
+
+// Pixels ahead whose lattice rows the scatter and the slice prefetch, for lattices larger than the cache.
+constexpr int64_t kPixelsAhead = 4;
+constexpr int64_t kPrefetchBytes = int64_t{4} << 20;
+
+DLF_INLINE void prefetch_rows(const int32_t* vertex, int dp1, int64_t i, const float* values, int64_t S,
+                              int64_t offset, int64_t bytes) {
+  const int64_t o = (i / kBlock) * dp1 * kBlock + i % kBlock;
+  for (int r = 0; r < dp1; ++r) {
+    const char* row = reinterpret_cast<const char*>(values + static_cast<int64_t>(vertex[o + r * kBlock]) * S + offset);
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b, 1, 3);
+  }
+}
+
+// Pixel i's value x into its vertices' rows of term t (those in t's range). DP1: t's d + 1 when it is one of the
+// unrolled dimensions (d = 2 to 5: DenseCRF2D's Gaussian and bilateral, the volumes' Gaussian and 3-D position +
+// intensity), 0 for any other.
+template <typename R, int DP1>
+DLF_INLINE void scatter_pixel_small(const ScatterTerm& t, int64_t i, typename R::V x, int64_t S, int64_t offset) {
+  const int dp1 = DP1 > 0 ? DP1 : t.dp1;
+  const typename R::V xs = t.scale != nullptr ? x * t.scale[i] : x;
+  const int64_t o = (i / kBlock) * dp1 * kBlock + i % kBlock;
+  for (int r = 0; r < dp1; ++r) {
+    const int64_t p = t.vertex[o + r * kBlock];
+    if (p < t.p0 || p >= t.p1) continue;
+    float* acc = t.out + p * S + offset;
+    R::store(acc, R::load(acc) + t.weight[o + r * kBlock] * xs);
+  }
+}
 
 template <typename R>
 DLF_INLINE void scatter_small(const ScatterTerm* terms, int count, const float* values, int64_t S, int64_t i0,
@@ -707,15 +737,37 @@ DLF_INLINE void scatter_small(const ScatterTerm* terms, int count, const float* 
     const V x = R::load(values + i * S + offset);
     for (int k = 0; k < count; ++k) {
       const ScatterTerm& t = terms[k];
-      const V xs = t.scale != nullptr ? x * t.scale[i] : x;
-      const int64_t o = (i / kBlock) * t.dp1 * kBlock + i % kBlock;
-      for (int r = 0; r < t.dp1; ++r) {
-        const int64_t p = t.vertex[o + r * kBlock];
-        if (p < t.p0 || p >= t.p1) continue;
-        float* acc = t.out + p * S + offset;
-        R::store(acc, R::load(acc) + t.weight[o + r * kBlock] * xs);
+      if (t.prefetch && i + kPixelsAhead < i1)
+        prefetch_rows(t.vertex, t.dp1, i + kPixelsAhead, t.out, S, offset, 4 * S);
+      switch (t.dp1) {
+        case 3: scatter_pixel_small<R, 3>(t, i, x, S, offset); break;
+        case 4: scatter_pixel_small<R, 4>(t, i, x, S, offset); break;
+        case 5: scatter_pixel_small<R, 5>(t, i, x, S, offset); break;
+        case 6: scatter_pixel_small<R, 6>(t, i, x, S, offset); break;
+        default: scatter_pixel_small<R, 0>(t, i, x, S, offset); break;
       }
     }
+  }
+}
+
+// As scatter_pixel_small, for C chunks of 8 labels.
+template <int C, int DP1>
+DLF_INLINE void scatter_pixel_vec(const ScatterTerm& t, int64_t i, const vec8* x, int64_t S, int64_t offset) {
+  const int dp1 = DP1 > 0 ? DP1 : t.dp1;
+  vec8 xs[C];
+  if (t.scale != nullptr) {
+    const float sc = t.scale[i];
+    for (int c = 0; c < C; ++c) xs[c] = x[c] * sc;
+  } else {
+    for (int c = 0; c < C; ++c) xs[c] = x[c];
+  }
+  const int64_t o = (i / kBlock) * dp1 * kBlock + i % kBlock;
+  for (int r = 0; r < dp1; ++r) {
+    const int64_t p = t.vertex[o + r * kBlock];
+    if (p < t.p0 || p >= t.p1) continue;
+    const float w = t.weight[o + r * kBlock];
+    float* acc = t.out + p * S + offset;
+    for (int c = 0; c < C; ++c) store8(acc + 8 * c, load8(acc + 8 * c) + w * xs[c]);
   }
 }
 
@@ -727,20 +779,14 @@ DLF_INLINE void scatter_vec(const ScatterTerm* terms, int count, const float* va
     for (int c = 0; c < C; ++c) x[c] = load8(values + i * S + offset + 8 * c);
     for (int k = 0; k < count; ++k) {
       const ScatterTerm& t = terms[k];
-      vec8 xs[C];
-      if (t.scale != nullptr) {
-        const float sc = t.scale[i];
-        for (int c = 0; c < C; ++c) xs[c] = x[c] * sc;
-      } else {
-        for (int c = 0; c < C; ++c) xs[c] = x[c];
-      }
-      const int64_t o = (i / kBlock) * t.dp1 * kBlock + i % kBlock;
-      for (int r = 0; r < t.dp1; ++r) {
-        const int64_t p = t.vertex[o + r * kBlock];
-        if (p < t.p0 || p >= t.p1) continue;
-        const float w = t.weight[o + r * kBlock];
-        float* acc = t.out + p * S + offset;
-        for (int c = 0; c < C; ++c) store8(acc + 8 * c, load8(acc + 8 * c) + w * xs[c]);
+      if (t.prefetch && i + kPixelsAhead < i1)
+        prefetch_rows(t.vertex, t.dp1, i + kPixelsAhead, t.out, S, offset, 32 * C);
+      switch (t.dp1) {
+        case 3: scatter_pixel_vec<C, 3>(t, i, x, S, offset); break;
+        case 4: scatter_pixel_vec<C, 4>(t, i, x, S, offset); break;
+        case 5: scatter_pixel_vec<C, 5>(t, i, x, S, offset); break;
+        case 6: scatter_pixel_vec<C, 6>(t, i, x, S, offset); break;
+        default: scatter_pixel_vec<C, 0>(t, i, x, S, offset); break;
       }
     }
   }
@@ -789,6 +835,7 @@ struct ScatterTermDouble {
   const double* scale;
   double* out;
   int64_t p0, p1;
+  bool prefetch;  // unused
 };
 
 void scatter_range(const ScatterTermDouble* terms, int count, const double* values, int64_t S, int64_t i0,
@@ -820,65 +867,84 @@ using ScatterTermOf = typename std::conditional<std::is_same<T, float>::value, S
 // neighbours (missing ends count as zero), keeping the previous point's old value in registers: pydensecrf's
 // new_val = old_val + 0.5 * (n1_val + n2_val), lane by lane.
 
+// Rows further along the chains are prefetched (kBlurAhead points ahead, across chain ends): the walk visits the
+// lattice in no memory order, and large lattices do not fit in the cache.
+constexpr int64_t kBlurAhead = 8;
+
+DLF_INLINE void prefetch_row(const float* row, int64_t bytes) {
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(row) + b, 1, 3);
+}
+
 template <typename R>
-DLF_INLINE void blur_small(const int32_t* points, int64_t length, float* v, int64_t S, int64_t offset) {
+DLF_INLINE void blur_small(const int32_t* points, int64_t length, const int32_t* ahead_end, float* v, int64_t S,
+                           int64_t offset) {
   using V = typename R::V;
   V prev = R::zero();
+  V cur = R::load(v + static_cast<int64_t>(points[0]) * S + offset);
   for (int64_t t = 0; t < length; ++t) {
-    float* __restrict self = v + static_cast<int64_t>(points[t]) * S + offset;
-    const V old = R::load(self);
-    const V n1 = t + 1 < length ? R::load(v + static_cast<int64_t>(points[t + 1]) * S + offset) : R::zero();
-    R::store(self, old + 0.5f * (n1 + prev));
-    prev = old;
+    if (points + t + kBlurAhead < ahead_end)
+      prefetch_row(v + static_cast<int64_t>(points[t + kBlurAhead]) * S + offset, 4 * S);
+    const V next = t + 1 < length ? R::load(v + static_cast<int64_t>(points[t + 1]) * S + offset) : R::zero();
+    R::store(v + static_cast<int64_t>(points[t]) * S + offset, cur + 0.5f * (next + prev));
+    prev = cur;
+    cur = next;
   }
 }
 
 template <int C>
-DLF_INLINE void blur_vec(const int32_t* points, int64_t length, float* v, int64_t S, int64_t offset) {
-  vec8 prev[C];
-  for (int c = 0; c < C; ++c) prev[c] = splat8(0.0f);
+DLF_INLINE void blur_vec(const int32_t* points, int64_t length, const int32_t* ahead_end, float* v, int64_t S,
+                         int64_t offset) {
+  vec8 prev[C], cur[C];
+  for (int c = 0; c < C; ++c) {
+    prev[c] = splat8(0.0f);
+    cur[c] = load8(v + static_cast<int64_t>(points[0]) * S + offset + 8 * c);
+  }
   for (int64_t t = 0; t < length; ++t) {
+    if (points + t + kBlurAhead < ahead_end)
+      prefetch_row(v + static_cast<int64_t>(points[t + kBlurAhead]) * S + offset, 32 * C);
     float* __restrict self = v + static_cast<int64_t>(points[t]) * S + offset;
     const float* __restrict succ = t + 1 < length ? v + static_cast<int64_t>(points[t + 1]) * S + offset : nullptr;
     for (int c = 0; c < C; ++c) {
-      const vec8 old = load8(self + 8 * c);
-      const vec8 n1 = succ ? load8(succ + 8 * c) : splat8(0.0f);
-      store8(self + 8 * c, old + 0.5f * (n1 + prev[c]));
-      prev[c] = old;
+      const vec8 next = succ ? load8(succ + 8 * c) : splat8(0.0f);
+      store8(self + 8 * c, cur[c] + 0.5f * (next + prev[c]));
+      prev[c] = cur[c];
+      cur[c] = next;
     }
   }
 }
 
-DLF_INLINE void blur_chain_float(const int32_t* chain, int64_t length, float* v, int64_t S) {
+DLF_INLINE void blur_chain_float(const int32_t* chain, int64_t length, const int32_t* ahead_end, float* v,
+                                 int64_t S) {
   switch (S) {
-    case 1: return blur_small<Row1>(chain, length, v, S, 0);
-    case 2: return blur_small<Row2>(chain, length, v, S, 0);
-    case 4: return blur_small<Row4>(chain, length, v, S, 0);
+    case 1: return blur_small<Row1>(chain, length, ahead_end, v, S, 0);
+    case 2: return blur_small<Row2>(chain, length, ahead_end, v, S, 0);
+    case 4: return blur_small<Row4>(chain, length, ahead_end, v, S, 0);
     default: break;
   }
   if (S % 8 == 0) {
     int64_t k = 0;
-    for (; k + 64 <= S; k += 64) blur_vec<8>(chain, length, v, S, k);
+    for (; k + 64 <= S; k += 64) blur_vec<8>(chain, length, ahead_end, v, S, k);
     switch ((S - k) / 8) {
-      case 1: blur_vec<1>(chain, length, v, S, k); break;
-      case 2: blur_vec<2>(chain, length, v, S, k); break;
-      case 3: blur_vec<3>(chain, length, v, S, k); break;
-      case 4: blur_vec<4>(chain, length, v, S, k); break;
-      case 5: blur_vec<5>(chain, length, v, S, k); break;
-      case 6: blur_vec<6>(chain, length, v, S, k); break;
-      case 7: blur_vec<7>(chain, length, v, S, k); break;
+      case 1: blur_vec<1>(chain, length, ahead_end, v, S, k); break;
+      case 2: blur_vec<2>(chain, length, ahead_end, v, S, k); break;
+      case 3: blur_vec<3>(chain, length, ahead_end, v, S, k); break;
+      case 4: blur_vec<4>(chain, length, ahead_end, v, S, k); break;
+      case 5: blur_vec<5>(chain, length, ahead_end, v, S, k); break;
+      case 6: blur_vec<6>(chain, length, ahead_end, v, S, k); break;
+      case 7: blur_vec<7>(chain, length, ahead_end, v, S, k); break;
       default: break;
     }
     return;
   }
-  for (int64_t k = 0; k < S; ++k) blur_small<Row1>(chain, length, v, S, k);
+  for (int64_t k = 0; k < S; ++k) blur_small<Row1>(chain, length, ahead_end, v, S, k);
 }
 
 template <simd::Level>
 DLF_INLINE void blur_chains_impl(const int64_t* chain_begin, const int32_t* points, float* v, int64_t stride,
                                  int64_t c0, int64_t c1) {
+  const int32_t* ahead_end = points + chain_begin[c1];
   for (int64_t c = c0; c < c1; ++c)
-    blur_chain_float(points + chain_begin[c], chain_begin[c + 1] - chain_begin[c], v, stride);
+    blur_chain_float(points + chain_begin[c], chain_begin[c + 1] - chain_begin[c], ahead_end, v, stride);
 }
 
 DLF_DISPATCH(void, blur_chains,
@@ -1331,7 +1397,8 @@ void PermutohedralLattice::splat_blur_many(const PermutohedralLattice* const* la
             if (c >= static_cast<int64_t>(parts[k]->size())) continue;
             const SplatPart& part = (*parts[k])[c];
             terms.push_back(ScatterTermOf<T>{lat.vertex_.data(), lat.weight_.data(), lat.d_ + 1, scales[which[k]],
-                                             outs[which[k]], part.p0, part.p1});
+                                             outs[which[k]], part.p0, part.p1,
+                                             lat.m_ * stride * static_cast<int64_t>(sizeof(T)) > kPrefetchBytes});
             i0 = std::min(i0, part.i0);
             i1 = std::max(i1, part.i1);
           }
