@@ -138,6 +138,8 @@ def sweep_table() -> str:
                          f"{e['ns_per_pixel_label_iteration']:.1f} | {_ms(two and two['median_ms'])} | "
                          f"{e.get('simd') or ''} | {_target(one)} |")
     when = ", ".join(sorted(d for d in dates if d))
+    if not device:
+        return "*No results yet: `pytest benchmarks/test_crf_sweep.py --full` writes them.*\n"
     return "\n".join(lines) + f"\n\nDevice: {device}; measured {when}. All rows: `benchmarks/results/*-crf-sweep.json`.\n"
 
 
