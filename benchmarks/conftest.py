@@ -219,7 +219,8 @@ def record(benchmark, group: str, impl: str, threads: int | None = None, *, devi
     pytest-benchmark's wall-clock statistics, which are kept as wall_median_s. batch: images per call (fps counts
     images). target_ms: the target for one call; target_speedup: the target for the group's peer median over
     this row's (e.g. 4.0: at least 4x the peer). Targets are printed as met or missed, never asserted.
-    Anything else (info) goes to the JSON row's "extra" and to pytest-benchmark's extra_info.
+    Anything else (info) goes to the JSON row's "extra" and to pytest-benchmark's extra_info. Returns the row
+    (for set_target).
     """
     stats = getattr(benchmark, "stats", None)
     timed = (stats is not None or bool(times_s)) and not getattr(benchmark, "disabled", False)
@@ -236,8 +237,9 @@ def record(benchmark, group: str, impl: str, threads: int | None = None, *, devi
                                 target_ms=target_ms, target_speedup=target_speedup, **info)
     if timed and times_s:
         benchmark.extra_info.update(cuda_event_median_s=median, cuda_event_min_s=best, rounds=len(times_s))
-    add_row(group, impl, median_s=median, min_s=best, threads=threads, device=device, backend=backend, timer=timer,
-            wall_median_s=wall_median, batch=batch, target_ms=target_ms, target_speedup=target_speedup, extra=info)
+    return add_row(group, impl, median_s=median, min_s=best, threads=threads, device=device, backend=backend,
+                   timer=timer, wall_median_s=wall_median, batch=batch, target_ms=target_ms,
+                   target_speedup=target_speedup, extra=info)
 
 
 def add_row(group: str, impl: str, *, median_s, min_s, threads=None, device: str | None = None, backend="cpu",

@@ -174,6 +174,17 @@ def test_readme_headline_table_is_generated_from_the_benchmark_results():
         "README's model table is stale: paste docs/hooks/benchmark_tables.py's models_table()")
 
 
+def test_readme_sweep_table_is_generated_from_the_benchmark_results():
+    """README's CPU sweep table is docs/hooks/benchmark_tables.py's sweep_table(), made from
+    benchmarks/results/*-crf-sweep.json."""
+    import runpy
+
+    tables = runpy.run_path(str(ROOT / "docs" / "hooks" / "benchmark_tables.py"))
+    readme = (ROOT / "README.md").read_text()
+    assert _between(readme, "<!-- sweep table:", "<!-- end of sweep table -->") == tables["sweep_table"](), (
+        "README's sweep table is stale: paste docs/hooks/benchmark_tables.py's sweep_table()")
+
+
 def test_ci_runs_the_readme_test_command_verbatim():
     """.ci/run's step 3 runs the test command the README gives, character for character."""
     ci = (ROOT / ".ci" / "run").read_text().splitlines()

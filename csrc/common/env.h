@@ -12,6 +12,10 @@
 //   DEEPLAB_FAST_TAP_SKIPPING  0 | off | 1 | on | auto (default auto): the atrous conv's tap skipping. Per call.
 //   DEEPLAB_FAST_THREADS_WAIT  spin | passive (default passive): how the dense CRF's worker threads wait for work
 //                              (see common/parallel.h). Read once.
+//   DEEPLAB_FAST_CPU_SIMD      auto | avx512 | avx2 | baseline (default auto): the vector instruction set of the CPU
+//                              dense CRF's kernels (auto: the best this CPU has). Every level gives bitwise the
+//                              same results; forcing one is for tests and comparisons. A level this CPU lacks is
+//                              an error at the call. Read per call.
 #pragma once
 
 #include <cerrno>
@@ -35,7 +39,9 @@ inline constexpr Switch kCudaGraph{"DEEPLAB_FAST_CUDA_GRAPH", "0 or 1 (default 1
 inline constexpr Switch kCpuCacheMB{"DEEPLAB_FAST_CPU_CACHE_MB", "a whole number of MiB >= 0 (default 1024)"};
 inline constexpr Switch kTapSkipping{"DEEPLAB_FAST_TAP_SKIPPING", "0, off, 1, on or auto (default auto)"};
 inline constexpr Switch kThreadsWait{"DEEPLAB_FAST_THREADS_WAIT", "spin or passive (default passive)"};
-inline constexpr const Switch* kAll[] = {&kPoison, &kProfile, &kCudaGraph, &kCpuCacheMB, &kTapSkipping, &kThreadsWait};
+inline constexpr Switch kCpuSimd{"DEEPLAB_FAST_CPU_SIMD", "auto, avx512, avx2 or baseline (default auto)"};
+inline constexpr const Switch* kAll[] = {&kPoison,      &kProfile,     &kCudaGraph, &kCpuCacheMB,
+                                         &kTapSkipping, &kThreadsWait, &kCpuSimd};
 
 // The variable's value, or nullptr when it is unset or empty.
 inline const char* value(const Switch& s) {
@@ -98,6 +104,18 @@ inline bool cuda_graph() { return flag(kCudaGraph, true); }
 inline int64_t cpu_cache_mb() { return whole_number(kCpuCacheMB, 1024); }
 inline Mode tap_skipping() { return mode(kTapSkipping); }
 
+// The CPU dense CRF's requested instruction set (DEEPLAB_FAST_CPU_SIMD), in increasing order of width.
+enum class CpuSimd { kAuto = -1, kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
+
+inline CpuSimd cpu_simd() {
+  const char* v = value(kCpuSimd);
+  if (v == nullptr || std::strcmp(v, "auto") == 0) return CpuSimd::kAuto;
+  if (std::strcmp(v, "avx512") == 0) return CpuSimd::kAvx512;
+  if (std::strcmp(v, "avx2") == 0) return CpuSimd::kAvx2;
+  if (std::strcmp(v, "baseline") == 0) return CpuSimd::kBaseline;
+  invalid(kCpuSimd, v);
+}
+
 // Validates every switch; throws on the first bad one.
 inline void check_all() {
   poison_outputs();
@@ -106,6 +124,7 @@ inline void check_all() {
   cpu_cache_mb();
   tap_skipping();
   passive_wait();
+  cpu_simd();
 }
 
 }  // namespace env

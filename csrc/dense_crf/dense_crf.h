@@ -58,8 +58,9 @@ inline const char* input_error(int flags) {
 
 namespace cpu {
 
-// The label stride of the CPU kernels' pixel-major layout [N, S]: L for L <= 2, else L rounded up to 8.
-inline int64_t label_stride(int64_t L) { return L <= 2 ? L : (L + 7) / 8 * 8; }
+// The label stride of the CPU kernels' pixel-major layout [N, S]: L for L <= 2, 4 for L = 3 and 4 (two or four
+// pixels per 8-float vector), else L rounded up to 8.
+inline int64_t label_stride(int64_t L) { return L <= 2 ? L : L <= 4 ? 4 : (L + 7) / 8 * 8; }
 
 // Mean-field inference (Krähenbühl & Koltun 2011, algorithm 1) for `iterations` steps; writes Q [L, N].
 // history (optional, [iterations, N, S] with S = label_stride(L)): receives Q_0 .. Q_{iterations-1}, the

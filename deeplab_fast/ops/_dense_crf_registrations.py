@@ -36,11 +36,13 @@ _OP = "dense_crf"
 
 
 def label_stride(num_labels: int, device: torch.device) -> int:
-    """The label stride S of the kernels' pixel-major layout: CUDA rounds L up to 4; the CPU keeps L <= 2 and
-    rounds larger L up to 8."""
+    """The label stride S of the kernels' pixel-major layout: CUDA rounds L up to 4; the CPU keeps L <= 2, takes
+    4 for 3 and 4 labels, and rounds larger L up to 8."""
     if torch.device(device).type == "cuda":
         return (num_labels + 3) // 4 * 4
-    return num_labels if num_labels <= 2 else (num_labels + 7) // 8 * 8
+    if num_labels <= 2:
+        return num_labels
+    return 4 if num_labels <= 4 else (num_labels + 7) // 8 * 8
 
 
 def _check(cond, message) -> None:

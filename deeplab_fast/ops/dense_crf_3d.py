@@ -202,7 +202,8 @@ def dense_crf_3d_memory(shape: Sequence[int], labels: int, channels: int = 1, *,
                         threads: int | None = None) -> int:
     """An estimate of the working memory, in bytes, that :func:`dense_crf_3d` allocates beyond its inputs.
 
-    Per voxel (N = D * H * W; S = L on the CPU for L <= 2, else L rounded up to 8; on CUDA L rounded up to 4):
+    Per voxel (N = D * H * W; S = L on the CPU for L <= 2, 4 for 3 and 4 labels, else L rounded up to 8; on CUDA
+    L rounded up to 4):
 
     - the features, ``4 * (6 + C)`` bytes per volume of the batch (built in Python in this version), and the
       output Q, ``4 * L``;

@@ -9,6 +9,8 @@ writes, one file per benchmark file and device).
 - ``models_table()`` is README.md's model table (between ``<!-- models table -->`` markers, kept equal the same
   way): every registered model, the published metrics of its weights (their ``meta``), and the CPU images/s of
   ours, plain torch and the peer (torchvision's or smp's) from ``benchmarks/test_models_fps.py``'s CPU results.
+- ``sweep_table()`` is README.md's CPU sweep table (between ``<!-- sweep table -->`` markers, kept equal the same
+  way): the dense CRF against pydensecrf2 at every label count and size of benchmarks/test_crf_sweep.py, one thread.
 - ``python docs/hooks/benchmark_tables.py [SLUG]`` prints the tables (all, or one benchmark file's).
 """
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
 MARKER = re.compile(r"<!-- benchmark-table: ([a-z0-9-]+) -->")
-SLUGS = ("crf-fps", "crf-grad", "crf-contention", "atrous-conv", "aspp", "models-fps")
+SLUGS = ("crf-fps", "crf-sweep", "crf-grad", "crf-contention", "atrous-conv", "aspp", "models-fps")
 
 
 def results(slug: str) -> list[tuple[Path, dict]]:
@@ -159,6 +161,46 @@ def models_table() -> str:
                      f"{', '.join(measured)} |")
     return "\n".join(lines) + (f"\n\nDevice: {device}; 513x513, batch 1, float32 "
                                "(`benchmarks/results/*-models-fps.json`).\n")
+
+
+def sweep_table() -> str:
+    """README's CPU sweep table: per case of the CPU results of benchmarks/test_crf_sweep.py, pydensecrf2 and ours
+    with one thread (process CPU time, interleaved), the speed-up, ns per pixel x label x iteration, ours with two
+    threads (wall clock), the SIMD path and the one-thread target."""
+    lines = ["| case (10 iterations) | pydensecrf2 | ours, 1 thr | speed-up | ns / px·label·it | ours, 2 thr | SIMD | "
+             "target (1 thr) |", "|---|---:|---:|---:|---:|---:|---|---|"]
+    device, dates = "", set()
+    for path, doc in results("crf-sweep"):
+        if not path.name.startswith("cpu-"):
+            continue
+        device = device or doc["device"]
+        groups: dict = {}
+        for r in doc["rows"]:
+            if r.get("median_ms"):
+                groups.setdefault(r["group"], {})[r["impl"]] = r
+        order = sorted(groups, key=lambda g: (_sweep_key(next(iter(groups[g].values())))))
+        for g in order:
+            rows = groups[g]
+            peer = next((r for k, r in rows.items() if not k.startswith("deeplab_fast")), None)
+            one = rows.get("deeplab_fast (1 thr)")
+            two = rows.get("deeplab_fast (2 thr)")
+            if peer is None or one is None:
+                continue
+            e = one.get("extra", {})
+            dates.add(one.get("date") or doc.get("date", ""))
+            lines.append(f"| {e['size']}, {e['labels']} labels, {e['kernels']} | {_ms(peer['median_ms'])} | "
+                         f"{_ms(one['median_ms'])} | {_x(one.get('speedup_vs_peer'))} | "
+                         f"{e['ns_per_pixel_label_iteration']:.1f} | {_ms(two and two['median_ms'])} | "
+                         f"{e.get('simd') or ''} | {_target(one)} |")
+    when = ", ".join(sorted(d for d in dates if d))
+    if not device:
+        return "*No results yet: `pytest benchmarks/test_crf_sweep.py --full` writes them.*\n"
+    return "\n".join(lines) + f"\n\nDevice: {device}; measured {when}. All rows: `benchmarks/results/*-crf-sweep.json`.\n"
+
+
+def _sweep_key(row: dict):
+    e = row.get("extra", {})
+    return (e.get("kernels", ""), int(str(e.get("size", "0x0")).split("x")[0]), e.get("labels", 0))
 
 
 def on_page_markdown(markdown: str, page=None, config=None, files=None, **kwargs) -> str:

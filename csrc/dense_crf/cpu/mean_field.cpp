@@ -19,6 +19,7 @@
 #include <cmath>
 #include <limits>
 #include <memory>
+#include <stdexcept>
 #include <type_traits>
 #include <vector>
 
@@ -71,12 +72,13 @@ DLF_INLINE void slice_term(const Term<T>& term, bool sequential, int64_t S, int6
 template <int C>
 DLF_INLINE void slice_term8(const Term<float>& term, int64_t i, const std::vector<float>& scale, vec8* __restrict s) {
   const PermutohedralLattice& lat = *term.lattice;
-  const int32_t* vert = lat.vertices(i);
-  const float* w = lat.weights(i);
+  constexpr int B = PermutohedralLattice::kPixelBlock;
+  const int32_t* vert = lat.vertex_block(i) + i % B;
+  const float* w = lat.weight_block(i) + i % B;
   for (int c = 0; c < C; ++c) s[c] = splat8(0.0f);
   for (int r = 0; r <= lat.dim(); ++r) {
-    const float wa = w[r] * lat.alpha();
-    const float* __restrict v = term.blurred + static_cast<int64_t>(vert[r]) * 8 * C;
+    const float wa = w[r * B] * lat.alpha();
+    const float* __restrict v = term.blurred + static_cast<int64_t>(vert[r * B]) * 8 * C;
     for (int c = 0; c < C; ++c) s[c] += wa * load8(v + 8 * c);
   }
   if (!scale.empty()) {
@@ -194,6 +196,8 @@ struct PixelPass {
   int64_t L, S;
   bool sequential_slice;
   bool with_pairwise;
+  bool libm_vectorised;  // simd::libm_exp_vectorised()
+  int64_t N;
 };
 
 // One pixel's messages, recomputed in double from the same lattice values: the float path's fallback when its
@@ -211,8 +215,8 @@ void pixel_in_double(const PixelPass<float>& a, int64_t i) {
     const PermutohedralLattice& lat = *term.lattice;
     for (int64_t k = 0; k < S; ++k) sliced[k] = 0.0;
     for (int r = 0; r <= lat.dim(); ++r) {
-      const double wa = static_cast<double>(lat.weights(i)[r]) * lat.alpha();
-      const float* v = term.blurred + static_cast<int64_t>(lat.vertices(i)[r]) * S;
+      const double wa = static_cast<double>(lat.weight(i, r)) * lat.alpha();
+      const float* v = term.blurred + static_cast<int64_t>(lat.vertex(i, r)) * S;
       for (int64_t k = 0; k < S; ++k) sliced[k] += wa * v[k];
     }
     const double post = term.post.empty() ? 1.0 : term.post[i];
@@ -276,65 +280,372 @@ DLF_INLINE void pixel_range_any(const PixelPass<T>& a, T* scratch, int64_t begin
   }
 }
 
-// The same step for a label stride of exactly 8 C, keeping each
-// pixel's labels in C vector registers throughout. Padding lanes of the unary are +inf, so the message is
-// -inf there and the max and the sum can run over whole vectors.
+// ---- the vectorised per-pixel steps ----
+//
+// All of them evaluate pydensecrf's arithmetic lane by lane: the slice as sum_r (w_r alpha) v_r (or, for L <= 2,
+// sum_r (w_r v_r) alpha) from 0 in vertex order, the post-normalisation, the compatibility (Potts -w x, diagonal,
+// matrix rows added in order), msg = -unary - sum_k compat_k, then expAndNormalize: the max, exp(msg - max) with
+// Eigen's pexp on whole packets of 4 labels and std::exp (glibc's expf, exp8_libm) on the rest, Eigen's redux sum,
+// and the division. Padding lanes of the unary are +inf, so their messages are -inf and drop out.
+
+// What the per-pixel steps read of a term, in locals (the compiler cannot keep fields reached through pointers in
+// registers across the stores of a pixel loop).
+struct TermView {
+  const int32_t* vertex;       // the lattice's blocked arrays
+  const float* weight;
+  const float* weight_alpha;
+  int dp1;
+  float alpha;
+  const float* blurred;        // [M, S]
+  const float* post;           // [N] or nullptr
+  lattice::CompatKind kind;
+  float nw;                    // Potts: -w
+  const float* compat_padded;  // diagonal [S], matrix [L, S]
+  const Term<float>* term;
+  bool prefetch;               // the lattice's values do not fit in the cache: prefetch the rows of pixels ahead
+
+  explicit TermView(const Term<float>& t)
+      : vertex(t.lattice->vertex_block(0)), weight(t.lattice->weight_block(0)),
+        weight_alpha(t.lattice->weight_alpha_block(0)), dp1(t.lattice->dim() + 1), alpha(t.lattice->alpha()),
+        blurred(t.blurred), post(t.post.empty() ? nullptr : t.post.data()), kind(t.spec->compat_kind),
+        nw(-t.spec->compat[0]), compat_padded(t.compat_padded.empty() ? nullptr : t.compat_padded.data()), term(&t),
+        prefetch(static_cast<int64_t>(t.lattice_values.size()) * 4 > (int64_t{4} << 20)) {}
+
+  // Prefetches the lattice rows of pixel i's vertices ([offset, offset + bytes) of each).
+  void prefetch_pixel(int64_t i, int64_t S, int64_t bytes) const {
+    const int64_t o = block_offset(i);
+    constexpr int B = PermutohedralLattice::kPixelBlock;
+    for (int r = 0; r < dp1; ++r) {
+      const char* row = reinterpret_cast<const char*>(blurred + static_cast<int64_t>(vertex[o + r * B]) * S);
+      for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b, 0, 3);
+    }
+  }
+
+  // Pixel i's entries: vertex r at [r * kPixelBlock].
+  int64_t block_offset(int64_t i) const {
+    constexpr int B = PermutohedralLattice::kPixelBlock;
+    return (i / B) * dp1 * B + i % B;
+  }
+};
+
+std::vector<TermView> term_views(const PixelPass<float>& a) {
+  std::vector<TermView> v;
+  for (size_t t = 0; t < (a.with_pairwise ? a.num_terms : 0); ++t) v.emplace_back(a.terms[t]);
+  return v;
+}
+
+// e = exp(x - m) over labels [0, L) of the chunks x[0..C) (8 labels each); lanes >= L are 0.
+struct SoftmaxLanes {
+  int64_t L;
+  int64_t tail_chunk;   // the chunk holding labels [(L / 4) * 4, L) (std::exp); -1 when L % 4 == 0
+  ivec8 tail_mask;      // its lanes that are such labels
+  int tail_first, tail_end;  // the same lanes as a range
+  int64_t last_chunk;   // the chunk holding label L - 1
+  vec8 last_valid;      // 1 for its lanes < L, else 0
+
+  explicit SoftmaxLanes(int64_t num_labels) : L(num_labels) {
+    const int64_t packets = (L / 4) * 4;
+    tail_chunk = L % 4 == 0 ? -1 : packets / 8;
+    tail_first = static_cast<int>(packets % 8);
+    tail_end = tail_first + static_cast<int>(L % 4);
+    last_chunk = (L - 1) / 8;
+    for (int k = 0; k < 8; ++k) {
+      const int64_t label_t = tail_chunk * 8 + k, label_l = last_chunk * 8 + k;
+      tail_mask[k] = (label_t >= packets && label_t < L) ? -1 : 0;
+      last_valid[k] = label_l < L ? 1.0f : 0.0f;
+    }
+  }
+};
+
+template <simd::Level kLevel, typename X, typename E>
+DLF_INLINE void exp_labels(const SoftmaxLanes& sl, int64_t chunks, const X& x, float m, E& e, bool libm_vec) {
+  for (int64_t c = 0; c < chunks; ++c) e[c] = exp8_eigen(x[c] - m);
+  e[sl.last_chunk] = e[sl.last_chunk] * sl.last_valid;
+  if (sl.tail_chunk >= 0) {
+    if (kLevel != simd::kBaseline && libm_vec) {
+      const vec8 t = exp8_libm<kLevel>(x[sl.tail_chunk] - m, true);
+      e[sl.tail_chunk] = sl.tail_mask ? t : e[sl.tail_chunk];
+    } else {  // expf on the tail lanes only
+      vec8 t = e[sl.tail_chunk];
+      const vec8 xt = x[sl.tail_chunk] - m;
+      for (int k = sl.tail_first; k < sl.tail_end; ++k) t[k] = std::exp(xt[k]);
+      e[sl.tail_chunk] = t;
+    }
+  }
+}
+
+// The largest of x[0..C) over all lanes (padding lanes are -inf).
+template <typename X>
+DLF_INLINE float max_labels(const X& x, int64_t chunks) {
+  vec8 mx = x[0];
+  for (int64_t c = 1; c < chunks; ++c) mx = mx > x[c] ? mx : x[c];
+  const vec4 h = low_half(mx) > high_half(mx) ? low_half(mx) : high_half(mx);
+  float m = h[0];
+  for (int k = 1; k < 4; ++k) m = h[k] > m ? h[k] : m;
+  return m;
+}
+
+// Pixel i's contribution of one term to its messages, for chunks [c0, c0 + C) of 8 labels: msg -= compat(post *
+// slice). `post` is the term's post-normalisation (empty: none). Potts and diagonal only (matrix: the caller).
+// DP1: the term's d + 1 when it is one of the unrolled dimensions (d = 2 to 5), 0 for any other.
+template <int C, int DP1>
+DLF_INLINE void term_message_dp1(const TermView& t, int64_t S, int64_t i, int64_t c0, vec8* __restrict msg) {
+  constexpr int B = PermutohedralLattice::kPixelBlock;
+  const int dp1 = DP1 > 0 ? DP1 : t.dp1;
+  const int64_t o = (i / B) * dp1 * B + i % B;
+  const int32_t* __restrict vert = t.vertex + o;
+  const float* __restrict wa = t.weight_alpha + o;
+  vec8 s[C];
+  for (int c = 0; c < C; ++c) s[c] = splat8(0.0f);
+  for (int r = 0; r < dp1; ++r) {
+    const float* __restrict v = t.blurred + static_cast<int64_t>(vert[r * B]) * S + 8 * c0;
+    const float w = wa[r * B];
+    for (int c = 0; c < C; ++c) s[c] += w * load8(v + 8 * c);
+  }
+  if (t.post != nullptr) {
+    const float f = t.post[i];
+    for (int c = 0; c < C; ++c) s[c] = f * s[c];
+  }
+  if (t.kind == lattice::kPotts) {
+    for (int c = 0; c < C; ++c) msg[c] = msg[c] - t.nw * s[c];
+  } else {  // diagonal, padded with zeros
+    for (int c = 0; c < C; ++c) msg[c] = msg[c] - load8(t.compat_padded + 8 * (c0 + c)) * s[c];
+  }
+}
+
+// The slice's vertex loop unrolled for the common feature dimensions: DenseCRF2D's Gaussian (d = 2) and bilateral
+// (5), and the volumes' Gaussian (3) and bilateral (3-D position + intensity, 4).
 template <int C>
-DLF_INLINE void pixel_range_vec(const PixelPass<float>& a, float* scratch, int64_t begin, int64_t end) {
+DLF_INLINE void term_message(const TermView& t, int64_t S, int64_t i, int64_t c0, vec8* __restrict msg) {
+  switch (t.dp1) {
+    case 3: return term_message_dp1<C, 3>(t, S, i, c0, msg);
+    case 4: return term_message_dp1<C, 4>(t, S, i, c0, msg);
+    case 5: return term_message_dp1<C, 5>(t, S, i, c0, msg);
+    case 6: return term_message_dp1<C, 6>(t, S, i, c0, msg);
+    default: return term_message_dp1<C, 0>(t, S, i, c0, msg);
+  }
+}
+
+// Labels in C vec8 registers (S = 8 C <= 64).
+// P pixels at a time (their steps interleaved: one pixel's chain of dependent steps - slice, max, exp, sum, division -
+// is longer than the processor can look ahead, and two independent chains fill each other's gaps).
+template <simd::Level kLevel, int C, int P>
+DLF_INLINE void pixels_vec(const PixelPass<float>& a, const SoftmaxLanes& sl, const std::vector<TermView>& terms,
+                           int64_t i) {
   constexpr int64_t S = 8 * C;
   const int64_t L = a.L;
-  vec8 valid[C];
-  for (int c = 0; c < C; ++c)
-    for (int k = 0; k < 8; ++k) valid[c][k] = (8 * c + k < L) ? 1.0f : 0.0f;
-  for (int64_t i = begin; i < end; ++i) {
-    vec8 msg[C];
-    for (int c = 0; c < C; ++c) msg[c] = -load8(a.unary + i * S + 8 * c);
-    for (size_t t = 0; t < (a.with_pairwise ? a.num_terms : 0); ++t) {
-      const Term<float>& term = a.terms[t];
-      vec8 s[C];
-      slice_term8<C>(term, i, term.post, s);
-      if (term.spec->compat_kind == lattice::kPotts) {
-        const float nw = -term.spec->compat[0];
-        for (int c = 0; c < C; ++c) msg[c] = msg[c] - nw * s[c];
-      } else if (term.spec->compat_kind == lattice::kDiagonal) {  // padded with zeros
-        for (int c = 0; c < C; ++c) msg[c] = msg[c] - load8(term.compat_padded.data() + 8 * c) * s[c];
-      } else {  // matrix: padded rows; the padding lanes stay -inf (0 * finite)
-        float x[8 * C], mixed[8 * C];
+  vec8 msg[P][C];
+  for (int j = 0; j < P; ++j)
+    for (int c = 0; c < C; ++c) msg[j][c] = -load8(a.unary + (i + j) * S + 8 * c);
+  for (const TermView& t : terms) {
+    if (t.prefetch && i + P + 4 < a.N) t.prefetch_pixel(i + P + 4, S, 4 * S);
+    if (t.kind != lattice::kMatrix) {
+      for (int j = 0; j < P; ++j) term_message<C>(t, S, i + j, 0, msg[j]);
+    } else {  // padded rows; the padding lanes stay -inf (0 * finite)
+      for (int j = 0; j < P; ++j) {
+        vec8 s[C];
+        slice_term8<C>(*t.term, i + j, t.term->post, s);
+        alignas(32) float x[8 * C], mixed[8 * C];
         for (int c = 0; c < C; ++c) store8(x + 8 * c, s[c]);
-        matrix_compat8<C>(term.compat_padded.data(), L, x, mixed);
-        for (int c = 0; c < C; ++c) msg[c] = msg[c] - load8(mixed + 8 * c);
+        matrix_compat8<C>(t.compat_padded, L, x, mixed);
+        for (int c = 0; c < C; ++c) msg[j][c] = msg[j][c] - load8(mixed + 8 * c);
       }
     }
-    // Softmax as pydensecrf's expAndNormalize evaluates it (see softmax()); padding lanes are -inf.
-    vec8 mx = msg[0];
-    for (int c = 1; c < C; ++c) mx = mx > msg[c] ? mx : msg[c];
-    float m = mx[0];
-    for (int k = 1; k < 8; ++k) m = mx[k] > m ? mx[k] : m;
-    vec8 e[C];
-    for (int c = 0; c < C; ++c) e[c] = exp8_eigen(msg[c] - m) * valid[c];
-    for (int64_t k = (L / 4) * 4; k < L; ++k) e[k / 8][k % 8] = std::exp(msg[k / 8][k % 8] - m);
-    const float sum = eigen_sum8<C>(e, L);
-    for (int c = 0; c < C; ++c) store8(a.q + i * S + 8 * c, e[c] / sum);
+  }
+  float m[P], sum[P];
+  vec8 e[P][C];
+  for (int j = 0; j < P; ++j) m[j] = max_labels(msg[j], C);
+  for (int j = 0; j < P; ++j) exp_labels<kLevel>(sl, C, msg[j], m[j], e[j], a.libm_vectorised);
+  for (int j = 0; j < P; ++j) sum[j] = eigen_sum8(e[j], L);
+  for (int j = 0; j < P; ++j)
+    for (int c = 0; c < C; ++c) store8(a.q + (i + j) * S + 8 * c, e[j][c] / sum[j]);
+  for (int j = 0; j < P; ++j)
+    if (!(sum[j] >= 1.0f)) pixel_in_double(a, i + j);
+}
+
+template <simd::Level kLevel, int C>
+DLF_INLINE void pixel_range_vec(const PixelPass<float>& a, int64_t begin, int64_t end) {
+  const SoftmaxLanes sl(a.L);
+  const std::vector<TermView> terms = term_views(a);
+  int64_t i = begin;
+  if constexpr (C <= 4) {
+    for (; i + 2 <= end; i += 2) pixels_vec<kLevel, C, 2>(a, sl, terms, i);
+  }
+  for (; i < end; ++i) pixels_vec<kLevel, C, 1>(a, sl, terms, i);
+}
+
+// Any multiple of 8 labels (used above 64): the messages in a buffer on the stack, each term sliced 64 labels at a
+// time (the slice of a chunk is its own sum over the vertices, so the order per label is the same).
+template <simd::Level kLevel>
+DLF_INLINE void pixel_range_chunks(const PixelPass<float>& a, float* scratch, int64_t begin, int64_t end) {
+  const int64_t S = a.S, L = a.L, chunks = S / 8;
+  const SoftmaxLanes sl(L);
+  // scratch (4 S + 16 floats): msg [chunks vec8], e [chunks vec8], then 2 S floats, 64-byte aligned.
+  vec8* msg = reinterpret_cast<vec8*>((reinterpret_cast<uintptr_t>(scratch) + 63) & ~uintptr_t{63});
+  vec8* e = msg + chunks;
+  float* filtered = reinterpret_cast<float*>(e + chunks);
+  float* mixed = filtered + S;
+  const std::vector<TermView> terms = term_views(a);
+  for (int64_t i = begin; i < end; ++i) {
+    for (int64_t c = 0; c < chunks; ++c) msg[c] = -load8(a.unary + i * S + 8 * c);
+    for (const TermView& t : terms) {
+      const Term<float>& term = *t.term;
+      if (t.kind != lattice::kMatrix) {
+        int64_t c = 0;
+        for (; c + 8 <= chunks; c += 8) term_message<8>(t, S, i, c, msg + c);
+        switch (chunks - c) {
+          case 1: term_message<1>(t, S, i, c, msg + c); break;
+          case 2: term_message<2>(t, S, i, c, msg + c); break;
+          case 3: term_message<3>(t, S, i, c, msg + c); break;
+          case 4: term_message<4>(t, S, i, c, msg + c); break;
+          case 5: term_message<5>(t, S, i, c, msg + c); break;
+          case 6: term_message<6>(t, S, i, c, msg + c); break;
+          case 7: term_message<7>(t, S, i, c, msg + c); break;
+          default: break;
+        }
+      } else {
+        term.lattice->template slice_pixel<false>(term.blurred, S, i, filtered);
+        if (!term.post.empty())
+          for (int64_t k = 0; k < S; ++k) filtered[k] = term.post[i] * filtered[k];
+        apply_compat(term, L, S, filtered, mixed);
+        for (int64_t c = 0; c < chunks; ++c) msg[c] = msg[c] - load8(mixed + 8 * c);
+      }
+    }
+    const float m = max_labels(msg, chunks);
+    exp_labels<kLevel>(sl, chunks, msg, m, e, a.libm_vectorised);
+    const float sum = eigen_sum8(e, L);
+    for (int64_t c = 0; c < chunks; ++c) store8(a.q + i * S + 8 * c, e[c] / sum);
     if (!(sum >= 1.0f)) pixel_in_double(a, i);
   }
 }
 
-DLF_CPU_KERNEL void pixel_range(const PixelPass<float>& a, float* scratch, int64_t begin, int64_t end) {
-  const bool vectorisable = a.S % 8 == 0 && a.S <= 64 && a.energy_out == nullptr;
-  switch (vectorisable ? a.S / 8 : 0) {
-    case 1: pixel_range_vec<1>(a, scratch, begin, end); break;
-    case 2: pixel_range_vec<2>(a, scratch, begin, end); break;
-    case 3: pixel_range_vec<3>(a, scratch, begin, end); break;
-    case 4: pixel_range_vec<4>(a, scratch, begin, end); break;
-    case 5: pixel_range_vec<5>(a, scratch, begin, end); break;
-    case 6: pixel_range_vec<6>(a, scratch, begin, end); break;
-    case 7: pixel_range_vec<7>(a, scratch, begin, end); break;
-    case 8: pixel_range_vec<8>(a, scratch, begin, end); break;
-    default: pixel_range_any(a, scratch, begin, end); break;
+// 2, 3 or 4 labels, packed: S = 2 (L = 2) or 4 (L = 3, 4), G = 8 / S pixels per vec8, each in its own group of S
+// lanes. The max and the sum run within each group by swaps of lanes, in pydensecrf's order: L = 2, e0 + e1; L = 3,
+// (e0 + e1) + e2 (e3 = 0 adds nothing); L = 4, Eigen's packet sum (e0 + e2) + (e1 + e3). Potts and diagonal.
+DLF_INLINE vec8 swap_pairs(vec8 x) { return __builtin_shufflevector(x, x, 1, 0, 3, 2, 5, 4, 7, 6); }
+DLF_INLINE vec8 swap_pairs_of_pairs(vec8 x) { return __builtin_shufflevector(x, x, 2, 3, 0, 1, 6, 7, 4, 5); }
+
+// Group g's value of a per-pixel array (p[0..G)), in each of its S lanes.
+template <int S>
+DLF_INLINE vec8 spread(const float* p) {
+  if constexpr (S == 2) {
+    const vec4 v = load4(p);
+    return __builtin_shufflevector(v, v, 0, 0, 1, 1, 2, 2, 3, 3);
+  } else {
+    const vec4 v = load2(p);
+    return __builtin_shufflevector(v, v, 0, 0, 0, 0, 1, 1, 1, 1);
   }
 }
 
-DLF_CPU_KERNEL void pixel_range(const PixelPass<double>& a, double* scratch, int64_t begin, int64_t end) {
+// The lattice rows of the G pixels' r-th vertices, side by side.
+template <int S>
+DLF_INLINE vec8 gather_rows(const float* values, const int32_t* vert) {
+  if constexpr (S == 2) {
+    const vec4 a = load2(values + static_cast<int64_t>(vert[0]) * 2), b = load2(values + static_cast<int64_t>(vert[1]) * 2);
+    const vec4 c = load2(values + static_cast<int64_t>(vert[2]) * 2), d = load2(values + static_cast<int64_t>(vert[3]) * 2);
+    return concat(__builtin_shufflevector(a, b, 0, 1, 4, 5), __builtin_shufflevector(c, d, 0, 1, 4, 5));
+  } else {
+    return concat(load4(values + static_cast<int64_t>(vert[0]) * 4), load4(values + static_cast<int64_t>(vert[1]) * 4));
+  }
+}
+
+// The slice of pixels i .. i + 8 / S - 1 (S labels each) of one term; DP1 as term_message_dp1.
+template <int S, int DP1>
+DLF_INLINE vec8 slice_packed(const TermView& t, int64_t i, bool sequential) {
+  constexpr int B = PermutohedralLattice::kPixelBlock;
+  const int dp1 = DP1 > 0 ? DP1 : t.dp1;
+  const int64_t o = (i / B) * dp1 * B + i % B;
+  const int32_t* __restrict vert = t.vertex + o;
+  vec8 s = splat8(0.0f);
+  if (sequential) {
+    const float* __restrict w = t.weight + o;
+    for (int r = 0; r < dp1; ++r) s += (spread<S>(w + r * B) * gather_rows<S>(t.blurred, vert + r * B)) * t.alpha;
+  } else {
+    const float* __restrict wa = t.weight_alpha + o;
+    for (int r = 0; r < dp1; ++r) s += spread<S>(wa + r * B) * gather_rows<S>(t.blurred, vert + r * B);
+  }
+  return s;
+}
+
+template <simd::Level kLevel, int S>
+DLF_INLINE void pixel_range_packed(const PixelPass<float>& a, float* scratch, int64_t begin, int64_t end) {
+  constexpr int G = 8 / S;
+  const int64_t L = a.L;
+  const bool sequential = a.sequential_slice;
+  const std::vector<TermView> terms = term_views(a);
+  std::vector<float> diagonal(8 * terms.size(), 0.0f);  // a diagonal compatibility's weights, in each group
+  for (size_t t = 0; t < terms.size(); ++t)
+    if (terms[t].kind == lattice::kDiagonal)
+      for (int k = 0; k < 8; ++k) diagonal[8 * t + k] = terms[t].compat_padded[k % S];
+  int64_t i = begin;
+  for (; i < end && i % G != 0; ++i) pixel_range_any(a, scratch, i, i + 1);
+  for (; i + G <= end; i += G) {
+    vec8 msg = -load8(a.unary + i * S);
+    for (size_t k = 0; k < terms.size(); ++k) {
+      const TermView& t = terms[k];
+      if (t.prefetch && i + 2 * G < end) t.prefetch_pixel(i + 2 * G, S, 4 * S);
+      vec8 s;
+      switch (t.dp1) {  // as term_message
+        case 3: s = slice_packed<S, 3>(t, i, sequential); break;
+        case 4: s = slice_packed<S, 4>(t, i, sequential); break;
+        case 5: s = slice_packed<S, 5>(t, i, sequential); break;
+        case 6: s = slice_packed<S, 6>(t, i, sequential); break;
+        default: s = slice_packed<S, 0>(t, i, sequential); break;
+      }
+      if (t.post != nullptr) s = spread<S>(t.post + i) * s;
+      if (t.kind == lattice::kPotts) {
+        msg = msg - t.nw * s;
+      } else {
+        msg = msg - load8(diagonal.data() + 8 * k) * s;
+      }
+    }
+    vec8 m = msg > swap_pairs(msg) ? msg : swap_pairs(msg);
+    if constexpr (S == 4) m = m > swap_pairs_of_pairs(m) ? m : swap_pairs_of_pairs(m);
+    const vec8 x = msg - m;
+    vec8 e, sum;
+    if (L == 4) {
+      e = exp8_eigen(x);
+      const vec8 t = e + swap_pairs_of_pairs(e);
+      sum = t + swap_pairs(t);
+    } else {
+      e = exp8_libm<kLevel>(x, a.libm_vectorised);
+      sum = e + swap_pairs(e);
+      if constexpr (S == 4) sum = sum + swap_pairs_of_pairs(sum);
+    }
+    store8(a.q + i * S, e / sum);
+    const auto low = !(sum >= 1.0f);
+    for (int g = 0; g < G; ++g)
+      if (low[g * S]) pixel_in_double(a, i + g);
+  }
+  for (; i < end; ++i) pixel_range_any(a, scratch, i, i + 1);
+}
+
+template <simd::Level kLevel>
+DLF_INLINE void pixel_range_impl(const PixelPass<float>& a, float* scratch, int64_t begin, int64_t end) {
+  if (a.energy_out != nullptr) return pixel_range_any(a, scratch, begin, end);
+  bool matrix = false;
+  for (size_t t = 0; t < (a.with_pairwise ? a.num_terms : 0); ++t)
+    matrix |= a.terms[t].spec->compat_kind == lattice::kMatrix;
+  if (a.S == 2 && !matrix) return pixel_range_packed<kLevel, 2>(a, scratch, begin, end);
+  if (a.S == 4 && !matrix) return pixel_range_packed<kLevel, 4>(a, scratch, begin, end);
+  switch (a.S % 8 == 0 ? a.S / 8 : -1) {
+    case 1: return pixel_range_vec<kLevel, 1>(a, begin, end);
+    case 2: return pixel_range_vec<kLevel, 2>(a, begin, end);
+    case 3: return pixel_range_vec<kLevel, 3>(a, begin, end);
+    case 4: return pixel_range_vec<kLevel, 4>(a, begin, end);
+    case 5: return pixel_range_vec<kLevel, 5>(a, begin, end);
+    case 6: return pixel_range_vec<kLevel, 6>(a, begin, end);
+    case 7: return pixel_range_vec<kLevel, 7>(a, begin, end);
+    case 8: return pixel_range_vec<kLevel, 8>(a, begin, end);
+    case -1: return pixel_range_any(a, scratch, begin, end);
+    default: return pixel_range_chunks<kLevel>(a, scratch, begin, end);
+  }
+}
+
+DLF_DISPATCH(void, pixel_range, (const PixelPass<float>& a, float* scratch, int64_t begin, int64_t end),
+             (a, scratch, begin, end))
+
+void pixel_range(const PixelPass<double>& a, double* scratch, int64_t begin, int64_t end) {
   pixel_range_any(a, scratch, begin, end);
 }
 
@@ -360,11 +671,12 @@ DLF_INLINE int transpose_in_any(const T* src, T* dst, int64_t L, int64_t N, int6
   return bad;
 }
 
-DLF_CPU_KERNEL int transpose_in(const float* src, float* dst, int64_t L, int64_t N, int64_t S, float pad, bool check,
-                                int64_t begin, int64_t end) {
+template <simd::Level>
+DLF_INLINE int transpose_in_impl(const float* src, float* dst, int64_t L, int64_t N, int64_t S, float pad, bool check,
+                                 int64_t begin, int64_t end) {
   int bad = 0;
   int64_t i = begin;
-  if (S % 8 == 0) {
+  if (S % 8 == 0 || S == 4 || S == 2) {
     for (; i + 8 <= end; i += 8) {
       ivec8 nan{}, neg{};
       vec8 lowest = splat8(kInfF);  // per pixel, the smallest value over labels
@@ -380,7 +692,16 @@ DLF_CPU_KERNEL int transpose_in(const float* src, float* dst, int64_t L, int64_t
           neg |= rows[k] == -kInfF;
           lowest = rows[k] < lowest ? rows[k] : lowest;
         }
+        if (S == 2) {  // interleave the two rows: pixels i..i+3, then i+4..i+7
+          store8(dst + i * 2, __builtin_shufflevector(rows[0], rows[1], 0, 8, 1, 9, 2, 10, 3, 11));
+          store8(dst + i * 2 + 8, __builtin_shufflevector(rows[0], rows[1], 4, 12, 5, 13, 6, 14, 7, 15));
+          continue;
+        }
         transpose8x8(rows);
+        if (S == 4) {  // pixel k's four labels are the low half of rows[k]
+          for (int k = 0; k < 8; k += 2) store8(dst + (i + k) * 4, concat(low_half(rows[k]), low_half(rows[k + 1])));
+          continue;
+        }
         for (int k = 0; k < 8; ++k) store8(dst + (i + k) * S + l0, rows[k]);
       }
       if (check) {
@@ -396,21 +717,40 @@ DLF_CPU_KERNEL int transpose_in(const float* src, float* dst, int64_t L, int64_t
   return check ? bad : 0;
 }
 
-DLF_CPU_KERNEL int transpose_in(const double* src, double* dst, int64_t L, int64_t N, int64_t S, double pad,
-                                bool check, int64_t begin, int64_t end) {
+DLF_DISPATCH(int, transpose_in,
+             (const float* src, float* dst, int64_t L, int64_t N, int64_t S, float pad, bool check, int64_t begin,
+              int64_t end),
+             (src, dst, L, N, S, pad, check, begin, end))
+
+int transpose_in(const double* src, double* dst, int64_t L, int64_t N, int64_t S, double pad, bool check,
+                 int64_t begin, int64_t end) {
   const int bad = transpose_in_any(src, dst, L, N, S, pad, begin, end);
   return check ? bad : 0;
 }
 
 // [N, S] -> [L, N] for pixels [begin, end).
-DLF_CPU_KERNEL void transpose_out(const float* src, float* dst, int64_t L, int64_t N, int64_t S, int64_t begin,
-                                  int64_t end) {
+template <simd::Level>
+DLF_INLINE void transpose_out_impl(const float* src, float* dst, int64_t L, int64_t N, int64_t S, int64_t begin,
+                                   int64_t end) {
   int64_t i = begin;
-  if (S % 8 == 0) {
+  if (S % 8 == 0 || S == 4 || S == 2) {
     for (; i + 8 <= end; i += 8) {
+      if (S == 2) {
+        const vec8 a = load8(src + i * 2), b = load8(src + i * 2 + 8);
+        store8(dst + i, __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14));
+        if (L > 1) store8(dst + N + i, __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15));
+        continue;
+      }
       for (int64_t l0 = 0; l0 < L; l0 += 8) {
         vec8 rows[8];
-        for (int k = 0; k < 8; ++k) rows[k] = load8(src + (i + k) * S + l0);
+        if (S == 4) {
+          for (int k = 0; k < 8; ++k) {
+            const vec4 v = load4(src + (i + k) * 4);
+            rows[k] = concat(v, v);
+          }
+        } else {
+          for (int k = 0; k < 8; ++k) rows[k] = load8(src + (i + k) * S + l0);
+        }
         transpose8x8(rows);
         for (int k = 0; k < 8 && l0 + k < L; ++k) store8(dst + (l0 + k) * N + i, rows[k]);
       }
@@ -420,8 +760,11 @@ DLF_CPU_KERNEL void transpose_out(const float* src, float* dst, int64_t L, int64
     for (int64_t l = 0; l < L; ++l) dst[l * N + i] = src[i * S + l];
 }
 
-DLF_CPU_KERNEL void transpose_out(const double* src, double* dst, int64_t L, int64_t N, int64_t S, int64_t begin,
-                                  int64_t end) {
+DLF_DISPATCH(void, transpose_out,
+             (const float* src, float* dst, int64_t L, int64_t N, int64_t S, int64_t begin, int64_t end),
+             (src, dst, L, N, S, begin, end))
+
+void transpose_out(const double* src, double* dst, int64_t L, int64_t N, int64_t S, int64_t begin, int64_t end) {
   for (int64_t i = begin; i < end; ++i)
     for (int64_t l = 0; l < L; ++l) dst[l * N + i] = src[i * S + l];
 }
@@ -568,8 +911,9 @@ DLF_INLINE void backward_range_vec(const BackwardPass<float>& a, int64_t block, 
   }
 }
 
-DLF_CPU_KERNEL void backward_pixels(const BackwardPass<float>& a, float* scratch, int64_t block, int64_t begin,
-                                    int64_t end) {
+template <simd::Level>
+DLF_INLINE void backward_pixels_impl(const BackwardPass<float>& a, float* scratch, int64_t block, int64_t begin,
+                                     int64_t end) {
   switch (a.S % 8 == 0 && !a.sequential_slice ? a.S / 8 : 0) {
     case 1: backward_range_vec<1>(a, block, begin, end); break;
     case 2: backward_range_vec<2>(a, block, begin, end); break;
@@ -583,8 +927,11 @@ DLF_CPU_KERNEL void backward_pixels(const BackwardPass<float>& a, float* scratch
   }
 }
 
-DLF_CPU_KERNEL void backward_pixels(const BackwardPass<double>& a, double* scratch, int64_t block, int64_t begin,
-                                    int64_t end) {
+DLF_DISPATCH(void, backward_pixels,
+             (const BackwardPass<float>& a, float* scratch, int64_t block, int64_t begin, int64_t end),
+             (a, scratch, block, begin, end))
+
+void backward_pixels(const BackwardPass<double>& a, double* scratch, int64_t block, int64_t begin, int64_t end) {
   backward_range(a, scratch, block, begin, end);
 }
 
@@ -736,7 +1083,7 @@ class MeanField {
     StageTimer timer("prepare term");
     Term<T> t;
     t.spec = &spec;
-    t.lattice = std::make_unique<PermutohedralLattice>(spec.features, spec.dim, N_);
+    t.lattice = std::make_unique<PermutohedralLattice>(spec.features, spec.dim, N_, S_);
     const int64_t M = t.lattice->num_points();
     if (spec.normalization != lattice::kNoNormalization) {
       StageTimer norm_timer("normalisation");
@@ -801,20 +1148,27 @@ class MeanField {
 
   // Splats q (or, transposed, the backward's gx) through every term's lattice.
   void filter_all(const T* values, bool transpose) {
+    std::vector<const PermutohedralLattice*> lattices;
+    std::vector<const T*> scales;
+    std::vector<T*> outs;
     for (Term<T>& t : terms_) {
       const std::vector<T>& in_scale = transpose ? t.post : t.pre;
-      t.blurred = t.lattice->splat_blur(values, in_scale.empty() ? nullptr : in_scale.data(), S_,
-                                        t.lattice_values.data(), transpose);
+      lattices.push_back(t.lattice.get());
+      scales.push_back(in_scale.empty() ? nullptr : in_scale.data());
+      outs.push_back(t.lattice_values.data());
+      t.blurred = t.lattice_values.data();
     }
+    PermutohedralLattice::splat_blur_many(lattices.data(), lattices.size(), values, scales.data(), S_, outs.data(),
+                                          transpose);
   }
 
   // Writes softmax(-unary [- pairwise]) of every pixel to q_out (or the pairwise energy to energy_out).
   void pixel_pass(bool with_pairwise, T* energy_out, T* q_out) {
     StageTimer timer(with_pairwise ? "slice+compat+softmax" : "softmax");
     const PixelPass<T> pass{terms_.data(), terms_.size(), unary_.data(), q_out, energy_out, L_, S_, seq_,
-                            with_pairwise};
+                            with_pairwise, simd::libm_exp_vectorised(), N_};
     parallel::for_range(0, N_, kPixelGrain, [&](int64_t begin, int64_t end) {
-      std::vector<T> scratch(static_cast<size_t>(4 * S_));
+      std::vector<T> scratch(static_cast<size_t>(4 * S_ + 16));
       pixel_range(pass, scratch.data(), begin, end);
     });
   }
@@ -829,19 +1183,36 @@ class MeanField {
 
 }  // namespace
 
+// The instruction-set level for this call (DEEPLAB_FAST_CPU_SIMD); a bad value or one the CPU lacks is an error.
+void select_simd_level() {
+  try {
+    simd::select();
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK_VALUE(false, e.what());
+  } catch (const std::runtime_error& e) {
+    TORCH_CHECK(false, e.what());
+  }
+  if (profiling_enabled())
+    std::fprintf(stderr, "[deeplab_fast] CPU SIMD level %s, std::exp %s\n", simd::level_name(simd::active()),
+                 simd::libm_exp_vectorised() && simd::active() >= simd::kAvx2 ? "vectorised" : "per lane");
+}
+
 template <typename T>
 void mean_field(const Problem<T>& problem, int64_t iterations, T* q_out, T* history) {
+  select_simd_level();
   MeanField<T>(problem).run(iterations, q_out, history);
 }
 
 template <typename T>
 void pairwise_energy(const Problem<T>& problem, T* out) {
+  select_simd_level();
   MeanField<T>(problem).energy(out);
 }
 
 template <typename T>
 void mean_field_backward(const Problem<T>& problem, int64_t iterations, const T* grad_q, const T* q,
                          const T* history, const Gradients<T>& grads) {
+  select_simd_level();
   MeanField<T>(problem, /*needs_unary=*/history == nullptr).backward(iterations, grad_q, q, history, grads);
 }
 
