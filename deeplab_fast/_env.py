@@ -11,7 +11,11 @@ import warnings
 
 import torch
 
-__all__ = ["settings", "check", "poison_outputs"]
+__all__ = ["settings", "check", "poison_outputs", "no_memory_check"]
+
+# Switches of the Python layer (not C++): DEEPLAB_FAST_NO_MEMORY_CHECK, 0 or 1 (default 0): dense_crf_3d skips its
+# memory estimate (ops/dense_crf_3d.py). Checked here like the C++ switches.
+PYTHON_SWITCHES = {"DEEPLAB_FAST_NO_MEMORY_CHECK": ("0", "1")}
 
 # Variables read by the test and benchmark tools, not by the library.
 TOOL_VARIABLES = ("DEEPLAB_FAST_BENCH_NAME", "DEEPLAB_FAST_BENCH_BATCHES", "DEEPLAB_FAST_BENCH_NO_COMPILE",
@@ -28,8 +32,17 @@ def settings() -> dict:
         raise ValueError(str(e).splitlines()[0]) from None
 
 
+def no_memory_check() -> bool:
+    """DEEPLAB_FAST_NO_MEMORY_CHECK=1: dense_crf_3d skips its memory estimate (read per call)."""
+    return os.environ.get("DEEPLAB_FAST_NO_MEMORY_CHECK", "0") == "1"
+
+
 def check() -> None:
-    known = set(settings()) | set(TOOL_VARIABLES)
+    for name, values in PYTHON_SWITCHES.items():
+        value = os.environ.get(name)
+        if value is not None and value not in values:
+            raise ValueError(f"{name} must be {' or '.join(values)}, got {value!r}")
+    known = set(settings()) | set(TOOL_VARIABLES) | set(PYTHON_SWITCHES)
     unknown = sorted(k for k in os.environ if k.startswith("DEEPLAB_FAST_") and k not in known)
     if unknown:
         warnings.warn(f"unknown deeplab_fast environment variable(s) {', '.join(unknown)}: the switches are "

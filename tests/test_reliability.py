@@ -241,6 +241,7 @@ def test_op_level_iteration_bound():
     ("DEEPLAB_FAST_CUDA_GRAPH", "2", "DEEPLAB_FAST_CUDA_GRAPH must be 0 or 1"),
     ("DEEPLAB_FAST_TAP_SKIPPING", "maybe", "DEEPLAB_FAST_TAP_SKIPPING must be 0, off, 1, on or auto"),
     ("DEEPLAB_FAST_THREADS_WAIT", "busy", "DEEPLAB_FAST_THREADS_WAIT must be spin or passive"),
+    ("DEEPLAB_FAST_NO_MEMORY_CHECK", "yes", "DEEPLAB_FAST_NO_MEMORY_CHECK must be 0 or 1"),
 ])
 def test_bad_environment_switches_fail_at_import(name, value, match):
     env = dict(os.environ, **{name: value})
@@ -255,6 +256,14 @@ def test_unknown_switch_warns():
     r = subprocess.run([sys.executable, "-c", "import deeplab_fast"], env=env, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0 and "unknown deeplab_fast environment variable(s) DEEPLAB_FAST_PROFLIE" in r.stderr
+
+
+def test_the_python_switch_is_known():
+    """DEEPLAB_FAST_NO_MEMORY_CHECK (read by dense_crf_3d in Python) is a switch, not an unknown variable."""
+    env = dict(os.environ, DEEPLAB_FAST_NO_MEMORY_CHECK="1")
+    r = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", "import deeplab_fast"], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
 
 
 def test_valid_switches_are_reported():

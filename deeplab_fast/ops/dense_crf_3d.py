@@ -23,12 +23,12 @@ Krähenbühl's ``DenseCRF2D`` and of dense3dCrf's ``DenseCRF3D``, bit for bit.
 from __future__ import annotations
 
 import math
-import os
 from typing import Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
+from .. import _env
 from .._validation import is_int, per_axis
 from .dense_crf import (NO_NORMALIZATION, NORMALIZE_SYMMETRIC, Compat, _as_compat, _require_int, _require_tensor,
                         dense_crf_features, label_stride)
@@ -299,7 +299,7 @@ def _check_memory(unary: torch.Tensor, channels: int, spacing: tuple, gaussian_s
                   history: bool) -> None:
     if torch.compiler.is_compiling() or unary.device.type not in ("cpu", "cuda"):
         return
-    if os.environ.get("DEEPLAB_FAST_NO_MEMORY_CHECK", "") not in ("", "0"):
+    if _env.no_memory_check():
         return
     b, l, d, h, w = unary.shape
     need = dense_crf_3d_memory((d, h, w), l, channels, batch=b, spacing=spacing, gaussian_sigma=gaussian_sigma,
