@@ -1,7 +1,7 @@
 """The CPU dense CRF at every label count and image size, against pydensecrf2 (issue 19).
 
-Cases (``pytest benchmarks/ --full`` runs them all, about 20 minutes on 2 cores; the headline run takes two, about
-30 s):
+Cases (``pytest benchmarks/ --full`` runs them all: 30 minutes on the 2-core machine beside a test suite; the
+headline run takes two, about 30 s):
 - labels 2, 3, 4, 8, 21, 60, 150 and 256 at 512x512;
 - sizes 256x256, 512x512, 1024x1024 and 2048x2048 at 21 labels;
 each with both kernel presets: pydensecrf's defaults (Gaussian sxy 3, compat 3; bilateral sxy 80, srgb 13, compat
@@ -18,7 +18,8 @@ pydensecrf2 (single-threaded) are timed by process CPU time, which a busy machin
 wall clock. The rows give the median and the best of the rounds; ``speed-up`` is pydensecrf2's median over ours.
 Rounds: 5 up to 512x512x21 (pixels x labels), 3 up to 512x512x60, 1 above. Each row also records ns per pixel x
 label x iteration, the peak memory of the warm-up call (VmHWM after a reset with ``clear_refs``, minus VmRSS
-before, our working-memory cache emptied first) and the SIMD level that ran
+before, our working-memory cache emptied first: a lower bound, 0 where the call reused memory that an earlier call
+freed and the allocator kept; benchmarks/test_crf3d.py measures in a fresh process) and the SIMD level that ran
 (``torch.ops.deeplab_fast._cpu_simd()``).
 
 Correctness (always, also under ``--benchmark-disable``, CI's smoke run, where every case runs once on a 64x64
@@ -165,6 +166,7 @@ def target_speedup(labels: int, size: int, kernels: str) -> float:
 
 
 @needs_pydensecrf
+@pytest.mark.filterwarnings("ignore:Benchmark fixture was not used")  # timed by the interleaved rounds
 @pytest.mark.parametrize("labels,size,kernels", sweep_cases())
 def test_sweep(benchmark, labels, size, kernels):
     if getattr(benchmark, "disabled", False):  # the smoke run: one call each on a crop, the same checks

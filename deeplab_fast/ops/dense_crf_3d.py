@@ -218,8 +218,9 @@ def dense_crf_3d_memory(shape: Sequence[int], labels: int, channels: int = 1, *,
       ``4 * iterations * S`` per volume.
 
     Measured peaks (one thread, the synthetic volumes of ``deeplab_fast.data.synthetic_volume``): 64x128x128
-    with 3 labels and one channel 221 bytes per voxel (estimate 248), 2 labels 190 (estimate 183), 4 labels
-    and 2 channels 338 (estimate 444). A 512^3 volume with 3 labels and one channel: about 33 GB.
+    with 3 labels and one channel 199 bytes per voxel (estimate 208; 221 before the CPU's label stride of 3
+    labels became 4), 2 labels 182 (estimate 183), 4 labels and 2 channels 338 (estimate 444; with stride 8).
+    A 512^3 volume with 3 labels and one channel: about 28 GB.
 
     Args:
         shape (sequence of 3 ints): the volume's (D, H, W).
@@ -377,8 +378,8 @@ def dense_crf_3d(
     product of the computed forward, as :func:`dense_crf_features`. The standard deviations, spacing and image
     have no gradient.
 
-    Memory: see :func:`dense_crf_3d_memory` (about 250 bytes per voxel with 3 labels and one channel: 4.2 GB
-    at 256^3, 33 GB at 512^3). Before allocating, the call compares that estimate with the memory available on the device and
+    Memory: see :func:`dense_crf_3d_memory` (about 210 bytes per voxel with 3 labels and one channel: 3.5 GB
+    at 256^3, 28 GB at 512^3). Before allocating, the call compares that estimate with the memory available on the device and
     raises ``MemoryError`` when it cannot fit (``DEEPLAB_FAST_NO_MEMORY_CHECK=1`` skips the check).
 
     Raises:
