@@ -196,6 +196,7 @@ class Progress:
 
     def __init__(self, tty_path="/dev/tty"):
         self.start = time.monotonic()
+        self.log_fd = None  # set while fd 1 is ninja_status_lines' pipe: the lines go to the log itself
         self.tty = None
         if not _isatty(sys.stdout):
             try:
@@ -209,7 +210,13 @@ class Progress:
     def line(self, text: str, log_detail: str = "") -> None:
         """Prints "deeplab_fast: text" (+ log_detail in the build log only)."""
         msg = f"deeplab_fast: {text}"
-        print(msg + log_detail, flush=True)
+        if self.log_fd is not None:
+            # Not through fd 1: on ninja_status_lines' reading thread a write into the pipe it drains would block
+            # forever once ninja's output has filled the pipe (a unit with many compiler warnings).
+            sys.stdout.flush()
+            os.write(self.log_fd, (msg + log_detail + "\n").encode())
+        else:
+            print(msg + log_detail, flush=True)
         if self.tty is not None:
             try:  # \r and erase-line: start clean after pip's spinner character
                 self.tty.write(f"\r\033[K{msg}\n")
@@ -339,8 +346,10 @@ class BuildWithProgress(BuildExtension):
         compiler.link = link
         try:
             with ninja_status_lines(on_unit) if self.use_ninja else contextlib.nullcontext() as tee:
+                progress.log_fd = tee.log_fd if tee is not None else None
                 super().build_extensions()
         finally:
+            progress.log_fd = None
             for name, original in originals.items():
                 setattr(compiler, name, original)
         progress.line(f"built {', '.join(e.name for e in self.extensions)} in "

@@ -184,6 +184,37 @@ def test_ninja_status_lines_reach_the_log_and_the_callback(setup_py, capfd):
     assert capfd.readouterr().out == text
 
 
+PIPE_FILLER = """
+import subprocess, sys
+sys.path.insert(0, sys.argv[1])
+from helpers import load_setup_py
+setup_py = load_setup_py()
+progress = setup_py.Progress(tty_path="/nonexistent/tty")
+child = ("import sys; sys.stdout.write('[1/2] c++ -c /src/a.cpp -o a.o\\\\n' + 'warning: from a header\\\\n' * 20000"
+         " + '[2/2] c++ -c /src/b.cpp -o b.o\\\\n')")
+with setup_py.ninja_status_lines(lambda k, n, cmd: progress.line(f"[{k}/{n}] compiled {cmd}")) as tee:
+    progress.log_fd = tee.log_fd
+    subprocess.run([sys.executable, "-c", child], check=True)
+progress.log_fd = None
+"""
+
+
+def test_progress_lines_do_not_deadlock_on_a_full_pipe(tmp_path):
+    """A unit whose compiler output fills the pipe (over 64 KiB of warnings after its status line) while the
+    reading thread prints the progress line: the line goes to the log descriptor, not into the pipe the thread
+    drains (which hung the build after its last unit)."""
+    import subprocess
+    import sys
+
+    src = script(tmp_path / "filler.py", PIPE_FILLER)
+    r = subprocess.run([sys.executable, str(src), str(Path(__file__).parent)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("warning: from a header") == 20000
+    assert "deeplab_fast: [1/2] compiled c++ -c /src/a.cpp -o a.o" in r.stdout
+    assert "deeplab_fast: [2/2] compiled c++ -c /src/b.cpp -o b.o" in r.stdout
+
+
 def test_progress_lines_go_to_the_log_and_the_terminal(setup_py, tmp_path, capsys):
     tty = tmp_path / "tty"
     tty.write_text("")
