@@ -604,3 +604,19 @@ def one_gpu_case(cache: dict, case: str, build):
             torch.cuda.empty_cache()
         cache[case] = build()
     return cache[case]
+
+# The peer of the dense CRF benchmarks (pydensecrf2, optional) and the two kernel presets they time: pydensecrf's
+# defaults and DeepLab-v2's VOC kernels.
+try:
+    import pydensecrf.densecrf as dcrf
+except ImportError:
+    dcrf = None
+
+needs_pydensecrf = pytest.mark.skipif(dcrf is None, reason="pydensecrf2 is not installed")
+
+KERNELS = {
+    "default": dict(gaussian_sxy=3.0, gaussian_compat=3.0, bilateral_sxy=80.0, bilateral_srgb=13.0,
+                    bilateral_compat=10.0),
+    "deeplab_v2": dict(gaussian_sxy=1.0, gaussian_compat=3.0, bilateral_sxy=67.0, bilateral_srgb=3.0,
+                       bilateral_compat=4.0),
+}

@@ -33,22 +33,11 @@ import torch
 import deeplab_fast  # noqa: F401
 from deeplab_fast.ops import dense_crf
 
-from conftest import FULL, cuda_timed, event_times, gpu_description, needs_cuda, record, require_cuda_kernels
+from conftest import (FULL, KERNELS, cuda_timed, dcrf, event_times, gpu_description, needs_cuda, needs_pydensecrf,
+                      record, require_cuda_kernels)
 
-try:
-    import pydensecrf.densecrf as dcrf
-except ImportError:
-    dcrf = None
 skdata = pytest.importorskip("skimage.data")
 
-needs_pydensecrf = pytest.mark.skipif(dcrf is None, reason="pydensecrf2 is not installed")
-
-KERNELS = {
-    "default": dict(gaussian_sxy=3.0, gaussian_compat=3.0, bilateral_sxy=80.0, bilateral_srgb=13.0,
-                    bilateral_compat=10.0),
-    "deeplab_v2": dict(gaussian_sxy=1.0, gaussian_compat=3.0, bilateral_sxy=67.0, bilateral_srgb=3.0,
-                       bilateral_compat=4.0),
-}
 ITERATIONS, LABELS = 10, 21
 # The headline run times the default kernels; the sweep also DeepLab-v2's.
 CPU_KERNELS = [k if k == "default" else pytest.param(k, marks=FULL) for k in KERNELS]

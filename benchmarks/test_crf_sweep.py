@@ -46,22 +46,10 @@ import torch
 import deeplab_fast  # noqa: F401
 from deeplab_fast.ops import dense_crf, empty_cache
 
-from conftest import FULL, record, set_target
+from conftest import FULL, KERNELS, dcrf, needs_pydensecrf, record, set_target
 
-try:
-    import pydensecrf.densecrf as dcrf
-except ImportError:
-    dcrf = None
 skdata = pytest.importorskip("skimage.data")
 
-needs_pydensecrf = pytest.mark.skipif(dcrf is None, reason="pydensecrf2 is not installed")
-
-KERNELS = {
-    "default": dict(gaussian_sxy=3.0, gaussian_compat=3.0, bilateral_sxy=80.0, bilateral_srgb=13.0,
-                    bilateral_compat=10.0),
-    "deeplab_v2": dict(gaussian_sxy=1.0, gaussian_compat=3.0, bilateral_sxy=67.0, bilateral_srgb=3.0,
-                       bilateral_compat=4.0),
-}
 ITERATIONS = 10
 LABELS = (2, 3, 4, 8, 21, 60, 150, 256)
 SIZES = (256, 512, 1024, 2048)
